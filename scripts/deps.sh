@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Installs the Debian packages metald needs at run time and for its tests.
+set -euo pipefail
+need=()
+command -v nft >/dev/null || need+=(nftables)
+command -v ip >/dev/null || need+=(iproute2)
+command -v protoc >/dev/null || need+=(protobuf-compiler)
+command -v ping >/dev/null || need+=(iputils-ping)
+command -v iperf3 >/dev/null || need+=(iperf3)
+command -v tcpdump >/dev/null || need+=(tcpdump)
+command -v jq >/dev/null || need+=(jq)
+command -v curl >/dev/null || need+=(curl)
+/usr/bin/python3 -c 'import scapy' 2>/dev/null || need+=(python3-scapy)
+if [ ${#need[@]} -gt 0 ]; then
+  if [ "$(id -u)" != 0 ]; then
+    echo "metald needs these Debian packages: ${need[*]} (run as root to install them)" >&2
+    exit 1
+  fi
+  echo "installing: ${need[*]}" >&2
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+fi
