@@ -1,0 +1,129 @@
+// Package storetest owns the conformance suite every store.Store
+// implementation must pass.
+package storetest
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/metald/metald/internal/store"
+)
+
+// Run runs the conformance suite against stores made by open. Each subtest
+// gets a fresh, empty store.
+func Run(t *testing.T, open func(t *testing.T) store.Store) {
+	ctx := context.Background()
+	now := time.Now().UTC().Truncate(time.Microsecond)
+	sample := func(id string, devs ...string) *store.VM {
+		vm := &store.VM{ID: id, TenantID: "t1", State: store.StateCreating, Config: []byte(`{"tenant_id":"t1"}`),
+			Backend: "netns", Instance: []byte(`{"backend":"netns"}`), CreatedAt: now, UpdatedAt: now}
+		for i, d := range devs {
+			vm.NICs = append(vm.NICs, store.NIC{ID: fmt.Sprintf("eth%d", i), Index: i, HostDevice: d, GuestDevice: fmt.Sprintf("eth%d", i),
+				MAC: "02:00:00:00:00:01", Bridge: "br0", VLAN: "100", Address: "2001:db8::10/64", Gateway: "2001:db8::1", GatewayOnBridge: true, StableSecret: "::1"})
+		}
+		return vm
+	}
+
+	t.Run("CreateGetRoundTrip", func(t *testing.T) {
+		s := open(t)
+		want := sample("vm-a", "tap-vm-a", "tap-vm-a1")
+		if err := s.CreateVM(ctx, want); err != nil {
+			t.Fatal(err)
+		}
+		got, err := s.GetVM(ctx, "vm-a")
+		if err != nil {
+			t.Fatal(err)
+		}
+		if got.ID != want.ID || got.TenantID != want.TenantID || got.State != want.State || string(got.Config) != string(want.Config) ||
+			string(got.Instance) != string(want.Instance) || !got.CreatedAt.Equal(want.CreatedAt) || !got.StartedAt.IsZero() {
+			t.Fatalf("got %+v, want %+v", got, want)
+		}
+		if len(got.NICs) != 2 || got.NICs[0] != want.NICs[0] || got.NICs[1] != want.NICs[1] {
+			t.Fatalf("nics: got %+v, want %+v", got.NICs, want.NICs)
+		}
+	})
+
+	t.Run("Conflicts", func(t *testing.T) {
+		s := open(t)
+		if err := s.CreateVM(ctx, sample("vm-a", "tap-a")); err != nil {
+			t.Fatal(err)
+		}
+		if err := s.CreateVM(ctx, sample("vm-a", "tap-b")); !errors.Is(err, store.ErrConflict) {
+			t.Fatalf("duplicate id: got %v, want ErrConflict", err)
+		}
+		if err := s.CreateVM(ctx, sample("vm-b", "tap-a")); !errors.Is(err, store.ErrConflict) {
+			t.Fatalf("duplicate host device: got %v, want ErrConflict", err)
+		}
+		if _, err := s.GetVM(ctx, "vm-b"); !errors.Is(err, store.ErrNotFound) {
+			t.Fatalf("failed create left a row: %v", err)
+		}
+	})
+
+	t.Run("UpdateListCountDelete", func(t *testing.T) {
+		s := open(t)
+		for _, id := range []string{"vm-1", "vm-2", "vm-3"} {
+			if err := s.CreateVM(ctx, sample(id, "tap-"+id)); err != nil {
+				t.Fatal(err)
+			}
+		}
+		vm, _ := s.GetVM(ctx, "vm-2")
+		vm.State, vm.StateReason, vm.StartedAt = store.StateTerminated, "guest vanished", now.Add(time.Second)
+		if err := s.UpdateVM(ctx, vm); err != nil {
+			t.Fatal(err)
+		}
+		got, _ := s.GetVM(ctx, "vm-2")
+		if got.State != store.StateTerminated || got.StateReason != "guest vanished" || !got.StartedAt.Equal(now.Add(time.Second)) {
+			t.Fatalf("update not persisted: %+v", got)
+		}
+		list, err := s.ListVMs(ctx)
+		if err != nil || len(list) != 3 || list[0].ID != "vm-1" || len(list[2].NICs) != 1 {
+			t.Fatalf("list: %v %+v", err, list)
+		}
+		counts, err := s.CountVMsByState(ctx)
+		if err != nil || counts[store.StateCreating] != 2 || counts[store.StateTerminated] != 1 {
+			t.Fatalf("counts: %v %v", err, counts)
+		}
+		if err := s.DeleteVM(ctx, "vm-2"); err != nil {
+			t.Fatal(err)
+		}
+		if err := s.DeleteVM(ctx, "vm-2"); !errors.Is(err, store.ErrNotFound) {
+			t.Fatalf("second delete: %v", err)
+		}
+		if err := s.UpdateVM(ctx, vm); !errors.Is(err, store.ErrNotFound) {
+			t.Fatalf("update deleted: %v", err)
+		}
+		// The deleted VM's host device name is free again.
+		if err := s.CreateVM(ctx, sample("vm-4", "tap-vm-2")); err != nil {
+			t.Fatalf("reuse freed device: %v", err)
+		}
+	})
+
+	t.Run("ConcurrentCreates", func(t *testing.T) {
+		s := open(t)
+		var wg sync.WaitGroup
+		errs := make(chan error, 64)
+		for i := range 64 {
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				id := fmt.Sprintf("vm-%02d", i)
+				errs <- s.CreateVM(ctx, sample(id, "tap-"+id))
+			}()
+		}
+		wg.Wait()
+		close(errs)
+		for err := range errs {
+			if err != nil {
+				t.Fatal(err)
+			}
+		}
+		list, _ := s.ListVMs(ctx)
+		if len(list) != 64 {
+			t.Fatalf("got %d vms, want 64", len(list))
+		}
+	})
+}
