@@ -52,7 +52,8 @@ func parsePlain(s string) (netip.Prefix, error) {
 // its messages; the caller quotes the input itself.
 func cleanNetipErr(err error) error {
 	msg := err.Error()
-	if i := strings.Index(msg, "\"): "); i >= 0 {
+	// The input has no blanks, so the last `"): ` ends the last preamble.
+	if i := strings.LastIndex(msg, "\"): "); i >= 0 {
 		return errors.New(msg[i+4:])
 	}
 	return err
@@ -213,7 +214,7 @@ func (sa symAddr) hostBits() (msg, hint string) {
 		grp := sa.groups[g]
 		if grp.label != "" {
 			if netBits == 0 {
-				return fmt.Sprintf("symbolic label %s lies in the host part of /%d", quote(grp.label), sa.bits), ""
+				return fmt.Sprintf("puts label %s in the host part of /%d", quote(grp.label), sa.bits), ""
 			}
 			continue
 		}

@@ -356,11 +356,12 @@ func parseICMPTypes(list token) ([]uint8, error) {
 func eachElement(list token, what string, f func(el string, col int) error) error {
 	off := 0
 	for {
-		el, rest, more := strings.Cut(list.s[off:], ",")
+		el, _, more := strings.Cut(list.s[off:], ",")
 		col := list.col + off
 		if el == "" {
 			if !more {
-				return errAt(col, list.s, "%s list %s ends with \",\" (lists must not contain blanks)", what, quote(list.s))
+				// Point at the trailing comma.
+				return errAt(col-1, list.s, "%s list %s ends with \",\" (lists must not contain blanks)", what, quote(list.s))
 			}
 			return errAt(col, list.s, "empty element in %s list %s", what, quote(list.s))
 		}
@@ -371,7 +372,6 @@ func eachElement(list token, what string, f func(el string, col int) error) erro
 			return nil
 		}
 		off += len(el) + 1
-		_ = rest
 	}
 }
 
