@@ -1,0 +1,109 @@
+// Command metald is the per-host microVM provisioning daemon. It serves
+// vmprovisioner.v1.VmService on --listen and Prometheus metrics on
+// --metrics-listen. It must run as root.
+package main
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"os"
+	"os/signal"
+	"path/filepath"
+	"syscall"
+
+	"github.com/metald/metald/internal/config"
+	"github.com/metald/metald/internal/daemon"
+)
+
+func main() {
+	if err := run(os.Args[1:]); err != nil {
+		fmt.Fprintln(os.Stderr, "metald:", err)
+		os.Exit(1)
+	}
+}
+
+func run(args []string) error {
+	fs := flag.NewFlagSet("metald", flag.ContinueOnError)
+	cfgPath := fs.String("config", "", "config file (YAML or JSON); empty uses the embedded defaults")
+	listen := fs.String("listen", "", "API listen address (default 127.0.0.1:8080)")
+	metricsListen := fs.String("metrics-listen", "", "metrics listen address (default 127.0.0.1:9464)")
+	dataDir := fs.String("data-dir", "", "data directory (default /var/lib/metald)")
+	logDir := fs.String("log-dir", "", "log directory (default /var/log/metald)")
+	backendName := fs.String("backend", "", "VM backend: auto|netns (default netns)")
+	if err := fs.Parse(args); err != nil {
+		return err
+	}
+	cfg := config.Default()
+	if *cfgPath != "" {
+		var err error
+		if cfg, err = config.Load(*cfgPath); err != nil {
+			return err
+		}
+	}
+	set := map[string]bool{}
+	fs.Visit(func(f *flag.Flag) { set[f.Name] = true })
+	if set["listen"] {
+		cfg.Listen = *listen
+	}
+	if set["metrics-listen"] {
+		cfg.MetricsListen = *metricsListen
+	}
+	if set["data-dir"] {
+		cfg.DataDir = *dataDir
+	}
+	if set["log-dir"] {
+		cfg.LogDir = *logDir
+	}
+	if set["backend"] {
+		cfg.Backend = *backendName
+	}
+	if err := cfg.Validate(); err != nil {
+		return err
+	}
+	if os.Geteuid() != 0 {
+		return fmt.Errorf("%w (running as uid %d); start it with sudo or as a systemd service", daemon.ErrNotRoot, os.Geteuid())
+	}
+
+	if err := os.MkdirAll(cfg.LogDir, 0o750); err != nil {
+		return fmt.Errorf("create log directory: %w", err)
+	}
+	logFile, err := os.OpenFile(filepath.Join(cfg.LogDir, "metald.log"), os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o640)
+	if err != nil {
+		return fmt.Errorf("open log file: %w", err)
+	}
+	defer logFile.Close()
+	log := slog.New(slog.NewJSONHandler(io.MultiWriter(os.Stderr, logFile), &slog.HandlerOptions{Level: cfg.SlogLevel()}))
+
+	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
+	defer stop()
+
+	d, err := daemon.New(ctx, daemon.Options{
+		DataDir: cfg.DataDir, DBPath: cfg.StorePath(), LogDir: cfg.LogDir, Backend: cfg.ResolvedBackend(),
+		NetnsDir: cfg.Netns.Dir, EtcNetnsDir: cfg.Netns.EtcDir, GuestCommand: cfg.Netns.GuestCommand,
+		ShutdownTimeout: cfg.VM.ShutdownTimeout.Std(), WatchInterval: cfg.VM.ReconcileInterval.Std(), Logger: log,
+	})
+	if err != nil {
+		return err
+	}
+	defer d.Close()
+	apiL, err := net.Listen("tcp", cfg.Listen)
+	if err != nil {
+		return fmt.Errorf("listen on %s: %w", cfg.Listen, err)
+	}
+	metL, err := net.Listen("tcp", cfg.MetricsListen)
+	if err != nil {
+		apiL.Close()
+		return fmt.Errorf("listen on %s: %w", cfg.MetricsListen, err)
+	}
+	err = d.Serve(ctx, apiL, metL)
+	if errors.Is(err, context.Canceled) {
+		err = nil
+	}
+	log.Info("metald stopped; VMs keep running")
+	return err
+}

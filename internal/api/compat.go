@@ -1,0 +1,104 @@
+package api
+
+import (
+	"bytes"
+	"io"
+	"mime"
+	"net/http"
+	"strings"
+
+	"connectrpc.com/connect"
+	"google.golang.org/protobuf/reflect/protoreflect"
+)
+
+// maxBody bounds a request body.
+const maxBody = 4 << 20
+
+// compat makes the procedure paths answer the way the seed's operators call
+// them: `curl -d '{json}'` (form content type), `curl -X PUT`, and a bare GET
+// with no body all behave like a JSON POST. Connect's own GET form
+// (?message=...&encoding=json) and every binary or gRPC request pass
+// untouched. JSON bodies are checked for unknown or mistyped fields first so
+// the error names the full field path.
+type compat struct {
+	next    http.Handler
+	prefix  string
+	inputs  map[string]protoreflect.MessageDescriptor // procedure → request type
+	errorsW *connect.ErrorWriter
+}
+
+func newCompat(next http.Handler, sd protoreflect.ServiceDescriptor) *compat {
+	c := &compat{next: next, prefix: "/" + string(sd.FullName()) + "/", inputs: map[string]protoreflect.MessageDescriptor{},
+		errorsW: connect.NewErrorWriter()}
+	ms := sd.Methods()
+	for i := 0; i < ms.Len(); i++ {
+		c.inputs[c.prefix+string(ms.Get(i).Name())] = ms.Get(i).Input()
+	}
+	return c
+}
+
+func mediaType(r *http.Request) string {
+	mt, _, err := mime.ParseMediaType(r.Header.Get("Content-Type"))
+	if err != nil {
+		return ""
+	}
+	return mt
+}
+
+// native reports content types Connect and gRPC handle themselves.
+func native(mt string) bool {
+	return mt == "application/proto" || strings.HasPrefix(mt, "application/grpc") || strings.HasPrefix(mt, "application/connect+")
+}
+
+func (c *compat) ServeHTTP(w http.ResponseWriter, r *http.Request) {
+	in, ok := c.inputs[r.URL.Path]
+	if !ok {
+		c.next.ServeHTTP(w, r)
+		return
+	}
+	mt := mediaType(r)
+	switch {
+	case r.Method == http.MethodGet && r.URL.Query().Has("message"):
+		c.next.ServeHTTP(w, r) // Connect GET
+		return
+	case r.Method == http.MethodGet:
+		r.Method = http.MethodPost
+		r.Body = io.NopCloser(strings.NewReader("{}"))
+		r.ContentLength = 2
+		r.Header.Set("Content-Type", "application/json")
+		mt = "application/json"
+	case r.Method == http.MethodPut:
+		r.Method = http.MethodPost
+	}
+	if r.Method != http.MethodPost || native(mt) {
+		c.next.ServeHTTP(w, r)
+		return
+	}
+	// Anything else that reaches a procedure by POST is JSON (curl's default
+	// form content type included).
+	body, err := io.ReadAll(io.LimitReader(r.Body, maxBody+1))
+	if err != nil {
+		c.errorsW.Write(w, r, connect.NewError(connect.CodeInvalidArgument, err))
+		return
+	}
+	if len(body) > maxBody {
+		c.errorsW.Write(w, r, connect.NewError(connect.CodeResourceExhausted, errBodyTooLarge))
+		return
+	}
+	if len(bytes.TrimSpace(body)) == 0 {
+		body = []byte("{}")
+	}
+	r.Header.Set("Content-Type", "application/json")
+	if mt != "application/json" {
+		// Connect insists on its own content types; the body is JSON.
+		r.Header.Del("Content-Encoding")
+	}
+	if err := checkJSON(body, in); err != nil {
+		fe := err.(*FieldError)
+		c.errorsW.Write(w, r, fieldError(fe.Field, fe.Reason))
+		return
+	}
+	r.Body = io.NopCloser(bytes.NewReader(body))
+	r.ContentLength = int64(len(body))
+	c.next.ServeHTTP(w, r)
+}

@@ -1,0 +1,237 @@
+// Package daemon owns metald's process: it wires the store, the kernel-facing
+// managers, the backend, the VM manager and the API together, recovers state
+// after a restart, and owns the start and stop order.
+package daemon
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/http"
+	"os"
+	"path/filepath"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
+	"github.com/prometheus/client_golang/prometheus/promhttp"
+
+	"github.com/metald/metald/internal/api"
+	bnetns "github.com/metald/metald/internal/backend/netns"
+	"github.com/metald/metald/internal/network/link"
+	"github.com/metald/metald/internal/store/sqlite"
+	"github.com/metald/metald/internal/vm"
+)
+
+// Options configure a Daemon. Zero values take the documented defaults.
+type Options struct {
+	// DataDir holds the database and per-VM state (default /var/lib/metald).
+	DataDir string
+	// DBPath overrides <DataDir>/metald.db.
+	DBPath string
+	// LogDir holds metald's log files (default /var/log/metald).
+	LogDir string
+	// Backend is the VM backend; only "netns" exists in this build.
+	Backend string
+	// NetnsDir is where VM namespaces are bind-mounted (default /run/netns).
+	NetnsDir string
+	// EtcNetnsDir holds per-VM resolv.conf files (default /etc/netns).
+	EtcNetnsDir string
+	// GuestCommand is the netns backend's guest process.
+	GuestCommand []string
+	// ShutdownTimeout bounds a graceful guest stop (default 10 s).
+	ShutdownTimeout time.Duration
+	// WatchInterval is how often VM liveness is checked (default 2 s).
+	WatchInterval time.Duration
+	// HostNS is the namespace metald's bridges and ports live in; nil means
+	// the daemon's own. Tests pass a private namespace.
+	HostNS *os.File
+	// Logger receives the daemon's logs.
+	Logger *slog.Logger
+	// Registry receives metrics; nil makes a new one with Go and process
+	// collectors.
+	Registry *prometheus.Registry
+	// SkipRootCheck lets tests that supply their own namespaces run the
+	// daemon; production always checks.
+	SkipRootCheck bool
+}
+
+// Daemon is a running metald.
+type Daemon struct {
+	opt      Options
+	log      *slog.Logger
+	hostNS   *os.File
+	ownNS    bool
+	store    *sqlite.Store
+	links    *link.Manager
+	backend  *bnetns.Backend
+	vms      *vm.Manager
+	registry *prometheus.Registry
+	mux      *http.ServeMux
+	Recovery *vm.RecoveryReport
+}
+
+// ErrNotRoot reports a daemon started without root privileges.
+var ErrNotRoot = errors.New("metald must run as root: it creates network namespaces, bridges, links and nftables rules")
+
+func (o *Options) defaults() {
+	if o.DataDir == "" {
+		o.DataDir = "/var/lib/metald"
+	}
+	if o.DBPath == "" {
+		o.DBPath = filepath.Join(o.DataDir, "metald.db")
+	}
+	if o.LogDir == "" {
+		o.LogDir = "/var/log/metald"
+	}
+	if o.Backend == "" || o.Backend == "auto" {
+		o.Backend = "netns"
+	}
+	if o.NetnsDir == "" {
+		o.NetnsDir = "/run/netns"
+	}
+	if o.EtcNetnsDir == "" {
+		o.EtcNetnsDir = "/etc/netns"
+	}
+	if o.ShutdownTimeout <= 0 {
+		o.ShutdownTimeout = 10 * time.Second
+	}
+	if o.WatchInterval <= 0 {
+		o.WatchInterval = 2 * time.Second
+	}
+	if o.Logger == nil {
+		o.Logger = slog.New(slog.NewTextHandler(os.Stderr, nil))
+	}
+}
+
+// New opens the daemon's state and kernel handles and reconciles them.
+func New(ctx context.Context, opt Options) (d *Daemon, err error) {
+	opt.defaults()
+	if !opt.SkipRootCheck && os.Geteuid() != 0 {
+		return nil, fmt.Errorf("%w (running as uid %d)", ErrNotRoot, os.Geteuid())
+	}
+	if opt.Backend != "netns" {
+		return nil, fmt.Errorf("backend %q is not available in this build (only netns)", opt.Backend)
+	}
+	d = &Daemon{opt: opt, log: opt.Logger, registry: opt.Registry}
+	defer func() {
+		if err != nil {
+			d.Close()
+		}
+	}()
+	if err := os.MkdirAll(opt.LogDir, 0o750); err != nil {
+		return nil, fmt.Errorf("create log directory: %w", err)
+	}
+	d.hostNS = opt.HostNS
+	if d.hostNS == nil {
+		if d.hostNS, err = os.Open("/proc/self/ns/net"); err != nil {
+			return nil, fmt.Errorf("open host network namespace: %w", err)
+		}
+		d.ownNS = true
+	}
+	if d.store, err = sqlite.Open(ctx, opt.DBPath); err != nil {
+		return nil, err
+	}
+	if d.links, err = link.New(d.hostNS); err != nil {
+		return nil, fmt.Errorf("open link manager: %w", err)
+	}
+	d.backend, err = bnetns.New(bnetns.Config{NetnsDir: opt.NetnsDir, EtcNetnsDir: opt.EtcNetnsDir,
+		GuestCommand: opt.GuestCommand, HostNS: d.hostNS, Links: d.links, Logger: d.log})
+	if err != nil {
+		return nil, fmt.Errorf("open netns backend: %w", err)
+	}
+	d.vms = vm.NewManager(vm.Options{Store: d.store, Backend: d.backend, Ports: ports{d.links},
+		Addresses: vm.StaticAddresses{}, Logger: d.log, ShutdownTimeout: opt.ShutdownTimeout})
+
+	if d.registry == nil {
+		d.registry = prometheus.NewRegistry()
+		d.registry.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+	}
+	if err := d.registry.Register(newVMCollector(d.store)); err != nil {
+		return nil, fmt.Errorf("register metrics: %w", err)
+	}
+
+	rep, err := d.vms.Recover(ctx)
+	d.Recovery = rep
+	if err != nil {
+		// Recovery problems are logged and retried by the next start; the
+		// VMs that did recover are served.
+		d.log.Error("recovery incomplete", "err", err)
+	}
+	if rep != nil {
+		d.log.Info("recovered state", "adopted", len(rep.Adopted), "terminated", len(rep.Terminated),
+			"rolled_back", len(rep.RolledBack), "deletes_finished", len(rep.DeletesFinished),
+			"orphan_sandboxes", len(rep.OrphanSandboxes), "orphan_ports", len(rep.OrphanPorts), "reattached", len(rep.Reattached))
+	}
+
+	d.mux = http.NewServeMux()
+	srv := api.NewServer(d.vms, d.backend)
+	path, h := srv.Handler()
+	d.mux.Handle(path, h)
+	d.mux.HandleFunc("GET /healthz", func(w http.ResponseWriter, _ *http.Request) { w.Write([]byte("ok\n")) })
+	return d, nil
+}
+
+// Manager returns the VM manager.
+func (d *Daemon) Manager() *vm.Manager { return d.vms }
+
+// Handler returns the API port's handler (VmService and debug endpoints).
+func (d *Daemon) Handler() http.Handler { return d.mux }
+
+// MetricsHandler returns the Prometheus endpoint's handler.
+func (d *Daemon) MetricsHandler() http.Handler {
+	return promhttp.HandlerFor(d.registry, promhttp.HandlerOpts{Registry: d.registry})
+}
+
+// NewHTTPServer returns a server for h that speaks HTTP/1.1 and cleartext
+// HTTP/2 (h2c), so plain gRPC clients work.
+func NewHTTPServer(h http.Handler) *http.Server {
+	var p http.Protocols
+	p.SetHTTP1(true)
+	p.SetUnencryptedHTTP2(true)
+	return &http.Server{Handler: h, Protocols: &p, ReadHeaderTimeout: 10 * time.Second}
+}
+
+// Serve serves the API and metrics on the given listeners and watches VM
+// liveness until ctx ends, then shuts the servers down. VMs keep running.
+func (d *Daemon) Serve(ctx context.Context, apiL, metricsL net.Listener) error {
+	apiSrv := NewHTTPServer(d.mux)
+	metSrv := NewHTTPServer(d.MetricsHandler())
+	errc := make(chan error, 2)
+	go func() { errc <- apiSrv.Serve(apiL) }()
+	go func() { errc <- metSrv.Serve(metricsL) }()
+	watchCtx, stopWatch := context.WithCancel(ctx)
+	defer stopWatch()
+	go d.vms.Watch(watchCtx, d.opt.WatchInterval)
+	d.log.Info("metald serving", "api", apiL.Addr().String(), "metrics", metricsL.Addr().String(), "backend", d.opt.Backend)
+	var err error
+	select {
+	case <-ctx.Done():
+	case err = <-errc:
+	}
+	sctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 10*time.Second)
+	defer cancel()
+	apiSrv.Shutdown(sctx)
+	metSrv.Shutdown(sctx)
+	if errors.Is(err, http.ErrServerClosed) {
+		err = nil
+	}
+	return err
+}
+
+// Close releases the daemon's handles. It does not stop VMs.
+func (d *Daemon) Close() error {
+	if d.links != nil {
+		d.links.Close()
+	}
+	var err error
+	if d.store != nil {
+		err = d.store.Close()
+	}
+	if d.ownNS && d.hostNS != nil {
+		d.hostNS.Close()
+	}
+	return err
+}

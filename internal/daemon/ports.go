@@ -1,0 +1,60 @@
+package daemon
+
+import (
+	"errors"
+	"net/netip"
+
+	"github.com/metald/metald/internal/network/link"
+)
+
+// ports adapts link.Manager to the VM manager's Ports contract.
+type ports struct{ m *link.Manager }
+
+func (p ports) EnsureBridge(name string) error {
+	_, err := p.m.EnsureBridge(name)
+	return err
+}
+
+func (p ports) EnsureGateway(bridge string, gw netip.Prefix) (bool, error) {
+	_, err := p.m.EnsureGateway(bridge, gw)
+	if errors.Is(err, link.ErrAddressInUse) {
+		return false, nil
+	}
+	return err == nil, err
+}
+
+func (p ports) RemoveGateway(bridge string, gw netip.Prefix) error { return p.m.RemoveGateway(bridge, gw) }
+
+func (p ports) AttachPort(dev, bridge string) error { return p.m.AttachPort(dev, bridge) }
+
+func (p ports) PortAttached(dev, bridge string) (bool, bool, error) {
+	info, err := p.m.Port(dev)
+	if errors.Is(err, link.ErrNotFound) {
+		return false, false, nil
+	}
+	if err != nil {
+		return false, false, err
+	}
+	return true, info.Master == bridge, nil
+}
+
+func (p ports) DeletePort(dev string) error { return p.m.DeletePort(dev) }
+
+func (p ports) OwnedPorts() (map[string]string, error) {
+	infos, err := p.m.OwnedPorts()
+	if err != nil {
+		return nil, err
+	}
+	out := make(map[string]string, len(infos))
+	for _, i := range infos {
+		if vmID, _, ok := link.ParsePortAlias(i.Alias); ok {
+			out[i.Name] = vmID
+		}
+	}
+	return out, nil
+}
+
+func (p ports) RemoveBridgeIfUnused(name string) error {
+	_, err := p.m.DeleteBridgeIfUnused(name)
+	return err
+}

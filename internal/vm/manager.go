@@ -1,0 +1,609 @@
+package vm
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net/netip"
+	"slices"
+	"sync"
+	"time"
+
+	"google.golang.org/protobuf/encoding/protojson"
+
+	"github.com/metald/metald/internal/backend"
+	vmv1 "github.com/metald/metald/internal/gen/vmprovisioner/v1"
+	"github.com/metald/metald/internal/store"
+)
+
+// Ports is the host-side link management the manager drives: bridges, the
+// gateway address a bridge holds, and VM ports.
+type Ports interface {
+	// EnsureBridge creates the bridge if absent and brings it up.
+	EnsureBridge(name string) error
+	// EnsureGateway puts gw on the bridge (and turns on IPv6 forwarding).
+	// It returns false, without error, when another link holds the address.
+	EnsureGateway(bridge string, gw netip.Prefix) (onBridge bool, err error)
+	// RemoveGateway removes gw from the bridge; absent is not an error.
+	RemoveGateway(bridge string, gw netip.Prefix) error
+	// AttachPort enslaves a VM port to its bridge and brings it up.
+	AttachPort(dev, bridge string) error
+	// PortAttached reports whether dev exists and is a port of bridge.
+	PortAttached(dev, bridge string) (exists, attached bool, err error)
+	// DeletePort deletes a VM port; absent is not an error.
+	DeletePort(dev string) error
+	// OwnedPorts lists host links metald created, keyed by device name,
+	// with the VM id they belong to.
+	OwnedPorts() (map[string]string, error)
+	// RemoveBridgeIfUnused deletes a bridge metald created once it has no
+	// ports; other bridges are left alone.
+	RemoveBridgeIfUnused(name string) error
+}
+
+// Addresses resolves the address text of a config (which may use symbolic
+// subnet names) and keeps track of which VM holds which address.
+type Addresses interface {
+	// Reserve resolves and reserves the addresses of one NIC. The result's
+	// Address is invalid when the NIC has no IPv6 address.
+	Reserve(ctx context.Context, req AddressRequest) (ResolvedNIC, error)
+	// Release releases every address the VM holds; nothing held is fine.
+	Release(ctx context.Context, vmID string) error
+}
+
+// AddressRequest asks for one NIC's addresses.
+type AddressRequest struct {
+	VMID     string
+	TenantID string
+	NICID    string
+	Bridge   string
+	// Field is the config path of the NIC's ipv6 block, for errors.
+	Field string
+	IPv6  *vmv1.Ipv6Config
+}
+
+// ResolvedNIC is a NIC's addresses in canonical form.
+type ResolvedNIC struct {
+	Address netip.Prefix
+	Gateway netip.Addr
+	DNS     []netip.Addr
+}
+
+// Options configure a Manager.
+type Options struct {
+	Store     store.Store
+	Backend   backend.Backend
+	Ports     Ports
+	Addresses Addresses
+	Logger    *slog.Logger
+	// ShutdownTimeout bounds a graceful guest stop (default 10 s).
+	ShutdownTimeout time.Duration
+	// OpTimeout bounds the kernel work of one operation once it has begun,
+	// independent of the caller's context (default 60 s).
+	OpTimeout time.Duration
+	// Validate configures request validation.
+	Validate ValidateOptions
+	// Now returns the current time (default time.Now).
+	Now func() time.Time
+}
+
+// Manager sequences VM lifecycles. It is safe for concurrent use; operations
+// on one VM are serialised.
+type Manager struct {
+	opt Options
+	log *slog.Logger
+
+	locksMu sync.Mutex
+	locks   map[string]*vmLock
+
+	// netMu serialises decisions about shared bridge state (gateway
+	// addresses, bridge removal) across VMs.
+	netMu sync.Mutex
+}
+
+type vmLock struct {
+	mu   sync.Mutex
+	refs int
+}
+
+// NewManager returns a Manager.
+func NewManager(opt Options) *Manager {
+	if opt.Logger == nil {
+		opt.Logger = slog.New(slog.DiscardHandler)
+	}
+	if opt.ShutdownTimeout <= 0 {
+		opt.ShutdownTimeout = 10 * time.Second
+	}
+	if opt.OpTimeout <= 0 {
+		opt.OpTimeout = 60 * time.Second
+	}
+	if opt.Now == nil {
+		opt.Now = time.Now
+	}
+	return &Manager{opt: opt, log: opt.Logger, locks: map[string]*vmLock{}}
+}
+
+// lock serialises operations on one VM id.
+func (m *Manager) lock(id string) func() {
+	m.locksMu.Lock()
+	l := m.locks[id]
+	if l == nil {
+		l = &vmLock{}
+		m.locks[id] = l
+	}
+	l.refs++
+	m.locksMu.Unlock()
+	l.mu.Lock()
+	return func() {
+		l.mu.Unlock()
+		m.locksMu.Lock()
+		l.refs--
+		if l.refs == 0 {
+			delete(m.locks, id)
+		}
+		m.locksMu.Unlock()
+	}
+}
+
+// detached returns a context for kernel work that must finish (or be
+// undone) even when the caller goes away.
+func (m *Manager) detached(ctx context.Context) (context.Context, context.CancelFunc) {
+	return context.WithTimeout(context.WithoutCancel(ctx), m.opt.OpTimeout)
+}
+
+var configJSON = protojson.MarshalOptions{UseProtoNames: true}
+
+// Create validates req and builds the VM: its row, addresses, bridges, ports
+// and sandbox. On any error every step already taken is undone.
+func (m *Manager) Create(ctx context.Context, req *vmv1.CreateVmRequest) (*store.VM, error) {
+	if err := ValidateCreate(req, m.opt.Validate); err != nil {
+		return nil, err
+	}
+	cfg := req.GetConfig()
+	id := req.GetVmId()
+	if id == "" {
+		id = NewID()
+	}
+	unlock := m.lock(id)
+	defer unlock()
+
+	raw, err := configJSON.Marshal(cfg)
+	if err != nil {
+		return nil, fmt.Errorf("encode config: %w", err)
+	}
+	tenant := cfg.GetTenantId()
+	if tenant == "" {
+		tenant = "default"
+	}
+	now := m.opt.Now().UTC()
+	row := &store.VM{ID: id, TenantID: tenant, State: store.StateCreating, Config: raw,
+		Backend: m.opt.Backend.Name(), CreatedAt: now, UpdatedAt: now}
+	for i, n := range cfg.GetNetwork() {
+		mac := DefaultMAC(id, n.GetId())
+		if n.GetMacAddress() != "" {
+			if mac, err = normalMAC(n.GetMacAddress()); err != nil {
+				return nil, err // validated already; defensive
+			}
+		}
+		nic := store.NIC{ID: n.GetId(), Index: i, HostDevice: HostDevice(id, n.GetId(), i), GuestDevice: n.GetId(),
+			MAC: mac.String(), Bridge: n.GetBridgeName(), VLAN: n.GetVlanId()}
+		if n.GetIpv6().GetEnableStablePrivacy() {
+			nic.StableSecret = NewStableSecret()
+		}
+		row.NICs = append(row.NICs, nic)
+	}
+
+	// From here on, the work is finished or undone whatever the caller does.
+	ctx, cancel := m.detached(ctx)
+	defer cancel()
+	var undo []func(context.Context) error
+	fail := func(err error) (*store.VM, error) {
+		for i := len(undo) - 1; i >= 0; i-- {
+			if uerr := undo[i](ctx); uerr != nil {
+				m.log.Error("undo failed create", "vm_id", id, "err", uerr)
+			}
+		}
+		return nil, err
+	}
+
+	// 1. The row first: an intent record that a restart after a crash uses
+	// to roll the creation back.
+	if err := m.opt.Store.CreateVM(ctx, row); err != nil {
+		if errors.Is(err, store.ErrConflict) {
+			return nil, fmt.Errorf("create vm %s: %w: %w", id, ErrExists, err)
+		}
+		return nil, fmt.Errorf("create vm %s: %w", id, err)
+	}
+	undo = append(undo, func(ctx context.Context) error { return m.opt.Store.DeleteVM(ctx, id) })
+
+	// 2. Addresses.
+	undo = append(undo, func(ctx context.Context) error { return m.opt.Addresses.Release(ctx, id) })
+	for i, n := range cfg.GetNetwork() {
+		res, err := m.opt.Addresses.Reserve(ctx, AddressRequest{VMID: id, TenantID: tenant, NICID: n.GetId(),
+			Bridge: n.GetBridgeName(), Field: fmt.Sprintf("config.network[%d].ipv6", i), IPv6: n.GetIpv6()})
+		if err != nil {
+			return fail(err)
+		}
+		nic := &row.NICs[i]
+		if res.Address.IsValid() {
+			nic.Address = res.Address.String()
+		}
+		if res.Gateway.IsValid() {
+			nic.Gateway = res.Gateway.String()
+		}
+	}
+
+	// 3. Bridges and gateways.
+	undo = append(undo, func(ctx context.Context) error { return m.releaseBridges(ctx, id, row.NICs) })
+	if err := m.ensureBridges(ctx, id, row.NICs); err != nil {
+		return fail(err)
+	}
+
+	// 4. Sandbox and ports (down, detached).
+	spec, err := m.spec(row, cfg)
+	if err != nil {
+		return fail(err)
+	}
+	inst, err := m.opt.Backend.Create(ctx, spec)
+	if err != nil {
+		return fail(fmt.Errorf("create sandbox: %w", err))
+	}
+	undo = append(undo, func(ctx context.Context) error { return m.opt.Backend.Destroy(ctx, id, inst) })
+
+	// 5. Join the bridges.
+	for _, n := range row.NICs {
+		if err := m.opt.Ports.AttachPort(n.HostDevice, n.Bridge); err != nil {
+			return fail(fmt.Errorf("attach %s to bridge %s: %w", n.HostDevice, n.Bridge, err))
+		}
+	}
+
+	// 6. Done: CREATED.
+	row.Instance, _ = json.Marshal(inst)
+	row.State = store.StateCreated
+	row.UpdatedAt = m.opt.Now().UTC()
+	if err := m.opt.Store.UpdateVM(ctx, row); err != nil {
+		return fail(fmt.Errorf("persist vm: %w", err))
+	}
+	m.log.Info("vm created", "vm_id", id, "tenant_id", tenant, "nics", len(row.NICs))
+	return row, nil
+}
+
+// ensureBridges creates the NICs' bridges and puts each gateway on its
+// bridge when it lies in the NIC's prefix and no VM holds it. It records in
+// the NICs whether the bridge holds the gateway.
+func (m *Manager) ensureBridges(ctx context.Context, vmID string, nics []store.NIC) error {
+	m.netMu.Lock()
+	defer m.netMu.Unlock()
+	var others []*store.VM
+	for i := range nics {
+		n := &nics[i]
+		if err := m.opt.Ports.EnsureBridge(n.Bridge); err != nil {
+			return fmt.Errorf("ensure bridge %s: %w", n.Bridge, err)
+		}
+		gwp, ok := gatewayPrefix(*n)
+		if !ok {
+			continue
+		}
+		if others == nil {
+			var err error
+			if others, err = m.opt.Store.ListVMs(ctx); err != nil {
+				return err
+			}
+		}
+		if addressHeldByVM(others, vmID, gwp.Addr()) {
+			continue
+		}
+		on, err := m.opt.Ports.EnsureGateway(n.Bridge, gwp)
+		if err != nil {
+			return fmt.Errorf("put gateway %s on bridge %s: %w", gwp, n.Bridge, err)
+		}
+		n.GatewayOnBridge = on
+	}
+	return nil
+}
+
+// releaseBridges undoes ensureBridges for a VM that is going away: gateways
+// and bridges that no other VM uses are removed.
+func (m *Manager) releaseBridges(ctx context.Context, vmID string, nics []store.NIC) error {
+	m.netMu.Lock()
+	defer m.netMu.Unlock()
+	all, err := m.opt.Store.ListVMs(ctx)
+	if err != nil {
+		return err
+	}
+	var errs []error
+	for _, n := range nics {
+		if gwp, ok := gatewayPrefix(n); ok && n.GatewayOnBridge && !gatewayUsedByOthers(all, vmID, n.Bridge, gwp.Addr()) {
+			if err := m.opt.Ports.RemoveGateway(n.Bridge, gwp); err != nil {
+				errs = append(errs, err)
+			}
+		}
+	}
+	for _, n := range nics {
+		if !bridgeUsedByOthers(all, vmID, n.Bridge) {
+			if err := m.opt.Ports.RemoveBridgeIfUnused(n.Bridge); err != nil {
+				errs = append(errs, err)
+			}
+		}
+	}
+	return errors.Join(errs...)
+}
+
+func gatewayPrefix(n store.NIC) (netip.Prefix, bool) {
+	if n.Address == "" || n.Gateway == "" {
+		return netip.Prefix{}, false
+	}
+	p, err1 := netip.ParsePrefix(n.Address)
+	gw, err2 := netip.ParseAddr(n.Gateway)
+	if err1 != nil || err2 != nil || gw.IsLinkLocalUnicast() || !p.Masked().Contains(gw) || gw == p.Addr() {
+		return netip.Prefix{}, false
+	}
+	return netip.PrefixFrom(gw, p.Bits()), true
+}
+
+func addressHeldByVM(vms []*store.VM, self string, a netip.Addr) bool {
+	for _, vm := range vms {
+		if vm.ID == self {
+			continue
+		}
+		for _, n := range vm.NICs {
+			if p, err := netip.ParsePrefix(n.Address); err == nil && p.Addr() == a {
+				return true
+			}
+		}
+	}
+	return false
+}
+
+func gatewayUsedByOthers(vms []*store.VM, self, bridge string, gw netip.Addr) bool {
+	for _, vm := range vms {
+		if vm.ID == self {
+			continue
+		}
+		for _, n := range vm.NICs {
+			if n.Bridge == bridge && n.GatewayOnBridge && n.Gateway == gw.String() {
+				return true
+			}
+		}
+	}
+	return false
+}
+
+func bridgeUsedByOthers(vms []*store.VM, self, bridge string) bool {
+	for _, vm := range vms {
+		if vm.ID == self {
+			continue
+		}
+		for _, n := range vm.NICs {
+			if n.Bridge == bridge {
+				return true
+			}
+		}
+	}
+	return false
+}
+
+// spec turns a VM row and its config into what the backend builds.
+func (m *Manager) spec(row *store.VM, cfg *vmv1.VmConfig) (*backend.Spec, error) {
+	if cfg == nil {
+		cfg = &vmv1.VmConfig{}
+		if err := protojson.Unmarshal(row.Config, cfg); err != nil {
+			return nil, fmt.Errorf("decode stored config of %s: %w", row.ID, err)
+		}
+	}
+	s := &backend.Spec{VMID: row.ID, VCPUs: cfg.GetCpu().GetVcpuCount(), MemoryBytes: cfg.GetMemory().GetSizeBytes(),
+		KernelPath: cfg.GetBoot().GetKernelPath(), InitrdPath: cfg.GetBoot().GetInitrdPath(), KernelArgs: cfg.GetBoot().GetKernelArgs()}
+	for _, d := range cfg.GetStorage() {
+		s.Disks = append(s.Disks, backend.Disk{ID: d.GetId(), Path: d.GetPath(), ReadOnly: d.GetReadonly(), Root: d.GetIsRootDevice()})
+	}
+	for i, n := range row.NICs {
+		mac, err := normalMAC(n.MAC)
+		if err != nil {
+			return nil, err
+		}
+		b := backend.NIC{ID: n.GuestDevice, HostDevice: n.HostDevice, MAC: mac, StableSecret: n.StableSecret}
+		if n.Address != "" {
+			b.Address, _ = netip.ParsePrefix(n.Address)
+		}
+		if n.Gateway != "" {
+			b.Gateway, _ = netip.ParseAddr(n.Gateway)
+		}
+		if i < len(cfg.GetNetwork()) {
+			v6 := cfg.GetNetwork()[i].GetIpv6()
+			for _, d := range v6.GetDnsServers() {
+				if a, err := netip.ParseAddr(d); err == nil {
+					b.DNS = append(b.DNS, a)
+				}
+			}
+			b.PrivacyExtensions = v6.GetEnablePrivacyExtensions()
+			b.TempValidLifetime = time.Duration(v6.GetTempValidLifetime()) * time.Second
+		}
+		s.NICs = append(s.NICs, b)
+	}
+	return s, nil
+}
+
+// Get returns a VM's record.
+func (m *Manager) Get(ctx context.Context, id string) (*store.VM, error) {
+	vm, err := m.opt.Store.GetVM(ctx, id)
+	if errors.Is(err, store.ErrNotFound) {
+		return nil, fmt.Errorf("vm %q: %w", id, ErrNotFound)
+	}
+	if err != nil {
+		return nil, err
+	}
+	if vm.State == store.StateCreating || vm.State == store.StateDeleting {
+		// Being built or torn down: not visible as a VM yet / any more.
+		return nil, fmt.Errorf("vm %q: %w", id, ErrNotFound)
+	}
+	return vm, nil
+}
+
+// List returns every VM.
+func (m *Manager) List(ctx context.Context) ([]*store.VM, error) {
+	all, err := m.opt.Store.ListVMs(ctx)
+	if err != nil {
+		return nil, err
+	}
+	return slices.DeleteFunc(all, func(v *store.VM) bool {
+		return v.State == store.StateCreating || v.State == store.StateDeleting
+	}), nil
+}
+
+// Instance decodes a VM's backend handle.
+func Instance(vm *store.VM) backend.Instance {
+	var inst backend.Instance
+	if len(vm.Instance) > 0 {
+		_ = json.Unmarshal(vm.Instance, &inst)
+	}
+	if inst.Backend == "" {
+		inst.Backend = vm.Backend
+	}
+	return inst
+}
+
+// transition runs op on a VM in one of the allowed states and persists the
+// resulting state and instance.
+func (m *Manager) transition(ctx context.Context, id, opName string, allowed []string,
+	op func(ctx context.Context, vm *store.VM, inst backend.Instance) (backend.Instance, string, error)) (*store.VM, error) {
+	unlock := m.lock(id)
+	defer unlock()
+	vm, err := m.Get(ctx, id)
+	if err != nil {
+		return nil, err
+	}
+	if !slices.Contains(allowed, vm.State) {
+		return nil, &StateError{VMID: id, State: vm.State, Op: opName, Want: allowed}
+	}
+	ctx, cancel := m.detached(ctx)
+	defer cancel()
+	inst, state, err := op(ctx, vm, Instance(vm))
+	if err != nil {
+		return nil, fmt.Errorf("%s %s: %w", opName, id, err)
+	}
+	vm.Instance, _ = json.Marshal(inst)
+	now := m.opt.Now().UTC()
+	if state == store.StateRunning && vm.State != store.StateRunning && vm.State != store.StatePaused {
+		vm.StartedAt = now
+	}
+	if state == store.StateRunning && opName == "RebootVm" {
+		vm.StartedAt = now
+	}
+	vm.State, vm.StateReason, vm.UpdatedAt = state, "", now
+	if err := m.opt.Store.UpdateVM(ctx, vm); err != nil {
+		return nil, fmt.Errorf("persist vm state: %w", err)
+	}
+	m.log.Info("vm state changed", "vm_id", id, "op", opName, "state", state)
+	return vm, nil
+}
+
+// Boot starts a created or shut-down VM.
+func (m *Manager) Boot(ctx context.Context, id string) (*store.VM, error) {
+	return m.transition(ctx, id, "BootVm", []string{store.StateCreated, store.StateShutdown},
+		func(ctx context.Context, vm *store.VM, inst backend.Instance) (backend.Instance, string, error) {
+			spec, err := m.spec(vm, nil)
+			if err != nil {
+				return inst, "", err
+			}
+			inst, err = m.opt.Backend.Boot(ctx, spec, inst)
+			return inst, store.StateRunning, err
+		})
+}
+
+// Shutdown stops a running or paused VM, keeping its resources.
+func (m *Manager) Shutdown(ctx context.Context, id string, timeout time.Duration) (*store.VM, error) {
+	if timeout <= 0 {
+		timeout = m.opt.ShutdownTimeout
+	}
+	return m.transition(ctx, id, "ShutdownVm", []string{store.StateRunning, store.StatePaused},
+		func(ctx context.Context, vm *store.VM, inst backend.Instance) (backend.Instance, string, error) {
+			if vm.State == store.StatePaused {
+				// A stopped process would hold a graceful signal pending.
+				if err := m.opt.Backend.Resume(ctx, inst); err != nil && !errors.Is(err, backend.ErrNotRunning) {
+					return inst, "", err
+				}
+			}
+			inst, err := m.opt.Backend.Shutdown(ctx, inst, timeout)
+			return inst, store.StateShutdown, err
+		})
+}
+
+// Pause freezes a running VM.
+func (m *Manager) Pause(ctx context.Context, id string) (*store.VM, error) {
+	return m.transition(ctx, id, "PauseVm", []string{store.StateRunning},
+		func(ctx context.Context, vm *store.VM, inst backend.Instance) (backend.Instance, string, error) {
+			return inst, store.StatePaused, m.opt.Backend.Pause(ctx, inst)
+		})
+}
+
+// Resume continues a paused VM.
+func (m *Manager) Resume(ctx context.Context, id string) (*store.VM, error) {
+	return m.transition(ctx, id, "ResumeVm", []string{store.StatePaused},
+		func(ctx context.Context, vm *store.VM, inst backend.Instance) (backend.Instance, string, error) {
+			return inst, store.StateRunning, m.opt.Backend.Resume(ctx, inst)
+		})
+}
+
+// Reboot restarts a running VM's guest.
+func (m *Manager) Reboot(ctx context.Context, id string) (*store.VM, error) {
+	return m.transition(ctx, id, "RebootVm", []string{store.StateRunning},
+		func(ctx context.Context, vm *store.VM, inst backend.Instance) (backend.Instance, string, error) {
+			spec, err := m.spec(vm, nil)
+			if err != nil {
+				return inst, "", err
+			}
+			inst, err = m.opt.Backend.Reboot(ctx, spec, inst)
+			return inst, store.StateRunning, err
+		})
+}
+
+// Delete stops the VM if needed and releases everything it holds.
+func (m *Manager) Delete(ctx context.Context, id string) error {
+	unlock := m.lock(id)
+	defer unlock()
+	vm, err := m.Get(ctx, id)
+	if err != nil {
+		return err
+	}
+	ctx, cancel := m.detached(ctx)
+	defer cancel()
+	// Intent first: a crash from here on is finished by the next start.
+	vm.State, vm.UpdatedAt = store.StateDeleting, m.opt.Now().UTC()
+	if err := m.opt.Store.UpdateVM(ctx, vm); err != nil {
+		return fmt.Errorf("mark vm %s deleting: %w", id, err)
+	}
+	if err := m.teardown(ctx, vm); err != nil {
+		return fmt.Errorf("delete vm %s: %w", id, err)
+	}
+	m.log.Info("vm deleted", "vm_id", id)
+	return nil
+}
+
+// teardown removes everything a VM holds, then its row. It is idempotent, so
+// it also finishes deletions and rolls back creations a crash interrupted.
+func (m *Manager) teardown(ctx context.Context, vm *store.VM) error {
+	var errs []error
+	if err := m.opt.Backend.Destroy(ctx, vm.ID, Instance(vm)); err != nil {
+		errs = append(errs, fmt.Errorf("destroy sandbox: %w", err))
+	}
+	for _, n := range vm.NICs {
+		if err := m.opt.Ports.DeletePort(n.HostDevice); err != nil {
+			errs = append(errs, fmt.Errorf("delete port %s: %w", n.HostDevice, err))
+		}
+	}
+	if err := m.releaseBridges(ctx, vm.ID, vm.NICs); err != nil {
+		errs = append(errs, fmt.Errorf("release bridges: %w", err))
+	}
+	if err := m.opt.Addresses.Release(ctx, vm.ID); err != nil {
+		errs = append(errs, fmt.Errorf("release addresses: %w", err))
+	}
+	if len(errs) > 0 {
+		// Keep the row (in DELETING) so the next start retries.
+		return errors.Join(errs...)
+	}
+	if err := m.opt.Store.DeleteVM(ctx, vm.ID); err != nil && !errors.Is(err, store.ErrNotFound) {
+		return err
+	}
+	return nil
+}
