@@ -1,0 +1,412 @@
+package nft
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"slices"
+	"strings"
+	"sync"
+
+	"github.com/google/nftables"
+	"github.com/google/nftables/binaryutil"
+	"github.com/google/nftables/expr"
+	"golang.org/x/sys/unix"
+
+	"github.com/metald/metald/internal/network"
+)
+
+// ErrNotFound reports a NIC that has no state in the table.
+var ErrNotFound = errors.New("nic not programmed")
+
+// Firewall programs metald's bridge table through one nftables connection.
+// Every method is one netlink batch (one Conn.Flush); methods are safe for
+// concurrent use.
+type Firewall struct {
+	mu   sync.Mutex
+	conn *nftables.Conn
+}
+
+// New returns a Firewall for the network namespace open at nsFd (or the
+// caller's namespace when nsFd < 0).
+func New(nsFd int) (*Firewall, error) {
+	var opts []nftables.ConnOption
+	if nsFd >= 0 {
+		opts = append(opts, nftables.WithNetNSFd(nsFd))
+	}
+	c, err := nftables.New(opts...)
+	if err != nil {
+		return nil, fmt.Errorf("open nftables connection: %w", err)
+	}
+	return &Firewall{conn: c}, nil
+}
+
+// NewWithConn wraps an existing connection.
+func NewWithConn(c *nftables.Conn) *Firewall { return &Firewall{conn: c} }
+
+func baseChain(name string, hook *nftables.ChainHook) *nftables.Chain {
+	accept := nftables.ChainPolicyAccept
+	return &nftables.Chain{
+		Name: name, Table: table(), Type: nftables.ChainTypeFilter,
+		Hooknum: hook, Priority: nftables.ChainPriorityRef(BasePriority), Policy: &accept,
+	}
+}
+
+func vmap(name string) *nftables.Set {
+	// ifname keys are strings: nft expects host byte order to print them.
+	return &nftables.Set{Table: table(), Name: name, IsMap: true, KeyType: nftables.TypeIFName,
+		DataType: nftables.TypeVerdict, KeyByteOrder: binaryutil.NativeEndian}
+}
+
+func dispatch(key expr.MetaKey, set string) []expr.Any {
+	return []expr.Any{
+		&expr.Meta{Key: key, Register: 1},
+		&expr.Lookup{SourceRegister: 1, SetName: set, DestRegister: 0, IsDestRegSet: true},
+	}
+}
+
+// queueBase queues the table, base chains and dispatch maps. Re-adding
+// existing objects is a no-op, so every batch starts with it; the base
+// chains' single dispatch rule is rewritten each time.
+func (f *Firewall) queueBase() error {
+	c := f.conn
+	c.AddTable(table())
+	for _, m := range []string{FromVMMap, ToVMMap} {
+		if err := c.AddSet(vmap(m), nil); err != nil {
+			return fmt.Errorf("add map %s: %w", m, err)
+		}
+	}
+	for _, b := range []struct {
+		name string
+		hook *nftables.ChainHook
+		key  expr.MetaKey
+		set  string
+	}{
+		{ChainPrerouting, nftables.ChainHookPrerouting, expr.MetaKeyIIFNAME, FromVMMap},
+		{ChainForward, nftables.ChainHookForward, expr.MetaKeyOIFNAME, ToVMMap},
+		{ChainOutput, nftables.ChainHookOutput, expr.MetaKeyOIFNAME, ToVMMap},
+	} {
+		ch := c.AddChain(baseChain(b.name, b.hook))
+		c.FlushChain(ch)
+		c.AddRule(&nftables.Rule{Table: table(), Chain: ch, Exprs: dispatch(b.key, b.set),
+			UserData: commentData("metald dispatch")})
+	}
+	return nil
+}
+
+// queueNIC queues the complete state of one NIC, replacing what it had.
+// The port's map entries are added last, after its chains are complete.
+func (f *Firewall) queueNIC(p network.NICPlan) error {
+	if err := p.Validate(); err != nil {
+		return err
+	}
+	c := f.conn
+	spec := buildNIC(p)
+	chains := map[string]*nftables.Chain{}
+	for _, name := range spec.chains {
+		ch := c.AddChain(&nftables.Chain{Name: name, Table: table()})
+		c.FlushChain(ch)
+		chains[name] = ch
+	}
+	for _, s := range spec.sets {
+		set := &nftables.Set{Table: table(), Name: s.name, KeyType: s.keyType}
+		if err := c.AddSet(set, nil); err != nil {
+			return fmt.Errorf("add set %s: %w", s.name, err)
+		}
+		c.FlushSet(set)
+		if len(s.elems) > 0 {
+			var el []nftables.SetElement
+			for _, e := range s.elems {
+				el = append(el, nftables.SetElement{Key: e})
+			}
+			if err := c.SetAddElements(set, el); err != nil {
+				return fmt.Errorf("add elements to %s: %w", s.name, err)
+			}
+		}
+	}
+	for _, name := range countersOf(spec.names) {
+		c.AddObj(&nftables.CounterObj{Table: table(), Name: name})
+	}
+	for _, r := range spec.rules {
+		for _, a := range r.anons {
+			set := &nftables.Set{Table: table(), Anonymous: true, Constant: true, KeyType: a.keyType}
+			var el []nftables.SetElement
+			for _, e := range a.elems {
+				el = append(el, nftables.SetElement{Key: e})
+			}
+			if err := c.AddSet(set, el); err != nil {
+				return fmt.Errorf("add anonymous set: %w", err)
+			}
+			a.lookup.SetID, a.lookup.SetName = set.ID, set.Name
+		}
+		c.AddRule(&nftables.Rule{Table: table(), Chain: chains[r.chain], Exprs: r.exprs, UserData: commentData(r.comment)})
+	}
+	key := ifnameKey(p.HostDevice)
+	if err := c.SetAddElements(vmap(FromVMMap), []nftables.SetElement{{Key: key,
+		VerdictData: &expr.Verdict{Kind: expr.VerdictGoto, Chain: spec.names.FromChain()}}}); err != nil {
+		return fmt.Errorf("add %s to %s: %w", p.HostDevice, FromVMMap, err)
+	}
+	if err := c.SetAddElements(vmap(ToVMMap), []nftables.SetElement{{Key: key,
+		VerdictData: &expr.Verdict{Kind: expr.VerdictGoto, Chain: spec.names.ToChain()}}}); err != nil {
+		return fmt.Errorf("add %s to %s: %w", p.HostDevice, ToVMMap, err)
+	}
+	return nil
+}
+
+// kernelState is what the table holds now, as far as removal needs it.
+type kernelState struct {
+	exists   bool
+	chains   map[string]bool
+	sets     map[string]bool
+	counters map[string]bool
+	fromKeys map[string]bool
+	toKeys   map[string]bool
+}
+
+func (f *Firewall) readState() (kernelState, error) {
+	st := kernelState{chains: map[string]bool{}, sets: map[string]bool{}, counters: map[string]bool{},
+		fromKeys: map[string]bool{}, toKeys: map[string]bool{}}
+	tables, err := f.conn.ListTablesOfFamily(nftables.TableFamilyBridge)
+	if err != nil {
+		return st, fmt.Errorf("list tables: %w", err)
+	}
+	for _, t := range tables {
+		if t.Name == TableName {
+			st.exists = true
+		}
+	}
+	if !st.exists {
+		return st, nil
+	}
+	chains, err := f.conn.ListChainsOfTableFamily(nftables.TableFamilyBridge)
+	if err != nil {
+		return st, fmt.Errorf("list chains: %w", err)
+	}
+	for _, ch := range chains {
+		if ch.Table.Name == TableName {
+			st.chains[ch.Name] = true
+		}
+	}
+	sets, err := f.conn.GetSets(table())
+	if err != nil {
+		return st, fmt.Errorf("list sets: %w", err)
+	}
+	for _, s := range sets {
+		st.sets[s.Name] = true
+		if s.Name == FromVMMap || s.Name == ToVMMap {
+			els, err := f.conn.GetSetElements(s)
+			if err != nil {
+				return st, fmt.Errorf("list %s: %w", s.Name, err)
+			}
+			for _, e := range els {
+				k := strings.TrimRight(string(e.Key), "\x00")
+				if s.Name == FromVMMap {
+					st.fromKeys[k] = true
+				} else {
+					st.toKeys[k] = true
+				}
+			}
+		}
+	}
+	objs, err := f.conn.GetNamedObjects(table())
+	if err != nil {
+		return st, fmt.Errorf("list objects: %w", err)
+	}
+	for _, o := range objs {
+		if co, ok := o.(*nftables.CounterObj); ok {
+			st.counters[co.Name] = true
+		} else if no, ok := o.(*nftables.NamedObj); ok && no.Type == nftables.ObjTypeCounter {
+			st.counters[no.Name] = true
+		}
+	}
+	return st, nil
+}
+
+// nics returns the host devices with state in the table: every NIC owns a
+// "<dev>-addrs" set, and map entries point at NIC chains.
+func (st kernelState) nics() []string {
+	seen := map[string]bool{}
+	for s := range st.sets {
+		if dev, ok := strings.CutSuffix(s, "-addrs"); ok && network.ValidHostDevice(dev) {
+			seen[dev] = true
+		}
+	}
+	for k := range st.fromKeys {
+		seen[k] = true
+	}
+	for k := range st.toKeys {
+		seen[k] = true
+	}
+	out := make([]string, 0, len(seen))
+	for k := range seen {
+		out = append(out, k)
+	}
+	slices.Sort(out)
+	return out
+}
+
+// queueRemove queues the removal of everything hostDev owns that exists.
+func (f *Firewall) queueRemove(st kernelState, hostDev string) error {
+	c := f.conn
+	n := network.NamesFor(hostDev)
+	key := ifnameKey(hostDev)
+	if st.fromKeys[hostDev] {
+		if err := c.SetDeleteElements(vmap(FromVMMap), []nftables.SetElement{{Key: key}}); err != nil {
+			return err
+		}
+	}
+	if st.toKeys[hostDev] {
+		if err := c.SetDeleteElements(vmap(ToVMMap), []nftables.SetElement{{Key: key}}); err != nil {
+			return err
+		}
+	}
+	var chs []*nftables.Chain
+	for _, name := range chainsOf(n) {
+		if st.chains[name] {
+			ch := &nftables.Chain{Name: name, Table: table()}
+			c.FlushChain(ch)
+			chs = append(chs, ch)
+		}
+	}
+	for _, ch := range chs {
+		c.DelChain(ch)
+	}
+	for _, s := range setsOf(n) {
+		if st.sets[s] {
+			c.DelSet(&nftables.Set{Table: table(), Name: s})
+		}
+	}
+	for _, o := range countersOf(n) {
+		if st.counters[o] {
+			c.DeleteObject(&nftables.CounterObj{Table: table(), Name: o})
+		}
+	}
+	return nil
+}
+
+func (f *Firewall) flush(what string) error {
+	if err := f.conn.Flush(); err != nil {
+		return fmt.Errorf("%s: %w", what, err)
+	}
+	return nil
+}
+
+// AddNIC installs (or replaces) the chains, sets, counters and map entries
+// of one NIC in one batch. It may run before the port exists.
+func (f *Firewall) AddNIC(p network.NICPlan) error {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if err := f.queueBase(); err != nil {
+		return err
+	}
+	if err := f.queueNIC(p); err != nil {
+		return err
+	}
+	return f.flush("add nic " + p.HostDevice)
+}
+
+// UpdateNIC replaces one NIC's rules and sets in one batch; its counters
+// keep their values.
+func (f *Firewall) UpdateNIC(p network.NICPlan) error { return f.AddNIC(p) }
+
+// RemoveNIC removes everything one NIC owns in one batch. Removing a NIC
+// that has no state is not an error.
+func (f *Firewall) RemoveNIC(hostDev string) error {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	st, err := f.readState()
+	if err != nil {
+		return err
+	}
+	if !st.exists {
+		return nil
+	}
+	if err := f.queueRemove(st, hostDev); err != nil {
+		return err
+	}
+	return f.flush("remove nic " + hostDev)
+}
+
+// Apply makes the table hold exactly the desired NICs, in one batch: NICs
+// not desired are removed, desired ones are (re)written. Counters of NICs
+// that stay keep their values. Apply also repairs drift (flushed or deleted
+// chains, sets, map entries).
+func (f *Firewall) Apply(ctx context.Context, desired []network.NICPlan) error {
+	if err := (network.Plan{NICs: desired}).Validate(); err != nil {
+		return err
+	}
+	if err := ctx.Err(); err != nil {
+		return err
+	}
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	st, err := f.readState()
+	if err != nil {
+		return err
+	}
+	want := map[string]bool{}
+	for _, p := range desired {
+		want[p.HostDevice] = true
+	}
+	for _, dev := range st.nics() {
+		if !want[dev] {
+			if err := f.queueRemove(st, dev); err != nil {
+				return err
+			}
+		}
+	}
+	if err := f.queueBase(); err != nil {
+		return err
+	}
+	for _, p := range (network.Plan{NICs: desired}).Sorted() {
+		if err := f.queueNIC(p); err != nil {
+			return err
+		}
+	}
+	return f.flush("apply firewall")
+}
+
+// NICs lists the host devices that have state in the table.
+func (f *Firewall) NICs() ([]string, error) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	st, err := f.readState()
+	if err != nil {
+		return nil, err
+	}
+	return st.nics(), nil
+}
+
+// Counters returns the packet count of every control counter of hostDev.
+func (f *Firewall) Counters(hostDev string) (map[network.Control]uint64, error) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	objs, err := f.conn.GetNamedObjects(table())
+	if err != nil {
+		if errors.Is(err, unix.ENOENT) {
+			return nil, fmt.Errorf("read counters of %s: %w", hostDev, ErrNotFound)
+		}
+		return nil, fmt.Errorf("read counters of %s: %w", hostDev, err)
+	}
+	byName := map[string]uint64{}
+	for _, o := range objs {
+		switch co := o.(type) {
+		case *nftables.CounterObj:
+			byName[co.Name] = co.Packets
+		case *nftables.NamedObj:
+			if cnt, ok := co.Obj.(*expr.Counter); ok {
+				byName[co.Name] = cnt.Packets
+			}
+		}
+	}
+	n := network.NamesFor(hostDev)
+	out := map[network.Control]uint64{}
+	for _, ctl := range network.AllControls {
+		v, ok := byName[n.Counter(ctl)]
+		if !ok {
+			return nil, fmt.Errorf("read counters of %s: %w", hostDev, ErrNotFound)
+		}
+		out[ctl] = v
+	}
+	return out, nil
+}
