@@ -31,6 +31,9 @@ func DefaultParsePrefix(s string) (netip.Prefix, error) {
 // parsePlain parses a literal netip address or prefix. An address becomes a
 // full-length prefix.
 func parsePlain(s string) (netip.Prefix, error) {
+	if strings.Count(s, "/") > 1 {
+		return netip.Prefix{}, errors.New(`more than one "/"`)
+	}
 	if strings.Contains(s, "/") {
 		p, err := netip.ParsePrefix(s)
 		if err != nil {
