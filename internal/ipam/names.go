@@ -1,0 +1,224 @@
+package ipam
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net/netip"
+	"slices"
+	"strings"
+)
+
+func groupValue(a netip.Addr, pos int) uint16 {
+	b := a.As16()
+	return uint16(b[2*pos])<<8 | uint16(b[2*pos+1])
+}
+
+func (m *Manager) addName(n SubnetName) {
+	if m.names[n.Parent] == nil {
+		m.names[n.Parent] = map[string]SubnetName{}
+		m.values[n.Parent] = map[uint16]string{}
+	}
+	m.names[n.Parent][n.Name] = n
+	m.values[n.Parent][n.Value] = n.Name
+}
+
+// ResolveAddr parses s (plain or symbolic) and resolves its subnet name,
+// assigning an unknown one when automatic names are on.
+func (m *Manager) ResolveAddr(ctx context.Context, s string) (netip.Addr, error) {
+	a, err := ParseAddr(s)
+	if err != nil {
+		return netip.Addr{}, err
+	}
+	if ip, ok := a.Plain(); ok {
+		return ip, nil
+	}
+	v, err := m.SubnetValue(ctx, a.Parent(), a.Name())
+	if err != nil {
+		return netip.Addr{}, err
+	}
+	return a.With(v), nil
+}
+
+// ResolvePrefix is ResolveAddr for prefixes (and addresses with a prefix
+// length); host bits are kept.
+func (m *Manager) ResolvePrefix(ctx context.Context, s string) (netip.Prefix, error) {
+	p, err := ParsePrefix(s)
+	if err != nil {
+		return netip.Prefix{}, err
+	}
+	if pp, ok := p.Plain(); ok {
+		return pp, nil
+	}
+	v, err := m.SubnetValue(ctx, p.Parent(), p.Name())
+	if err != nil {
+		return netip.Prefix{}, err
+	}
+	return p.With(v), nil
+}
+
+// AddrParser returns ResolveAddr bound to ctx, for hooks such as
+// vm.ValidateOptions.ParseAddr.
+func (m *Manager) AddrParser(ctx context.Context) func(string) (netip.Addr, error) {
+	return func(s string) (netip.Addr, error) { return m.ResolveAddr(ctx, s) }
+}
+
+// PrefixParser returns ResolvePrefix bound to ctx, for hooks such as
+// vm.ValidateOptions.ParsePrefix.
+func (m *Manager) PrefixParser(ctx context.Context) func(string) (netip.Prefix, error) {
+	return func(s string) (netip.Prefix, error) { return m.ResolvePrefix(ctx, s) }
+}
+
+func checkParent(parent netip.Prefix) error {
+	switch {
+	case !parent.IsValid() || !parent.Addr().Is6() || parent.Addr().Is4In6():
+		return invalidf("parent %s is not an IPv6 prefix", parent)
+	case parent != parent.Masked():
+		return invalidf("parent %s has host bits set; did you mean %s?", parent, parent.Masked())
+	case parent.Bits()%16 != 0 || parent.Bits() < 16 || parent.Bits() > 112:
+		return invalidf("parent %s must end on a group boundary (/16, /32 ... /112)", parent)
+	}
+	return nil
+}
+
+// SubnetValue returns the value of name under parent, assigning the lowest
+// free one (from 1) on first use when automatic names are on.
+func (m *Manager) SubnetValue(ctx context.Context, parent netip.Prefix, name string) (uint16, error) {
+	name = strings.ToLower(name)
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if n, ok := m.names[parent][name]; ok {
+		return n.Value, nil
+	}
+	if !m.opts.AutoSubnetNames {
+		return 0, &UnknownSubnetNameError{Name: name, Parent: parent}
+	}
+	n, err := m.declareLocked(ctx, parent, name, nil)
+	return n.Value, err
+}
+
+// DeclareSubnetName declares name under parent with value, or the lowest
+// free value when value is nil. Declaring an existing name with its value
+// (or no value) returns it; a different value, or a value another name
+// holds, is ErrSubnetNameTaken.
+func (m *Manager) DeclareSubnetName(ctx context.Context, parent netip.Prefix, name string, value *uint16) (SubnetName, error) {
+	if !IsLabel(name) {
+		return SubnetName{}, invalidf("subnet name %q must match [a-z][a-z0-9-]{0,31} and not be hex", name)
+	}
+	if err := checkParent(parent); err != nil {
+		return SubnetName{}, err
+	}
+	name = strings.ToLower(name)
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if n, ok := m.names[parent][name]; ok {
+		if value != nil && *value != n.Value {
+			return SubnetName{}, fmt.Errorf("subnet name %q under %s is %#04x: %w", name, parent, n.Value, ErrSubnetNameTaken)
+		}
+		return n, nil
+	}
+	return m.declareLocked(ctx, parent, name, value)
+}
+
+func (m *Manager) declareLocked(ctx context.Context, parent netip.Prefix, name string, value *uint16) (SubnetName, error) {
+	if err := checkParent(parent); err != nil {
+		return SubnetName{}, err
+	}
+	var v uint16
+	if value != nil {
+		v = *value
+		if other, ok := m.values[parent][v]; ok {
+			return SubnetName{}, fmt.Errorf("value %#04x under %s is subnet %q: %w", v, parent, other, ErrSubnetNameTaken)
+		}
+	} else {
+		used := m.usedValues(parent)
+		found := false
+		for i := 1; i <= 0xffff; i++ {
+			if used[i/64]&(1<<(i%64)) == 0 {
+				v, found = uint16(i), true
+				break
+			}
+		}
+		if !found {
+			return SubnetName{}, fmt.Errorf("no free subnet value under %s for %q: %w", parent, name, ErrExhausted)
+		}
+	}
+	n := SubnetName{Parent: parent, Name: name, Value: v, CreatedAt: m.opts.Now().UTC()}
+	if err := m.st.PutSubnetName(ctx, n); err != nil {
+		if errors.Is(err, ErrSubnetNameTaken) {
+			return SubnetName{}, fmt.Errorf("subnet name %q under %s: %w", name, parent, err)
+		}
+		return SubnetName{}, fmt.Errorf("store subnet name: %w", err)
+	}
+	m.addName(n)
+	m.log.Info("assigned IPv6 subnet name", "parent", parent, "name", name, "subnet", n.Prefix())
+	return n, nil
+}
+
+// usedValues marks the 16-bit values under parent that pool subnets,
+// allocations and names already use.
+func (m *Manager) usedValues(parent netip.Prefix) *[1024]uint64 {
+	var used [1024]uint64
+	mark := func(v uint16) { used[v/64] |= 1 << (v % 64) }
+	pos := parent.Bits() / 16
+	child := parent.Bits() + 16
+	for v := range m.values[parent] {
+		mark(v)
+	}
+	for _, p := range m.pools {
+		for _, q := range p.Prefixes {
+			if q.Bits() <= parent.Bits() || !parent.Contains(q.Addr()) {
+				continue
+			}
+			v0 := int(groupValue(q.Addr(), pos))
+			n := 1
+			if q.Bits() < child {
+				n = 1 << (child - q.Bits())
+			}
+			for v := v0; v < v0+n && v <= 0xffff; v++ {
+				mark(uint16(v))
+			}
+		}
+	}
+	scan := false
+	for k, s := range m.subnets {
+		if s.allocated == 0 || !parent.Overlaps(k) {
+			continue
+		}
+		if k.Bits() >= child && parent.Contains(k.Addr()) {
+			mark(groupValue(k.Addr(), pos))
+		} else {
+			scan = true
+		}
+	}
+	if scan { // parent at /64 or longer: look at the addresses themselves
+		for a := range m.byAddr {
+			if parent.Contains(a) {
+				mark(groupValue(a, pos))
+			}
+		}
+	}
+	return &used
+}
+
+// SubnetNames returns every declared name, ordered by parent then name.
+func (m *Manager) SubnetNames() []SubnetName {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	var out []SubnetName
+	for _, ns := range m.names {
+		for _, n := range ns {
+			out = append(out, n)
+		}
+	}
+	slices.SortFunc(out, func(a, b SubnetName) int {
+		if c := a.Parent.Addr().Compare(b.Parent.Addr()); c != 0 {
+			return c
+		}
+		if c := a.Parent.Bits() - b.Parent.Bits(); c != 0 {
+			return c
+		}
+		return strings.Compare(a.Name, b.Name)
+	})
+	return out
+}
