@@ -33,4 +33,45 @@ var migrations = []string{
 		stable_secret     TEXT NOT NULL DEFAULT '',
 		PRIMARY KEY (vm_id, nic_id)
 	);`,
+	// 2: IPAM pools, their prefixes, allocations, subnet names and
+	// per-tenant rate stamps (internal/store/sqlite/ipam.go).
+	`CREATE TABLE ipam_pools (
+		id              TEXT PRIMARY KEY,
+		description     TEXT NOT NULL DEFAULT '',
+		tenant_ids      TEXT NOT NULL DEFAULT '[]',
+		rate_limit      INTEGER NOT NULL DEFAULT 0,
+		max_allocations INTEGER NOT NULL DEFAULT 0,
+		created_at      INTEGER NOT NULL
+	);
+	CREATE TABLE ipam_pool_prefixes (
+		prefix  TEXT PRIMARY KEY,
+		pool_id TEXT NOT NULL REFERENCES ipam_pools (id) ON DELETE CASCADE,
+		idx     INTEGER NOT NULL
+	);
+	CREATE INDEX ipam_pool_prefixes_pool ON ipam_pool_prefixes (pool_id, idx);
+	CREATE TABLE ipam_allocations (
+		address    TEXT PRIMARY KEY,
+		prefix_len INTEGER NOT NULL,
+		pool_id    TEXT NOT NULL REFERENCES ipam_pools (id),
+		vm_id      TEXT NOT NULL,
+		nic_id     TEXT NOT NULL,
+		tenant_id  TEXT NOT NULL,
+		gateway    TEXT NOT NULL DEFAULT '',
+		bridge     TEXT NOT NULL DEFAULT '',
+		created_at INTEGER NOT NULL
+	) WITHOUT ROWID;
+	CREATE TABLE ipam_subnet_names (
+		parent     TEXT NOT NULL,
+		name       TEXT NOT NULL,
+		value      INTEGER NOT NULL,
+		created_at INTEGER NOT NULL,
+		PRIMARY KEY (parent, name),
+		UNIQUE (parent, value)
+	);
+	CREATE TABLE ipam_rate_stamps (
+		tenant_id TEXT NOT NULL,
+		pool_id   TEXT NOT NULL,
+		at        INTEGER NOT NULL
+	);
+	CREATE INDEX ipam_rate_stamps_at ON ipam_rate_stamps (at);`,
 }
