@@ -53,6 +53,8 @@ type Options struct {
 	// Registry receives metrics; nil makes a new one with Go and process
 	// collectors.
 	Registry *prometheus.Registry
+	// Step is passed to the VM manager (crash tests only).
+	Step func(string)
 	// SkipRootCheck lets tests that supply their own namespaces run the
 	// daemon; production always checks.
 	SkipRootCheck bool
@@ -143,7 +145,7 @@ func New(ctx context.Context, opt Options) (d *Daemon, err error) {
 		return nil, fmt.Errorf("open netns backend: %w", err)
 	}
 	d.vms = vm.NewManager(vm.Options{Store: d.store, Backend: d.backend, Ports: ports{d.links},
-		Addresses: vm.StaticAddresses{}, Logger: d.log, ShutdownTimeout: opt.ShutdownTimeout})
+		Addresses: vm.StaticAddresses{}, Logger: d.log, ShutdownTimeout: opt.ShutdownTimeout, Step: opt.Step})
 
 	if d.registry == nil {
 		d.registry = prometheus.NewRegistry()

@@ -78,7 +78,7 @@ type Store interface {
 	// ListVMs returns every VM ordered by creation time, then id.
 	ListVMs(ctx context.Context) ([]*VM, error)
 	// UpdateVM replaces a VM's mutable fields (state, reason, config,
-	// instance, timestamps); ErrNotFound when absent.
+	// instance, timestamps) and its NICs; ErrNotFound when absent.
 	UpdateVM(ctx context.Context, vm *VM) error
 	// DeleteVM removes a VM and its NICs; ErrNotFound when absent.
 	DeleteVM(ctx context.Context, id string) error

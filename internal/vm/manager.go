@@ -86,6 +86,13 @@ type Options struct {
 	Validate ValidateOptions
 	// Now returns the current time (default time.Now).
 	Now func() time.Time
+	// Step, when set, is called after each durable step of CreateVm
+	// ("create:row", "create:addresses", "create:bridges", "create:sandbox",
+	// "create:attached", "create:done") and DeleteVm ("delete:marked",
+	// "delete:sandbox", "delete:ports", "delete:bridges",
+	// "delete:addresses"). Crash tests use it to kill the daemon at every
+	// point; production leaves it nil.
+	Step func(step string)
 }
 
 // Manager sequences VM lifecycles. It is safe for concurrent use; operations
@@ -120,6 +127,9 @@ func NewManager(opt Options) *Manager {
 	}
 	if opt.Now == nil {
 		opt.Now = time.Now
+	}
+	if opt.Step == nil {
+		opt.Step = func(string) {}
 	}
 	return &Manager{opt: opt, log: opt.Logger, locks: map[string]*vmLock{}}
 }
@@ -216,6 +226,7 @@ func (m *Manager) Create(ctx context.Context, req *vmv1.CreateVmRequest) (*store
 		return nil, fmt.Errorf("create vm %s: %w", id, err)
 	}
 	undo = append(undo, func(ctx context.Context) error { return m.opt.Store.DeleteVM(ctx, id) })
+	m.opt.Step("create:row")
 
 	// 2. Addresses.
 	undo = append(undo, func(ctx context.Context) error { return m.opt.Addresses.Release(ctx, id) })
@@ -233,12 +244,14 @@ func (m *Manager) Create(ctx context.Context, req *vmv1.CreateVmRequest) (*store
 			nic.Gateway = res.Gateway.String()
 		}
 	}
+	m.opt.Step("create:addresses")
 
 	// 3. Bridges and gateways.
 	undo = append(undo, func(ctx context.Context) error { return m.releaseBridges(ctx, id, row.NICs) })
 	if err := m.ensureBridges(ctx, id, row.NICs); err != nil {
 		return fail(err)
 	}
+	m.opt.Step("create:bridges")
 
 	// 4. Sandbox and ports (down, detached).
 	spec, err := m.spec(row, cfg)
@@ -250,6 +263,7 @@ func (m *Manager) Create(ctx context.Context, req *vmv1.CreateVmRequest) (*store
 		return fail(fmt.Errorf("create sandbox: %w", err))
 	}
 	undo = append(undo, func(ctx context.Context) error { return m.opt.Backend.Destroy(ctx, id, inst) })
+	m.opt.Step("create:sandbox")
 
 	// 5. Join the bridges.
 	for _, n := range row.NICs {
@@ -257,6 +271,7 @@ func (m *Manager) Create(ctx context.Context, req *vmv1.CreateVmRequest) (*store
 			return fail(fmt.Errorf("attach %s to bridge %s: %w", n.HostDevice, n.Bridge, err))
 		}
 	}
+	m.opt.Step("create:attached")
 
 	// 6. Done: CREATED.
 	row.Instance, _ = json.Marshal(inst)
@@ -265,6 +280,7 @@ func (m *Manager) Create(ctx context.Context, req *vmv1.CreateVmRequest) (*store
 	if err := m.opt.Store.UpdateVM(ctx, row); err != nil {
 		return fail(fmt.Errorf("persist vm: %w", err))
 	}
+	m.opt.Step("create:done")
 	m.log.Info("vm created", "vm_id", id, "tenant_id", tenant, "nics", len(row.NICs))
 	return row, nil
 }
@@ -573,6 +589,7 @@ func (m *Manager) Delete(ctx context.Context, id string) error {
 	if err := m.opt.Store.UpdateVM(ctx, vm); err != nil {
 		return fmt.Errorf("mark vm %s deleting: %w", id, err)
 	}
+	m.opt.Step("delete:marked")
 	if err := m.teardown(ctx, vm); err != nil {
 		return fmt.Errorf("delete vm %s: %w", id, err)
 	}
@@ -587,17 +604,21 @@ func (m *Manager) teardown(ctx context.Context, vm *store.VM) error {
 	if err := m.opt.Backend.Destroy(ctx, vm.ID, Instance(vm)); err != nil {
 		errs = append(errs, fmt.Errorf("destroy sandbox: %w", err))
 	}
+	m.opt.Step("delete:sandbox")
 	for _, n := range vm.NICs {
 		if err := m.opt.Ports.DeletePort(n.HostDevice); err != nil {
 			errs = append(errs, fmt.Errorf("delete port %s: %w", n.HostDevice, err))
 		}
 	}
+	m.opt.Step("delete:ports")
 	if err := m.releaseBridges(ctx, vm.ID, vm.NICs); err != nil {
 		errs = append(errs, fmt.Errorf("release bridges: %w", err))
 	}
+	m.opt.Step("delete:bridges")
 	if err := m.opt.Addresses.Release(ctx, vm.ID); err != nil {
 		errs = append(errs, fmt.Errorf("release addresses: %w", err))
 	}
+	m.opt.Step("delete:addresses")
 	if len(errs) > 0 {
 		// Keep the row (in DELETING) so the next start retries.
 		return errors.Join(errs...)

@@ -118,8 +118,18 @@ func (s *Store) CreateVM(ctx context.Context, vm *store.VM) error {
 	if err != nil {
 		return fmt.Errorf("insert vm: %w", err)
 	}
+	if err := insertNICs(ctx, tx, vm); err != nil {
+		return err
+	}
+	if err := tx.Commit(); err != nil {
+		return fmt.Errorf("commit: %w", err)
+	}
+	return nil
+}
+
+func insertNICs(ctx context.Context, tx *sql.Tx, vm *store.VM) error {
 	for _, n := range vm.NICs {
-		_, err = tx.ExecContext(ctx, `INSERT INTO nics (vm_id, nic_id, idx, host_device, guest_device, mac, bridge, vlan, address, gateway, gateway_on_bridge, stable_secret)
+		_, err := tx.ExecContext(ctx, `INSERT INTO nics (vm_id, nic_id, idx, host_device, guest_device, mac, bridge, vlan, address, gateway, gateway_on_bridge, stable_secret)
 			VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)`,
 			vm.ID, n.ID, n.Index, n.HostDevice, n.GuestDevice, n.MAC, n.Bridge, n.VLAN, n.Address, n.Gateway, n.GatewayOnBridge, n.StableSecret)
 		if isUnique(err) {
@@ -128,9 +138,6 @@ func (s *Store) CreateVM(ctx context.Context, vm *store.VM) error {
 		if err != nil {
 			return fmt.Errorf("insert nic: %w", err)
 		}
-	}
-	if err := tx.Commit(); err != nil {
-		return fmt.Errorf("commit: %w", err)
 	}
 	return nil
 }
@@ -211,15 +218,30 @@ func (s *Store) ListVMs(ctx context.Context) ([]*store.VM, error) {
 	return out, nil
 }
 
-// UpdateVM implements store.Store.
+// UpdateVM implements store.Store. It rewrites the VM's NICs in the same
+// transaction.
 func (s *Store) UpdateVM(ctx context.Context, vm *store.VM) error {
-	res, err := s.db.ExecContext(ctx, `UPDATE vms SET tenant_id = ?, state = ?, state_reason = ?, config = ?, instance = ?, updated_at = ?, started_at = ? WHERE id = ?`,
+	tx, err := s.db.BeginTx(ctx, nil)
+	if err != nil {
+		return fmt.Errorf("begin: %w", err)
+	}
+	defer tx.Rollback()
+	res, err := tx.ExecContext(ctx, `UPDATE vms SET tenant_id = ?, state = ?, state_reason = ?, config = ?, instance = ?, updated_at = ?, started_at = ? WHERE id = ?`,
 		vm.TenantID, vm.State, vm.StateReason, vm.Config, vm.Instance, ts(vm.UpdatedAt), ts(vm.StartedAt), vm.ID)
 	if err != nil {
 		return fmt.Errorf("update vm: %w", err)
 	}
 	if n, _ := res.RowsAffected(); n == 0 {
 		return fmt.Errorf("vm %q: %w", vm.ID, store.ErrNotFound)
+	}
+	if _, err := tx.ExecContext(ctx, `DELETE FROM nics WHERE vm_id = ?`, vm.ID); err != nil {
+		return fmt.Errorf("update nics: %w", err)
+	}
+	if err := insertNICs(ctx, tx, vm); err != nil {
+		return err
+	}
+	if err := tx.Commit(); err != nil {
+		return fmt.Errorf("commit: %w", err)
 	}
 	return nil
 }
