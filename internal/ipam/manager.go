@@ -680,6 +680,18 @@ func (m *Manager) choosePool(req Request) (*poolState, error) {
 		}
 		return p, nil
 	}
+	if req.Bridge != "" {
+		var ids []string
+		for id, p := range m.pools {
+			if p.bridges[req.Bridge] != nil && p.Allows(req.TenantID) {
+				ids = append(ids, id)
+			}
+		}
+		if len(ids) > 0 {
+			slices.Sort(ids)
+			return m.pools[ids[0]], nil
+		}
+	}
 	var own []string
 	for id, p := range m.pools {
 		if slices.Contains(p.TenantIDs, req.TenantID) {
