@@ -387,6 +387,19 @@ func TestEndToEnd(t *testing.T) {
 		t.Errorf("vm3 guest (not in the Instance) alive after Destroy")
 	}
 	e.assertClean(t)
+	// Only the bridges (and lo) remain in the host namespace.
+	ls, err := e.host.Handle(t).LinkList()
+	if err != nil {
+		t.Fatal(err)
+	}
+	var names []string
+	for _, l := range ls {
+		names = append(names, l.Attrs().Name)
+	}
+	slices.Sort(names)
+	if want := []string{"br-a", "br-b", "lo"}; !slices.Equal(names, want) {
+		t.Errorf("host links after Destroy = %v, want %v", names, want)
+	}
 }
 
 // assertClean checks that no VM leaves anything behind.
