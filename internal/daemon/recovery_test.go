@@ -1,0 +1,364 @@
+package daemon_test
+
+import (
+	"context"
+	"fmt"
+	"io"
+	"math/rand/v2"
+	"net"
+	"net/http"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"slices"
+	"strings"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/vishvananda/netlink"
+
+	"github.com/metald/metald/internal/network/link"
+	"github.com/metald/metald/internal/network/ns"
+	"github.com/metald/metald/internal/store"
+	"github.com/metald/metald/internal/store/sqlite"
+	"github.com/metald/metald/internal/vm"
+)
+
+// Restarting metald does not disturb running VMs: it re-adopts them with
+// the same guest process, keeps their connectivity, and removes only
+// orphans it owns.
+func TestRestartReadoptsAndCollectsOrphans(t *testing.T) {
+	e := newEnv(t)
+	for _, id := range []string{"vm-r1", "vm-r2"} {
+		e.mustCall("CreateVm", map[string]any{"vm_id": id, "config": vmConfig("t1", nic("eth0", "br-r", "2001:db8:7::1"+id[4:]+"/64", "2001:db8:7::1"))})
+	}
+	e.mustCall("BootVm", map[string]any{"vm_id": "vm-r1"})
+	e.mustCall("BootVm", map[string]any{"vm_id": "vm-r2"})
+	e.mustCall("PauseVm", map[string]any{"vm_id": "vm-r2"})
+	e.waitDAD("vm-r1")
+	pid1, pid2 := pidOf(e.getVM("vm-r1")), pidOf(e.getVM("vm-r2"))
+
+	e.stop()
+	// While metald is down: things that are not ours, and orphans that are.
+	h := e.host.Handle(t)
+	if err := h.LinkAdd(&netlink.Bridge{LinkAttrs: netlink.LinkAttrs{Name: "operator0"}}); err != nil {
+		t.Fatal(err)
+	}
+	orphan := &netlink.Bridge{LinkAttrs: netlink.LinkAttrs{Name: "tap-ghost"}}
+	if err := h.LinkAdd(orphan); err != nil {
+		t.Fatal(err)
+	}
+	h.LinkSetAlias(orphan, link.PortAlias("vm-ghost2", "eth0"))
+	ghostNS, err := ns.CreateNamed(filepath.Join(e.dir, "netns", "metald-vm-ghost"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	ghostNS.Close()
+	foreignNS, err := ns.CreateNamed(filepath.Join(e.dir, "netns", "someone-else"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	foreignNS.Close()
+	t.Cleanup(func() { ns.RemoveNamed(filepath.Join(e.dir, "netns", "someone-else")) })
+	// A bridge port detached by an operator is put back.
+	tap, _ := h.LinkByName("tap-vm-r1")
+	h.LinkSetNoMaster(tap)
+
+	e.start()
+	rep := e.d.Recovery
+	if !slices.Contains(rep.Adopted, "vm-r1") || !slices.Contains(rep.Adopted, "vm-r2") || len(rep.Terminated) != 0 {
+		t.Fatalf("recovery %+v", rep)
+	}
+	// The backend reports both the namespace and the port's owner as its
+	// resources, so both orphans go through the sandbox collector.
+	slices.Sort(rep.OrphanSandboxes)
+	if !slices.Equal(rep.OrphanSandboxes, []string{"vm-ghost", "vm-ghost2"}) || !slices.Equal(rep.Reattached, []string{"tap-vm-r1"}) {
+		t.Fatalf("orphans %+v", rep)
+	}
+	a, b := e.getVM("vm-r1"), e.getVM("vm-r2")
+	if a["state"] != "VM_STATE_RUNNING" || pidOf(a) != pid1 || b["state"] != "VM_STATE_PAUSED" || pidOf(b) != pid2 {
+		t.Fatalf("after restart: %v %d / %v %d", a["state"], pidOf(a), b["state"], pidOf(b))
+	}
+	if out, err := e.inVM("vm-r1", "ping", "-6", "-c", "1", "-W", "3", "2001:db8:7::1"); err != nil {
+		t.Fatalf("adopted vm lost connectivity: %v\n%s", err, out)
+	}
+	links := e.links()
+	if !slices.Contains(links, "operator0") || slices.Contains(links, "tap-ghost") {
+		t.Fatalf("links after recovery: %v", links)
+	}
+	if names := e.netnsNames(); !slices.Contains(names, "someone-else") || slices.Contains(names, "metald-vm-ghost") {
+		t.Fatalf("namespaces after recovery: %v", names)
+	}
+	// Adopted VMs are fully manageable.
+	e.mustCall("ResumeVm", map[string]any{"vm_id": "vm-r2"})
+	e.mustCall("ShutdownVm", map[string]any{"vm_id": "vm-r1"})
+	if _, err := procState(pid1); err == nil {
+		t.Fatal("adopted guest survived shutdown")
+	}
+	// A restart with nothing to do changes nothing.
+	e.stop()
+	e.start()
+	if rep := e.d.Recovery; len(rep.OrphanPorts)+len(rep.OrphanSandboxes)+len(rep.Reattached)+len(rep.Terminated)+len(rep.RolledBack) != 0 {
+		t.Fatalf("idle restart changed things: %+v", rep)
+	}
+	h.LinkDel(&netlink.Bridge{LinkAttrs: netlink.LinkAttrs{Name: "operator0"}})
+	ns.RemoveNamed(filepath.Join(e.dir, "netns", "someone-else"))
+}
+
+// A VM whose guest died while metald was down is TERMINATED on start.
+func TestRestartMarksVanishedTerminated(t *testing.T) {
+	e := newEnv(t)
+	e.mustCall("CreateVm", map[string]any{"vm_id": "vm-v1", "config": vmConfig("t1", nic("eth0", "br-v", "", ""))})
+	e.mustCall("BootVm", map[string]any{"vm_id": "vm-v1"})
+	pid := pidOf(e.getVM("vm-v1"))
+	e.stop()
+	syscall.Kill(pid, syscall.SIGKILL)
+	for i := 0; i < 50; i++ {
+		if _, err := procState(pid); err != nil {
+			break
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	e.start()
+	if !slices.Equal(e.d.Recovery.Terminated, []string{"vm-v1"}) {
+		t.Fatalf("recovery %+v", e.d.Recovery)
+	}
+	if vm := e.getVM("vm-v1"); vm["state"] != "VM_STATE_TERMINATED" {
+		t.Fatalf("state %v", vm["state"])
+	}
+}
+
+// A CreateVm that fails after building things undoes all of them; a
+// duplicate id is already_exists and touches nothing.
+func TestFailedCreateLeavesNothing(t *testing.T) {
+	e := newEnv(t)
+	h := e.host.Handle(t)
+	// Something else already holds the VM's host device name, so the
+	// sandbox step fails after the row, bridge and gateway exist.
+	if err := h.LinkAdd(&netlink.Bridge{LinkAttrs: netlink.LinkAttrs{Name: "tap-vm-clash"}}); err != nil {
+		t.Fatal(err)
+	}
+	code, out := e.call("CreateVm", map[string]any{"vm_id": "vm-clash", "config": vmConfig("t1", nic("eth0", "br-x", "2001:db8:5::10/64", "2001:db8:5::1"))})
+	if code == 200 {
+		t.Fatalf("create over a taken device succeeded: %v", out)
+	}
+	links := e.links()
+	if slices.Contains(links, "br-x") || !slices.Contains(links, "tap-vm-clash") {
+		t.Fatalf("links after failed create: %v", links)
+	}
+	if names := e.netnsNames(); len(names) != 0 {
+		t.Fatalf("namespaces after failed create: %v", names)
+	}
+	if rows, _ := e.d.Manager().List(context.Background()); len(rows) != 0 {
+		t.Fatalf("rows after failed create: %v", rows)
+	}
+	h.LinkDel(&netlink.Bridge{LinkAttrs: netlink.LinkAttrs{Name: "tap-vm-clash"}})
+
+	// Second NIC fails: the first NIC's port is removed too.
+	cfg := vmConfig("t1", nic("eth0", "br-y", "2001:db8:6::10/64", "2001:db8:6::1"), nic("eth1", "br-y2", "", ""))
+	clash := vm.HostDevice("vm-two", "eth1", 1)
+	h.LinkAdd(&netlink.Bridge{LinkAttrs: netlink.LinkAttrs{Name: clash}})
+	if code, out := e.call("CreateVm", map[string]any{"vm_id": "vm-two", "config": cfg}); code == 200 {
+		t.Fatalf("create succeeded: %v", out)
+	}
+	links = e.links()
+	if slices.Contains(links, "tap-vm-two") || slices.Contains(links, "br-y") || slices.Contains(links, "br-y2") {
+		t.Fatalf("links after failed 2-NIC create: %v", links)
+	}
+	h.LinkDel(&netlink.Bridge{LinkAttrs: netlink.LinkAttrs{Name: clash}})
+
+	// Duplicate id.
+	e.mustCall("CreateVm", map[string]any{"vm_id": "vm-dup", "config": vmConfig("t1", nic("eth0", "br-d", "", ""))})
+	code, out = e.call("CreateVm", map[string]any{"vm_id": "vm-dup", "config": vmConfig("t2", nic("eth0", "br-other", "", ""))})
+	if code != 409 || out["code"] != "already_exists" {
+		t.Fatalf("duplicate: %d %v", code, out)
+	}
+	if vm := e.getVM("vm-dup"); vm["tenantId"] != "t1" || slices.Contains(e.links(), "br-other") {
+		t.Fatalf("duplicate create changed the vm: %v", vm)
+	}
+}
+
+// childEnv runs metald as a separate process (this test binary in child
+// mode) inside the test's host namespace, so it can be killed with SIGKILL.
+type childEnv struct {
+	*env
+	cmd    *exec.Cmd
+	client *http.Client
+}
+
+func startChild(t *testing.T, e *env, crashAt string) *childEnv {
+	t.Helper()
+	os.Remove(filepath.Join(e.dir, "api.sock"))
+	os.Remove(filepath.Join(e.dir, "metrics.sock"))
+	self, _ := os.Executable()
+	cmd := exec.Command(self, "-test.run=^$")
+	cmd.Env = append(os.Environ(), "METALD_TEST_CHILD_DIR="+e.dir, "METALD_TEST_CRASH_AT="+crashAt)
+	cmd.Stderr = os.Stderr
+	if err := ns.Start(e.host.Fd(), cmd); err != nil {
+		t.Fatal(err)
+	}
+	sock := filepath.Join(e.dir, "api.sock")
+	c := &childEnv{env: e, cmd: cmd, client: &http.Client{Transport: &http.Transport{
+		DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
+			return (&net.Dialer{}).DialContext(ctx, "unix", sock)
+		}}}}
+	for i := 0; i < 200; i++ {
+		if _, err := os.Stat(sock); err == nil {
+			return c
+		}
+		time.Sleep(25 * time.Millisecond)
+	}
+	cmd.Process.Kill()
+	cmd.Wait()
+	t.Fatal("child metald did not start")
+	return nil
+}
+
+func (c *childEnv) post(proc, body string) (int, error) {
+	resp, err := c.client.Post("http://metald/vmprovisioner.v1.VmService/"+proc, "application/json", strings.NewReader(body))
+	if err != nil {
+		return 0, err
+	}
+	io.Copy(io.Discard, resp.Body)
+	resp.Body.Close()
+	return resp.StatusCode, nil
+}
+
+func (c *childEnv) kill() {
+	c.cmd.Process.Signal(syscall.SIGKILL)
+	c.cmd.Wait()
+}
+
+// assertConsistent checks, with metald stopped, that kernel and database
+// agree: every namespace and port metald owns belongs to a VM row in a
+// settled state, and every settled VM still has its namespace and ports.
+func assertConsistent(t *testing.T, e *env) {
+	t.Helper()
+	s, err := sqlite.Open(context.Background(), filepath.Join(e.dir, "data", "metald.db"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	rows, err := s.ListVMs(context.Background())
+	if err != nil {
+		t.Fatal(err)
+	}
+	byID := map[string]*store.VM{}
+	for _, r := range rows {
+		byID[r.ID] = r
+		if r.State == store.StateCreating || r.State == store.StateDeleting {
+			t.Errorf("vm %s left in %s", r.ID, r.State)
+		}
+	}
+	for _, name := range e.netnsNames() {
+		if id, ok := strings.CutPrefix(name, "metald-"); ok && byID[id] == nil {
+			t.Errorf("orphaned namespace %s", name)
+		}
+	}
+	hostLinks := map[string]bool{}
+	ls, _ := e.host.Handle(t).LinkList()
+	for _, l := range ls {
+		hostLinks[l.Attrs().Name] = true
+		if vmID, _, ok := link.ParsePortAlias(l.Attrs().Alias); ok && byID[vmID] == nil {
+			t.Errorf("orphaned port %s of %s", l.Attrs().Name, vmID)
+		}
+	}
+	for _, r := range rows {
+		if r.State == store.StateTerminated {
+			continue
+		}
+		if _, err := os.Stat(filepath.Join(e.dir, "netns", "metald-"+r.ID)); err != nil {
+			t.Errorf("vm %s (%s) lost its namespace", r.ID, r.State)
+		}
+		for _, n := range r.NICs {
+			if !hostLinks[n.HostDevice] {
+				t.Errorf("vm %s (%s) lost its port %s", r.ID, r.State, n.HostDevice)
+			}
+		}
+	}
+}
+
+// kill -9 of metald at every durable step of CreateVm and DeleteVm,
+// followed by a restart, leaves no orphan and no half-built VM.
+func TestKill9AtEveryStep(t *testing.T) {
+	e := newEnv(t)
+	e.stop()
+	body := func(id string) string {
+		return fmt.Sprintf(`{"vm_id":%q,"config":{"cpu":{"vcpu_count":1},"memory":{"size_bytes":134217728},"boot":{"kernel_path":"/k"},"tenant_id":"t",`+
+			`"network":[{"id":"eth0","bridge_name":"br-c","ipv6":{"address":"2001:db8:c::%x/64","gateway":"2001:db8:c::1"}},{"id":"eth1","bridge_name":"br-c2"}]}}`, id, len(id)+rand.IntN(60000))
+	}
+	steps := []string{"create:row", "create:addresses", "create:bridges", "create:sandbox", "create:attached", "create:done"}
+	for i, step := range steps {
+		c := startChild(t, e, step)
+		id := fmt.Sprintf("vm-c%d", i)
+		if _, err := c.post("CreateVm", body(id)); err == nil {
+			t.Errorf("%s: request answered, want the daemon killed", step)
+		}
+		c.kill()
+		assertAfterRestart(t, e, step)
+	}
+	delSteps := []string{"delete:marked", "delete:sandbox", "delete:ports", "delete:bridges", "delete:addresses"}
+	for i, step := range delSteps {
+		id := fmt.Sprintf("vm-d%d", i)
+		c := startChild(t, e, "")
+		if code, err := c.post("CreateVm", body(id)); err != nil || code != 200 {
+			t.Fatalf("create %s: %d %v", id, code, err)
+		}
+		if code, err := c.post("BootVm", fmt.Sprintf(`{"vm_id":%q}`, id)); err != nil || code != 200 {
+			t.Fatalf("boot %s: %d %v", id, code, err)
+		}
+		c.kill()
+		c = startChild(t, e, step)
+		if _, err := c.post("DeleteVm", fmt.Sprintf(`{"vm_id":%q}`, id)); err == nil {
+			t.Errorf("%s: request answered, want the daemon killed", step)
+		}
+		c.kill()
+		assertAfterRestart(t, e, step)
+		e.start()
+		if code, out := e.call("GetVm", map[string]any{"vm_id": id}); code != 404 {
+			t.Errorf("%s: vm %s survived its interrupted delete: %d %v", step, id, code, out)
+		}
+		e.stop()
+	}
+}
+
+func assertAfterRestart(t *testing.T, e *env, step string) {
+	t.Helper()
+	e.start() // recovery runs here
+	e.stop()
+	t.Run(step, func(t *testing.T) { assertConsistent(t, e) })
+}
+
+// kill -9 at random moments under concurrent creates and deletes.
+func TestKill9Random(t *testing.T) {
+	e := newEnv(t)
+	e.stop()
+	for round := 0; round < 6; round++ {
+		c := startChild(t, e, "")
+		var wg sync.WaitGroup
+		for w := 0; w < 3; w++ {
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				for i := 0; ; i++ {
+					id := fmt.Sprintf("vm-x%d%d%d", round, w, i)
+					b := fmt.Sprintf(`{"vm_id":%q,"config":{"cpu":{"vcpu_count":1},"memory":{"size_bytes":134217728},"boot":{"kernel_path":"/k"},"network":[{"id":"eth0","bridge_name":"br-z"}]}}`, id)
+					if _, err := c.post("CreateVm", b); err != nil {
+						return
+					}
+					if i%2 == 0 {
+						if _, err := c.post("DeleteVm", fmt.Sprintf(`{"vm_id":%q}`, id)); err != nil {
+							return
+						}
+					}
+				}
+			}()
+		}
+		time.Sleep(time.Duration(50+rand.IntN(250)) * time.Millisecond)
+		c.kill()
+		wg.Wait()
+		assertAfterRestart(t, e, fmt.Sprintf("round%d", round))
+	}
+}
