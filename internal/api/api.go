@@ -295,4 +295,3 @@ func (s *Server) op(ctx context.Context, id string, f func(context.Context, stri
 	}
 	return row, nil
 }
-

@@ -144,7 +144,7 @@ func TestGuestIPv6Settings(t *testing.T) {
 	}
 	f := e.vmNS("vm-g")
 	for key, want := range map[string]string{
-		"net/ipv6/conf/eth0/use_tempaddr":  "2",
+		"net/ipv6/conf/eth0/use_tempaddr":   "2",
 		"net/ipv6/conf/eth0/temp_valid_lft": "3600",
 	} {
 		if got, err := ns.ReadSysctl(int(f.Fd()), key); err != nil || got != want {

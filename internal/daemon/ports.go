@@ -23,7 +23,9 @@ func (p ports) EnsureGateway(bridge string, gw netip.Prefix) (bool, error) {
 	return err == nil, err
 }
 
-func (p ports) RemoveGateway(bridge string, gw netip.Prefix) error { return p.m.RemoveGateway(bridge, gw) }
+func (p ports) RemoveGateway(bridge string, gw netip.Prefix) error {
+	return p.m.RemoveGateway(bridge, gw)
+}
 
 func (p ports) AttachPort(dev, bridge string) error { return p.m.AttachPort(dev, bridge) }
 
