@@ -11,6 +11,7 @@ import (
 	"github.com/google/nftables"
 	"github.com/google/nftables/binaryutil"
 	"github.com/google/nftables/expr"
+	"github.com/mdlayher/netlink"
 	"golang.org/x/sys/unix"
 
 	"github.com/metald/metald/internal/network"
@@ -30,7 +31,10 @@ type Firewall struct {
 // New returns a Firewall for the network namespace open at nsFd (or the
 // caller's namespace when nsFd < 0).
 func New(nsFd int) (*Firewall, error) {
-	var opts []nftables.ConnOption
+	// A NIC is a few hundred netlink messages, each acknowledged; the
+	// default receive buffer overflows (ENOBUFS) on the acks of a batch
+	// that programs several NICs.
+	opts := []nftables.ConnOption{nftables.WithSockOptions(bigReceiveBuffer)}
 	if nsFd >= 0 {
 		opts = append(opts, nftables.WithNetNSFd(nsFd))
 	}
@@ -39,6 +43,25 @@ func New(nsFd int) (*Firewall, error) {
 		return nil, fmt.Errorf("open nftables connection: %w", err)
 	}
 	return &Firewall{conn: c}, nil
+}
+
+const receiveBuffer = 16 << 20
+
+func bigReceiveBuffer(c *netlink.Conn) error {
+	raw, err := c.SyscallConn()
+	if err != nil {
+		return err
+	}
+	var serr error
+	if err := raw.Control(func(fd uintptr) {
+		serr = unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_RCVBUFFORCE, receiveBuffer)
+	}); err != nil {
+		return err
+	}
+	if serr != nil {
+		return c.SetReadBuffer(receiveBuffer)
+	}
+	return nil
 }
 
 // NewWithConn wraps an existing connection.

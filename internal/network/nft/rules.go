@@ -362,7 +362,14 @@ func buildNIC(p network.NICPlan) nicSpec {
 		if c.SourceGuard {
 			na := n.FromSub("na")
 			b.add(icmp, string(network.CtlSourceGuard), b.icmpType(icmpNA), jump(na))
-			b.add(na, string(network.CtlSourceGuard), b.icmpType(icmpNA), inSet(th(8, 16), n.AddrSet()), ret)
+			// One rule per bound address rather than a set lookup: nft
+			// 1.0.6 has no `icmpv6 taddr` and cannot parse a raw payload
+			// against an ipv6_addr set, which would make listings
+			// unloadable with nft -f.
+			for _, a := range p.BoundAddresses() {
+				a16 := a.As16()
+				b.add(na, string(network.CtlSourceGuard), b.icmpType(icmpNA), m(th(8, 16), eq(a16[:])), ret)
+			}
 			b.add(na, string(network.CtlSourceGuard), cnt(network.CtlSourceGuard), drop)
 		}
 		if c.StrictSourceValidation {

@@ -1,0 +1,208 @@
+package nft
+
+import (
+	"context"
+	"flag"
+	"math/rand/v2"
+	"net/netip"
+	"os"
+	"path/filepath"
+	"regexp"
+	"sort"
+	"strings"
+	"testing"
+
+	"github.com/metald/metald/internal/netnstest"
+	"github.com/metald/metald/internal/network"
+)
+
+var update = flag.Bool("update", false, "rewrite testdata/*.nft from the kernel's listing")
+
+var counterValues = regexp.MustCompile(`packets \d+ bytes \d+`)
+
+// listTable returns `nft list table bridge metald` in n with counter values
+// zeroed.
+func listTable(t *testing.T, n *netnstest.NS) string {
+	t.Helper()
+	out := n.MustRun(t, "nft", "list", "table", "bridge", TableName)
+	return counterValues.ReplaceAllString(out, "packets 0 bytes 0")
+}
+
+// canonical sorts the top-level blocks of a listing: the kernel lists
+// objects in creation order, which depends on history, not on state.
+func canonical(listing string) string {
+	lines := strings.Split(strings.TrimSpace(listing), "\n")
+	if len(lines) < 2 {
+		return listing
+	}
+	blocks := strings.Split(strings.Join(lines[1:len(lines)-1], "\n"), "\n\n")
+	for i := range blocks {
+		blocks[i] = strings.TrimSpace(blocks[i])
+	}
+	sort.Strings(blocks)
+	return strings.Join(blocks, "\n\n")
+}
+
+func newFW(t *testing.T) (*netnstest.NS, *Firewall) {
+	t.Helper()
+	n := netnstest.New(t)
+	fw, err := New(n.Fd())
+	if err != nil {
+		t.Fatal(err)
+	}
+	return n, fw
+}
+
+func goldenPlans() []network.NICPlan {
+	minimal := vmPlan(2, network.Controls{SourceGuard: true})
+	minimal.LinkLocal = netip.MustParseAddr("fe80::1234")
+	noMAC := allOn()
+	noMAC.AllowedRAMACs = nil
+	noMAC.BlockHopByHop = false
+	third := vmPlan(3, noMAC)
+	third.HostDevice = "vm3.veth_0"
+	return []network.NICPlan{vmPlan(1, allOn()), minimal, third}
+}
+
+// TestGolden compares the kernel's listing of a programmed plan with
+// testdata/host.nft, then loads that file with `nft -f` into a fresh
+// namespace (the golden is valid kernel syntax, not just text).
+func TestGolden(t *testing.T) {
+	t.Parallel()
+	n, fw := newFW(t)
+	if err := fw.Apply(context.Background(), goldenPlans()); err != nil {
+		t.Fatal(err)
+	}
+	got := listTable(t, n)
+	path := filepath.Join("testdata", "host.nft")
+	if *update {
+		if err := os.MkdirAll("testdata", 0o755); err != nil {
+			t.Fatal(err)
+		}
+		if err := os.WriteFile(path, []byte(got), 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+	want, err := os.ReadFile(path)
+	if err != nil {
+		t.Fatalf("%v (run with -update)", err)
+	}
+	if got != string(want) {
+		t.Errorf("ruleset differs from %s (run with -update to accept):\n%s", path, got)
+	}
+	other := netnstest.New(t)
+	abs, _ := filepath.Abs(path)
+	other.MustRun(t, "nft", "-f", abs)
+	// nft 1.0.6 re-parses raw payload matches (@th/@nh) into merged,
+	// reordered expressions, so the reloaded listing is equivalent but not
+	// always byte-identical; what must hold is that it loads.
+	if reloaded := listTable(t, other); reloaded != got {
+		t.Logf("note: nft -f %s re-lists with nft's own expression merging", path)
+	}
+}
+
+// TestIdempotent: applying the same plan twice changes nothing, and
+// counters survive a re-apply.
+func TestIdempotent(t *testing.T) {
+	t.Parallel()
+	n, fw := newFW(t)
+	plans := goldenPlans()
+	ctx := context.Background()
+	if err := fw.Apply(ctx, plans); err != nil {
+		t.Fatal(err)
+	}
+	first := n.MustRun(t, "nft", "list", "table", "bridge", TableName)
+	if err := fw.Apply(ctx, plans); err != nil {
+		t.Fatal(err)
+	}
+	for _, p := range plans {
+		if err := fw.AddNIC(p); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if second := n.MustRun(t, "nft", "list", "table", "bridge", TableName); second != first {
+		t.Errorf("re-apply changed the ruleset:\n--- first\n%s\n--- second\n%s", first, second)
+	}
+	if err := fw.RemoveNIC("no-such-dev"); err != nil {
+		t.Errorf("remove unknown nic: %v", err)
+	}
+	devs, err := fw.NICs()
+	if err != nil || len(devs) != 3 {
+		t.Errorf("NICs() = %v, %v", devs, err)
+	}
+}
+
+// TestTransitions: random sequences of per-NIC operations and Apply calls
+// end in the same ruleset as applying the end state directly.
+func TestTransitions(t *testing.T) {
+	t.Parallel()
+	ctx := context.Background()
+	base := goldenPlans()
+	variant := func(p network.NICPlan, r *rand.Rand) network.NICPlan {
+		c := p.Controls
+		c.RAGuard = r.IntN(2) == 0
+		c.BlockFragment = r.IntN(2) == 0
+		c.StrictSourceValidation = r.IntN(2) == 0
+		c.NDRateLimit = uint32(r.IntN(3) * 50)
+		p.Controls = c
+		if r.IntN(2) == 0 {
+			p.Addresses = append(p.Addresses, netip.MustParseAddr("2001:db8:9::5"))
+		}
+		return p
+	}
+	end := []network.NICPlan{base[0], base[2]}
+	wantNS, wantFW := newFW(t)
+	if err := wantFW.Apply(ctx, end); err != nil {
+		t.Fatal(err)
+	}
+	want := canonical(listTable(t, wantNS))
+
+	for seed := uint64(1); seed <= 6; seed++ {
+		r := rand.New(rand.NewPCG(seed, 99))
+		n, fw := newFW(t)
+		for step := 0; step < 8; step++ {
+			p := base[r.IntN(len(base))]
+			var err error
+			switch r.IntN(4) {
+			case 0:
+				err = fw.AddNIC(variant(p, r))
+			case 1:
+				err = fw.UpdateNIC(variant(p, r))
+			case 2:
+				err = fw.RemoveNIC(p.HostDevice)
+			case 3:
+				var some []network.NICPlan
+				for _, q := range base {
+					if r.IntN(2) == 0 {
+						some = append(some, variant(q, r))
+					}
+				}
+				err = fw.Apply(ctx, some)
+			}
+			if err != nil {
+				t.Fatalf("seed %d step %d: %v", seed, step, err)
+			}
+		}
+		// Reach the end state by per-NIC operations in random order.
+		ops := []func() error{
+			func() error { return fw.AddNIC(end[0]) },
+			func() error { return fw.UpdateNIC(end[1]) },
+			func() error { return fw.RemoveNIC(base[1].HostDevice) },
+		}
+		r.Shuffle(len(ops), func(i, j int) { ops[i], ops[j] = ops[j], ops[i] })
+		for _, op := range ops {
+			if err := op(); err != nil {
+				t.Fatalf("seed %d: %v", seed, err)
+			}
+		}
+		if got := canonical(listTable(t, n)); got != want {
+			t.Errorf("seed %d: per-NIC transitions ended in a different ruleset:\n%s\n--- want\n%s", seed, got, want)
+		}
+		if err := fw.Apply(ctx, end); err != nil {
+			t.Fatal(err)
+		}
+		if got := canonical(listTable(t, n)); got != want {
+			t.Errorf("seed %d: Apply(end) ended in a different ruleset", seed)
+		}
+	}
+}
