@@ -134,4 +134,3 @@ func TestAttacksRAGuardOnly(t *testing.T) {
 	cap := startCapture(t, tp.vm2, "eth0")
 	runAttacks(t, tp, cap, attacksRAGuardOnly, 0x2000)
 }
-
