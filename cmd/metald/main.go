@@ -30,37 +30,16 @@ func main() {
 func run(args []string) error {
 	fs := flag.NewFlagSet("metald", flag.ContinueOnError)
 	cfgPath := fs.String("config", "", "config file (YAML or JSON); empty uses the embedded defaults")
-	listen := fs.String("listen", "", "API listen address (default 127.0.0.1:8080)")
-	metricsListen := fs.String("metrics-listen", "", "metrics listen address (default 127.0.0.1:9464)")
-	dataDir := fs.String("data-dir", "", "data directory (default /var/lib/metald)")
-	logDir := fs.String("log-dir", "", "log directory (default /var/log/metald)")
-	backendName := fs.String("backend", "", "VM backend: auto|netns (default netns)")
+	config.RegisterFlags(fs)
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
-	cfg := config.Default()
-	if *cfgPath != "" {
-		var err error
-		if cfg, err = config.Load(*cfgPath); err != nil {
-			return err
-		}
+	cfg, err := config.Load(*cfgPath)
+	if err != nil {
+		return err
 	}
-	set := map[string]bool{}
-	fs.Visit(func(f *flag.Flag) { set[f.Name] = true })
-	if set["listen"] {
-		cfg.Listen = *listen
-	}
-	if set["metrics-listen"] {
-		cfg.MetricsListen = *metricsListen
-	}
-	if set["data-dir"] {
-		cfg.DataDir = *dataDir
-	}
-	if set["log-dir"] {
-		cfg.LogDir = *logDir
-	}
-	if set["backend"] {
-		cfg.Backend = *backendName
+	if err := cfg.ApplyFlags(fs); err != nil {
+		return err
 	}
 	if err := cfg.Validate(); err != nil {
 		return err

@@ -93,10 +93,10 @@ func TestConfigLoadEmptyPath(t *testing.T) {
 	}
 }
 
-// TestConfigExample loads testdata/metald.example.yaml, which must mention
+// TestConfigExample loads contrib/metald.example.yaml, which must mention
 // every key, and compares it with Default.
 func TestConfigExample(t *testing.T) {
-	const path = "testdata/metald.example.yaml"
+	const path = "../../contrib/metald.example.yaml"
 	c, err := Load(path)
 	if err != nil {
 		t.Fatal(err)
@@ -592,7 +592,7 @@ func TestConfigDurationText(t *testing.T) {
 }
 
 func FuzzConfigLoad(f *testing.F) {
-	example, err := os.ReadFile("testdata/metald.example.yaml")
+	example, err := os.ReadFile("../../contrib/metald.example.yaml")
 	if err != nil {
 		f.Fatal(err)
 	}

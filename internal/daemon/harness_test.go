@@ -77,7 +77,7 @@ func runChild(dir, crashAt string) int {
 
 // env is one metald under test, in a private host namespace.
 type env struct {
-	t       *testing.T
+	t       testing.TB
 	dir     string
 	host    *netnstest.NS
 	d       *daemon.Daemon
@@ -91,7 +91,7 @@ type env struct {
 // testLog forwards daemon logs to the test until the test ends.
 type testLog struct {
 	mu   sync.Mutex
-	t    *testing.T
+	t    testing.TB
 	done bool
 	buf  bytes.Buffer
 }
@@ -112,7 +112,7 @@ func (l *testLog) finish() {
 	l.done = true
 }
 
-func newEnv(t *testing.T) *env {
+func newEnv(t testing.TB) *env {
 	t.Helper()
 	e := &env{t: t, dir: t.TempDir(), host: netnstest.New(t)}
 	e.logs = &testLog{t: t}

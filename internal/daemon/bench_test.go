@@ -1,0 +1,60 @@
+package daemon_test
+
+import (
+	"fmt"
+	"slices"
+	"testing"
+	"time"
+)
+
+// createBootSamples measures CreateVm+BootVm through the HTTP API, as a
+// client sees it, with `existing` running VMs already on the host. Each
+// sample's VM is deleted (untimed) before the next, so every sample sees the
+// same population.
+func createBootSamples(b *testing.B, existing, samples int) []time.Duration {
+	e := newEnv(b)
+	for i := 0; i < existing; i++ {
+		id := fmt.Sprintf("vm-e%d", i)
+		addr := fmt.Sprintf("2001:db8:%x::%x/64", i/200+1, i%200+16)
+		gw := fmt.Sprintf("2001:db8:%x::1", i/200+1)
+		e.mustCall("CreateVm", map[string]any{"vm_id": id, "config": vmConfig("t1", nic("eth0", fmt.Sprintf("br-e%d", i/200), addr, gw))})
+		e.mustCall("BootVm", map[string]any{"vm_id": id})
+	}
+	out := make([]time.Duration, 0, samples)
+	for i := 0; i < samples; i++ {
+		id := fmt.Sprintf("vm-s%d", i)
+		body := map[string]any{"vm_id": id, "config": vmConfig("t1", nic("eth0", "br-e0", fmt.Sprintf("2001:db8:1::%x/64", 0x1000+i), "2001:db8:1::1"))}
+		start := time.Now()
+		e.mustCall("CreateVm", body)
+		e.mustCall("BootVm", map[string]any{"vm_id": id})
+		out = append(out, time.Since(start))
+		e.mustCall("DeleteVm", map[string]any{"vm_id": id})
+	}
+	return out
+}
+
+func pct(d []time.Duration, p float64) time.Duration {
+	s := slices.Clone(d)
+	slices.Sort(s)
+	i := int(float64(len(s)-1) * p)
+	return s[i]
+}
+
+func ms(d time.Duration) float64 { return float64(d) / float64(time.Millisecond) }
+
+// BenchmarkCreateBootLatency reports CreateVm+BootVm p50/p99 with 10 and
+// with 500 existing VMs, and the p50 ratio (target: p50 <= 30 ms, ratio <=
+// 1.3). Run with -benchtime 1x: each run takes its own 60 samples.
+func BenchmarkCreateBootLatency(b *testing.B) {
+	for range b.N {
+		var small, large []time.Duration
+		b.Run("existing=10", func(b *testing.B) { small = createBootSamples(b, 10, 60) })
+		b.Run("existing=500", func(b *testing.B) { large = createBootSamples(b, 500, 60) })
+		b.ReportMetric(ms(pct(small, 0.5)), "p50_ms@10")
+		b.ReportMetric(ms(pct(small, 0.99)), "p99_ms@10")
+		b.ReportMetric(ms(pct(large, 0.5)), "p50_ms@500")
+		b.ReportMetric(ms(pct(large, 0.99)), "p99_ms@500")
+		b.ReportMetric(float64(pct(large, 0.5))/float64(pct(small, 0.5)), "p50_ratio_500/10")
+		b.ReportMetric(float64(pct(large, 0.99))/float64(pct(small, 0.99)), "p99_ratio_500/10")
+	}
+}
