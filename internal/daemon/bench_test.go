@@ -2,6 +2,8 @@ package daemon_test
 
 import (
 	"fmt"
+
+	"github.com/metald/metald/internal/daemon"
 	"slices"
 	"testing"
 	"time"
@@ -11,8 +13,12 @@ import (
 // client sees it, with `existing` running VMs already on the host. Each
 // sample's VM is deleted (untimed) before the next, so every sample sees the
 // same population.
-func createBootSamples(b *testing.B, existing, samples int) []time.Duration {
-	e := newEnv(b)
+func createBootSamples(b *testing.B, existing, samples int, settle time.Duration) []time.Duration {
+	e := newEnvWith(b, func(o *daemon.Options) {
+		// Production's liveness interval: the test default (200 ms) would
+		// measure the test harness, not metald.
+		o.WatchInterval = 5 * time.Second
+	})
 	for i := 0; i < existing; i++ {
 		id := fmt.Sprintf("vm-e%d", i)
 		addr := fmt.Sprintf("2001:db8:%x::%x/64", i/200+1, i%200+16)
@@ -20,6 +26,11 @@ func createBootSamples(b *testing.B, existing, samples int) []time.Duration {
 		e.mustCall("CreateVm", map[string]any{"vm_id": id, "config": vmConfig("t1", nic("eth0", fmt.Sprintf("br-e%d", i/200), addr, gw))})
 		e.mustCall("BootVm", map[string]any{"vm_id": id})
 	}
+	// Booting guests solicit routers and join multicast groups, with
+	// retransmissions backing off over the first seconds; each of those
+	// packets is flooded to every port of its bridge. Let that boot storm
+	// pass so the samples measure metald on a host in steady state.
+	time.Sleep(settle)
 	out := make([]time.Duration, 0, samples)
 	for i := 0; i < samples; i++ {
 		id := fmt.Sprintf("vm-s%d", i)
@@ -43,18 +54,23 @@ func pct(d []time.Duration, p float64) time.Duration {
 func ms(d time.Duration) float64 { return float64(d) / float64(time.Millisecond) }
 
 // BenchmarkCreateBootLatency reports CreateVm+BootVm p50/p99 with 10 and
-// with 500 existing VMs, and the p50 ratio (target: p50 <= 30 ms, ratio <=
+// with 500 existing VMs; the existing=500 run also reports its ratio to the
+// existing=10 run measured just before it (targets: p50 <= 30 ms, ratio <=
 // 1.3). Run with -benchtime 1x: each run takes its own 60 samples.
 func BenchmarkCreateBootLatency(b *testing.B) {
-	for range b.N {
-		var small, large []time.Duration
-		b.Run("existing=10", func(b *testing.B) { small = createBootSamples(b, 10, 60) })
-		b.Run("existing=500", func(b *testing.B) { large = createBootSamples(b, 500, 60) })
-		b.ReportMetric(ms(pct(small, 0.5)), "p50_ms@10")
-		b.ReportMetric(ms(pct(small, 0.99)), "p99_ms@10")
-		b.ReportMetric(ms(pct(large, 0.5)), "p50_ms@500")
-		b.ReportMetric(ms(pct(large, 0.99)), "p99_ms@500")
-		b.ReportMetric(float64(pct(large, 0.5))/float64(pct(small, 0.5)), "p50_ratio_500/10")
-		b.ReportMetric(float64(pct(large, 0.99))/float64(pct(small, 0.99)), "p99_ratio_500/10")
-	}
+	var small []time.Duration
+	b.Run("existing=10", func(b *testing.B) {
+		small = createBootSamples(b, 10, 60, 20*time.Second)
+		b.ReportMetric(ms(pct(small, 0.5)), "p50_ms")
+		b.ReportMetric(ms(pct(small, 0.99)), "p99_ms")
+	})
+	b.Run("existing=500", func(b *testing.B) {
+		large := createBootSamples(b, 500, 60, 20*time.Second)
+		b.ReportMetric(ms(pct(large, 0.5)), "p50_ms")
+		b.ReportMetric(ms(pct(large, 0.99)), "p99_ms")
+		if len(small) > 0 {
+			b.ReportMetric(float64(pct(large, 0.5))/float64(pct(small, 0.5)), "p50_ratio_vs_10")
+			b.ReportMetric(float64(pct(large, 0.99))/float64(pct(small, 0.99)), "p99_ratio_vs_10")
+		}
+	})
 }

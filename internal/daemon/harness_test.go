@@ -86,6 +86,7 @@ type env struct {
 	stopped chan struct{}
 	cancel  context.CancelFunc
 	logs    *testLog
+	adjust  func(*daemon.Options)
 }
 
 // testLog forwards daemon logs to the test until the test ends.
@@ -112,9 +113,12 @@ func (l *testLog) finish() {
 	l.done = true
 }
 
-func newEnv(t testing.TB) *env {
+func newEnv(t testing.TB) *env { return newEnvWith(t, nil) }
+
+// newEnvWith is newEnv with a hook that adjusts the daemon's options.
+func newEnvWith(t testing.TB, adjust func(*daemon.Options)) *env {
 	t.Helper()
-	e := &env{t: t, dir: t.TempDir(), host: netnstest.New(t)}
+	e := &env{t: t, dir: t.TempDir(), host: netnstest.New(t), adjust: adjust}
 	e.logs = &testLog{t: t}
 	e.start()
 	t.Cleanup(e.cleanup)
@@ -125,6 +129,9 @@ func (e *env) options() daemon.Options {
 	opt := optionsFor(e.dir)
 	opt.HostNS = e.host.File
 	opt.Logger = slog.New(slog.NewTextHandler(e.logs, &slog.HandlerOptions{Level: slog.LevelDebug}))
+	if e.adjust != nil {
+		e.adjust(&opt)
+	}
 	return opt
 }
 

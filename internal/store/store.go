@@ -68,6 +68,12 @@ type NIC struct {
 	StableSecret string
 }
 
+// NICRef is a NIC with the id of the VM it belongs to.
+type NICRef struct {
+	VMID string
+	NIC
+}
+
 // Store persists metald's state. Implementations are safe for concurrent use.
 type Store interface {
 	// CreateVM inserts a VM and its NICs; ErrConflict when the id or a host
@@ -82,6 +88,11 @@ type Store interface {
 	UpdateVM(ctx context.Context, vm *VM) error
 	// DeleteVM removes a VM and its NICs; ErrNotFound when absent.
 	DeleteVM(ctx context.Context, id string) error
+	// NICsOnBridge returns every NIC on bridge, with its VM's id.
+	NICsOnBridge(ctx context.Context, bridge string) ([]NICRef, error)
+	// NICsWithAddress returns every NIC whose address (any prefix length)
+	// is addr, given in canonical form.
+	NICsWithAddress(ctx context.Context, addr string) ([]NICRef, error)
 	// CountVMsByState returns the number of VMs in each state.
 	CountVMsByState(ctx context.Context) (map[string]int, error)
 	// Close releases the database.

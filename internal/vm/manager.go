@@ -248,7 +248,7 @@ func (m *Manager) Create(ctx context.Context, req *vmv1.CreateVmRequest) (*store
 
 	// 3. Bridges and gateways.
 	undo = append(undo, func(ctx context.Context) error { return m.releaseBridges(ctx, id, row.NICs) })
-	if err := m.ensureBridges(ctx, id, row.NICs); err != nil {
+	if err := m.ensureBridges(ctx, id, row.NICs, false); err != nil {
 		return fail(err)
 	}
 	m.opt.Step("create:bridges")
@@ -288,10 +288,13 @@ func (m *Manager) Create(ctx context.Context, req *vmv1.CreateVmRequest) (*store
 // ensureBridges creates the NICs' bridges and puts each gateway on its
 // bridge when it lies in the NIC's prefix and no VM holds it. It records in
 // the NICs whether the bridge holds the gateway.
-func (m *Manager) ensureBridges(ctx context.Context, vmID string, nics []store.NIC) error {
+//
+// Unless force is set, a gateway that another VM's NIC on the same bridge
+// already records as on the bridge is taken as present without asking the
+// kernel (CreateVm's hot path); recovery passes force to re-check it.
+func (m *Manager) ensureBridges(ctx context.Context, vmID string, nics []store.NIC, force bool) error {
 	m.netMu.Lock()
 	defer m.netMu.Unlock()
-	var others []*store.VM
 	for i := range nics {
 		n := &nics[i]
 		if err := m.opt.Ports.EnsureBridge(n.Bridge); err != nil {
@@ -301,14 +304,26 @@ func (m *Manager) ensureBridges(ctx context.Context, vmID string, nics []store.N
 		if !ok {
 			continue
 		}
-		if others == nil {
-			var err error
-			if others, err = m.opt.Store.ListVMs(ctx); err != nil {
+		holders, err := m.opt.Store.NICsWithAddress(ctx, gwp.Addr().String())
+		if err != nil {
+			return err
+		}
+		if slices.ContainsFunc(holders, func(r store.NICRef) bool { return r.VMID != vmID }) {
+			continue // a VM holds the gateway address: it is the router
+		}
+		if !force {
+			siblings, err := m.opt.Store.NICsOnBridge(ctx, n.Bridge)
+			if err != nil {
 				return err
 			}
-		}
-		if addressHeldByVM(others, vmID, gwp.Addr()) {
-			continue
+			if slices.ContainsFunc(siblings, func(r store.NICRef) bool {
+				return r.VMID != vmID && r.GatewayOnBridge && r.Gateway == n.Gateway
+			}) {
+				// Another VM's creation put it there; Recover re-checks
+				// the kernel on every start.
+				n.GatewayOnBridge = true
+				continue
+			}
 		}
 		on, err := m.opt.Ports.EnsureGateway(n.Bridge, gwp)
 		if err != nil {
@@ -324,20 +339,32 @@ func (m *Manager) ensureBridges(ctx context.Context, vmID string, nics []store.N
 func (m *Manager) releaseBridges(ctx context.Context, vmID string, nics []store.NIC) error {
 	m.netMu.Lock()
 	defer m.netMu.Unlock()
-	all, err := m.opt.Store.ListVMs(ctx)
-	if err != nil {
-		return err
-	}
 	var errs []error
+	done := map[string]bool{}
 	for _, n := range nics {
-		if gwp, ok := gatewayPrefix(n); ok && n.GatewayOnBridge && !gatewayUsedByOthers(all, vmID, n.Bridge, gwp.Addr()) {
+		if done[n.Bridge] {
+			continue
+		}
+		done[n.Bridge] = true
+		others, err := m.opt.Store.NICsOnBridge(ctx, n.Bridge)
+		if err != nil {
+			errs = append(errs, err)
+			continue
+		}
+		others = slices.DeleteFunc(others, func(r store.NICRef) bool { return r.VMID == vmID })
+		for _, mine := range nics {
+			gwp, ok := gatewayPrefix(mine)
+			if mine.Bridge != n.Bridge || !ok || !mine.GatewayOnBridge {
+				continue
+			}
+			if slices.ContainsFunc(others, func(r store.NICRef) bool { return r.GatewayOnBridge && r.Gateway == mine.Gateway }) {
+				continue
+			}
 			if err := m.opt.Ports.RemoveGateway(n.Bridge, gwp); err != nil {
 				errs = append(errs, err)
 			}
 		}
-	}
-	for _, n := range nics {
-		if !bridgeUsedByOthers(all, vmID, n.Bridge) {
+		if len(others) == 0 {
 			if err := m.opt.Ports.RemoveBridgeIfUnused(n.Bridge); err != nil {
 				errs = append(errs, err)
 			}
@@ -356,48 +383,6 @@ func gatewayPrefix(n store.NIC) (netip.Prefix, bool) {
 		return netip.Prefix{}, false
 	}
 	return netip.PrefixFrom(gw, p.Bits()), true
-}
-
-func addressHeldByVM(vms []*store.VM, self string, a netip.Addr) bool {
-	for _, vm := range vms {
-		if vm.ID == self {
-			continue
-		}
-		for _, n := range vm.NICs {
-			if p, err := netip.ParsePrefix(n.Address); err == nil && p.Addr() == a {
-				return true
-			}
-		}
-	}
-	return false
-}
-
-func gatewayUsedByOthers(vms []*store.VM, self, bridge string, gw netip.Addr) bool {
-	for _, vm := range vms {
-		if vm.ID == self {
-			continue
-		}
-		for _, n := range vm.NICs {
-			if n.Bridge == bridge && n.GatewayOnBridge && n.Gateway == gw.String() {
-				return true
-			}
-		}
-	}
-	return false
-}
-
-func bridgeUsedByOthers(vms []*store.VM, self, bridge string) bool {
-	for _, vm := range vms {
-		if vm.ID == self {
-			continue
-		}
-		for _, n := range vm.NICs {
-			if n.Bridge == bridge {
-				return true
-			}
-		}
-	}
-	return false
 }
 
 // spec turns a VM row and its config into what the backend builds.

@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"slices"
 	"time"
 
 	"github.com/metald/metald/internal/backend"
@@ -102,8 +103,13 @@ func (m *Manager) recoverOne(ctx context.Context, vm *store.VM, rep *RecoveryRep
 		rep.Terminated = append(rep.Terminated, vm.ID)
 		return m.terminate(ctx, vm, reason)
 	}
-	// The sandbox is intact: make sure its ports are on their bridges (a
-	// bridge may have been recreated while metald was down).
+	// The sandbox is intact: make sure its bridges and gateways are there
+	// and its ports are on their bridges (a bridge may have been recreated
+	// while metald was down).
+	nics := slices.Clone(vm.NICs)
+	if err := m.ensureBridges(ctx, vm.ID, nics, true); err != nil {
+		return err
+	}
 	for _, n := range vm.NICs {
 		exists, attached, err := m.opt.Ports.PortAttached(n.HostDevice, n.Bridge)
 		if err != nil {
@@ -114,9 +120,6 @@ func (m *Manager) recoverOne(ctx context.Context, vm *store.VM, rep *RecoveryRep
 			return m.terminate(ctx, vm, fmt.Sprintf("port %s vanished", n.HostDevice))
 		}
 		if !attached {
-			if err := m.ensureBridges(ctx, vm.ID, []store.NIC{n}); err != nil {
-				return err
-			}
 			if err := m.opt.Ports.AttachPort(n.HostDevice, n.Bridge); err != nil {
 				return err
 			}
@@ -171,7 +174,9 @@ func (m *Manager) Watch(ctx context.Context, interval time.Duration) {
 	}
 }
 
-// CheckAll runs one liveness pass over every VM.
+// CheckAll runs one liveness pass over every VM. The pass reads the table
+// once and takes a VM's lock only when its check failed, to re-check it
+// against the current row before marking it TERMINATED.
 func (m *Manager) CheckAll(ctx context.Context) {
 	all, err := m.opt.Store.ListVMs(ctx)
 	if err != nil {
@@ -179,17 +184,13 @@ func (m *Manager) CheckAll(ctx context.Context) {
 		return
 	}
 	for _, vm := range all {
-		switch vm.State {
-		case store.StateCreated, store.StateRunning, store.StatePaused, store.StateShutdown:
-		default:
+		if !watched(vm.State) || lostReason(vm.State, m.opt.Backend.Check(ctx, Instance(vm))) == "" {
 			continue
 		}
 		unlock := m.lock(vm.ID)
-		// Re-read under the lock: an operation may have changed it.
 		cur, err := m.opt.Store.GetVM(ctx, vm.ID)
-		if err == nil {
-			if reason := lostReason(cur.State, m.opt.Backend.Check(ctx, Instance(cur))); reason != "" &&
-				cur.State != store.StateTerminated && cur.State != store.StateDeleting && cur.State != store.StateCreating {
+		if err == nil && watched(cur.State) {
+			if reason := lostReason(cur.State, m.opt.Backend.Check(ctx, Instance(cur))); reason != "" {
 				if err := m.terminate(ctx, cur, reason); err != nil {
 					m.log.Error("mark vm terminated", "vm_id", vm.ID, "err", err)
 				}
@@ -197,4 +198,12 @@ func (m *Manager) CheckAll(ctx context.Context) {
 		}
 		unlock()
 	}
+}
+
+func watched(state string) bool {
+	switch state {
+	case store.StateCreated, store.StateRunning, store.StatePaused, store.StateShutdown:
+		return true
+	}
+	return false
 }

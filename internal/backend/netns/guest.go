@@ -82,13 +82,15 @@ func (b *Backend) Boot(ctx context.Context, spec *backend.Spec, inst backend.Ins
 		return inst, nil
 	}
 	// Read the start time before anything can reap the child.
-	st, serr := readStat(cmd.Process.Pid)
-	go cmd.Wait() // reap it whenever it exits
+	pid := cmd.Process.Pid
+	st, serr := readStat(pid)
 	if serr != nil {
 		cmd.Process.Kill()
+		reap(cmd.Process)
 		return inst, fmt.Errorf("boot vm %s: guest exited at once: %w", spec.VMID, serr)
 	}
-	inst.PID = cmd.Process.Pid
+	reap(cmd.Process)
+	inst.PID = pid
 	inst.StartTime = st.StartTime
 	return inst, nil
 }

@@ -375,7 +375,16 @@ func (b *Backend) Destroy(ctx context.Context, vmID string, inst backend.Instanc
 			errs = append(errs, b.killNetns(ctx, ino))
 		}
 	}
-	if _, err := b.links.DeleteOwnedPorts(vmID); err != nil {
+	if devs := inst.Details[DetailHostDevices]; devs != "" {
+		// The usual case: the ports are known by name, so no host-wide
+		// link dump (whose cost grows with the number of VMs) is needed.
+		for _, d := range strings.Split(devs, ",") {
+			if err := b.links.DeletePort(d); err != nil {
+				errs = append(errs, err)
+			}
+		}
+	} else if _, err := b.links.DeleteOwnedPorts(vmID); err != nil {
+		// After a crash the instance may be empty: find ports by owner.
 		errs = append(errs, err)
 	}
 	if err := ns.RemoveNamed(b.netnsPath(vmID)); err != nil {

@@ -2,7 +2,9 @@ package netns
 
 import (
 	"os"
+	"os/exec"
 	"testing"
+	"time"
 )
 
 func TestParseStat(t *testing.T) {
@@ -55,4 +57,25 @@ func FuzzParseStat(f *testing.F) {
 			t.Fatal("empty input parsed")
 		}
 	})
+}
+
+// reap collects an exited child without a thread blocked in wait.
+func TestReapCollectsZombie(t *testing.T) {
+	cmd := exec.Command("sleep", "0.05")
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	pid := cmd.Process.Pid
+	reap(cmd.Process)
+	deadline := time.Now().Add(5 * time.Second)
+	for {
+		st, err := readStat(pid)
+		if err != nil {
+			return // gone: reaped
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("child %d not reaped (state %c)", pid, st.State)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
 }

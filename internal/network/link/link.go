@@ -273,6 +273,11 @@ func (m *Manager) EnsureBridge(name string) (created bool, err error) {
 	if l.Type() != "bridge" {
 		return false, fmt.Errorf("ensure bridge %s: %w (type %s)", name, ErrNotBridge, l.Type())
 	}
+	if !created && l.Attrs().Flags&net.FlagUp != 0 && l.Attrs().Alias == BridgeAlias {
+		// Ours and up: it was set up when created (the hot path of every
+		// CreateVm on a bridge that already serves VMs).
+		return false, nil
+	}
 	if err := m.SetSysctl("net/ipv6/conf/"+name+"/disable_ipv6", "0"); err != nil {
 		return created, fmt.Errorf("enable ipv6 on bridge %s: %w", name, err)
 	}
@@ -300,6 +305,20 @@ func (m *Manager) EnsureGateway(bridge string, gw netip.Prefix) (added bool, err
 	br, err := m.byName(bridge)
 	if err != nil {
 		return false, fmt.Errorf("ensure gateway %s: %w", gw, err)
+	}
+	// Fast path, the common case once a bridge serves VMs: the bridge
+	// already holds exactly this gateway. Only adding needs the host-wide
+	// address dump (to refuse an address another link holds), whose cost
+	// grows with the number of links.
+	own, err := m.addrList(br)
+	if err != nil {
+		return false, fmt.Errorf("ensure gateway %s on %s: %w", gw, bridge, err)
+	}
+	for _, a := range own {
+		ip, ok := netip.AddrFromSlice(a.IP)
+		if ones, _ := a.Mask.Size(); ok && ip.Unmap() == gw.Addr() && ones == gw.Bits() {
+			return false, m.EnableForwarding()
+		}
 	}
 	addrs, err := m.addrList(nil)
 	if err != nil {

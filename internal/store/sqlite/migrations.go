@@ -74,4 +74,8 @@ var migrations = []string{
 		at        INTEGER NOT NULL
 	);
 	CREATE INDEX ipam_rate_stamps_at ON ipam_rate_stamps (at);`,
+	// 3: look-ups the VM manager makes per CreateVm/DeleteVm without
+	// scanning every VM: NICs by bridge and by address.
+	`CREATE INDEX nics_bridge ON nics (bridge);
+	CREATE INDEX nics_address ON nics (address);`,
 }

@@ -258,6 +258,38 @@ func (s *Store) DeleteVM(ctx context.Context, id string) error {
 	return nil
 }
 
+const nicColumns = `vm_id, nic_id, idx, host_device, guest_device, mac, bridge, vlan, address, gateway, gateway_on_bridge, stable_secret`
+
+func (s *Store) nicRefs(ctx context.Context, where string, args ...any) ([]store.NICRef, error) {
+	rows, err := s.db.QueryContext(ctx, `SELECT `+nicColumns+` FROM nics WHERE `+where+` ORDER BY vm_id, idx`, args...)
+	if err != nil {
+		return nil, fmt.Errorf("query nics: %w", err)
+	}
+	defer rows.Close()
+	var out []store.NICRef
+	for rows.Next() {
+		var r store.NICRef
+		n := &r.NIC
+		if err := rows.Scan(&r.VMID, &n.ID, &n.Index, &n.HostDevice, &n.GuestDevice, &n.MAC, &n.Bridge, &n.VLAN, &n.Address, &n.Gateway, &n.GatewayOnBridge, &n.StableSecret); err != nil {
+			return nil, fmt.Errorf("scan nic: %w", err)
+		}
+		out = append(out, r)
+	}
+	return out, rows.Err()
+}
+
+// NICsOnBridge implements store.Store.
+func (s *Store) NICsOnBridge(ctx context.Context, bridge string) ([]store.NICRef, error) {
+	return s.nicRefs(ctx, `bridge = ?`, bridge)
+}
+
+// NICsWithAddress implements store.Store. Addresses are stored as
+// "addr/len", so an index range scan finds every prefix length: '/' sorts
+// just before '0'.
+func (s *Store) NICsWithAddress(ctx context.Context, addr string) ([]store.NICRef, error) {
+	return s.nicRefs(ctx, `address >= ? AND address < ?`, addr+"/", addr+"0")
+}
+
 // CountVMsByState implements store.Store.
 func (s *Store) CountVMsByState(ctx context.Context) (map[string]int, error) {
 	rows, err := s.db.QueryContext(ctx, `SELECT state, COUNT(*) FROM vms GROUP BY state`)

@@ -104,6 +104,31 @@ func Run(t *testing.T, open func(t *testing.T) store.Store) {
 		}
 	})
 
+	t.Run("NICLookups", func(t *testing.T) {
+		s := open(t)
+		a := sample("vm-a", "tap-a")
+		a.NICs[0].Address, a.NICs[0].Bridge = "2001:db8::1/64", "br-x"
+		b := sample("vm-b", "tap-b", "tap-b1")
+		b.NICs[0].Address, b.NICs[0].Bridge = "2001:db8::10/64", "br-x"
+		b.NICs[1].Address, b.NICs[1].Bridge = "2001:db8::1/128", "br-y"
+		for _, vm := range []*store.VM{a, b} {
+			if err := s.CreateVM(ctx, vm); err != nil {
+				t.Fatal(err)
+			}
+		}
+		on, err := s.NICsOnBridge(ctx, "br-x")
+		if err != nil || len(on) != 2 || on[0].VMID != "vm-a" || on[1].VMID != "vm-b" || on[1].HostDevice != "tap-b" {
+			t.Fatalf("on br-x: %v %+v", err, on)
+		}
+		with, err := s.NICsWithAddress(ctx, "2001:db8::1")
+		if err != nil || len(with) != 2 || with[0].HostDevice != "tap-a" || with[1].HostDevice != "tap-b1" {
+			t.Fatalf("with 2001:db8::1: %v %+v", err, with)
+		}
+		if none, _ := s.NICsWithAddress(ctx, "2001:db8::"); len(none) != 0 {
+			t.Fatalf("prefix match leaked: %+v", none)
+		}
+	})
+
 	t.Run("ConcurrentCreates", func(t *testing.T) {
 		s := open(t)
 		var wg sync.WaitGroup
