@@ -26,6 +26,14 @@ var ErrNotFound = errors.New("nic not programmed")
 type Firewall struct {
 	mu   sync.Mutex
 	conn *nftables.Conn
+	obs  Observer
+	// pending are removal notifications queued under mu and delivered
+	// after it is released (see notifyRemoved).
+	pending []removed
+	// gen is the ruleset generation after metald's last successful write
+	// or full comparison; Reconcile skips the comparison while the kernel
+	// still reports it.
+	gen uint32
 }
 
 // New returns a Firewall for the network namespace open at nsFd (or the
@@ -182,13 +190,18 @@ type kernelState struct {
 	chains   map[string]bool
 	sets     map[string]bool
 	counters map[string]bool
+	packets  map[string]uint64 // counter name -> packets
 	fromKeys map[string]bool
 	toKeys   map[string]bool
+	// fromTarget and toTarget map a port to the chain its map entry jumps to.
+	fromTarget map[string]string
+	toTarget   map[string]string
 }
 
 func (f *Firewall) readState() (kernelState, error) {
 	st := kernelState{chains: map[string]bool{}, sets: map[string]bool{}, counters: map[string]bool{},
-		fromKeys: map[string]bool{}, toKeys: map[string]bool{}}
+		packets: map[string]uint64{}, fromKeys: map[string]bool{}, toKeys: map[string]bool{},
+		fromTarget: map[string]string{}, toTarget: map[string]string{}}
 	tables, err := f.conn.ListTablesOfFamily(nftables.TableFamilyBridge)
 	if err != nil {
 		return st, fmt.Errorf("list tables: %w", err)
@@ -223,10 +236,18 @@ func (f *Firewall) readState() (kernelState, error) {
 			}
 			for _, e := range els {
 				k := strings.TrimRight(string(e.Key), "\x00")
+				target := ""
+				if e.VerdictData != nil {
+					target = e.VerdictData.Chain
+				} else {
+					target = verdictChain(e.Val)
+				}
 				if s.Name == FromVMMap {
 					st.fromKeys[k] = true
+					st.fromTarget[k] = target
 				} else {
 					st.toKeys[k] = true
+					st.toTarget[k] = target
 				}
 			}
 		}
@@ -238,8 +259,12 @@ func (f *Firewall) readState() (kernelState, error) {
 	for _, o := range objs {
 		if co, ok := o.(*nftables.CounterObj); ok {
 			st.counters[co.Name] = true
+			st.packets[co.Name] = co.Packets
 		} else if no, ok := o.(*nftables.NamedObj); ok && no.Type == nftables.ObjTypeCounter {
 			st.counters[no.Name] = true
+			if cnt, ok := no.Obj.(*expr.Counter); ok {
+				st.packets[no.Name] = cnt.Packets
+			}
 		}
 	}
 	return st, nil
@@ -318,7 +343,7 @@ func (f *Firewall) flush(what string) error {
 // of one NIC in one batch. It may run before the port exists.
 func (f *Firewall) AddNIC(p network.NICPlan) error {
 	f.mu.Lock()
-	defer f.mu.Unlock()
+	defer f.unlock()
 	if err := f.queueBase(); err != nil {
 		return err
 	}
@@ -336,7 +361,7 @@ func (f *Firewall) UpdateNIC(p network.NICPlan) error { return f.AddNIC(p) }
 // that has no state is not an error.
 func (f *Firewall) RemoveNIC(hostDev string) error {
 	f.mu.Lock()
-	defer f.mu.Unlock()
+	defer f.unlock()
 	st, err := f.readState()
 	if err != nil {
 		return err
@@ -347,7 +372,11 @@ func (f *Firewall) RemoveNIC(hostDev string) error {
 	if err := f.queueRemove(st, hostDev); err != nil {
 		return err
 	}
-	return f.flush("remove nic " + hostDev)
+	if err := f.flush("remove nic " + hostDev); err != nil {
+		return err
+	}
+	f.notifyRemoved(st, hostDev)
+	return nil
 }
 
 // Apply makes the table hold exactly the desired NICs, in one batch: NICs
@@ -362,7 +391,7 @@ func (f *Firewall) Apply(ctx context.Context, desired []network.NICPlan) error {
 		return err
 	}
 	f.mu.Lock()
-	defer f.mu.Unlock()
+	defer f.unlock()
 	st, err := f.readState()
 	if err != nil {
 		return err
@@ -371,11 +400,13 @@ func (f *Firewall) Apply(ctx context.Context, desired []network.NICPlan) error {
 	for _, p := range desired {
 		want[p.HostDevice] = true
 	}
+	var gone []string
 	for _, dev := range st.nics() {
 		if !want[dev] {
 			if err := f.queueRemove(st, dev); err != nil {
 				return err
 			}
+			gone = append(gone, dev)
 		}
 	}
 	if err := f.queueBase(); err != nil {
@@ -386,13 +417,19 @@ func (f *Firewall) Apply(ctx context.Context, desired []network.NICPlan) error {
 			return err
 		}
 	}
-	return f.flush("apply firewall")
+	if err := f.flush("apply firewall"); err != nil {
+		return err
+	}
+	for _, dev := range gone {
+		f.notifyRemoved(st, dev)
+	}
+	return nil
 }
 
 // NICs lists the host devices that have state in the table.
 func (f *Firewall) NICs() ([]string, error) {
 	f.mu.Lock()
-	defer f.mu.Unlock()
+	defer f.unlock()
 	st, err := f.readState()
 	if err != nil {
 		return nil, err
@@ -403,7 +440,7 @@ func (f *Firewall) NICs() ([]string, error) {
 // Counters returns the packet count of every control counter of hostDev.
 func (f *Firewall) Counters(hostDev string) (map[network.Control]uint64, error) {
 	f.mu.Lock()
-	defer f.mu.Unlock()
+	defer f.unlock()
 	objs, err := f.conn.GetNamedObjects(table())
 	if err != nil {
 		if errors.Is(err, unix.ENOENT) {
@@ -432,4 +469,19 @@ func (f *Firewall) Counters(hostDev string) (map[network.Control]uint64, error) 
 		out[ctl] = v
 	}
 	return out, nil
+}
+
+// verdictChain extracts the chain of a map element's verdict data as
+// google/nftables returns it (the NFTA_DATA_VERDICT attributes).
+func verdictChain(b []byte) string {
+	ad, err := netlink.NewAttributeDecoder(b)
+	if err != nil {
+		return ""
+	}
+	for ad.Next() {
+		if ad.Type() == unix.NFTA_VERDICT_CHAIN {
+			return strings.TrimRight(ad.String(), "\x00")
+		}
+	}
+	return ""
 }

@@ -61,6 +61,7 @@ import (
 	"fmt"
 	"net"
 	"net/netip"
+	"time"
 
 	"github.com/google/nftables"
 	"github.com/google/nftables/expr"
@@ -143,6 +144,10 @@ type setSpec struct {
 	name    string
 	keyType nftables.SetDatatype
 	elems   [][]byte
+	// dynamic sets are filled from the packet path (with timeouts) and
+	// never flushed or compared by metald.
+	dynamic bool
+	timeout time.Duration
 }
 
 // chainsOf lists every chain a NIC owns, in a fixed order. All exist for

@@ -1,0 +1,134 @@
+package nft
+
+import (
+	"context"
+	"fmt"
+	"regexp"
+	"strings"
+	"testing"
+
+	"github.com/metald/metald/internal/network"
+)
+
+// handles lists the table with rule handles (`nft -a`), counters zeroed.
+func handles(t *testing.T, tp *topo) string {
+	t.Helper()
+	out := tp.host.MustRun(t, "nft", "-a", "list", "table", "bridge", TableName)
+	return counterValues.ReplaceAllString(out, "packets 0 bytes 0")
+}
+
+// TestReconcileNoChange: a restarted daemon (a new Firewall) reconciling
+// a matching kernel changes nothing: every rule keeps its handle.
+func TestReconcileNoChange(t *testing.T) {
+	t.Parallel()
+	tp := newTopo(t, allOn())
+	before := handles(t, tp)
+	fw2, err := New(tp.host.Fd())
+	if err != nil {
+		t.Fatal(err)
+	}
+	r, err := fw2.Reconcile(context.Background(), tp.plans[:])
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !r.Empty() {
+		t.Fatalf("reconcile of a matching kernel repaired: %s", r)
+	}
+	if after := handles(t, tp); after != before {
+		t.Errorf("listing with handles changed:\n--- before\n%s\n--- after\n%s", before, after)
+	}
+}
+
+var handleRE = regexp.MustCompile(`# handle (\d+)`)
+
+// ruleHandle returns the handle of the first rule of chain whose line
+// contains all of want.
+func ruleHandle(t *testing.T, tp *topo, chain string, want ...string) string {
+	t.Helper()
+	out := tp.host.MustRun(t, "nft", "-a", "list", "chain", "bridge", TableName, chain)
+	for _, line := range strings.Split(out, "\n") {
+		ok := true
+		for _, w := range want {
+			ok = ok && strings.Contains(line, w)
+		}
+		if m := handleRE.FindStringSubmatch(line); ok && m != nil && !strings.Contains(line, "chain ") {
+			return m[1]
+		}
+	}
+	t.Fatalf("no rule with %q in %s:\n%s", want, chain, out)
+	return ""
+}
+
+// TestReconcileRepairsDrift: operator edits with the nft CLI are found and
+// repaired in one Reconcile, after which a rogue RA is blocked again
+// (counted on tap-vm1, never seen at VM2).
+func TestReconcileRepairsDrift(t *testing.T) {
+	t.Parallel()
+	tp := newTopo(t, allOn())
+	cap := startCapture(t, tp.vm2, "eth0")
+	nftCmd := func(args ...string) { tp.host.MustRun(t, "nft", args...) }
+	drifts := []struct {
+		name  string
+		edit  func()
+		want  string // substring of Repairs.String()
+		leaks bool   // the rogue RA reaches VM2 while drifted
+	}{
+		{"table flushed", func() { nftCmd("flush", "table", "bridge", TableName) }, "rules differ", true},
+		{"table deleted", func() { nftCmd("delete", "table", "bridge", TableName) }, "table recreated", true},
+		{"NIC chain deleted", func() {
+			nftCmd("delete", "element", "bridge", TableName, FromVMMap, `{ "tap-vm1" }`)
+			nftCmd("flush", "chain", "bridge", TableName, "vm-tap-vm1-out")
+			nftCmd("delete", "chain", "bridge", TableName, "vm-tap-vm1-out")
+		}, "chain vm-tap-vm1-out missing", false},
+		{"rule deleted", func() {
+			h := ruleHandle(t, tp, "vm-tap-vm1-out_icmp", "control=ra_guard", "nd-router-advert")
+			nftCmd("delete", "rule", "bridge", TableName, "vm-tap-vm1-out_icmp", "handle", h)
+		}, "chain vm-tap-vm1-out_icmp rules differ", false},
+		{"vmap element removed", func() {
+			nftCmd("delete", "element", "bridge", TableName, FromVMMap, `{ "tap-vm1" }`)
+		}, "map from_vm entry wrong or missing", false},
+		{"address set emptied", func() {
+			nftCmd("flush", "set", "bridge", TableName, "tap-vm1-addrs")
+		}, "set tap-vm1-addrs elements differ", false},
+	}
+	for i, d := range drifts {
+		t.Run(d.name, func(t *testing.T) {
+			fl := uint32(0x5000 + 2*i)
+			d.edit()
+			if d.leaks {
+				sendAndMark(t, tp, cap, false, fl, `send(`+raMC+`/`+ra+`)`)
+				if cap.count(fl) != 1 {
+					t.Fatalf("drift %q did not open the RA guard (test is vacuous)", d.name)
+				}
+			} else if d.want != "set tap-vm1-addrs elements differ" {
+				// VM2's to-VM RA guard still stops the RA; VM1's from-VM
+				// guard no longer counts it.
+				b := tp.counters(t, "tap-vm1")
+				sendAndMark(t, tp, cap, false, fl, `send(`+raMC+`/`+ra+`)`)
+				if got := deltas(b, tp.counters(t, "tap-vm1")); got[network.CtlRAGuard] != 0 {
+					t.Fatalf("drift %q did not open VM1's RA guard (test is vacuous)", d.name)
+				}
+			}
+			r, err := tp.fw.Reconcile(context.Background(), tp.plans[:])
+			if err != nil {
+				t.Fatal(err)
+			}
+			t.Logf("repaired: %s", r)
+			if !strings.Contains(r.String(), d.want) {
+				t.Errorf("repairs %q, want mention of %q", r, d.want)
+			}
+			// a second pass finds nothing
+			if r2, err := tp.fw.Reconcile(context.Background(), tp.plans[:]); err != nil || !r2.Empty() {
+				t.Fatalf("second reconcile: %v %s", err, r2)
+			}
+			before := tp.counters(t, "tap-vm1")
+			sendAndMark(t, tp, cap, false, fl+1, fmt.Sprintf("send([%s/%s]*3)", raMC, ra))
+			if n := cap.count(fl + 1); n != 0 {
+				t.Errorf("%d rogue RAs reached VM2 after repair", n)
+			}
+			if got := deltas(before, tp.counters(t, "tap-vm1")); got[network.CtlRAGuard] != 3 || len(got) != 1 {
+				t.Errorf("deltas %s, want ra_guard+3", fmtDeltas(got))
+			}
+		})
+	}
+}
