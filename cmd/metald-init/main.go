@@ -1,0 +1,230 @@
+// Command metald-init is the guest side of metald: a static binary that
+// runs as PID 1 of a metald microVM (or before the real init, which it then
+// execs). It mounts the basic filesystems, loads the virtio modules listed
+// in the image, reads the NIC configuration metald put on the kernel
+// command line (metald.net=, see package guestcfg), configures every NIC
+// found by MAC (privacy sysctls first, then link up, address, default
+// route) and /etc/resolv.conf, and then either execs metald.init or stays
+// PID 1: it reaps orphans and powers the VM off on SIGTERM, on SIGINT
+// (Ctrl-Alt-Del, as QEMU's send-key and Firecracker's SendCtrlAltDel
+// deliver it) and on the ACPI power button (QEMU's system_powerdown).
+//
+// With metald.test=rogue-ra it also sends rogue Router Advertisements from
+// every configured NIC, for the first-hop security tests.
+package main
+
+import (
+	"bufio"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"os/signal"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"time"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/metald/metald/cmd/metald-init/guestcfg"
+)
+
+// ModuleDir holds the kernel modules of the image and the file "order"
+// listing them (one file name a line) in load order.
+const ModuleDir = "/lib/modules/metald"
+
+// NetworkUpMarker is printed on the console once every NIC is configured;
+// the host watches the serial log for it.
+const NetworkUpMarker = "metald-init: network up"
+
+func logf(format string, a ...any) {
+	fmt.Fprintf(os.Stderr, "metald-init: "+format+"\n", a...)
+}
+
+func main() {
+	pid1 := os.Getpid() == 1
+	if pid1 {
+		mountBasics()
+	}
+	// Ctrl-Alt-Del becomes SIGINT to PID 1 instead of an immediate reboot.
+	if pid1 {
+		if err := unix.Reboot(unix.LINUX_REBOOT_CMD_CAD_OFF); err != nil {
+			logf("disable ctrl-alt-del: %v", err)
+		}
+	}
+	sigs := make(chan os.Signal, 8)
+	signal.Notify(sigs, unix.SIGTERM, unix.SIGINT, unix.SIGCHLD, unix.SIGPWR)
+
+	loadModules(ModuleDir)
+
+	raw, err := os.ReadFile("/proc/cmdline")
+	if err != nil {
+		logf("read /proc/cmdline: %v", err)
+	}
+	cl, err := guestcfg.ParseCmdline(string(raw))
+	if err != nil {
+		logf("kernel command line: %v", err)
+	}
+	if cl.Net != nil {
+		if err := configure(*cl.Net); err != nil {
+			logf("network: %v", err)
+		} else {
+			fmt.Fprintln(os.Stderr, NetworkUpMarker)
+		}
+	}
+	if cl.Test == guestcfg.TestRogueRA && cl.Net != nil {
+		go rogueRA(*cl.Net)
+	}
+	if cl.Init != "" {
+		if _, err := os.Stat(cl.Init); err == nil {
+			signal.Reset()
+			err := syscall.Exec(cl.Init, []string{cl.Init}, os.Environ())
+			logf("exec %s: %v", cl.Init, err)
+		} else {
+			logf("%s: %v; staying as init", cl.Init, err)
+		}
+	}
+	if !pid1 {
+		logf("not PID 1: exiting")
+		return
+	}
+	go watchPowerButton(sigs)
+	startShell()
+	for s := range sigs {
+		switch s {
+		case unix.SIGCHLD:
+			reap()
+		default:
+			logf("%v: powering off", s)
+			powerOff()
+		}
+	}
+}
+
+// mountBasics mounts /proc, /sys, /dev, /run (errors are logged: a mount
+// that already exists is fine).
+func mountBasics() {
+	for _, m := range []struct{ src, dst, typ string }{
+		{"proc", "/proc", "proc"},
+		{"sysfs", "/sys", "sysfs"},
+		{"devtmpfs", "/dev", "devtmpfs"},
+		{"tmpfs", "/run", "tmpfs"},
+		{"tmpfs", "/tmp", "tmpfs"},
+		{"devpts", "/dev/pts", "devpts"},
+	} {
+		os.MkdirAll(m.dst, 0o755)
+		if err := unix.Mount(m.src, m.dst, m.typ, unix.MS_NOSUID, ""); err != nil && !errors.Is(err, unix.EBUSY) {
+			logf("mount %s: %v", m.dst, err)
+		}
+	}
+}
+
+// loadModules loads dir/order's modules in order; already loaded or
+// built-in ones are fine.
+func loadModules(dir string) {
+	f, err := os.Open(filepath.Join(dir, "order"))
+	if err != nil {
+		return
+	}
+	defer f.Close()
+	sc := bufio.NewScanner(f)
+	for sc.Scan() {
+		name := strings.TrimSpace(sc.Text())
+		if name == "" || strings.HasPrefix(name, "#") {
+			continue
+		}
+		if err := loadModule(filepath.Join(dir, name)); err != nil {
+			logf("load module %s: %v", name, err)
+		}
+	}
+}
+
+func loadModule(path string) error {
+	m, err := os.Open(path)
+	if err != nil {
+		return err
+	}
+	defer m.Close()
+	err = unix.FinitModule(int(m.Fd()), "", 0)
+	if errors.Is(err, unix.EEXIST) {
+		return nil
+	}
+	return err
+}
+
+// reap collects every exited child.
+func reap() {
+	for {
+		var ws unix.WaitStatus
+		pid, err := unix.Wait4(-1, &ws, unix.WNOHANG, nil)
+		if pid <= 0 || err != nil {
+			return
+		}
+	}
+}
+
+// powerOff stops every other process, syncs and powers the machine off.
+func powerOff() {
+	unix.Kill(-1, unix.SIGTERM)
+	time.Sleep(200 * time.Millisecond)
+	unix.Kill(-1, unix.SIGKILL)
+	unix.Sync()
+	if err := unix.Reboot(unix.LINUX_REBOOT_CMD_POWER_OFF); err != nil {
+		logf("power off: %v", err)
+	}
+}
+
+// startShell starts a busybox shell on the console when the image has one,
+// for debugging over the serial console; the image works without it.
+func startShell() {
+	const sh = "/bin/sh"
+	if _, err := os.Stat(sh); err != nil {
+		return
+	}
+	var attr = &syscall.ProcAttr{
+		Env:   []string{"PATH=/bin:/sbin:/usr/bin:/usr/sbin", "HOME=/"},
+		Files: []uintptr{0, 1, 2},
+		Sys:   &syscall.SysProcAttr{Setsid: true},
+	}
+	if _, err := syscall.ForkExec(sh, []string{"-sh"}, attr); err != nil {
+		logf("start shell: %v", err)
+	}
+}
+
+// watchPowerButton turns a KEY_POWER press on any input device (the ACPI
+// power button QEMU's system_powerdown presses) into SIGPWR on sigs.
+func watchPowerButton(sigs chan<- os.Signal) {
+	seen := map[string]bool{}
+	for range 60 {
+		ms, _ := filepath.Glob("/dev/input/event*")
+		for _, p := range ms {
+			if seen[p] {
+				continue
+			}
+			seen[p] = true
+			go func() {
+				f, err := os.Open(p)
+				if err != nil {
+					return
+				}
+				defer f.Close()
+				// struct input_event on 64-bit: timeval (16), type, code
+				// (u16 each), value (s32).
+				var ev [24]byte
+				for {
+					if _, err := io.ReadFull(f, ev[:]); err != nil {
+						return
+					}
+					typ := uint16(ev[16]) | uint16(ev[17])<<8
+					code := uint16(ev[18]) | uint16(ev[19])<<8
+					val := int32(uint32(ev[20]) | uint32(ev[21])<<8 | uint32(ev[22])<<16 | uint32(ev[23])<<24)
+					if typ == 1 && code == 116 && val == 1 { // EV_KEY, KEY_POWER, press
+						sigs <- unix.SIGPWR
+					}
+				}
+			}()
+		}
+		time.Sleep(time.Second)
+	}
+}
