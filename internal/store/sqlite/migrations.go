@@ -78,4 +78,32 @@ var migrations = []string{
 	// scanning every VM: NICs by bridge and by address.
 	`CREATE INDEX nics_bridge ON nics (bridge);
 	CREATE INDEX nics_address ON nics (address);`,
+	// 4: security events, enhanced-monitoring sessions and optimize
+	// settings (internal/store/sqlite/events.go).
+	`CREATE TABLE security_events (
+		seq          INTEGER PRIMARY KEY AUTOINCREMENT,
+		id           TEXT NOT NULL UNIQUE,
+		ts           INTEGER NOT NULL,
+		event_type   TEXT NOT NULL,
+		severity     TEXT NOT NULL,
+		vm_id        TEXT NOT NULL DEFAULT '',
+		tenant_id    TEXT NOT NULL DEFAULT '',
+		interface_id TEXT NOT NULL DEFAULT '',
+		details      TEXT NOT NULL DEFAULT '{}'
+	);
+	CREATE INDEX security_events_ts ON security_events (ts);
+	CREATE INDEX security_events_vm ON security_events (vm_id, ts);
+	CREATE INDEX security_events_tenant ON security_events (tenant_id, ts);
+	CREATE INDEX security_events_type ON security_events (event_type, ts);
+	CREATE TABLE security_monitor_sessions (
+		tenant_id  TEXT PRIMARY KEY,
+		log_level  TEXT NOT NULL,
+		duration   TEXT NOT NULL,
+		started_at INTEGER NOT NULL,
+		expires_at INTEGER NOT NULL
+	);
+	CREATE TABLE security_settings (
+		key   TEXT PRIMARY KEY,
+		value TEXT NOT NULL
+	);`,
 }
