@@ -1,0 +1,59 @@
+// Package secpolicy owns the `table ip6 metald_security`: kernel enforcement
+// of each VM NIC's resolved security policy (policy.Rule lists), tenant
+// isolation, microsegmentation, allowed destinations, quarantine and the
+// operator's blocked_sources set.
+//
+// # Layout of the table
+//
+// Three base chains (forward, input, output; filter priority 0, policy
+// accept) share one shape:
+//
+//	blocked_sources drop (both directions; in input/output only for VM addresses)
+//	ct state established,related accept
+//	ND/MLD (130-133,135,136,143) accept            RFC 4890: never broken by a user's deny all
+//	RA/redirect (134,137) from a VM address drop   (output: the host is the gateway, they pass)
+//	ct state invalid drop
+//	ip6 saddr vmap @egress_by_src                  (forward, input)
+//	ip6 daddr vmap @ingress_by_dst                 (forward, output)
+//
+// The verdict maps are keyed on every address of a VM (global and link-local);
+// the first-hop source guard in the bridge table makes a source address an
+// identity. Each entry jumps to the NIC's chain for that direction. A NIC
+// chain ends with `return` when the packet is allowed and `drop` when it is
+// not, so for traffic between two local VMs the sender's egress chain and
+// the receiver's ingress chain both decide ("both sides' rules").
+//
+// A NIC chain, in order:
+//
+//  1. quarantine (Isolated): management rules, then log + drop;
+//  2. allowed_destinations (egress): daddr outside the list: drop;
+//  3. strict tenant isolation: peer outside @tenant-<t>, the gateways and
+//     allowed_destinations: drop;
+//  4. the user's rules in order, first match wins; `log` rules (or
+//     log_security_events for denies) log with prefix "metald-ipv6-deny "
+//     (allows: "metald-ipv6-allow "), rate-limited, before the verdict;
+//  5. when the default is allow: moderate isolation drops a peer that is a
+//     local VM of another tenant, and microsegmentation drops a peer of the
+//     same tenant on the same bridge (both need an explicit allow rule);
+//  6. the default verdict.
+//
+// Every verdict rule carries a counter; RuleCounters reads them.
+//
+// Named sets: blocked_sources (operator-owned: created if absent, never
+// flushed, never deleted), vm_addrs (every local VM address), tenant-<t>,
+// bridge-<b>, and sg-<group> for security groups. Membership changes are
+// element additions and removals; rules are never rewritten for them.
+//
+// # Updates
+//
+// A NIC's chains are named vm-<vm>.<nic>-{in,out}-g<N>. An update builds the
+// chains of generation N+1, moves the NIC's map entries to them, and deletes
+// the generation-N chains, all in one netlink batch (one nf_tables
+// transaction): a failed update changes nothing, and no packet ever sees a
+// NIC without a chain.
+//
+// # Bridged traffic
+//
+// Bridged IPv6 reaches the ip6 hooks only through br_netfilter. See
+// EnsureBridgeNetfilter and BridgeNetfilterStatus.
+package secpolicy

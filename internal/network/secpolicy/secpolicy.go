@@ -1,0 +1,749 @@
+package secpolicy
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net/netip"
+	"reflect"
+	"slices"
+	"strings"
+	"sync"
+
+	"github.com/google/nftables"
+	"github.com/google/nftables/expr"
+	"github.com/google/nftables/userdata"
+	"github.com/mdlayher/netlink"
+	"golang.org/x/sys/unix"
+
+	"github.com/metald/metald/internal/policy"
+)
+
+func table() *nftables.Table {
+	return &nftables.Table{Name: TableName, Family: nftables.TableFamilyIPv6}
+}
+
+func addrSet(name string) *nftables.Set {
+	return &nftables.Set{Table: table(), Name: name, KeyType: nftables.TypeIP6Addr}
+}
+
+func vmapSet(name string) *nftables.Set {
+	return &nftables.Set{Table: table(), Name: name, IsMap: true, KeyType: nftables.TypeIP6Addr, DataType: nftables.TypeVerdict}
+}
+
+func blockedSet() *nftables.Set {
+	return &nftables.Set{Table: table(), Name: BlockedSources, KeyType: nftables.TypeIP6Addr, Interval: true}
+}
+
+func key16(a netip.Addr) []byte { b := a.As16(); return b[:] }
+
+// nicState is what the manager knows a NIC has in the kernel.
+type nicState struct {
+	plan  *NICPolicy // nil when loaded from the kernel
+	gen   uint64
+	addrs []netip.Addr
+	sets  []string // named address sets its addresses are members of
+}
+
+// Manager programs `table ip6 metald_security` through one nftables
+// connection. Each method is one netlink batch; methods are safe for
+// concurrent use.
+type Manager struct {
+	mu     sync.Mutex
+	conn   *nftables.Conn
+	opts   []nftables.ConnOption
+	loaded bool
+	based  bool // base chains (re)written by this manager
+	nics   map[string]*nicState
+	sets   map[string]bool                               // managed named sets that exist
+	owners map[string]map[netip.Addr]map[string]struct{} // set → addr → owning NIC keys ("" = explicit)
+	byAddr map[netip.Addr]string                         // addr → NIC key
+	groups map[string][]netip.Addr                       // explicit group members
+}
+
+// New returns a Manager for the network namespace open at nsFd (the
+// caller's namespace when nsFd < 0). It reads what the table already holds,
+// so a restarted metald continues from the kernel state.
+func New(nsFd int) (*Manager, error) {
+	opts := []nftables.ConnOption{nftables.AsLasting(), nftables.WithSockOptions(bigReceiveBuffer)}
+	if nsFd >= 0 {
+		opts = append(opts, nftables.WithNetNSFd(nsFd))
+	}
+	c, err := nftables.New(opts...)
+	if err != nil {
+		return nil, fmt.Errorf("open nftables connection: %w", err)
+	}
+	m := &Manager{conn: c, opts: opts}
+	if err := m.load(); err != nil {
+		c.CloseLasting()
+		return nil, err
+	}
+	return m, nil
+}
+
+// Close releases the netlink connection. The table stays.
+func (m *Manager) Close() error { return m.conn.CloseLasting() }
+
+const receiveBuffer = 16 << 20
+
+func bigReceiveBuffer(c *netlink.Conn) error {
+	raw, err := c.SyscallConn()
+	if err != nil {
+		return err
+	}
+	var serr error
+	if err := raw.Control(func(fd uintptr) {
+		serr = unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_RCVBUFFORCE, receiveBuffer)
+	}); err != nil {
+		return err
+	}
+	if serr != nil {
+		return c.SetReadBuffer(receiveBuffer)
+	}
+	return nil
+}
+
+func isManagedSet(name string) bool {
+	return name == VMAddrsSet || strings.HasPrefix(name, "tenant-") || strings.HasPrefix(name, "bridge-") || strings.HasPrefix(name, "sg-")
+}
+
+// load rebuilds the in-memory model from the kernel.
+func (m *Manager) load() error {
+	m.nics = map[string]*nicState{}
+	m.sets = map[string]bool{}
+	m.owners = map[string]map[netip.Addr]map[string]struct{}{}
+	m.byAddr = map[netip.Addr]string{}
+	if m.groups == nil {
+		m.groups = map[string][]netip.Addr{}
+	}
+	m.based = false
+	tables, err := m.conn.ListTablesOfFamily(nftables.TableFamilyIPv6)
+	if err != nil {
+		return fmt.Errorf("list tables: %w", err)
+	}
+	if !slices.ContainsFunc(tables, func(t *nftables.Table) bool { return t.Name == TableName }) {
+		m.loaded = true
+		return nil
+	}
+	chains, err := m.conn.ListChainsOfTableFamily(nftables.TableFamilyIPv6)
+	if err != nil {
+		return fmt.Errorf("list chains: %w", err)
+	}
+	for _, ch := range chains {
+		if ch.Table.Name != TableName {
+			continue
+		}
+		if k, _, gen, ok := parseChainName(ch.Name); ok {
+			st := m.nic(k)
+			st.gen = max(st.gen, gen)
+		}
+	}
+	sets, err := m.conn.GetSets(table())
+	if err != nil {
+		return fmt.Errorf("list sets: %w", err)
+	}
+	for _, s := range sets {
+		if s.Name == EgressMap {
+			els, err := m.conn.GetSetElements(s)
+			if err != nil {
+				return fmt.Errorf("list %s: %w", s.Name, err)
+			}
+			for _, e := range els {
+				a, ok := netip.AddrFromSlice(e.Key)
+				if !ok || e.VerdictData == nil {
+					continue
+				}
+				if k, _, _, ok := parseChainName(e.VerdictData.Chain); ok {
+					st := m.nic(k)
+					st.addrs = append(st.addrs, a)
+					m.byAddr[a] = k
+				}
+			}
+		}
+	}
+	for _, s := range sets {
+		m.sets[s.Name] = true
+		if !isManagedSet(s.Name) {
+			continue
+		}
+		els, err := m.conn.GetSetElements(s)
+		if err != nil {
+			return fmt.Errorf("list %s: %w", s.Name, err)
+		}
+		for _, e := range els {
+			a, ok := netip.AddrFromSlice(e.Key)
+			if !ok {
+				continue
+			}
+			owner := m.byAddr[a]
+			m.own(s.Name, a, owner)
+			if owner != "" {
+				m.nics[owner].sets = append(m.nics[owner].sets, s.Name)
+			} else if g, ok := strings.CutPrefix(s.Name, "sg-"); ok {
+				m.groups[g] = append(m.groups[g], a)
+			}
+		}
+	}
+	for _, st := range m.nics {
+		slices.Sort(st.sets)
+		st.sets = slices.Compact(st.sets)
+	}
+	m.loaded = true
+	return nil
+}
+
+func (m *Manager) nic(k string) *nicState {
+	st := m.nics[k]
+	if st == nil {
+		st = &nicState{}
+		m.nics[k] = st
+	}
+	return st
+}
+
+func (m *Manager) own(set string, a netip.Addr, owner string) {
+	as := m.owners[set]
+	if as == nil {
+		as = map[netip.Addr]map[string]struct{}{}
+		m.owners[set] = as
+	}
+	os := as[a]
+	if os == nil {
+		os = map[string]struct{}{}
+		as[a] = os
+	}
+	os[owner] = struct{}{}
+}
+
+// batch is one netlink transaction under construction: element changes are
+// collected per set and queued in order before Flush.
+type batch struct {
+	m       *Manager
+	adds    map[string][]netip.Addr
+	dels    map[string][]netip.Addr
+	newSets []string
+}
+
+func (m *Manager) newBatch() *batch {
+	return &batch{m: m, adds: map[string][]netip.Addr{}, dels: map[string][]netip.Addr{}}
+}
+
+// ensureSet queues the creation of a managed address set.
+func (b *batch) ensureSet(name string) error {
+	if b.m.sets[name] {
+		return nil
+	}
+	if err := b.m.conn.AddSet(addrSet(name), nil); err != nil {
+		return fmt.Errorf("add set %s: %w", name, err)
+	}
+	b.m.sets[name] = true
+	b.newSets = append(b.newSets, name)
+	return nil
+}
+
+// setOwner changes owner's membership of a in set, recording kernel
+// element changes when the address's presence changes.
+func (b *batch) setOwner(set string, a netip.Addr, owner string, member bool) {
+	as := b.m.owners[set]
+	was := len(as[a]) > 0
+	if member {
+		b.m.own(set, a, owner)
+	} else if as != nil && as[a] != nil {
+		delete(as[a], owner)
+		if len(as[a]) == 0 {
+			delete(as, a)
+		}
+	}
+	now := len(b.m.owners[set][a]) > 0
+	switch {
+	case !was && now:
+		b.adds[set] = append(b.adds[set], a)
+	case was && !now:
+		b.dels[set] = append(b.dels[set], a)
+	}
+}
+
+// queueElements queues the collected element changes.
+func (b *batch) queueElements() error {
+	c := b.m.conn
+	names := make([]string, 0, len(b.adds)+len(b.dels))
+	for s := range b.adds {
+		names = append(names, s)
+	}
+	for s := range b.dels {
+		names = append(names, s)
+	}
+	slices.Sort(names)
+	names = slices.Compact(names)
+	for _, s := range names {
+		// An address both removed and re-added nets out to nothing.
+		add, del := b.adds[s], b.dels[s]
+		var els []nftables.SetElement
+		for _, a := range del {
+			if !slices.Contains(add, a) {
+				els = append(els, nftables.SetElement{Key: key16(a)})
+			}
+		}
+		if len(els) > 0 {
+			if err := c.SetDeleteElements(addrSet(s), els); err != nil {
+				return fmt.Errorf("delete elements of %s: %w", s, err)
+			}
+		}
+		els = nil
+		for _, a := range add {
+			if !slices.Contains(del, a) {
+				els = append(els, nftables.SetElement{Key: key16(a)})
+			}
+		}
+		if len(els) > 0 {
+			if err := c.SetAddElements(addrSet(s), els); err != nil {
+				return fmt.Errorf("add elements to %s: %w", s, err)
+			}
+		}
+	}
+	return nil
+}
+
+// queueBase queues the table, the shared sets and maps, and (once per
+// manager) the base chains' rules. blocked_sources is created only when
+// absent and never flushed.
+func (m *Manager) queueBase() error {
+	if m.based {
+		return nil
+	}
+	c := m.conn
+	c.AddTable(table())
+	if !m.sets[BlockedSources] {
+		if err := c.AddSet(blockedSet(), nil); err != nil {
+			return fmt.Errorf("add set %s: %w", BlockedSources, err)
+		}
+	}
+	if !m.sets[VMAddrsSet] {
+		if err := c.AddSet(addrSet(VMAddrsSet), nil); err != nil {
+			return fmt.Errorf("add set %s: %w", VMAddrsSet, err)
+		}
+	}
+	for _, s := range []string{EgressMap, IngressMap} {
+		if !m.sets[s] {
+			if err := c.AddSet(vmapSet(s), nil); err != nil {
+				return fmt.Errorf("add map %s: %w", s, err)
+			}
+		}
+	}
+	accept := nftables.ChainPolicyAccept
+	for _, b := range []struct {
+		name string
+		hook *nftables.ChainHook
+	}{
+		{ChainForward, nftables.ChainHookForward},
+		{ChainInput, nftables.ChainHookInput},
+		{ChainOutput, nftables.ChainHookOutput},
+	} {
+		ch := c.AddChain(&nftables.Chain{Name: b.name, Table: table(), Type: nftables.ChainTypeFilter,
+			Hooknum: b.hook, Priority: nftables.ChainPriorityFilter, Policy: &accept})
+		c.FlushChain(ch)
+		if err := m.queueRules(ch, baseRules(b.name)); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+func (m *Manager) queueRules(ch *nftables.Chain, rules []nrule) error {
+	c := m.conn
+	for _, r := range rules {
+		for _, a := range r.anons {
+			set := &nftables.Set{Table: table(), Anonymous: true, Constant: true, Interval: a.interval, KeyType: a.keyType}
+			if err := c.AddSet(set, a.elems); err != nil {
+				return fmt.Errorf("add anonymous set: %w", err)
+			}
+			a.lookup.SetID, a.lookup.SetName = set.ID, set.Name
+		}
+		c.AddRule(&nftables.Rule{Table: table(), Chain: ch, Exprs: r.exprs, UserData: commentData(r.comment)})
+	}
+	return nil
+}
+
+// memberships returns the named address sets p's addresses belong to.
+func memberships(p *NICPolicy) []string {
+	s := []string{VMAddrsSet}
+	if p.Tenant != "" {
+		s = append(s, tenantSet(p.Tenant))
+	}
+	if p.Bridge != "" {
+		s = append(s, bridgeSet(p.Bridge))
+	}
+	for _, g := range p.SecurityGroups {
+		s = append(s, groupSet(g))
+	}
+	slices.Sort(s)
+	return slices.Compact(s)
+}
+
+// referencedSets returns the named sets p's chains look up.
+func referencedSets(p *NICPolicy) []string {
+	s := memberships(p)
+	for _, l := range [][]policy.Rule{p.Ingress, p.Egress, p.ManagementIngress, p.ManagementEgress} {
+		for _, r := range l {
+			for _, e := range []policy.Endpoint{r.Src, r.Dst} {
+				if e.Kind == policy.EndpointGroup {
+					s = append(s, groupSet(e.Group))
+				}
+			}
+		}
+	}
+	slices.Sort(s)
+	return slices.Compact(s)
+}
+
+// queueNIC queues the replacement of p's state. The caller holds m.mu.
+func (m *Manager) queueNIC(b *batch, p *NICPolicy) error {
+	if err := p.Validate(); err != nil {
+		return err
+	}
+	k := p.key()
+	for _, a := range p.Addrs {
+		if o, ok := m.byAddr[a]; ok && o != k {
+			return fmt.Errorf("%w: %s: address %s belongs to %s", ErrInvalid, k, a, o)
+		}
+	}
+	c := m.conn
+	st := m.nic(k)
+	oldGen, hadChains := st.gen, st.gen > 0
+	for _, s := range referencedSets(p) {
+		if err := b.ensureSet(s); err != nil {
+			return err
+		}
+	}
+	// Membership: remove old contributions, add new ones.
+	newSets := memberships(p)
+	for _, s := range st.sets {
+		for _, a := range st.addrs {
+			if !slices.Contains(newSets, s) || !slices.Contains(p.Addrs, a) {
+				b.setOwner(s, a, k, false)
+			}
+		}
+	}
+	for _, s := range newSets {
+		for _, a := range p.Addrs {
+			b.setOwner(s, a, k, true)
+		}
+	}
+	if err := b.queueElements(); err != nil {
+		return err
+	}
+	b.adds, b.dels = map[string][]netip.Addr{}, map[string][]netip.Addr{}
+
+	gen := oldGen + 1
+	in, out := buildChain(p, dirIn, chainName(k, dirIn, gen)), buildChain(p, dirOut, chainName(k, dirOut, gen))
+	for _, cs := range []chainSpec{in, out} {
+		ch := c.AddChain(&nftables.Chain{Name: cs.name, Table: table()})
+		if err := m.queueRules(ch, cs.rules); err != nil {
+			return err
+		}
+	}
+	// Switch the map entries: delete the old ones, add the new ones.
+	if len(st.addrs) > 0 {
+		var els []nftables.SetElement
+		for _, a := range st.addrs {
+			els = append(els, nftables.SetElement{Key: key16(a)})
+		}
+		if err := c.SetDeleteElements(vmapSet(EgressMap), els); err != nil {
+			return err
+		}
+		if err := c.SetDeleteElements(vmapSet(IngressMap), els); err != nil {
+			return err
+		}
+	}
+	var eg, ig []nftables.SetElement
+	for _, a := range p.Addrs {
+		eg = append(eg, nftables.SetElement{Key: key16(a), VerdictData: &expr.Verdict{Kind: expr.VerdictJump, Chain: out.name}})
+		ig = append(ig, nftables.SetElement{Key: key16(a), VerdictData: &expr.Verdict{Kind: expr.VerdictJump, Chain: in.name}})
+	}
+	if err := c.SetAddElements(vmapSet(EgressMap), eg); err != nil {
+		return err
+	}
+	if err := c.SetAddElements(vmapSet(IngressMap), ig); err != nil {
+		return err
+	}
+	if hadChains {
+		m.queueDelChains(k, oldGen)
+	}
+	for _, a := range st.addrs {
+		delete(m.byAddr, a)
+	}
+	for _, a := range p.Addrs {
+		m.byAddr[a] = k
+	}
+	cp := *p
+	st.plan, st.gen, st.addrs, st.sets = &cp, gen, slices.Clone(p.Addrs), newSets
+	return nil
+}
+
+func (m *Manager) queueDelChains(k string, gen uint64) {
+	for _, d := range []string{dirIn, dirOut} {
+		ch := &nftables.Chain{Name: chainName(k, d, gen), Table: table()}
+		m.conn.FlushChain(ch)
+		m.conn.DelChain(ch)
+	}
+}
+
+// queueRemove queues the removal of NIC k. The caller holds m.mu.
+func (m *Manager) queueRemove(b *batch, k string) error {
+	st, ok := m.nics[k]
+	if !ok {
+		return fmt.Errorf("%w: %s", ErrNotFound, k)
+	}
+	c := m.conn
+	if len(st.addrs) > 0 {
+		var els []nftables.SetElement
+		for _, a := range st.addrs {
+			els = append(els, nftables.SetElement{Key: key16(a)})
+		}
+		if err := c.SetDeleteElements(vmapSet(EgressMap), els); err != nil {
+			return err
+		}
+		if err := c.SetDeleteElements(vmapSet(IngressMap), els); err != nil {
+			return err
+		}
+	}
+	for _, s := range st.sets {
+		for _, a := range st.addrs {
+			b.setOwner(s, a, k, false)
+		}
+	}
+	if err := b.queueElements(); err != nil {
+		return err
+	}
+	b.adds, b.dels = map[string][]netip.Addr{}, map[string][]netip.Addr{}
+	m.queueDelChains(k, st.gen)
+	for _, a := range st.addrs {
+		delete(m.byAddr, a)
+	}
+	delete(m.nics, k)
+	return nil
+}
+
+// commit flushes the batch; on failure the kernel is unchanged and the
+// model is reloaded from it.
+func (m *Manager) commit(what string) error {
+	if err := m.conn.Flush(); err != nil {
+		if lerr := m.load(); lerr != nil {
+			return errors.Join(fmt.Errorf("%s: %w", what, err), lerr)
+		}
+		return fmt.Errorf("%s: %w", what, err)
+	}
+	m.based = true
+	return nil
+}
+
+// abort discards queued messages after a build error.
+func (m *Manager) abort(err error) error {
+	// Queued messages cannot be taken back: start a new connection.
+	if c, cerr := nftables.New(m.opts...); cerr == nil {
+		m.conn.CloseLasting()
+		m.conn = c
+	} else {
+		err = errors.Join(err, cerr)
+	}
+	if lerr := m.load(); lerr != nil {
+		return errors.Join(err, lerr)
+	}
+	return err
+}
+
+func (m *Manager) ensureLoaded() error {
+	if m.loaded {
+		return nil
+	}
+	return m.load()
+}
+
+// Upsert installs or replaces one NIC's policy in one batch: new chains,
+// switched map entries, deleted old chains, membership changes.
+func (m *Manager) Upsert(ctx context.Context, p NICPolicy) error {
+	if err := ctx.Err(); err != nil {
+		return err
+	}
+	if err := p.Validate(); err != nil {
+		return err
+	}
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if err := m.ensureLoaded(); err != nil {
+		return err
+	}
+	b := m.newBatch()
+	if err := m.queueBase(); err != nil {
+		return m.abort(err)
+	}
+	if err := m.queueNIC(b, &p); err != nil {
+		return m.abort(err)
+	}
+	return m.commit("update security policy of " + p.key())
+}
+
+// Remove deletes a NIC's chains, map entries and memberships. It returns
+// ErrNotFound when the NIC has no state.
+func (m *Manager) Remove(ctx context.Context, vmID, nic string) error {
+	if err := ctx.Err(); err != nil {
+		return err
+	}
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if err := m.ensureLoaded(); err != nil {
+		return err
+	}
+	k := Key(vmID, nic)
+	if _, ok := m.nics[k]; !ok {
+		return fmt.Errorf("%w: %s", ErrNotFound, k)
+	}
+	if err := m.queueRemove(m.newBatch(), k); err != nil {
+		return m.abort(err)
+	}
+	return m.commit("remove security policy of " + k)
+}
+
+// Apply makes the table hold exactly the given NICs' policies, in one
+// batch. NICs whose policy is unchanged are not rewritten.
+func (m *Manager) Apply(ctx context.Context, desired []NICPolicy) error {
+	if err := ctx.Err(); err != nil {
+		return err
+	}
+	want := map[string]*NICPolicy{}
+	for i := range desired {
+		p := &desired[i]
+		if err := p.Validate(); err != nil {
+			return err
+		}
+		if _, dup := want[p.key()]; dup {
+			return fmt.Errorf("%w: %s listed twice", ErrInvalid, p.key())
+		}
+		want[p.key()] = p
+	}
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if err := m.ensureLoaded(); err != nil {
+		return err
+	}
+	b := m.newBatch()
+	if err := m.queueBase(); err != nil {
+		return m.abort(err)
+	}
+	var stale []string
+	for k := range m.nics {
+		if want[k] == nil {
+			stale = append(stale, k)
+		}
+	}
+	slices.Sort(stale)
+	for _, k := range stale {
+		if err := m.queueRemove(b, k); err != nil {
+			return m.abort(err)
+		}
+	}
+	keys := make([]string, 0, len(want))
+	for k := range want {
+		keys = append(keys, k)
+	}
+	slices.Sort(keys)
+	for _, k := range keys {
+		if st := m.nics[k]; st != nil && st.plan != nil && reflect.DeepEqual(st.plan, want[k]) && m.based {
+			continue
+		}
+		if err := m.queueNIC(b, want[k]); err != nil {
+			return m.abort(err)
+		}
+	}
+	return m.commit("apply security policies")
+}
+
+// SetGroupMembers sets the explicit members of security group group (in
+// addition to the addresses of NICs that list the group). It changes set
+// elements only.
+func (m *Manager) SetGroupMembers(ctx context.Context, group string, addrs []netip.Addr) error {
+	if err := ctx.Err(); err != nil {
+		return err
+	}
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if err := m.ensureLoaded(); err != nil {
+		return err
+	}
+	b := m.newBatch()
+	if err := m.queueBase(); err != nil {
+		return m.abort(err)
+	}
+	s := groupSet(group)
+	if err := b.ensureSet(s); err != nil {
+		return m.abort(err)
+	}
+	for _, a := range m.groups[group] {
+		if !slices.Contains(addrs, a) {
+			b.setOwner(s, a, "", false)
+		}
+	}
+	for _, a := range addrs {
+		b.setOwner(s, a, "", true)
+	}
+	if err := b.queueElements(); err != nil {
+		return m.abort(err)
+	}
+	m.groups[group] = slices.Clone(addrs)
+	return m.commit("set members of security group " + group)
+}
+
+// RuleCounter is the hit count of one counted rule of a NIC chain.
+type RuleCounter struct {
+	// Direction is "ingress" or "egress".
+	Direction string
+	// Rule names the rule: "ingress[2]: allow tcp from any to any port 443",
+	// or a control (default, tenant-strict, allowed-destinations, ...).
+	Rule    string
+	Handle  uint64
+	Packets uint64
+	Bytes   uint64
+}
+
+// RuleCounters returns the counters of a NIC's current chains in rule
+// order (ingress first).
+func (m *Manager) RuleCounters(vmID, nic string) ([]RuleCounter, error) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if err := m.ensureLoaded(); err != nil {
+		return nil, err
+	}
+	k := Key(vmID, nic)
+	st, ok := m.nics[k]
+	if !ok {
+		return nil, fmt.Errorf("%w: %s", ErrNotFound, k)
+	}
+	var out []RuleCounter
+	for _, d := range []struct{ dir, name string }{{dirIn, "ingress"}, {dirOut, "egress"}} {
+		rules, err := m.conn.GetRules(table(), &nftables.Chain{Name: chainName(k, d.dir, st.gen), Table: table()})
+		if err != nil {
+			return nil, fmt.Errorf("list rules of %s: %w", k, err)
+		}
+		for _, r := range rules {
+			for _, e := range r.Exprs {
+				if cn, ok := e.(*expr.Counter); ok {
+					comment, _ := userdata.GetString(r.UserData, userdata.TypeComment)
+					out = append(out, RuleCounter{Direction: d.name, Rule: comment, Handle: r.Handle, Packets: cn.Packets, Bytes: cn.Bytes})
+				}
+			}
+		}
+	}
+	return out, nil
+}
+
+// NICs returns the keys (see Key) of the NICs with state in the table.
+func (m *Manager) NICs() []string {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	var out []string
+	for k := range m.nics {
+		out = append(out, k)
+	}
+	slices.Sort(out)
+	return out
+}
