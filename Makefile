@@ -16,7 +16,7 @@ deps:
 
 # run builds metald and starts it on its embedded defaults.
 run: deps build
-	$(BIN)/metald
+	$(BIN)/metald $(METALD_FLAGS)
 
 generate:
 	@mkdir -p $(BIN)

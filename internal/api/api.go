@@ -10,15 +10,18 @@ import (
 	"fmt"
 	"net/http"
 	"net/netip"
+	"strconv"
 	"time"
 
 	"connectrpc.com/connect"
 	"google.golang.org/genproto/googleapis/rpc/errdetails"
 	"google.golang.org/protobuf/encoding/protojson"
+	"google.golang.org/protobuf/types/known/durationpb"
 	"google.golang.org/protobuf/types/known/timestamppb"
 
 	vmv1 "github.com/metald/metald/internal/gen/vmprovisioner/v1"
 	"github.com/metald/metald/internal/gen/vmprovisioner/v1/vmprovisionerv1connect"
+	"github.com/metald/metald/internal/ipam"
 	"github.com/metald/metald/internal/store"
 	"github.com/metald/metald/internal/vm"
 )
@@ -103,10 +106,54 @@ func toConnect(err error) error {
 	case errors.Is(err, context.DeadlineExceeded):
 		return connect.NewError(connect.CodeDeadlineExceeded, err)
 	}
+	if ce := addressError(err); ce != nil {
+		return ce
+	}
 	if c, ok := codeOf(err); ok {
 		return connect.NewError(c, err)
 	}
 	return connect.NewError(connect.CodeInternal, err)
+}
+
+// addressError maps address-management errors; nil when err is not one.
+func addressError(err error) *connect.Error {
+	var code connect.Code
+	switch {
+	case errors.Is(err, ipam.ErrExhausted), errors.Is(err, ipam.ErrRateLimited):
+		code = connect.CodeResourceExhausted
+	case errors.Is(err, ipam.ErrPermission):
+		code = connect.CodePermissionDenied
+	case errors.Is(err, ipam.ErrConflict):
+		code = connect.CodeAlreadyExists
+	case errors.Is(err, ipam.ErrNotInPool), errors.Is(err, ipam.ErrInvalid), errors.Is(err, ipam.ErrUnknownSubnetName), errors.Is(err, ipam.ErrOverlap):
+		code = connect.CodeInvalidArgument
+	default:
+		return nil
+	}
+	ce := connect.NewError(code, err)
+	var rl *ipam.RateLimitError
+	var ex *ipam.ExhaustedError
+	switch {
+	case errors.As(err, &rl):
+		if d, derr := connect.NewErrorDetail(&errdetails.RetryInfo{RetryDelay: durationpb.New(rl.RetryAfter)}); derr == nil {
+			ce.AddDetail(d)
+		}
+		if d, derr := connect.NewErrorDetail(&errdetails.ErrorInfo{Reason: "IPV6_ALLOCATION_RATE_LIMITED", Domain: "metald", Metadata: map[string]string{
+			"tenant_id": rl.Tenant, "pool_id": rl.PoolID, "current_per_hour": strconv.Itoa(rl.Current),
+			"limit_per_hour": strconv.Itoa(rl.Limit), "retry_after_seconds": strconv.Itoa(int(rl.RetryAfter.Seconds() + 0.999)),
+		}}); derr == nil {
+			ce.AddDetail(d)
+		}
+	case errors.As(err, &ex):
+		reason := "IPV6_POOL_EXHAUSTED"
+		if ex.Quota {
+			reason = "IPV6_POOL_QUOTA_EXHAUSTED"
+		}
+		if d, derr := connect.NewErrorDetail(&errdetails.ErrorInfo{Reason: reason, Domain: "metald", Metadata: map[string]string{"pool_id": ex.PoolID}}); derr == nil {
+			ce.AddDetail(d)
+		}
+	}
+	return ce
 }
 
 // coded is implemented by domain errors that know their Connect code
@@ -184,9 +231,10 @@ func (s *Server) describe(row *store.VM) (*vmv1.GetVmResponse, error) {
 	}
 	for i, n := range row.NICs {
 		st := &vmv1.NetworkInterfaceStatus{Id: n.ID, HostDevice: n.HostDevice, GuestDevice: n.GuestDevice, MacAddress: n.MAC,
-			BridgeName: n.Bridge, VlanId: n.VLAN, Ipv6Address: n.Address, Ipv6Gateway: n.Gateway, GatewayOnBridge: n.GatewayOnBridge,
+			BridgeName: n.Bridge, BridgeDevice: n.Bridge, VlanId: n.VLAN, Ipv6Address: n.Address, Ipv6Gateway: n.Gateway, GatewayOnBridge: n.GatewayOnBridge,
 			DadState: "unknown", LinkState: "unknown"}
 		if i < len(cfg.GetNetwork()) {
+			st.BridgeName = cfg.GetNetwork()[i].GetBridgeName()
 			st.DnsServers = canonicalAddrs(cfg.GetNetwork()[i].GetIpv6().GetDnsServers())
 		}
 		if s.status != nil && row.State != store.StateTerminated {

@@ -30,6 +30,7 @@ package config
 import (
 	"errors"
 	"fmt"
+	"github.com/metald/metald/internal/ipam"
 	"log/slog"
 	"net"
 	"net/netip"
@@ -69,6 +70,29 @@ type Config struct {
 	Store StoreConfig `yaml:"store"`
 	// Metrics configures the metrics endpoint's content.
 	Metrics MetricsConfig `yaml:"metrics"`
+	// IPAM configures IPv6 address pools.
+	IPAM IPAMConfig `yaml:"ipam"`
+}
+
+// IPAMConfig configures IPv6 address management.
+type IPAMConfig struct {
+	// AutoSubnetNames assigns a value to an unknown symbolic subnet name
+	// (the "web" in 2600:beef:1000:web::10/64) on first use. When false an
+	// unknown name is an error naming the field and the label. Default true.
+	AutoSubnetNames bool `yaml:"auto_subnet_names"`
+	// Pools are created (or updated) at start; pools created through the
+	// API persist too. With no pools at all, metald creates pool "default"
+	// on a random RFC 4193 ULA /48 at first start and keeps it. Each pool:
+	// id, prefixes, description, tenant_ids (empty = shared), rate_limit
+	// (allocations per hour per tenant, 0 = none), max_allocations (0 =
+	// none). Default none.
+	Pools []ipam.PoolConfig `yaml:"pools"`
+	// CleanupInterval is how often leaked allocations (VM gone, or
+	// TERMINATED for longer than CleanupGrace) are released. Default "10m".
+	CleanupInterval Duration `yaml:"cleanup_interval"`
+	// CleanupGrace is how long a TERMINATED VM keeps its addresses before
+	// the collector releases them. Default "1h".
+	CleanupGrace Duration `yaml:"cleanup_grace"`
 }
 
 // NetnsConfig configures the netns backend, which runs each guest as a
@@ -172,6 +196,11 @@ func Default() *Config {
 		Metrics: MetricsConfig{
 			PerVMLabels: false,
 		},
+		IPAM: IPAMConfig{
+			AutoSubnetNames: true,
+			CleanupInterval: Duration(10 * time.Minute),
+			CleanupGrace:    Duration(time.Hour),
+		},
 	}
 }
 
@@ -270,6 +299,39 @@ func (c *Config) Validate() error {
 	}{{"vm.shutdown_timeout", c.VM.ShutdownTimeout}, {"vm.reconcile_interval", c.VM.ReconcileInterval}} {
 		if d.val <= 0 {
 			add(d.key, "must be greater than zero, got %q", d.val)
+		}
+	}
+
+	for _, d := range []struct {
+		key string
+		val Duration
+	}{{"ipam.cleanup_interval", c.IPAM.CleanupInterval}, {"ipam.cleanup_grace", c.IPAM.CleanupGrace}} {
+		if d.val <= 0 {
+			add(d.key, "must be greater than zero, got %q", d.val)
+		}
+	}
+	seen := map[string]bool{}
+	for i, p := range c.IPAM.Pools {
+		key := fmt.Sprintf("ipam.pools[%d]", i)
+		if p.ID == "" {
+			add(key+".id", "required")
+		} else if seen[p.ID] {
+			add(key+".id", "duplicate pool id %q", p.ID)
+		}
+		seen[p.ID] = true
+		if len(p.Prefixes) == 0 {
+			add(key+".prefixes", "at least one prefix is required")
+		}
+		for j, s := range p.Prefixes {
+			if _, err := ipam.ParsePrefix(s); err != nil {
+				add(fmt.Sprintf("%s.prefixes[%d]", key, j), "%v", err)
+			}
+		}
+		if p.RateLimit < 0 {
+			add(key+".rate_limit", "must not be negative, got %d", p.RateLimit)
+		}
+		if p.MaxAllocations < 0 {
+			add(key+".max_allocations", "must not be negative, got %d", p.MaxAllocations)
 		}
 	}
 

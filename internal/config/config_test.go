@@ -43,6 +43,7 @@ func TestConfigDefault(t *testing.T) {
 		Netns:         NetnsConfig{Dir: "/run/netns", EtcDir: "/etc/netns", GuestCommand: []string{"sleep", "infinity"}},
 		VM:            VMConfig{ShutdownTimeout: Duration(10 * time.Second), ReconcileInterval: Duration(5 * time.Second)},
 		Store:         StoreConfig{Driver: "sqlite"},
+		IPAM:          IPAMConfig{AutoSubnetNames: true, CleanupInterval: Duration(10 * time.Minute), CleanupGrace: Duration(time.Hour)},
 	}
 	if !reflect.DeepEqual(c, want) {
 		t.Errorf("Default() = %+v\nwant %+v", c, want)
@@ -558,6 +559,46 @@ func TestConfigFlagUsage(t *testing.T) {
 
 // TestConfigMarshalRoundTrip checks that a Config marshalled with yaml.v3
 // (as a --print-config would) loads back unchanged.
+// Pools load from the file with every field, and bad pools name their key.
+func TestConfigIPAMPools(t *testing.T) {
+	p := writeFile(t, "m.yaml", `
+ipam:
+  auto_subnet_names: false
+  pools:
+    - id: web
+      prefixes: ["2600:BEEF:1000::/48", "2600:beef:1000:web::/64"]
+      description: web tier
+      tenant_ids: [t1]
+      rate_limit: 100
+      max_allocations: 5000
+`)
+	c, err := Load(p)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if c.IPAM.AutoSubnetNames || len(c.IPAM.Pools) != 1 || c.IPAM.Pools[0].ID != "web" || len(c.IPAM.Pools[0].Prefixes) != 2 ||
+		c.IPAM.Pools[0].RateLimit != 100 || c.IPAM.Pools[0].MaxAllocations != 5000 || c.IPAM.Pools[0].TenantIDs[0] != "t1" {
+		t.Fatalf("pools: %+v", c.IPAM)
+	}
+	if err := c.Validate(); err != nil {
+		t.Fatal(err)
+	}
+	for _, tc := range []struct{ body, want string }{
+		{"ipam:\n  pools:\n    - id: x\n      prefixes: [zz]\n", "ipam.pools[0].prefixes[0]:"},
+		{"ipam:\n  pools:\n    - prefixes: [\"2001:db8::/48\"]\n", "ipam.pools[0].id: required"},
+		{"ipam:\n  pools:\n    - id: x\n      prefix: [\"2001:db8::/48\"]\n", `unknown key "ipam.pools[0].prefix"`},
+		{"ipam:\n  pools:\n    - id: x\n      prefixes: [\"2001:db8::/48\"]\n      rate_limit: lots\n", "ipam.pools[0].rate_limit: want an integer"},
+	} {
+		c, err := Load(writeFile(t, "m.yaml", tc.body))
+		if err == nil {
+			err = c.Validate()
+		}
+		if err == nil || !strings.Contains(err.Error(), tc.want) {
+			t.Errorf("%q: got %v, want %q", tc.body, err, tc.want)
+		}
+	}
+}
+
 func TestConfigMarshalRoundTrip(t *testing.T) {
 	c := Default()
 	c.VM.ShutdownTimeout = Duration(1500 * time.Millisecond)

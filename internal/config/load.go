@@ -145,6 +145,37 @@ func decodeNode(n *yaml.Node, v reflect.Value, key string) error {
 		v.SetString(s)
 		return nil
 
+	case t.Kind() == reflect.Slice:
+		if n.Kind != yaml.SequenceNode {
+			return fmt.Errorf("line %d: %s: want a list, got %s", n.Line, key, describe(n))
+		}
+		if len(n.Content) == 0 {
+			v.Set(reflect.Zero(t)) // an empty list is no list
+			return nil
+		}
+		list := reflect.MakeSlice(t, len(n.Content), len(n.Content))
+		for i, item := range n.Content {
+			if err := decodeNode(item, list.Index(i), fmt.Sprintf("%s[%d]", key, i)); err != nil {
+				return err
+			}
+		}
+		v.Set(list)
+		return nil
+
+	case t.Kind() >= reflect.Int && t.Kind() <= reflect.Int64:
+		if n.Kind != yaml.ScalarNode || n.ShortTag() != "!!int" {
+			return fmt.Errorf("line %d: %s: want an integer, got %s", n.Line, key, describe(n))
+		}
+		var i int64
+		if err := n.Decode(&i); err != nil {
+			return fmt.Errorf("line %d: %s: %v", n.Line, key, err)
+		}
+		if v.OverflowInt(i) {
+			return fmt.Errorf("line %d: %s: %d is out of range", n.Line, key, i)
+		}
+		v.SetInt(i)
+		return nil
+
 	case t.Kind() == reflect.Bool:
 		if n.Kind != yaml.ScalarNode || n.ShortTag() != "!!bool" {
 			return fmt.Errorf("line %d: %s: want true or false, got %s", n.Line, key, describe(n))

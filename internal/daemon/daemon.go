@@ -19,6 +19,11 @@ import (
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 
 	"github.com/metald/metald/internal/api"
+	"github.com/metald/metald/internal/ipam"
+	"github.com/metald/metald/internal/ipam/ipamhttp"
+	"github.com/metald/metald/internal/ipam/ipammetrics"
+	"github.com/metald/metald/internal/policy"
+	"github.com/metald/metald/internal/store"
 	bnetns "github.com/metald/metald/internal/backend/netns"
 	"github.com/metald/metald/internal/network/link"
 	"github.com/metald/metald/internal/store/sqlite"
@@ -53,6 +58,14 @@ type Options struct {
 	// Registry receives metrics; nil makes a new one with Go and process
 	// collectors.
 	Registry *prometheus.Registry
+	// Pools are the IPv6 address pools from the config file.
+	Pools []ipam.PoolConfig
+	// NoAutoSubnetNames makes unknown symbolic subnet names an error
+	// instead of assigning them on first use.
+	NoAutoSubnetNames bool
+	// LeakInterval and LeakGrace drive the leaked-allocation collector
+	// (defaults 10 min and 1 h).
+	LeakInterval, LeakGrace time.Duration
 	// Step is passed to the VM manager (crash tests only).
 	Step func(string)
 	// SkipRootCheck lets tests that supply their own namespaces run the
@@ -70,6 +83,7 @@ type Daemon struct {
 	links    *link.Manager
 	backend  *bnetns.Backend
 	vms      *vm.Manager
+	ipam     *ipam.Manager
 	registry *prometheus.Registry
 	mux      *http.ServeMux
 	Recovery *vm.RecoveryReport
@@ -102,6 +116,12 @@ func (o *Options) defaults() {
 	}
 	if o.WatchInterval <= 0 {
 		o.WatchInterval = 2 * time.Second
+	}
+	if o.LeakInterval <= 0 {
+		o.LeakInterval = 10 * time.Minute
+	}
+	if o.LeakGrace <= 0 {
+		o.LeakGrace = time.Hour
 	}
 	if o.Logger == nil {
 		o.Logger = slog.New(slog.NewTextHandler(os.Stderr, nil))
@@ -144,9 +164,6 @@ func New(ctx context.Context, opt Options) (d *Daemon, err error) {
 	if err != nil {
 		return nil, fmt.Errorf("open netns backend: %w", err)
 	}
-	d.vms = vm.NewManager(vm.Options{Store: d.store, Backend: d.backend, Ports: ports{d.links},
-		Addresses: vm.StaticAddresses{}, Logger: d.log, ShutdownTimeout: opt.ShutdownTimeout, Step: opt.Step})
-
 	if d.registry == nil {
 		d.registry = prometheus.NewRegistry()
 		d.registry.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
@@ -154,6 +171,30 @@ func New(ctx context.Context, opt Options) (d *Daemon, err error) {
 	if err := d.registry.Register(newVMCollector(d.store)); err != nil {
 		return nil, fmt.Errorf("register metrics: %w", err)
 	}
+
+	ipamStore, err := d.store.IPAM(ctx)
+	if err != nil {
+		return nil, fmt.Errorf("open address store: %w", err)
+	}
+	ipamMetrics, err := ipammetrics.New(d.registry)
+	if err != nil {
+		return nil, fmt.Errorf("register address metrics: %w", err)
+	}
+	if d.ipam, err = ipam.Open(ctx, ipamStore, opt.Pools, ipam.Options{
+		AutoSubnetNames: !opt.NoAutoSubnetNames, Observer: ipamMetrics, Logger: d.log,
+	}); err != nil {
+		return nil, fmt.Errorf("open address pools: %w", err)
+	}
+	ipamMetrics.Watch(d.ipam)
+
+	// Addresses in requests may use symbolic subnet names everywhere: the
+	// validator parses them through the address manager.
+	bg := context.Background()
+	parsePrefix, parseAddr := d.ipam.PrefixParser(bg), d.ipam.AddrParser(bg)
+	d.vms = vm.NewManager(vm.Options{Store: d.store, Backend: d.backend, Ports: ports{d.links},
+		Addresses: addresses{d.ipam}, Logger: d.log, ShutdownTimeout: opt.ShutdownTimeout, Step: opt.Step,
+		Validate: vm.ValidateOptions{ParsePrefix: parsePrefix, ParseAddr: parseAddr,
+			ParseRule: policy.ParseOptions{ParsePrefix: parsePrefix}.Check}})
 
 	rep, err := d.vms.Recover(ctx)
 	d.Recovery = rep
@@ -173,7 +214,35 @@ func New(ctx context.Context, opt Options) (d *Daemon, err error) {
 	path, h := srv.Handler()
 	d.mux.Handle(path, h)
 	d.mux.HandleFunc("GET /healthz", func(w http.ResponseWriter, _ *http.Request) { w.Write([]byte("ok\n")) })
+	ipamhttp.New(d.ipam, ipamhttp.Options{VMState: d.vmState, Live: d.live, Grace: opt.LeakGrace}).Register(d.mux)
 	return d, nil
+}
+
+// vmState reports a VM's persisted state for the address endpoints.
+func (d *Daemon) vmState(ctx context.Context, vmID string) (string, bool) {
+	vm, err := d.store.GetVM(ctx, vmID)
+	if err != nil {
+		return "", false
+	}
+	return vm.State, true
+}
+
+// live tells the leak collector whether a VM exists and since when it is
+// TERMINATED.
+func (d *Daemon) live(vmID string) (bool, time.Time) {
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	vm, err := d.store.GetVM(ctx, vmID)
+	if errors.Is(err, store.ErrNotFound) {
+		return false, time.Time{}
+	}
+	if err != nil {
+		return true, time.Time{} // unknown: keep its addresses
+	}
+	if vm.State == store.StateTerminated {
+		return true, vm.UpdatedAt
+	}
+	return true, time.Time{}
 }
 
 // Manager returns the VM manager.
@@ -207,6 +276,7 @@ func (d *Daemon) Serve(ctx context.Context, apiL, metricsL net.Listener) error {
 	watchCtx, stopWatch := context.WithCancel(ctx)
 	defer stopWatch()
 	go d.vms.Watch(watchCtx, d.opt.WatchInterval)
+	go d.ipam.CollectLeaks(watchCtx, d.opt.LeakInterval, d.opt.LeakGrace, d.live)
 	d.log.Info("metald serving", "api", apiL.Addr().String(), "metrics", metricsL.Addr().String(), "backend", d.opt.Backend)
 	var err error
 	select {

@@ -21,6 +21,7 @@ import (
 	"time"
 
 	"github.com/metald/metald/internal/daemon"
+	"github.com/metald/metald/internal/ipam"
 	"github.com/metald/metald/internal/netnstest"
 	"github.com/metald/metald/internal/network/ns"
 )
@@ -40,6 +41,12 @@ func optionsFor(dir string) daemon.Options {
 		DataDir: filepath.Join(dir, "data"), LogDir: filepath.Join(dir, "log"),
 		NetnsDir: filepath.Join(dir, "netns"), EtcNetnsDir: filepath.Join(dir, "etc"),
 		ShutdownTimeout: 2 * time.Second, WatchInterval: 200 * time.Millisecond,
+		// Documentation prefixes for the tests' own addresses, and the
+		// seed's 2600:beef::/32 for its examples.
+		Pools: []ipam.PoolConfig{
+			{ID: "default", Prefixes: []string{"2001:db8::/32"}},
+			{ID: "seed", Prefixes: []string{"2600:beef::/32"}},
+		},
 	}
 }
 

@@ -197,7 +197,7 @@ func (m *Manager) Create(ctx context.Context, req *vmv1.CreateVmRequest) (*store
 			}
 		}
 		nic := store.NIC{ID: n.GetId(), Index: i, HostDevice: HostDevice(id, n.GetId(), i), GuestDevice: n.GetId(),
-			MAC: mac.String(), Bridge: n.GetBridgeName(), VLAN: n.GetVlanId()}
+			MAC: mac.String(), Bridge: BridgeDevice(n.GetBridgeName()), VLAN: n.GetVlanId()}
 		if n.GetIpv6().GetEnableStablePrivacy() {
 			nic.StableSecret = NewStableSecret()
 		}
@@ -232,7 +232,7 @@ func (m *Manager) Create(ctx context.Context, req *vmv1.CreateVmRequest) (*store
 	undo = append(undo, func(ctx context.Context) error { return m.opt.Addresses.Release(ctx, id) })
 	for i, n := range cfg.GetNetwork() {
 		res, err := m.opt.Addresses.Reserve(ctx, AddressRequest{VMID: id, TenantID: tenant, NICID: n.GetId(),
-			Bridge: n.GetBridgeName(), Field: fmt.Sprintf("config.network[%d].ipv6", i), IPv6: n.GetIpv6()})
+			Bridge: BridgeDevice(n.GetBridgeName()), Field: fmt.Sprintf("config.network[%d].ipv6", i), IPv6: n.GetIpv6()})
 		if err != nil {
 			return fail(err)
 		}

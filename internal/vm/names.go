@@ -39,6 +39,18 @@ func HostDevice(vmID, nicID string, index int) string {
 	return "tap-" + lowerBase32.EncodeToString(h[:])[:maxIfName-4]
 }
 
+// BridgeDevice is the kernel device name of a bridge named in a config:
+// the name itself when it fits the 15-byte interface-name limit, else "br-"
+// plus 12 base32 characters of a hash of the name (stable, and reported in
+// GetVm next to the name as given).
+func BridgeDevice(name string) string {
+	if len(name) <= maxIfName {
+		return name
+	}
+	h := sha256.Sum256([]byte("bridge/" + name))
+	return "br-" + lowerBase32.EncodeToString(h[:])[:maxIfName-3]
+}
+
 // DefaultMAC derives a stable, locally administered unicast MAC for a NIC.
 func DefaultMAC(vmID, nicID string) net.HardwareAddr {
 	h := sha256.Sum256([]byte("mac/" + vmID + "/" + nicID))

@@ -353,6 +353,29 @@ func ifnameProblem(s string) string {
 	return ""
 }
 
+// bridgeNameProblem says why s is not an acceptable bridge name, or "".
+// Bridge names are logical: a name longer than the kernel's 15-byte limit
+// (the guide's "br-financial-backup") is given a stable short device name
+// (see BridgeDevice), so they may be up to 64 bytes.
+func bridgeNameProblem(s string) string {
+	if len(s) > limMaxBridgeNameLen {
+		return fmt.Sprintf("must be at most %d bytes, got %q (%d bytes)", limMaxBridgeNameLen, s, len(s))
+	}
+	if len(s) > limMaxIfnameLen {
+		// Check the alphabet as for a short name.
+		return ifnameProblem(s[:limMaxIfnameLen] + strings.Map(func(r rune) rune {
+			if r == '_' || r == '.' || r == '-' || r >= 'a' && r <= 'z' || r >= 'A' && r <= 'Z' || r >= '0' && r <= '9' {
+				return -1
+			}
+			return r
+		}, s[limMaxIfnameLen:]))
+	}
+	return ifnameProblem(s)
+}
+
+// limMaxBridgeNameLen bounds logical bridge names.
+const limMaxBridgeNameLen = 64
+
 // parseVLAN parses a VLAN id: decimal 1..4094 without sign or leading zeros.
 func parseVLAN(s string) (int, bool) {
 	if s == "" || len(s) > 4 || s[0] == '0' {
@@ -418,7 +441,7 @@ func (v *createValidator) nic(list string, i int, n *vmprovisionerv1.NetworkInte
 	if t := n.GetInterfaceType(); t != "" && t != "virtio-net" {
 		v.add(f+".interface_type", `must be "virtio-net" or empty, got %q`, t)
 	}
-	if p := ifnameProblem(n.GetBridgeName()); p != "" {
+	if p := bridgeNameProblem(n.GetBridgeName()); p != "" {
 		v.add(f+".bridge_name", "%s", p)
 	}
 	if s := n.GetVlanId(); s != "" {
@@ -578,7 +601,14 @@ func (v *createValidator) rules(f string, rules []string) {
 		v.add(f, "has %d rules; at most %d are allowed", len(rules), limMaxRulesPerDirection)
 	}
 	for i, r := range rules {
-		if err := v.opts.ParseRule(r); err != nil {
+		// Size and alphabet first, whatever the grammar hook: a rule must
+		// never be long or contain control bytes, even if a parser would
+		// skip them.
+		err := checkRuleText(r)
+		if err == nil {
+			err = v.opts.ParseRule(r)
+		}
+		if err != nil {
 			v.add(idx(f, i), "invalid rule %q: %v", r, err)
 		}
 	}

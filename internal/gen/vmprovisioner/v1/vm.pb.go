@@ -1286,7 +1286,10 @@ type NetworkInterfaceStatus struct {
 	// running.
 	DadState string `protobuf:"bytes,11,opt,name=dad_state,json=dadState,proto3" json:"dad_state,omitempty"`
 	// link_state is "up", "down" or "absent".
-	LinkState     string `protobuf:"bytes,12,opt,name=link_state,json=linkState,proto3" json:"link_state,omitempty"`
+	LinkState string `protobuf:"bytes,12,opt,name=link_state,json=linkState,proto3" json:"link_state,omitempty"`
+	// bridge_device is the bridge's kernel device: bridge_name itself, or a
+	// stable short name when bridge_name exceeds the 15-byte limit.
+	BridgeDevice  string `protobuf:"bytes,13,opt,name=bridge_device,json=bridgeDevice,proto3" json:"bridge_device,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1401,6 +1404,13 @@ func (x *NetworkInterfaceStatus) GetDadState() string {
 func (x *NetworkInterfaceStatus) GetLinkState() string {
 	if x != nil {
 		return x.LinkState
+	}
+	return ""
+}
+
+func (x *NetworkInterfaceStatus) GetBridgeDevice() string {
+	if x != nil {
+		return x.BridgeDevice
 	}
 	return ""
 }
@@ -2304,7 +2314,7 @@ const file_vmprovisioner_v1_vm_proto_rawDesc = "" +
 	"\n" +
 	"started_at\x18\n" +
 	" \x01(\v2\x1a.google.protobuf.TimestampR\tstartedAt\x12!\n" +
-	"\fstate_reason\x18\v \x01(\tR\vstateReason\"\x96\x03\n" +
+	"\fstate_reason\x18\v \x01(\tR\vstateReason\"\xbb\x03\n" +
 	"\x16NetworkInterfaceStatus\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x12\x1f\n" +
 	"\vhost_device\x18\x02 \x01(\tR\n" +
@@ -2323,7 +2333,8 @@ const file_vmprovisioner_v1_vm_proto_rawDesc = "" +
 	" \x01(\bR\x0fgatewayOnBridge\x12\x1b\n" +
 	"\tdad_state\x18\v \x01(\tR\bdadState\x12\x1d\n" +
 	"\n" +
-	"link_state\x18\f \x01(\tR\tlinkState\"\xcb\x01\n" +
+	"link_state\x18\f \x01(\tR\tlinkState\x12#\n" +
+	"\rbridge_device\x18\r \x01(\tR\fbridgeDevice\"\xcb\x01\n" +
 	"\vBackendInfo\x12\x12\n" +
 	"\x04type\x18\x01 \x01(\tR\x04type\x12\x14\n" +
 	"\x05netns\x18\x02 \x01(\tR\x05netns\x12\x10\n" +
