@@ -19,13 +19,13 @@ import (
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 
 	"github.com/metald/metald/internal/api"
+	bnetns "github.com/metald/metald/internal/backend/netns"
 	"github.com/metald/metald/internal/ipam"
 	"github.com/metald/metald/internal/ipam/ipamhttp"
 	"github.com/metald/metald/internal/ipam/ipammetrics"
+	"github.com/metald/metald/internal/network/link"
 	"github.com/metald/metald/internal/policy"
 	"github.com/metald/metald/internal/store"
-	bnetns "github.com/metald/metald/internal/backend/netns"
-	"github.com/metald/metald/internal/network/link"
 	"github.com/metald/metald/internal/store/sqlite"
 	"github.com/metald/metald/internal/vm"
 )
