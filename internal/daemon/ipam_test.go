@@ -325,3 +325,19 @@ func TestLeakedAllocationCleanup(t *testing.T) {
 		t.Fatal("reclaimed metric did not move")
 	}
 }
+
+// With automatic subnet names off, an unknown label is invalid_argument
+// naming the field and the label; a declared one works.
+func TestUnknownSubnetNameRejected(t *testing.T) {
+	e := newEnvWith(t, func(o *daemon.Options) { o.NoAutoSubnetNames = true })
+	code, out := e.call("CreateVm", loadExample(t, "example1-secure-web-server"))
+	if code != 400 || errorField(out) != "config.network[0].ipv6.address" || !strings.Contains(str(out, "message"), `"web"`) {
+		t.Fatalf("unknown name: %d %v", code, out)
+	}
+	e.shell(t, `curl -sf -X POST http://localhost:8080/debug/ipv6/subnets -d '{"parent":"2600:beef:1000::/48","name":"web","value":16}'`)
+	e.shell(t, `curl -sf -X POST http://localhost:8080/debug/ipv6/subnets -d '{"parent":"2600:beef:1000::/48","name":"mgmt"}'`)
+	out = e.mustCall("CreateVm", loadExample(t, "example1-secure-web-server"))
+	if a := str(list(e.getVM(out["vmId"].(string))["networkStatus"])[0], "ipv6Address"); a != "2600:beef:1000:10::10/64" {
+		t.Fatalf("declared name resolved to %q", a)
+	}
+}
