@@ -268,3 +268,7 @@ func (s *Service) OnSettingsChange(fn func(Settings)) {
 	s.opt.mu.Unlock()
 	fn(cur)
 }
+
+// FlowtableOffload reports whether hardware acceleration can be enabled,
+// and if not why.
+func (s *Service) FlowtableOffload() (bool, string) { return s.offload() }
