@@ -21,13 +21,14 @@ const (
 	CtlICMPv6Rate    Control = "icmpv6_rate"    // ICMPv6 over icmpv6_rate_limit
 	CtlMulticastRate Control = "multicast_rate" // multicast over multicast_rate_limit
 	CtlRARate        Control = "ra_rate"        // RAs toward the VM over ra_rate_limit
+	CtlVLAN          Control = "vlan"           // frame from a VM port of another VLAN (counted on the receiving port)
 )
 
 // AllControls lists every counted control in a fixed order.
 var AllControls = []Control{
 	CtlMACSpoof, CtlL2Violation, CtlHeaderChain, CtlSourceGuard, CtlNDStrict,
 	CtlRAGuard, CtlExtHopByHop, CtlExtRouting, CtlExtFragment, CtlExtDestOpts,
-	CtlNDRate, CtlICMPv6Rate, CtlMulticastRate, CtlRARate,
+	CtlNDRate, CtlICMPv6Rate, CtlMulticastRate, CtlRARate, CtlVLAN,
 }
 
 // Names are the kernel object names derived from a host device. They are a

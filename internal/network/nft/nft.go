@@ -107,22 +107,34 @@ func (f *Firewall) queueBase() error {
 			return fmt.Errorf("add map %s: %w", m, err)
 		}
 	}
-	for _, b := range []struct {
-		name string
-		hook *nftables.ChainHook
-		key  expr.MetaKey
-		set  string
-	}{
-		{ChainPrerouting, nftables.ChainHookPrerouting, expr.MetaKeyIIFNAME, FromVMMap},
-		{ChainForward, nftables.ChainHookForward, expr.MetaKeyOIFNAME, ToVMMap},
-		{ChainOutput, nftables.ChainHookOutput, expr.MetaKeyOIFNAME, ToVMMap},
-	} {
+	for _, b := range baseChains() {
 		ch := c.AddChain(baseChain(b.name, b.hook))
 		c.FlushChain(ch)
-		c.AddRule(&nftables.Rule{Table: table(), Chain: ch, Exprs: dispatch(b.key, b.set),
-			UserData: commentData("metald dispatch")})
+		for _, r := range b.rules {
+			c.AddRule(&nftables.Rule{Table: table(), Chain: ch, Exprs: r.exprs, UserData: commentData(r.comment)})
+		}
 	}
 	return nil
+}
+
+type baseSpec struct {
+	name  string
+	hook  *nftables.ChainHook
+	rules []rule
+}
+
+// baseChains are the hooked chains and their fixed rules.
+func baseChains() []baseSpec {
+	d := func(key expr.MetaKey, set string) []rule {
+		return []rule{{exprs: dispatch(key, set), comment: "metald dispatch"}}
+	}
+	return []baseSpec{
+		{ChainPrerouting, nftables.ChainHookPrerouting, d(expr.MetaKeyIIFNAME, FromVMMap)},
+		{ChainForward, nftables.ChainHookForward, d(expr.MetaKeyOIFNAME, ToVMMap)},
+		{ChainOutput, nftables.ChainHookOutput, d(expr.MetaKeyOIFNAME, ToVMMap)},
+		// VLAN marks stay inside the bridge.
+		{ChainInput, nftables.ChainHookInput, []rule{{exprs: append(markTagged(), setMark(0)...), comment: "metald vlan mark clear"}}},
+	}
 }
 
 // queueNIC queues the complete state of one NIC, replacing what it had.

@@ -184,21 +184,12 @@ func (f *Firewall) baseDrift(st kernelState) ([]string, error) {
 			out = append(out, "map "+m+" missing")
 		}
 	}
-	for _, b := range []struct {
-		name string
-		key  expr.MetaKey
-		set  string
-	}{
-		{ChainPrerouting, expr.MetaKeyIIFNAME, FromVMMap},
-		{ChainForward, expr.MetaKeyOIFNAME, ToVMMap},
-		{ChainOutput, expr.MetaKeyOIFNAME, ToVMMap},
-	} {
+	for _, b := range baseChains() {
 		if !st.chains[b.name] {
 			out = append(out, "chain "+b.name+" missing")
 			continue
 		}
-		want := []rule{{exprs: dispatch(b.key, b.set), comment: "metald dispatch"}}
-		ok, err := f.chainMatches(b.name, want)
+		ok, err := f.chainMatches(b.name, b.rules)
 		if err != nil {
 			return nil, err
 		}

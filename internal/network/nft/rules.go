@@ -64,6 +64,7 @@ import (
 	"time"
 
 	"github.com/google/nftables"
+	"github.com/google/nftables/binaryutil"
 	"github.com/google/nftables/expr"
 	"github.com/google/nftables/userdata"
 	"golang.org/x/sys/unix"
@@ -79,6 +80,7 @@ const (
 	ChainPrerouting = "prerouting"
 	ChainForward    = "forward"
 	ChainOutput     = "output"
+	ChainInput      = "input"
 	// BasePriority is the priority of the base chains: before the bridge's
 	// own filter (-200) and before anything at the default 0.
 	BasePriority = -300
@@ -326,6 +328,36 @@ var (
 
 func m(e ...expr.Any) []expr.Any { return e }
 
+// VLAN marks: a frame from a VM port carries meta mark vlanTag|VLAN
+// through the bridge; the mark is cleared (input chain) before a frame
+// enters the host's own stack so it never meets the host's policy routing.
+const (
+	vlanTag  = 0x6d6c0000 // "ml"
+	vlanMask = 0xffff0000
+)
+
+func native32(v uint32) []byte { return binaryutil.NativeEndian.PutUint32(v) }
+
+func setMark(v uint32) []expr.Any {
+	return []expr.Any{
+		&expr.Immediate{Register: 1, Data: native32(v)},
+		&expr.Meta{Key: expr.MetaKeyMARK, SourceRegister: true, Register: 1},
+	}
+}
+
+// markTagged matches frames carrying a VLAN mark.
+func markTagged() []expr.Any {
+	return []expr.Any{
+		&expr.Meta{Key: expr.MetaKeyMARK, Register: 1},
+		&expr.Bitwise{SourceRegister: 1, DestRegister: 1, Len: 4, Mask: native32(vlanMask), Xor: native32(0)},
+		eq(native32(vlanTag)),
+	}
+}
+
+func markNot(v uint32) []expr.Any {
+	return []expr.Any{&expr.Meta{Key: expr.MetaKeyMARK, Register: 1}, neq(native32(v))}
+}
+
 // buildNIC derives every object of one NIC from its plan (pure).
 func buildNIC(p network.NICPlan) nicSpec {
 	n := network.NamesFor(p.HostDevice)
@@ -336,6 +368,8 @@ func buildNIC(p network.NICPlan) nicSpec {
 
 	// ---- from the VM ----
 	out, ip6, hdr := n.FromChain(), n.FromSub("ip6"), n.FromSub("hdr")
+	vlanMark := vlanTag | uint32(p.VLAN)
+	b.add(out, string(network.CtlVLAN), setMark(vlanMark))
 	b.add(out, "l2", etherSrc(mac), etherTypeIP6(), goTo(ip6))
 	b.add(out, string(network.CtlMACSpoof), etherSrcNot(mac), cnt(network.CtlMACSpoof), drop)
 	b.add(out, string(network.CtlL2Violation), cnt(network.CtlL2Violation), drop)
@@ -411,6 +445,7 @@ func buildNIC(p network.NICPlan) nicSpec {
 
 	// ---- toward the VM ----
 	in, tip6, thdr := n.ToChain(), n.ToSub("ip6"), n.ToSub("hdr")
+	b.add(in, string(network.CtlVLAN), markTagged(), markNot(vlanMark), cnt(network.CtlVLAN), drop)
 	b.add(in, "l2", etherTypeIP6(), goTo(tip6))
 	b.add(in, "allow", accept)
 	b.add(tip6, string(network.CtlHeaderChain), jump(thdr))
