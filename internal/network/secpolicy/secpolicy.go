@@ -150,10 +150,10 @@ func (m *Manager) load() error {
 			}
 			for _, e := range els {
 				a, ok := netip.AddrFromSlice(e.Key)
-				if !ok || e.VerdictData == nil {
+				if !ok {
 					continue
 				}
-				if k, _, _, ok := parseChainName(e.VerdictData.Chain); ok {
+				if k, _, _, ok := parseChainName(verdictChain(e)); ok {
 					st := m.nic(k)
 					st.addrs = append(st.addrs, a)
 					m.byAddr[a] = k
@@ -746,4 +746,22 @@ func (m *Manager) NICs() []string {
 	}
 	slices.Sort(out)
 	return out
+}
+
+// verdictChain returns the chain of a vmap element read from the kernel
+// (the library leaves the nested NFTA_DATA_VERDICT attributes in Val).
+func verdictChain(e nftables.SetElement) string {
+	if e.VerdictData != nil {
+		return e.VerdictData.Chain
+	}
+	ad, err := netlink.NewAttributeDecoder(e.Val)
+	if err != nil {
+		return ""
+	}
+	for ad.Next() {
+		if ad.Type() == unix.NFTA_VERDICT_CHAIN {
+			return ad.String()
+		}
+	}
+	return ""
 }
