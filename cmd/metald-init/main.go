@@ -6,8 +6,8 @@
 // found by MAC (privacy sysctls first, then link up, address, default
 // route) and /etc/resolv.conf, and then either execs metald.init or stays
 // PID 1: it reaps orphans and powers the VM off on SIGTERM, on SIGINT
-// (Ctrl-Alt-Del, as QEMU's send-key and Firecracker's SendCtrlAltDel
-// deliver it) and on the ACPI power button (QEMU's system_powerdown).
+// and on the ACPI power button (QEMU's system_powerdown), and reboots on
+// SIGINT (Ctrl-Alt-Del, as Firecracker's SendCtrlAltDel delivers it).
 //
 // With metald.test=rogue-ra it also sends rogue Router Advertisements from
 // every configured NIC, for the first-hop security tests.
@@ -95,9 +95,15 @@ func main() {
 		switch s {
 		case unix.SIGCHLD:
 			reap()
+		case unix.SIGINT:
+			// Ctrl-Alt-Del means reboot, as with any init; under
+			// Firecracker (reboot=k) a guest reboot ends the VMM, which
+			// is how its SendCtrlAltDel stops a VM.
+			logf("%v: rebooting", s)
+			stopAll(unix.LINUX_REBOOT_CMD_RESTART)
 		default:
 			logf("%v: powering off", s)
-			powerOff()
+			stopAll(unix.LINUX_REBOOT_CMD_POWER_OFF)
 		}
 	}
 }
@@ -164,14 +170,15 @@ func reap() {
 	}
 }
 
-// powerOff stops every other process, syncs and powers the machine off.
-func powerOff() {
+// stopAll stops every other process, syncs and powers the machine off or
+// restarts it (cmd).
+func stopAll(cmd int) {
 	unix.Kill(-1, unix.SIGTERM)
 	time.Sleep(200 * time.Millisecond)
 	unix.Kill(-1, unix.SIGKILL)
 	unix.Sync()
-	if err := unix.Reboot(unix.LINUX_REBOOT_CMD_POWER_OFF); err != nil {
-		logf("power off: %v", err)
+	if err := unix.Reboot(cmd); err != nil {
+		logf("reboot(%#x): %v", cmd, err)
 	}
 }
 

@@ -56,22 +56,27 @@ func linkByMAC(mac net.HardwareAddr) (netlink.Link, error) {
 	}
 }
 
-// sysctls returns the per-interface IPv6 sysctls for n, to be written
-// before the link comes up (the kernel derives addresses at link up).
-func sysctls(ifname string, n guestcfg.NIC) map[string]string {
+// sysctl is one /proc/sys key and value.
+type sysctl struct{ key, value string }
+
+// sysctls returns the per-interface IPv6 sysctls for n, in the order they
+// must be written, before the link comes up (the kernel derives addresses
+// at link up). Writing stable_secret also switches the interface to
+// stable-privacy address generation (RFC 7217).
+func sysctls(ifname string, n guestcfg.NIC) []sysctl {
 	base := "net/ipv6/conf/" + ifname + "/"
-	m := map[string]string{base + "use_tempaddr": "0"}
+	tmp := "0"
 	if n.Privacy {
-		m[base+"use_tempaddr"] = "2"
+		tmp = "2"
 	}
+	out := []sysctl{{base + "use_tempaddr", tmp}}
 	if n.StableSecret != "" {
-		m[base+"stable_secret"] = n.StableSecret
-		m[base+"addr_gen_mode"] = "2" // stable privacy
+		out = append(out, sysctl{base + "stable_secret", n.StableSecret})
 	}
 	if n.TempValidLft > 0 {
-		m[base+"temp_valid_lft"] = strconv.FormatUint(uint64(n.TempValidLft), 10)
+		out = append(out, sysctl{base + "temp_valid_lft", strconv.FormatUint(uint64(n.TempValidLft), 10)})
 	}
-	return m
+	return out
 }
 
 func configureNIC(n guestcfg.NIC) error {
@@ -84,9 +89,9 @@ func configureNIC(n guestcfg.NIC) error {
 		return err
 	}
 	name := l.Attrs().Name
-	for k, v := range sysctls(name, n) {
-		if err := os.WriteFile("/proc/sys/"+k, []byte(v), 0o644); err != nil {
-			return fmt.Errorf("sysctl %s=%s: %w", k, v, err)
+	for _, sc := range sysctls(name, n) {
+		if err := os.WriteFile("/proc/sys/"+sc.key, []byte(sc.value), 0o644); err != nil {
+			return fmt.Errorf("sysctl %s=%s: %w", sc.key, sc.value, err)
 		}
 	}
 	if err := netlink.LinkSetUp(l); err != nil {
