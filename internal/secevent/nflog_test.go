@@ -29,6 +29,9 @@ import (
 	"github.com/metald/metald/internal/secevent/eventhttp"
 )
 
+// raceEnabled is set under -race, where the latency bound does not hold.
+var raceEnabled bool
+
 func TestMain(m *testing.M) { os.Exit(netnstest.Main(m)) }
 
 const (
@@ -137,6 +140,8 @@ sendp(Ether(src="`+vm1MAC+`", dst="33:33:00:00:00:02")/IPv6(src="2001:db8:1::10"
 		t.Fatalf("ra event: %+v", e)
 	}
 	getJSON(t, srv.URL+"/debug/security/events?event_type=extension_header_block", &evs)
+	// The VM's kernel may log its own MLD reports (hop-by-hop) too.
+	evs = slices.DeleteFunc(evs, func(e secevent.Event) bool { return e.Details.Src != "2001:db8:1::10" })
 	if len(evs) != 1 || evs[0].Details.Header != "hop_by_hop" || !slices.Equal(evs[0].Details.Headers, []string{"hop_by_hop"}) ||
 		evs[0].Details.PacketCount != 3 || evs[0].Severity != secevent.SeverityMedium || *evs[0].Details.ICMPv6Type != 128 {
 		t.Fatalf("ext event: %+v", evs)
@@ -306,7 +311,7 @@ func TestNFLOGFlood(t *testing.T) {
 	if got := counterValue(t, h, secevent.MetricEventsDropped); got != float64(st.Dropped) {
 		t.Fatalf("dropped metric %v != %d", got, st.Dropped)
 	}
-	if p99 > 100*time.Millisecond {
+	if p99 > 100*time.Millisecond && !raceEnabled {
 		t.Fatalf("API p99 %v during the flood", p99)
 	}
 	if ms1.HeapInuse > ms0.HeapInuse+64<<20 {

@@ -1,0 +1,5 @@
+//go:build race
+
+package secevent_test
+
+func init() { raceEnabled = true }
