@@ -64,6 +64,10 @@ func (n Names) AddrSet() string { return n.HostDevice + "-addrs" }
 // RASourceSet names the set of allowed RA sources toward the NIC.
 func (n Names) RASourceSet() string { return n.HostDevice + "-ra_src" }
 
+// TempSet names the dynamic set of temporary (privacy) addresses learned
+// for the NIC.
+func (n Names) TempSet() string { return n.HostDevice + "-temp" }
+
 // RAMACSet names the set of allowed RA source MACs toward the NIC.
 func (n Names) RAMACSet() string { return n.HostDevice + "-ra_mac" }
 

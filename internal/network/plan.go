@@ -11,6 +11,7 @@ import (
 	"net/netip"
 	"slices"
 	"strings"
+	"time"
 )
 
 // ErrInvalidPlan reports a NIC plan that cannot be programmed.
@@ -48,6 +49,37 @@ type Controls struct {
 	// MLDSnooping exempts MLD reports/done (link-local or :: source, hop
 	// limit 1) from BlockHopByHop: they carry a Router Alert option.
 	MLDSnooping bool
+	// PrivacyExtensions: temporary addresses (RFC 8981) inside the /64 of
+	// one of Addresses are bound to the port, first come first served
+	// (RFC 6620), when the VM performs DAD for them (NS from :: with the
+	// address as target): for TempValidLifetime, in kernel sets filled
+	// from the packet path. An address another port holds is not bound
+	// (the DAD NS still passes, so the holder defends it) and traffic
+	// from it is refused by SourceGuard.
+	PrivacyExtensions bool
+	// TempValidLifetime is how long a learned address stays bound
+	// (default DefaultTempValidLifetime).
+	TempValidLifetime time.Duration
+}
+
+// DefaultTempValidLifetime is RFC 8981's default TEMP_VALID_LIFETIME.
+const DefaultTempValidLifetime = 48 * time.Hour
+
+// PrivacyPrefixes returns the distinct /64 prefixes of the NIC's global
+// addresses: the prefixes inside which temporary addresses are learned.
+func (n NICPlan) PrivacyPrefixes() []netip.Prefix {
+	var out []netip.Prefix
+	for _, a := range n.Addresses {
+		if a.IsLinkLocalUnicast() {
+			continue
+		}
+		p, err := a.Prefix(64)
+		if err == nil && !slices.Contains(out, p) {
+			out = append(out, p)
+		}
+	}
+	slices.SortFunc(out, func(a, b netip.Prefix) int { return a.Addr().Compare(b.Addr()) })
+	return out
 }
 
 // NICPlan is the desired state of one VM NIC on this host.
@@ -141,6 +173,9 @@ func (n NICPlan) Validate() error {
 		if len(m) != 6 {
 			return bad("allowed ra mac %q is not 48 bits", m)
 		}
+	}
+	if n.Controls.TempValidLifetime < 0 {
+		return bad("temp valid lifetime %v is negative", n.Controls.TempValidLifetime)
 	}
 	if n.VLAN > 4094 {
 		return bad("vlan %d out of range", n.VLAN)

@@ -150,7 +150,7 @@ func TestMetricsExactFromCounters(t *testing.T) {
 	b0, s0, h0 := raBlocks(), sg(), eh()
 
 	e.send(t, rogueRA, 7)
-	e.send(t, `Ether(src=M1, dst="02:00:00:00:01:02")/IPv6(src="2001:db8:1::99", dst="2001:db8:1::12")/ICMPv6EchoRequest()`, 4) // spoofed IPv6 source
+	e.send(t, `Ether(src=M1, dst="02:00:00:00:01:02")/IPv6(src="2001:db8:1::99", dst="2001:db8:1::12")/ICMPv6EchoRequest()`, 4)                  // spoofed IPv6 source
 	e.send(t, `Ether(src="02:00:00:00:09:09", dst="02:00:00:00:01:02")/IPv6(src="2001:db8:1::11", dst="2001:db8:1::12")/ICMPv6EchoRequest()`, 2) // spoofed MAC
 	e.send(t, `Ether(src=M1, dst="02:00:00:00:01:02")/IPv6(src="2001:db8:1::11", dst="2001:db8:1::12")/IPv6ExtHdrRouting(addresses=["2001:db8:1::1"])/ICMPv6EchoRequest()`, 3)
 	if d := raBlocks() - b0; d != 7 {

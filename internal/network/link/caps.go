@@ -47,4 +47,3 @@ func probeVLANFiltering() bool {
 	b, ok := l.(*netlink.Bridge)
 	return ok && b.VlanFiltering != nil && *b.VlanFiltering
 }
-

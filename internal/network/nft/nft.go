@@ -89,6 +89,12 @@ func vmap(name string) *nftables.Set {
 		DataType: nftables.TypeVerdict, KeyByteOrder: binaryutil.NativeEndian}
 }
 
+// dynamicSet is an address set filled from the packet path, with
+// per-element timeouts.
+func dynamicSet(name string) *nftables.Set {
+	return &nftables.Set{Table: table(), Name: name, KeyType: nftables.TypeIP6Addr, Dynamic: true, HasTimeout: true}
+}
+
 func dispatch(key expr.MetaKey, set string) []expr.Any {
 	return []expr.Any{
 		&expr.Meta{Key: key, Register: 1},
@@ -106,6 +112,9 @@ func (f *Firewall) queueBase() error {
 		if err := c.AddSet(vmap(m), nil); err != nil {
 			return fmt.Errorf("add map %s: %w", m, err)
 		}
+	}
+	if err := c.AddSet(dynamicSet(PrivOwnedSet), nil); err != nil {
+		return fmt.Errorf("add set %s: %w", PrivOwnedSet, err)
 	}
 	for _, b := range baseChains() {
 		ch := c.AddChain(baseChain(b.name, b.hook))
@@ -153,6 +162,13 @@ func (f *Firewall) queueNIC(p network.NICPlan) error {
 	}
 	for _, s := range spec.sets {
 		set := &nftables.Set{Table: table(), Name: s.name, KeyType: s.keyType}
+		if s.dynamic {
+			// packet-path state: created once, never flushed
+			if err := c.AddSet(dynamicSet(s.name), nil); err != nil {
+				return fmt.Errorf("add set %s: %w", s.name, err)
+			}
+			continue
+		}
 		if err := c.AddSet(set, nil); err != nil {
 			return fmt.Errorf("add set %s: %w", s.name, err)
 		}

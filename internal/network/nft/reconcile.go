@@ -184,6 +184,9 @@ func (f *Firewall) baseDrift(st kernelState) ([]string, error) {
 			out = append(out, "map "+m+" missing")
 		}
 	}
+	if !st.sets[PrivOwnedSet] {
+		out = append(out, "set "+PrivOwnedSet+" missing")
+	}
 	for _, b := range baseChains() {
 		if !st.chains[b.name] {
 			out = append(out, "chain "+b.name+" missing")

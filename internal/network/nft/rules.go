@@ -81,6 +81,10 @@ const (
 	ChainForward    = "forward"
 	ChainOutput     = "output"
 	ChainInput      = "input"
+	// PrivOwnedSet holds every learned temporary address of every port
+	// (with the same timeout as the port's own set): an address in it but
+	// not in a port's <dev>-temp set is held by another port.
+	PrivOwnedSet = "priv_owned"
 	// BasePriority is the priority of the base chains: before the bridge's
 	// own filter (-200) and before anything at the default 0.
 	BasePriority = -300
@@ -89,7 +93,7 @@ const (
 
 // Helper chain suffixes, per direction.
 var (
-	fromParts = []string{"ip6", "hdr", "src", "hbh", "icmp", "na", "nd"}
+	fromParts = []string{"ip6", "hdr", "src", "hbh", "icmp", "na", "nd", "priv", "learn"}
 	toParts   = []string{"ip6", "hdr", "hbh", "icmp", "ra"}
 )
 
@@ -168,7 +172,7 @@ func chainsOf(n network.Names) []string {
 }
 
 func setsOf(n network.Names) []string {
-	return []string{n.AddrSet(), n.RASourceSet(), n.RAMACSet()}
+	return []string{n.AddrSet(), n.RASourceSet(), n.RAMACSet(), n.TempSet()}
 }
 
 func countersOf(n network.Names) []string {
@@ -383,6 +387,9 @@ func buildNIC(p network.NICPlan) nicSpec {
 		src := n.FromSub("src")
 		b.add(ip6, string(network.CtlSourceGuard), jump(src))
 		b.add(src, string(network.CtlSourceGuard), saddrIn(n.AddrSet()), ret)
+		if c.PrivacyExtensions {
+			b.add(src, string(network.CtlSourceGuard), saddrIn(n.TempSet()), ret)
+		}
 		b.add(src, string(network.CtlSourceGuard), saddr(netip.IPv6Unspecified()),
 			b.icmpType(icmpNS, icmpMLDReport, icmpMLD2Report), ret)
 		b.add(src, string(network.CtlSourceGuard), cnt(network.CtlSourceGuard), drop)
@@ -408,6 +415,9 @@ func buildNIC(p network.NICPlan) nicSpec {
 			for _, a := range p.BoundAddresses() {
 				a16 := a.As16()
 				b.add(na, string(network.CtlSourceGuard), b.icmpType(icmpNA), m(th(8, 16), eq(a16[:])), ret)
+			}
+			if c.PrivacyExtensions {
+				b.add(na, string(network.CtlSourceGuard), b.icmpType(icmpNA), inSet(th(8, 16), n.TempSet()), ret)
 			}
 			b.add(na, string(network.CtlSourceGuard), cnt(network.CtlSourceGuard), drop)
 		}
@@ -440,6 +450,9 @@ func buildNIC(p network.NICPlan) nicSpec {
 	}
 	if c.MulticastRateLimit > 0 {
 		b.add(ip6, string(network.CtlMulticastRate), etherMulticastIP6(), limitOver(c.MulticastRateLimit), cnt(network.CtlMulticastRate), drop)
+	}
+	if c.PrivacyExtensions {
+		privacyLearning(b, ip6, c)
 	}
 	b.add(ip6, "allow", accept)
 
@@ -492,8 +505,38 @@ func buildNIC(p network.NICPlan) nicSpec {
 		{name: n.AddrSet(), keyType: nftables.TypeIP6Addr, elems: addrs},
 		{name: n.RASourceSet(), keyType: nftables.TypeIP6Addr, elems: raSrc},
 		{name: n.RAMACSet(), keyType: nftables.TypeEtherAddr, elems: raMAC},
+		{name: n.TempSet(), keyType: nftables.TypeIP6Addr, dynamic: true},
 	}
 	return spec
+}
+
+// privacyLearning binds temporary addresses first come first served
+// (RFC 6620) from the packet path. A DAD NS (source ::, which the ND rules
+// before this point have already checked) whose target lies in one of the
+// NIC's /64s and is neither a bound address nor held by another port adds
+// the target to the port's <dev>-temp set and to priv_owned, both with the
+// NIC's lifetime. Elements are added, never refreshed: a binding lasts one
+// lifetime from the first DAD, like the address it protects.
+func privacyLearning(b *builder, ip6 string, c network.Controls) {
+	n := b.names
+	priv, learn := n.FromSub("priv"), n.FromSub("learn")
+	ctl := "privacy"
+	life := c.TempValidLifetime
+	if life == 0 {
+		life = network.DefaultTempValidLifetime
+	}
+	b.add(ip6, ctl, saddr(netip.IPv6Unspecified()), b.icmpType(icmpNS), jump(priv))
+	for _, p := range b.plan.PrivacyPrefixes() {
+		a := p.Addr().As16()
+		b.add(priv, ctl, m(th(8, 8), eq(a[:8])), goTo(learn))
+	}
+	target := th(8, 16)
+	b.add(learn, ctl, inSet(target, n.AddrSet()), ret)
+	b.add(learn, ctl, inSet(th(8, 16), n.TempSet()), ret)
+	b.add(learn, ctl, inSet(th(8, 16), PrivOwnedSet), ret)
+	b.add(learn, ctl, m(th(8, 16),
+		&expr.Dynset{SrcRegKey: 1, SetName: n.TempSet(), Operation: unix.NFT_DYNSET_OP_ADD, Timeout: life},
+		&expr.Dynset{SrcRegKey: 1, SetName: PrivOwnedSet, Operation: unix.NFT_DYNSET_OP_ADD, Timeout: life}))
 }
 
 // extBlocks adds the extension header blocks to chain; MLD messages of the

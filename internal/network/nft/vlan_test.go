@@ -100,8 +100,10 @@ send(Ether(src=M3, dst="ff:ff:ff:ff:ff:ff")/IPv6(src="2001:db8:1::12", dst="ff02
 				t.Errorf("frame %#x from VLAN 200 seen %d times in VLAN 100", fl, n)
 			}
 		}
-		if d := deltas(before3, tp.counters(t, "tap-vm3")); d[network.CtlVLAN] != 4 {
-			t.Errorf("tap-vm3 vlan counter +%d, want 4 (VM1's 4 frames)", d[network.CtlVLAN])
+		// VM1's 4 frames, plus whatever the VLAN 100 guests' kernels
+		// multicast meanwhile (MLD reports, RS)
+		if d := deltas(before3, tp.counters(t, "tap-vm3")); d[network.CtlVLAN] < 4 {
+			t.Errorf("tap-vm3 vlan counter +%d, want at least 4 (VM1's 4 frames)", d[network.CtlVLAN])
 		}
 	})
 	t.Run("moving VM3 into VLAN 100 joins it", func(t *testing.T) {

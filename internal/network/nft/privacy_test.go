@@ -1,0 +1,88 @@
+package nft
+
+import (
+	"fmt"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/metald/metald/internal/network"
+)
+
+// TestPrivacyAddressFCFS (RFC 6620): a temporary address is bound to the
+// first port that performs DAD for it, for the lifetime; another port's DAD
+// for it binds nothing and its traffic from it is dropped and counted;
+// after the lifetime the address is free again.
+func TestPrivacyAddressFCFS(t *testing.T) {
+	t.Parallel()
+	c := allOn()
+	c.PrivacyExtensions = true
+	c.TempValidLifetime = 3 * time.Second
+	tp := newTopo(t, c)
+	for _, p := range tp.plans {
+		if err := tp.fw.UpdateNIC(p); err != nil {
+			t.Fatal(err)
+		}
+	}
+	cap2 := startCapture(t, tp.vm2, "eth0")
+	capH := startCapture(t, tp.host, "br0")
+	const temp = "2001:db8:1:0:1c2d:3e4f:5a6b:7c8d"
+	dad := func(mac string) string {
+		return fmt.Sprintf(`send(Ether(src=%s, dst="33:33:ff:6b:7c:8d")/IPv6(src="::", dst="ff02::1:ff6b:7c8d", hlim=255)/ICMPv6ND_NS(tgt=%q))`, mac, temp)
+	}
+	fromTemp := func(mac, dstMAC, dst string, fl uint32) string {
+		return fmt.Sprintf(`send(Ether(src=%s, dst=%s)/IPv6(src=%q, dst=%s, fl=%d)/ICMPv6EchoRequest())`, mac, dstMAC, temp, dst, fl)
+	}
+
+	t.Run("without DAD the temporary address is refused", func(t *testing.T) {
+		b := tp.counters(t, "tap-vm1")
+		sendAndMark(t, tp, cap2, false, 0x7001, fromTemp("M1", "M2", "IP2", 0x7001))
+		if cap2.count(0x7001) != 0 {
+			t.Error("traffic from an unlearned temporary address reached VM2")
+		}
+		if d := deltas(b, tp.counters(t, "tap-vm1")); d[network.CtlSourceGuard] != 1 || len(d) != 1 {
+			t.Errorf("deltas %s, want source_guard+1", fmtDeltas(d))
+		}
+	})
+	t.Run("VM1 DADs the address and may use it", func(t *testing.T) {
+		sendAndMark(t, tp, cap2, false, 0x7002, dad("M1")+"\n"+fromTemp("M1", "M2", "IP2", 0x7002))
+		if cap2.count(0x7002) != 1 {
+			t.Error("VM1's traffic from its learned temporary address did not reach VM2")
+		}
+		if out := tp.host.MustRun(t, "nft", "list", "set", "bridge", TableName, "tap-vm1-temp"); !strings.Contains(out, temp) {
+			t.Errorf("tap-vm1-temp lacks %s:\n%s", temp, out)
+		}
+	})
+	t.Run("VM2 DADs the same address: not bound, traffic dropped", func(t *testing.T) {
+		b := tp.counters(t, "tap-vm2")
+		scapy(t, tp.vm2, dad("M2")+"\n"+fromTemp("M2", "BR", `"2001:db8:1::1"`, 0x7003)+"\n"+
+			`send(Ether(src=M2, dst=BR)/IPv6(src=IP2, dst="2001:db8:1::1", fl=0x87003)/ICMPv6EchoRequest())`)
+		capH.waitFor(t, 0x87003)
+		time.Sleep(20 * time.Millisecond)
+		if capH.count(0x7003) != 0 {
+			t.Error("VM2's traffic from VM1's temporary address reached the host")
+		}
+		if d := deltas(b, tp.counters(t, "tap-vm2")); d[network.CtlSourceGuard] != 1 || len(d) != 1 {
+			t.Errorf("tap-vm2 deltas %s, want source_guard+1", fmtDeltas(d))
+		}
+		if out := tp.host.MustRun(t, "nft", "list", "set", "bridge", TableName, "tap-vm2-temp"); strings.Contains(out, temp) {
+			t.Errorf("tap-vm2-temp learned an address VM1 holds:\n%s", out)
+		}
+	})
+	t.Run("after the lifetime the address is free again", func(t *testing.T) {
+		time.Sleep(3200 * time.Millisecond)
+		scapy(t, tp.vm2, dad("M2")+"\n"+fromTemp("M2", "BR", `"2001:db8:1::1"`, 0x7004)+"\n"+
+			`send(Ether(src=M2, dst=BR)/IPv6(src=IP2, dst="2001:db8:1::1", fl=0x87004)/ICMPv6EchoRequest())`)
+		capH.waitFor(t, 0x87004)
+		time.Sleep(20 * time.Millisecond)
+		if capH.count(0x7004) != 1 {
+			t.Error("VM2 could not take over the expired temporary address")
+		}
+		// and VM1 lost it
+		b := tp.counters(t, "tap-vm1")
+		sendAndMark(t, tp, cap2, false, 0x7005, fromTemp("M1", "M2", "IP2", 0x7005))
+		if cap2.count(0x7005) != 0 || deltas(b, tp.counters(t, "tap-vm1"))[network.CtlSourceGuard] != 1 {
+			t.Error("VM1 still uses an address now bound to VM2")
+		}
+	})
+}
