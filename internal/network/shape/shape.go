@@ -1,0 +1,320 @@
+// Package shape owns per-NIC bandwidth and packet-rate limits on a VM's
+// host port, in both directions.
+//
+// Bandwidth (tc, vishvananda/netlink):
+//   - toward the VM: an HTB root qdisc (1:) on the host port with one
+//     default class 1:1 whose rate and ceil are the limit;
+//   - from the VM: an ingress qdisc on the host port with a u32 match-everything filter (matchall is absent here)
+//     whose mirred action redirects every frame to an IFB device
+//     ("ifb" + 8 hex digits of a hash of the port name), shaped there by
+//     the same HTB.
+//
+// Packet rate: this kernel has no act_police, so tc cannot drop by packet
+// rate. The limit is an nftables `limit rate over N/second drop` in
+// `table bridge metald_shape`, dispatched by port name (iifname for frames
+// from the VM at bridge prerouting, oifname for frames toward it at bridge
+// postrouting). The bridge hooks are used, not netdev ingress/egress:
+// frames redirected to an IFB skip the port's netdev ingress hook and the
+// IFB's netdev egress hook (nf_skip_egress), but they re-enter the bridge.
+// Packet-rate limits therefore apply to bridged ports only.
+package shape
+
+import (
+	"errors"
+	"fmt"
+	"hash/fnv"
+	"slices"
+
+	"github.com/google/nftables"
+	"github.com/google/nftables/binaryutil"
+	"github.com/google/nftables/expr"
+	"github.com/vishvananda/netlink"
+	"github.com/vishvananda/netlink/nl"
+	"github.com/vishvananda/netns"
+	"golang.org/x/sys/unix"
+)
+
+// Limits are a NIC's limits; zero means unlimited.
+type Limits struct {
+	// Mbps is the bandwidth limit in megabits per second, each direction.
+	Mbps uint32
+	// PPS is the packet-rate limit in packets per second, each direction.
+	PPS uint32
+}
+
+// Table is the nftables table holding packet-rate limits.
+const Table = "metald_shape"
+
+const (
+	chainPre   = "prerouting"
+	chainPost  = "postrouting"
+	mapFromVM  = "from_vm"
+	mapToVM    = "to_vm"
+	htbHandle  = 0x10000 // 1:
+	htbDefault = 0x10001 // 1:1
+)
+
+// IFBName returns the IFB device shaping traffic from the VM on hostDev.
+func IFBName(hostDev string) string {
+	h := fnv.New32a()
+	h.Write([]byte(hostDev))
+	return fmt.Sprintf("ifb%08x", h.Sum32())
+}
+
+func handle(hostNS int) (*netlink.Handle, error) {
+	h, err := netlink.NewHandleAt(netns.NsHandle(hostNS))
+	if err != nil {
+		return nil, fmt.Errorf("netlink handle: %w", err)
+	}
+	return h, nil
+}
+
+// Apply sets hostDev's limits in the namespace open at hostNS, replacing
+// earlier ones; a zero field removes that limit.
+func Apply(hostNS int, hostDev string, l Limits) error {
+	h, err := handle(hostNS)
+	if err != nil {
+		return err
+	}
+	defer h.Close()
+	port, err := h.LinkByName(hostDev)
+	if err != nil {
+		return fmt.Errorf("find port %s: %w", hostDev, err)
+	}
+	if l.Mbps == 0 {
+		if err := removeBandwidth(h, port); err != nil {
+			return err
+		}
+	} else {
+		if err := htb(h, port.Attrs().Index, l.Mbps); err != nil {
+			return fmt.Errorf("shape toward vm on %s: %w", hostDev, err)
+		}
+		if err := ingressToIFB(h, port, l.Mbps); err != nil {
+			return fmt.Errorf("shape from vm on %s: %w", hostDev, err)
+		}
+	}
+	return applyPPS(hostNS, hostDev, l.PPS)
+}
+
+// Remove deletes every limit of hostDev. Missing pieces are not errors.
+func Remove(hostNS int, hostDev string) error {
+	h, err := handle(hostNS)
+	if err != nil {
+		return err
+	}
+	defer h.Close()
+	var errs []error
+	if port, err := h.LinkByName(hostDev); err == nil {
+		errs = append(errs, removeBandwidth(h, port))
+	} else if ifb, err := h.LinkByName(IFBName(hostDev)); err == nil {
+		errs = append(errs, h.LinkDel(ifb))
+	}
+	errs = append(errs, applyPPS(hostNS, hostDev, 0))
+	return errors.Join(errs...)
+}
+
+func removeBandwidth(h *netlink.Handle, port netlink.Link) error {
+	idx := port.Attrs().Index
+	qs, err := h.QdiscList(port)
+	if err != nil {
+		return fmt.Errorf("list qdiscs: %w", err)
+	}
+	for _, q := range qs {
+		a := q.Attrs()
+		if (a.Parent == netlink.HANDLE_ROOT && a.Handle == htbHandle && q.Type() == "htb") || a.Parent == netlink.HANDLE_INGRESS {
+			a.LinkIndex = idx
+			if err := h.QdiscDel(q); err != nil && !errors.Is(err, unix.ENOENT) {
+				return fmt.Errorf("delete qdisc: %w", err)
+			}
+		}
+	}
+	if ifb, err := h.LinkByName(IFBName(port.Attrs().Name)); err == nil {
+		if err := h.LinkDel(ifb); err != nil {
+			return fmt.Errorf("delete %s: %w", ifb.Attrs().Name, err)
+		}
+	}
+	return nil
+}
+
+// htb installs (or replaces) root HTB 1: with default class 1:1 at mbps.
+func htb(h *netlink.Handle, idx int, mbps uint32) error {
+	// HTB has no change operation: keep an existing 1: htb, replace
+	// anything else.
+	ours, err := hasQdisc(h, idx, netlink.HANDLE_ROOT, htbHandle, "htb")
+	if err != nil {
+		return err
+	}
+	if !ours {
+		q := netlink.NewHtb(netlink.QdiscAttrs{LinkIndex: idx, Parent: netlink.HANDLE_ROOT, Handle: htbHandle})
+		q.Defcls = 1
+		if err := h.QdiscReplace(q); err != nil {
+			return fmt.Errorf("htb qdisc: %w", err)
+		}
+	}
+	bits := uint64(mbps) * 1_000_000
+	// A 10 ms burst (at least a 64 KiB GSO frame) keeps TCP at the rate
+	// without long overshoot.
+	burst := uint32(max(bits/8/100, 65536+1600))
+	c := netlink.NewHtbClass(netlink.ClassAttrs{LinkIndex: idx, Parent: htbHandle, Handle: htbDefault},
+		netlink.HtbClassAttrs{Rate: bits, Ceil: bits, Buffer: burst, Cbuffer: burst})
+	if err := h.ClassReplace(c); err != nil {
+		return fmt.Errorf("htb class: %w", err)
+	}
+	return nil
+}
+
+// ingressToIFB redirects everything the port receives (what the VM sends)
+// to the port's IFB and shapes it there.
+func ingressToIFB(h *netlink.Handle, port netlink.Link, mbps uint32) error {
+	name := IFBName(port.Attrs().Name)
+	ifb, err := h.LinkByName(name)
+	if err != nil {
+		if err := h.LinkAdd(&netlink.Ifb{LinkAttrs: netlink.LinkAttrs{Name: name, TxQLen: 1000}}); err != nil && !errors.Is(err, unix.EEXIST) {
+			return fmt.Errorf("add %s: %w", name, err)
+		}
+		if ifb, err = h.LinkByName(name); err != nil {
+			return err
+		}
+	}
+	if err := h.LinkSetUp(ifb); err != nil {
+		return fmt.Errorf("up %s: %w", name, err)
+	}
+	if err := htb(h, ifb.Attrs().Index, mbps); err != nil {
+		return err
+	}
+	idx := port.Attrs().Index
+	ing := &netlink.Ingress{QdiscAttrs: netlink.QdiscAttrs{LinkIndex: idx, Parent: netlink.HANDLE_INGRESS, Handle: netlink.MakeHandle(0xffff, 0)}}
+	if ok, err := hasQdisc(h, idx, netlink.HANDLE_INGRESS, ing.Handle, "ingress"); err != nil {
+		return err
+	} else if !ok {
+		if err := h.QdiscAdd(ing); err != nil {
+			return fmt.Errorf("ingress qdisc: %w", err)
+		}
+	}
+	// matchall is not built into every kernel (not this one); a u32
+	// filter matching zero bits at offset 0 matches every frame.
+	f := &netlink.U32{
+		FilterAttrs: netlink.FilterAttrs{LinkIndex: idx, Parent: netlink.MakeHandle(0xffff, 0), Priority: 1, Protocol: unix.ETH_P_ALL},
+		Sel:         &netlink.TcU32Sel{Flags: nl.TC_U32_TERMINAL, Nkeys: 1, Keys: []netlink.TcU32Key{{Mask: 0, Val: 0, Off: 0}}},
+		Actions:     []netlink.Action{netlink.NewMirredAction(ifb.Attrs().Index)},
+	}
+	if err := h.FilterReplace(f); err != nil {
+		return fmt.Errorf("u32 redirect: %w", err)
+	}
+	return nil
+}
+
+func nftTable() *nftables.Table {
+	return &nftables.Table{Name: Table, Family: nftables.TableFamilyBridge}
+}
+
+func ifname(n string) []byte {
+	b := make([]byte, 16)
+	copy(b, n)
+	return b
+}
+
+// applyPPS sets (pps > 0) or removes the packet-rate chains of hostDev in
+// one batch.
+func applyPPS(hostNS int, hostDev string, pps uint32) error {
+	c, err := nftables.New(nftables.WithNetNSFd(hostNS))
+	if err != nil {
+		return fmt.Errorf("open nftables connection: %w", err)
+	}
+	tables, err := c.ListTablesOfFamily(nftables.TableFamilyBridge)
+	if err != nil {
+		return fmt.Errorf("list tables: %w", err)
+	}
+	exists := false
+	for _, t := range tables {
+		exists = exists || t.Name == Table
+	}
+	if !exists && pps == 0 {
+		return nil
+	}
+	t := nftTable()
+	fromVM, toVM := hostDev+"-from-vm", hostDev+"-to-vm"
+	vmap := func(name string) *nftables.Set {
+		return &nftables.Set{Table: t, Name: name, IsMap: true, KeyType: nftables.TypeIFName, DataType: nftables.TypeVerdict, KeyByteOrder: binaryutil.NativeEndian}
+	}
+	have := map[string]bool{}
+	if exists {
+		chains, err := c.ListChainsOfTableFamily(nftables.TableFamilyBridge)
+		if err != nil {
+			return fmt.Errorf("list chains: %w", err)
+		}
+		for _, ch := range chains {
+			if ch.Table.Name == Table {
+				have[ch.Name] = true
+			}
+		}
+	} else {
+		c.AddTable(t)
+		accept := nftables.ChainPolicyAccept
+		for _, m := range []string{mapFromVM, mapToVM} {
+			if err := c.AddSet(vmap(m), nil); err != nil {
+				return err
+			}
+		}
+		for _, b := range []struct {
+			name, set string
+			hook      *nftables.ChainHook
+			key       expr.MetaKey
+		}{{chainPre, mapFromVM, nftables.ChainHookPrerouting, expr.MetaKeyIIFNAME}, {chainPost, mapToVM, nftables.ChainHookPostrouting, expr.MetaKeyOIFNAME}} {
+			ch := c.AddChain(&nftables.Chain{Name: b.name, Table: t, Type: nftables.ChainTypeFilter,
+				Hooknum: b.hook, Priority: nftables.ChainPriorityFilter, Policy: &accept})
+			c.AddRule(&nftables.Rule{Table: t, Chain: ch, Exprs: []expr.Any{
+				&expr.Meta{Key: b.key, Register: 1},
+				&expr.Lookup{SourceRegister: 1, SetName: b.set, DestRegister: 0, IsDestRegSet: true},
+			}})
+		}
+	}
+	key := []nftables.SetElement{{Key: ifname(hostDev)}}
+	chains := []struct{ chain, set string }{{fromVM, mapFromVM}, {toVM, mapToVM}}
+	switch {
+	case pps == 0 && have[fromVM]:
+		for _, d := range chains {
+			if err := c.SetDeleteElements(vmap(d.set), key); err != nil {
+				return err
+			}
+			ch := &nftables.Chain{Name: d.chain, Table: t}
+			c.FlushChain(ch)
+			c.DelChain(ch)
+		}
+	case pps > 0:
+		// Rewrite the chains' one rule in place; map entries are added
+		// when the chains are new.
+		for _, d := range chains {
+			ch := c.AddChain(&nftables.Chain{Name: d.chain, Table: t})
+			c.FlushChain(ch)
+			c.AddRule(&nftables.Rule{Table: t, Chain: ch, Exprs: []expr.Any{
+				&expr.Limit{Type: expr.LimitTypePkts, Rate: uint64(pps), Unit: expr.LimitTimeSecond, Over: true, Burst: max(pps/100, 5)},
+				&expr.Counter{},
+				&expr.Verdict{Kind: expr.VerdictDrop},
+			}})
+			if !have[d.chain] {
+				if err := c.SetAddElements(vmap(d.set), []nftables.SetElement{{Key: ifname(hostDev),
+					VerdictData: &expr.Verdict{Kind: expr.VerdictJump, Chain: d.chain}}}); err != nil {
+					return err
+				}
+			}
+		}
+	}
+	if err := c.Flush(); err != nil {
+		return fmt.Errorf("packet rate limit on %s: %w", hostDev, err)
+	}
+	return nil
+}
+
+// hasQdisc reports whether link idx has a qdisc of kind at parent/handle.
+// (htb and ingress have no change operation, so a replace of an existing
+// one fails with EINVAL.)
+func hasQdisc(h *netlink.Handle, idx int, parent, handle uint32, kind string) (bool, error) {
+	qs, err := h.QdiscList(&netlink.Dummy{LinkAttrs: netlink.LinkAttrs{Index: idx}})
+	if err != nil {
+		return false, fmt.Errorf("list qdiscs: %w", err)
+	}
+	return slices.ContainsFunc(qs, func(q netlink.Qdisc) bool {
+		return q.Attrs().Parent == parent && q.Attrs().Handle == handle && q.Type() == kind
+	}), nil
+}
