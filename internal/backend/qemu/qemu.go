@@ -38,6 +38,7 @@ import (
 
 	"github.com/metald/metald/cmd/metald-init/guestcfg"
 	"github.com/metald/metald/internal/backend"
+	"github.com/metald/metald/internal/backend/qemu/tap"
 	"github.com/metald/metald/internal/network/link"
 	"github.com/metald/metald/internal/network/ns"
 )
@@ -305,7 +306,7 @@ func (b *Backend) Create(ctx context.Context, spec *backend.Spec) (inst backend.
 		if _, err := b.h.LinkByName(n.HostDevice); err == nil {
 			return backend.Instance{}, fmt.Errorf("create vm %s: nic %s: tap %s: %w", vmID, n.ID, n.HostDevice, unix.EEXIST)
 		}
-		if err := createTap(int(b.hostNS.Fd()), n.HostDevice); err != nil {
+		if err := tap.Create(int(b.hostNS.Fd()), n.HostDevice); err != nil {
 			return backend.Instance{}, fmt.Errorf("create vm %s: nic %s: %w", vmID, n.ID, err)
 		}
 		dev := n.HostDevice

@@ -143,8 +143,27 @@ func spec(vmID, tap string, mac byte, addr string) *backend.Spec {
 // it), Boot and waits for the guest network; it destroys the VM at the end.
 func (e *env) createBoot(t testing.TB, s *backend.Spec, install func(tap string)) (backend.Instance, time.Duration) {
 	t.Helper()
-	ctx := context.Background()
 	start := time.Now()
+	inst := e.createStart(t, s, install)
+	e.waitUp(t, inst)
+	return inst, time.Since(start)
+}
+
+// waitUp waits for the guest's network.
+func (e *env) waitUp(t testing.TB, inst backend.Instance) {
+	t.Helper()
+	wctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	if err := e.b.WaitNetworkUp(wctx, inst); err != nil {
+		t.Fatalf("%v\nconsole:\n%s", err, console(inst))
+	}
+}
+
+// createStart runs Create, attaches the tap (after install, if set, ran on
+// it) and Boot; it destroys the VM at the end of the test.
+func (e *env) createStart(t testing.TB, s *backend.Spec, install func(tap string)) backend.Instance {
+	t.Helper()
+	ctx := context.Background()
 	inst, err := e.b.Create(ctx, s)
 	if err != nil {
 		t.Fatalf("Create: %v", err)
@@ -171,12 +190,7 @@ func (e *env) createBoot(t testing.TB, s *backend.Spec, install func(tap string)
 	if inst, err = e.b.Boot(ctx, s, inst); err != nil {
 		t.Fatalf("Boot: %v", err)
 	}
-	wctx, cancel := context.WithTimeout(ctx, 60*time.Second)
-	defer cancel()
-	if err := e.b.WaitNetworkUp(wctx, inst); err != nil {
-		t.Fatalf("%v\nconsole:\n%s", err, console(inst))
-	}
-	return inst, time.Since(start)
+	return inst
 }
 
 func console(inst backend.Instance) string {
@@ -461,28 +475,18 @@ func TestRogueRAFromGuest(t *testing.T) {
 	}
 	open := spec("open", "qt-open-0", 0x30, "2001:db8:1::30/64")
 	guarded := spec("guarded", "qt-guard-0", 0x31, "2001:db8:1::31/64")
-	var wg sync.WaitGroup
-	wg.Add(2)
-	// Both boot at once to keep the test short.
-	go func() {
-		defer wg.Done()
-		e.createBoot(t, open, nil)
-	}()
-	go func() {
-		defer wg.Done()
-		e.createBoot(t, guarded, func(tap string) {
-			n := guarded.NICs[0]
-			if err := fw.AddNIC(network.NICPlan{VMID: guarded.VMID, NICID: n.ID, HostDevice: tap, MAC: n.MAC,
-				Addresses: []netip.Addr{n.Address.Addr()}, Controls: network.Controls{RAGuard: true}}); err != nil {
-				t.Errorf("AddNIC: %v", err)
-			}
-			t.Cleanup(func() { fw.RemoveNIC(tap) })
-		})
-	}()
-	wg.Wait()
-	if t.Failed() {
-		return
-	}
+	// Both guests boot at once to keep the test short.
+	instOpen := e.createStart(t, open, nil)
+	instGuarded := e.createStart(t, guarded, func(tap string) {
+		n := guarded.NICs[0]
+		if err := fw.AddNIC(network.NICPlan{VMID: guarded.VMID, NICID: n.ID, HostDevice: tap, MAC: n.MAC,
+			Addresses: []netip.Addr{n.Address.Addr()}, Controls: network.Controls{RAGuard: true}}); err != nil {
+			t.Errorf("AddNIC: %v", err)
+		}
+		t.Cleanup(func() { fw.RemoveNIC(tap) })
+	})
+	e.waitUp(t, instOpen)
+	e.waitUp(t, instGuarded)
 	deadline := time.Now().Add(30 * time.Second)
 	var guardCount uint64
 	for {

@@ -1,4 +1,6 @@
-package qemu
+// Package tap creates the persistent tap devices that the qemu and
+// firecracker backends give their VMs as host ports.
+package tap
 
 import (
 	"fmt"
@@ -8,12 +10,12 @@ import (
 	"github.com/metald/metald/internal/network/ns"
 )
 
-// createTap creates the persistent tap name (IFF_TAP|IFF_NO_PI|
+// Create creates the persistent tap name (IFF_TAP|IFF_NO_PI|
 // IFF_VNET_HDR), down and unattached, in the network namespace open at
 // nsFd. TUNSETIFF acts in the calling thread's namespace, so the ioctl runs
 // on a thread that joined nsFd. The tap has no queue attached until QEMU
 // opens it by name.
-func createTap(nsFd int, name string) error {
+func Create(nsFd int, name string) error {
 	return ns.Do(nsFd, func() error {
 		fd, err := unix.Open("/dev/net/tun", unix.O_RDWR|unix.O_CLOEXEC, 0)
 		if err != nil {
