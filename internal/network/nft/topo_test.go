@@ -36,7 +36,7 @@ type topo struct {
 	plans          [2]network.NICPlan
 }
 
-func noDAD(t *testing.T, n *netnstest.NS) {
+func noDAD(t testing.TB, n *netnstest.NS) {
 	t.Helper()
 	for _, k := range []string{"net/ipv6/conf/all/accept_dad", "net/ipv6/conf/default/accept_dad"} {
 		if err := ns.WriteSysctl(n.Fd(), k, "0"); err != nil {
@@ -45,7 +45,7 @@ func noDAD(t *testing.T, n *netnstest.NS) {
 	}
 }
 
-func newTopo(t *testing.T, c network.Controls) *topo {
+func newTopo(t testing.TB, c network.Controls) *topo {
 	t.Helper()
 	tp := &topo{host: netnstest.New(t), vm1: netnstest.New(t), vm2: netnstest.New(t)}
 	for _, n := range []*netnstest.NS{tp.host, tp.vm1, tp.vm2} {
@@ -198,7 +198,7 @@ func (c *capture) waitFor(t *testing.T, fl uint32) {
 	}
 }
 
-func (tp *topo) counters(t *testing.T, dev string) map[network.Control]uint64 {
+func (tp *topo) counters(t testing.TB, dev string) map[network.Control]uint64 {
 	t.Helper()
 	c, err := tp.fw.Counters(dev)
 	if err != nil {

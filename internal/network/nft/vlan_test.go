@@ -13,7 +13,7 @@ import (
 
 // addVM plugs a VM namespace for plan p (index i: MAC 02:00:00:00:01:0i,
 // address 2001:db8:1::1<i-1>) into br0 of tp.host.
-func addVM(t *testing.T, tp *topo, p network.NICPlan, addr string) *netnstest.NS {
+func addVM(t testing.TB, tp *topo, p network.NICPlan, addr string) *netnstest.NS {
 	t.Helper()
 	vm := netnstest.New(t)
 	noDAD(t, vm)

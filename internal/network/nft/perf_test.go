@@ -1,0 +1,225 @@
+package nft
+
+import (
+	"encoding/json"
+	"fmt"
+	"net/netip"
+	"os/exec"
+	"sort"
+	"testing"
+	"time"
+
+	"github.com/metald/metald/internal/netnstest"
+	"github.com/metald/metald/internal/network"
+	"github.com/metald/metald/internal/network/ns"
+)
+
+// iperf runs iperf3 -6 for secs seconds from client to server (address
+// addr) and returns the received rate in bit/s.
+func iperf(t testing.TB, server, client *netnstest.NS, addr string, secs int) float64 {
+	t.Helper()
+	srv := exec.Command("iperf3", "-s", "-1", "-B", addr)
+	if err := ns.Start(server.Fd(), srv); err != nil {
+		t.Fatalf("iperf3 server: %v", err)
+	}
+	defer func() { srv.Process.Kill(); srv.Wait() }()
+	var out []byte
+	var err error
+	for range 20 { // wait for the server to listen
+		out, err = ns.Command(client.Fd(), exec.Command("iperf3", "-6", "-c", addr, "-t", fmt.Sprint(secs), "-J"))
+		if err == nil {
+			break
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	if err != nil {
+		t.Fatalf("iperf3 client: %v\n%s", err, out)
+	}
+	var r struct {
+		End struct {
+			SumReceived struct {
+				BitsPerSecond float64 `json:"bits_per_second"`
+			} `json:"sum_received"`
+		} `json:"end"`
+	}
+	if err := json.Unmarshal(out, &r); err != nil {
+		t.Fatalf("iperf3 output: %v\n%s", err, out)
+	}
+	return r.End.SumReceived.BitsPerSecond
+}
+
+// TestOverblockingTransfer: with every control on (privacy learning and
+// VLAN marks included), a 2 s TCP transfer between two VMs runs at
+// veth/bridge speed, and an ICMPv6 Packet Too Big from the gateway reaches
+// the VM.
+func TestOverblockingTransfer(t *testing.T) {
+	t.Parallel()
+	c := allOn()
+	c.PrivacyExtensions = true
+	c.NDRateLimit, c.ICMPv6RateLimit, c.MulticastRateLimit = 100, 1000, 1000
+	tp := newTopo(t, c)
+	cap := startCapture(t, tp.vm2, "eth0")
+	b1, b2 := tp.counters(t, "tap-vm1"), tp.counters(t, "tap-vm2")
+	t.Run("TCP transfer", func(t *testing.T) {
+		bps := iperf(t, tp.vm2, tp.vm1, vm2IP, 2)
+		t.Logf("iperf3 VM1 -> VM2 with every control on: %.2f Gbit/s", bps/1e9)
+		if bps < 1e9 {
+			t.Errorf("TCP transfer at %.2f Gbit/s, want at least 1", bps/1e9)
+		}
+	})
+	t.Run("Packet Too Big from the gateway", func(t *testing.T) {
+		sendAndMark(t, tp, cap, true, 0x7101, `send(Ether(src=BR, dst=M2)/IPv6(src="2001:db8:1::1", dst=IP2, hlim=64, fl=FL)/ICMPv6PacketTooBig(mtu=1280)/IPv6(src=IP2, dst="2001:db8:9::1")/Raw(b"x"*1100), iface="br0")`)
+		if cap.count(0x7101) != 1 {
+			t.Error("Packet Too Big did not reach VM2")
+		}
+	})
+	if d := deltas(b1, tp.counters(t, "tap-vm1")); len(d) != 0 {
+		t.Errorf("tap-vm1 counters moved: %s", fmtDeltas(d))
+	}
+	if d := deltas(b2, tp.counters(t, "tap-vm2")); len(d) != 0 {
+		t.Errorf("tap-vm2 counters moved: %s", fmtDeltas(d))
+	}
+}
+
+// otherPlans returns n plans for host devices that never exist (other VMs
+// programmed in the table), every control on.
+func otherPlans(n int) []network.NICPlan {
+	out := make([]network.NICPlan, n)
+	for i := range out {
+		p := vmPlan(1, allOn())
+		p.VMID = fmt.Sprintf("other%d", i)
+		p.HostDevice = fmt.Sprintf("o%d", i)
+		p.MAC = mustMAC(fmt.Sprintf("02:00:00:%02x:%02x:%02x", i>>16&0xff, i>>8&0xff, i&0xff))
+		p.Addresses = []netip.Addr{netip.MustParseAddr(fmt.Sprintf("2001:db8:2::%x", i+1))}
+		out[i] = p
+	}
+	return out
+}
+
+func fill(b *testing.B, tp *topo, n int) {
+	b.Helper()
+	plans := otherPlans(n)
+	for i := 0; i < n; i += 100 {
+		if err := tp.fw.Apply(b.Context(), append(append([]network.NICPlan{}, tp.plans[:]...), plans[:min(i+100, n)]...)); err != nil {
+			b.Fatal(err)
+		}
+	}
+}
+
+// BenchmarkIperfControlsOverPlain: method: iperf3 -6, 3 s, VM1 -> VM2
+// over one bridge; first on a plain bridge (no metald table: the NICs'
+// state is removed), then with every control on; reports both rates and
+// their ratio (target >= 0.95).
+func BenchmarkIperfControlsOverPlain(b *testing.B) {
+	for range b.N {
+		tp := newTopo(b, allOn())
+		for _, p := range tp.plans {
+			if err := tp.fw.RemoveNIC(p.HostDevice); err != nil {
+				b.Fatal(err)
+			}
+		}
+		tp.host.MustRun(b, "nft", "delete", "table", "bridge", TableName)
+		plain := iperf(b, tp.vm2, tp.vm1, vm2IP, 3)
+		for _, p := range tp.plans {
+			if err := tp.fw.AddNIC(p); err != nil {
+				b.Fatal(err)
+			}
+		}
+		on := iperf(b, tp.vm2, tp.vm1, vm2IP, 3)
+		b.ReportMetric(plain/1e9, "plain_Gbit/s")
+		b.ReportMetric(on/1e9, "controls_Gbit/s")
+		b.ReportMetric(on/plain, "ratio")
+	}
+}
+
+// BenchmarkIperfAt1000NICs: method: iperf3 -6, 3 s, VM1 -> VM2 with every
+// control on, first with 10 other NICs programmed, then with 1000 (the
+// dispatch is one verdict-map lookup, so the rate should not move);
+// reports the ratio 1000/10 (target >= 0.97).
+func BenchmarkIperfAt1000NICs(b *testing.B) {
+	for range b.N {
+		tp := newTopo(b, allOn())
+		fill(b, tp, 10)
+		r10 := iperf(b, tp.vm2, tp.vm1, vm2IP, 3)
+		fill(b, tp, 1000)
+		r1000 := iperf(b, tp.vm2, tp.vm1, vm2IP, 3)
+		b.ReportMetric(r10/1e9, "at10_Gbit/s")
+		b.ReportMetric(r1000/1e9, "at1000_Gbit/s")
+		b.ReportMetric(r1000/r10, "ratio")
+	}
+}
+
+// BenchmarkAddNICLatency: method: with 10, then 1000 NICs programmed,
+// time 50 AddNIC+RemoveNIC cycles of a fresh NIC (every control on) and
+// report the p50 of AddNIC and the ratio p50(1000)/p50(10) (target <= 1.3).
+func BenchmarkAddNICLatency(b *testing.B) {
+	for range b.N {
+		n := netnstest.New(b)
+		fw, err := New(n.Fd())
+		if err != nil {
+			b.Fatal(err)
+		}
+		tp := &topo{host: n, fw: fw}
+		p50 := func() time.Duration {
+			var ds []time.Duration
+			for i := range 50 {
+				p := vmPlan(1, allOn())
+				p.HostDevice = fmt.Sprintf("new%d", i)
+				start := time.Now()
+				if err := fw.AddNIC(p); err != nil {
+					b.Fatal(err)
+				}
+				ds = append(ds, time.Since(start))
+				if err := fw.RemoveNIC(p.HostDevice); err != nil {
+					b.Fatal(err)
+				}
+			}
+			sort.Slice(ds, func(i, j int) bool { return ds[i] < ds[j] })
+			return ds[len(ds)/2]
+		}
+		fill(b, tp, 10)
+		a := p50()
+		fill(b, tp, 1000)
+		z := p50()
+		b.ReportMetric(float64(a.Microseconds()), "p50_at10_us")
+		b.ReportMetric(float64(z.Microseconds()), "p50_at1000_us")
+		b.ReportMetric(float64(z)/float64(a), "ratio")
+	}
+}
+
+// BenchmarkNeighbourThroughputUnderNDFlood: method: iperf3 -6, 3 s, VM1 ->
+// VM2 with every control on (nd_rate_limit 100/s), first alone, then while
+// a third VM floods neighbour solicitations as fast as a packet socket
+// sends them; reports the ratio flooded/alone (target >= 0.9).
+func BenchmarkNeighbourThroughputUnderNDFlood(b *testing.B) {
+	for range b.N {
+		c := allOn()
+		c.NDRateLimit = 100
+		tp := newTopo(b, c)
+		p3 := vmPlan(3, c)
+		vm3 := addVM(b, tp, p3, "2001:db8:1::12")
+		alone := iperf(b, tp.vm2, tp.vm1, vm2IP, 3)
+		flood := exec.Command("/usr/bin/python3", "-c", `
+import socket, time
+from scapy.all import Ether, IPv6, ICMPv6ND_NS, ICMPv6NDOptSrcLLAddr
+p = bytes(Ether(src="02:00:00:00:01:03", dst="33:33:ff:00:00:11")/IPv6(src="2001:db8:1::12", dst="ff02::1:ff00:11", hlim=255)/ICMPv6ND_NS(tgt="2001:db8:1::11")/ICMPv6NDOptSrcLLAddr(lladdr="02:00:00:00:01:03"))
+s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW); s.bind(("eth0", 0))
+end = time.time() + 6
+while time.time() < end:
+    s.send(p)
+`)
+		if err := ns.Start(vm3.Fd(), flood); err != nil {
+			b.Fatal(err)
+		}
+		before := tp.counters(b, p3.HostDevice)
+		time.Sleep(500 * time.Millisecond)
+		flooded := iperf(b, tp.vm2, tp.vm1, vm2IP, 3)
+		flood.Process.Kill()
+		flood.Wait()
+		dropped := deltas(before, tp.counters(b, p3.HostDevice))[network.CtlNDRate]
+		b.ReportMetric(alone/1e9, "alone_Gbit/s")
+		b.ReportMetric(flooded/1e9, "flooded_Gbit/s")
+		b.ReportMetric(float64(dropped), "ns_dropped")
+		b.ReportMetric(flooded/alone, "ratio")
+	}
+}
