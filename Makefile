@@ -51,3 +51,11 @@ bench: deps
 
 clean:
 	rm -rf build
+
+# guest-image builds the QEMU/Firecracker test guest (build/guest/vmlinuz,
+# build/guest/initrd.img) from Debian packages only: the cloud kernel, its
+# virtio modules, busybox-static and metald-init. Cached: a no-op when
+# nothing changed. The qemu backend tests build it themselves when missing.
+.PHONY: guest-image
+guest-image:
+	@bash scripts/guest-image.sh

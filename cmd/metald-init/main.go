@@ -56,12 +56,12 @@ func main() {
 	sigs := make(chan os.Signal, 8)
 	signal.Notify(sigs, unix.SIGTERM, unix.SIGINT, unix.SIGCHLD, unix.SIGPWR)
 
-	loadModules(ModuleDir)
-
 	raw, err := os.ReadFile("/proc/cmdline")
 	if err != nil {
 		logf("read /proc/cmdline: %v", err)
 	}
+	loadModules(ModuleDir, string(raw))
+
 	cl, err := guestcfg.ParseCmdline(string(raw))
 	if err != nil {
 		logf("kernel command line: %v", err)
@@ -126,9 +126,11 @@ func mountBasics() {
 	}
 }
 
-// loadModules loads dir/order's modules in order; already loaded or
-// built-in ones are fine.
-func loadModules(dir string) {
+// loadModules loads dir/order's modules in order, with the parameters the
+// kernel command line gives them (module.param=value, as modprobe would:
+// Firecracker describes its virtio-mmio devices that way); already loaded
+// or built-in ones are fine.
+func loadModules(dir, cmdline string) {
 	f, err := os.Open(filepath.Join(dir, "order"))
 	if err != nil {
 		return
@@ -140,19 +142,36 @@ func loadModules(dir string) {
 		if name == "" || strings.HasPrefix(name, "#") {
 			continue
 		}
-		if err := loadModule(filepath.Join(dir, name)); err != nil {
+		if err := loadModule(filepath.Join(dir, name), moduleParams(name, cmdline)); err != nil {
 			logf("load module %s: %v", name, err)
 		}
 	}
 }
 
-func loadModule(path string) error {
+// moduleParams returns the "k=v ..." parameters cmdline gives module file
+// (e.g. virtio_mmio.device=4K@0xd0000000:5 for virtio_mmio.ko).
+func moduleParams(file, cmdline string) string {
+	mod := strings.ReplaceAll(strings.TrimSuffix(file, ".ko"), "-", "_")
+	var ps []string
+	for _, f := range strings.Fields(cmdline) {
+		if f == "--" {
+			break
+		}
+		k, _, _ := strings.Cut(f, "=")
+		if m, p, ok := strings.Cut(k, "."); ok && p != "" && strings.ReplaceAll(m, "-", "_") == mod {
+			ps = append(ps, strings.TrimPrefix(f, m+"."))
+		}
+	}
+	return strings.Join(ps, " ")
+}
+
+func loadModule(path, params string) error {
 	m, err := os.Open(path)
 	if err != nil {
 		return err
 	}
 	defer m.Close()
-	err = unix.FinitModule(int(m.Fd()), "", 0)
+	err = unix.FinitModule(int(m.Fd()), params, 0)
 	if errors.Is(err, unix.EEXIST) {
 		return nil
 	}

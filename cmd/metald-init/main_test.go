@@ -40,3 +40,16 @@ func TestRAMessage(t *testing.T) {
 		t.Fatalf("ra % x", b)
 	}
 }
+
+func TestModuleParams(t *testing.T) {
+	cl := "console=ttyS0 virtio_mmio.device=4K@0xd0000000:5 virtio_mmio.device=4K@0xd0001000:6 virtio-net.napi_tx=0 quiet -- virtio_mmio.x=1"
+	if got := moduleParams("virtio_mmio.ko", cl); got != "device=4K@0xd0000000:5 device=4K@0xd0001000:6" {
+		t.Errorf("virtio_mmio: %q", got)
+	}
+	if got := moduleParams("virtio_net.ko", cl); got != "napi_tx=0" {
+		t.Errorf("virtio_net: %q", got)
+	}
+	if got := moduleParams("evdev.ko", cl); got != "" {
+		t.Errorf("evdev: %q", got)
+	}
+}
