@@ -2,6 +2,7 @@ package qemu_test
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -152,7 +153,7 @@ func (e *env) createBoot(t testing.TB, s *backend.Spec, install func(tap string)
 // waitUp waits for the guest's network.
 func (e *env) waitUp(t testing.TB, inst backend.Instance) {
 	t.Helper()
-	wctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	wctx, cancel := context.WithTimeout(context.Background(), 150*time.Second)
 	defer cancel()
 	if err := e.b.WaitNetworkUp(wctx, inst); err != nil {
 		t.Fatalf("%v\nconsole:\n%s", err, console(inst))
@@ -217,12 +218,44 @@ func TestLifecycle(t *testing.T) {
 	e := newEnv(t, qemu.Config{})
 	ctx := context.Background()
 	s := spec("vm1", "qt-vm1-0", 0x10, "2001:db8:1::10/64")
+	for i, ro := range []bool{false, true} {
+		p := filepath.Join(t.TempDir(), fmt.Sprintf("disk%d.img", i))
+		if err := os.WriteFile(p, make([]byte, 1<<20), 0o644); err != nil {
+			t.Fatal(err)
+		}
+		s.Disks = append(s.Disks, backend.Disk{ID: fmt.Sprintf("d%d", i), Path: p, ReadOnly: ro})
+	}
 	inst, took := e.createBoot(t, s, nil)
+	// storage[] became virtio-blk drives, read-only as asked.
+	raw, err := qemu.QMPForTest(ctx, inst.Details[qemu.DetailQMPSocket], "query-block")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var blocks []struct {
+		Device   string `json:"device"`
+		Inserted struct {
+			File string `json:"file"`
+			RO   bool   `json:"ro"`
+		} `json:"inserted"`
+	}
+	if err := json.Unmarshal(raw, &blocks); err != nil {
+		t.Fatal(err)
+	}
+	ro := map[string]bool{}
+	for _, bl := range blocks {
+		ro[bl.Inserted.File] = bl.Inserted.RO
+	}
+	if v, ok := ro[s.Disks[0].Path]; !ok || v {
+		t.Errorf("disk0 (read-write): %s", raw)
+	}
+	if v, ok := ro[s.Disks[1].Path]; !ok || !v {
+		t.Errorf("disk1 (readonly): %s", raw)
+	}
 	t.Logf("create -> guest network up: %v (accelerator %s)", took, inst.Details[qemu.DetailAccelerator])
 	if a := inst.Details[qemu.DetailAccelerator]; a != qemu.AccelTCG && a != qemu.AccelKVM {
 		t.Errorf("accelerator %q", a)
 	}
-	if !e.pingOK(t, "2001:db8:1::10", 20*time.Second) {
+	if !e.pingOK(t, "2001:db8:1::10", 40*time.Second) {
 		t.Fatalf("guest does not answer ping6\nconsole:\n%s", console(inst))
 	}
 	// The guest applied the privacy settings and the resolver.
@@ -278,14 +311,14 @@ func TestLifecycle(t *testing.T) {
 	if inst, err = b2.Reboot(ctx, s, inst); err != nil {
 		t.Fatal(err)
 	}
-	deadline := time.Now().Add(60 * time.Second)
+	deadline := time.Now().Add(150 * time.Second)
 	for strings.Count(console(inst), "metald-init: network up") < 2 {
 		if time.Now().After(deadline) {
 			t.Fatalf("no second boot after Reboot\nconsole:\n%s", console(inst))
 		}
 		time.Sleep(50 * time.Millisecond)
 	}
-	if !e.pingOK(t, "2001:db8:1::10", 20*time.Second) {
+	if !e.pingOK(t, "2001:db8:1::10", 40*time.Second) {
 		t.Fatal("rebooted guest does not answer ping")
 	}
 
@@ -487,7 +520,7 @@ func TestRogueRAFromGuest(t *testing.T) {
 	})
 	e.waitUp(t, instOpen)
 	e.waitUp(t, instGuarded)
-	deadline := time.Now().Add(30 * time.Second)
+	deadline := time.Now().Add(60 * time.Second)
 	var guardCount uint64
 	for {
 		cs, err := fw.Counters("qt-guard-0")
@@ -525,7 +558,7 @@ func BenchmarkCreateToNetworkUp(b *testing.B) {
 		start := time.Now()
 		inst, _ := e.createBoot(b, s, nil)
 		up := time.Since(start)
-		if !e.pingOK(b, "2001:db8:1::40", 20*time.Second) {
+		if !e.pingOK(b, "2001:db8:1::40", 40*time.Second) {
 			b.Fatal("guest does not answer ping")
 		}
 		ping := time.Since(start)
