@@ -86,7 +86,7 @@ type Config struct {
 	// Links manages host links; when nil New builds one on HostNS.
 	Links *link.Manager
 	// StartTimeout bounds how long Boot waits for QEMU's QMP socket;
-	// default 10s.
+	// default 30s.
 	StartTimeout time.Duration
 	// GuestTest, when set, is passed to metald-init as metald.test= (e.g.
 	// guestcfg.TestRogueRA). For the attack tests only; never in production.
@@ -134,7 +134,7 @@ func New(cfg Config) (*Backend, error) {
 		return nil, fmt.Errorf("create qemu backend: unknown accelerator %q", cfg.Accelerator)
 	}
 	if b.startTO <= 0 {
-		b.startTO = 10 * time.Second
+		b.startTO = 30 * time.Second
 	}
 	if b.log == nil {
 		b.log = slog.Default()
