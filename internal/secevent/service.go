@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"log/slog"
 	"net"
+	"net/netip"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -113,10 +114,12 @@ type Service struct {
 }
 
 type aggKey struct {
-	dev  string
-	typ  EventType
-	src  string
-	rule string
+	dev    string
+	typ    EventType
+	src    netip.Addr
+	mac    [6]byte // when there is no IPv6 source
+	rule   string
+	folded bool // the catch-all beyond MaxSourcesPerKey
 }
 
 type devType struct {
@@ -193,7 +196,8 @@ type LogRecord struct {
 
 // Ingest folds one logged packet into the aggregation table. It is cheap
 // and never blocks on I/O: the NFLOG reader calls it per record. Records
-// whose prefix is not metald's are ignored.
+// whose prefix is not metald's are ignored. Details are only built when a
+// packet opens a new bucket; a repeat costs a parse and a map look-up.
 func (s *Service) Ingest(r LogRecord) {
 	s.metrics.record()
 	dev, ctl, err := ParsePrefix(r.Prefix)
@@ -205,54 +209,41 @@ func (s *Service) Ingest(r LogRecord) {
 	}
 	s.ingested.Add(1)
 	class, _ := Classify(ctl)
-	var d Details
-	var src string
 	var pkt *Packet
+	var p Packet
+	etherType := r.HwProtocol
 	switch {
 	case r.HwProtocol == EtherTypeIPv6 || (r.HwProtocol == 0 && len(r.Payload) > 0 && r.Payload[0]>>4 == 6):
-		if p, err := Parse(r.Payload); err == nil {
+		if p, err = Parse(r.Payload); err == nil {
 			pkt = &p
 		}
+		etherType = EtherTypeIPv6
 	case r.HwProtocol == 0:
 		if f, err := ParseFrame(r.Payload); err == nil || f.Src != nil {
 			if len(r.HwAddr) == 0 {
 				r.HwAddr = f.Src
 			}
-			pkt = f.IPv6
-			if f.EtherType != EtherTypeIPv6 {
-				d.EtherType = fmt.Sprintf("0x%04x", f.EtherType)
-			}
+			pkt, etherType = f.IPv6, f.EtherType
 		}
-	default:
-		d.EtherType = fmt.Sprintf("0x%04x", r.HwProtocol)
 	}
+	key := aggKey{dev: dev, typ: class.Type, rule: ctl}
 	if pkt != nil {
-		pkt.fill(&d)
-		src = d.Src
+		key.src = pkt.Src
 	}
-	if len(r.HwAddr) == 6 {
-		d.SrcMAC = r.HwAddr.String()
-		if src == "" {
-			src = d.SrcMAC
-		}
+	if !key.src.IsValid() && len(r.HwAddr) == 6 {
+		key.mac = [6]byte(r.HwAddr)
 	}
-	d.Rule, d.HostDevice, d.Header = ctl, dev, class.Header
 	t := r.Time
 	if t.IsZero() {
 		t = s.now()
 	}
-	key := aggKey{dev: dev, typ: class.Type, src: src, rule: ctl}
 	dt := devType{dev, class.Type}
 
 	s.mu.Lock()
 	b := s.buckets[key]
 	if b == nil && s.perKey[dt] >= s.cfg.MaxSourcesPerKey {
-		key.src = "*"
+		key.src, key.mac, key.folded = netip.Addr{}, [6]byte{}, true
 		b = s.buckets[key]
-		if b == nil {
-			d.Src, d.SourcesFolded = "*", true
-			d.Reason = fmt.Sprintf("more than %d sources within the window; folded", s.cfg.MaxSourcesPerKey)
-		}
 	}
 	if b == nil {
 		if len(s.buckets) >= s.cfg.MaxBuckets {
@@ -261,11 +252,15 @@ func (s *Service) Ingest(r LogRecord) {
 			s.metrics.drop(1)
 			return
 		}
-		b = &bucket{first: t, ev: Event{Type: class.Type, Severity: class.Severity, Details: d}}
-		s.buckets[key] = b
-		if key.src != "*" {
+		b = &bucket{first: t, ev: Event{Type: class.Type, Severity: class.Severity,
+			Details: details(pkt, etherType, r.HwAddr, ctl, dev, class.Header)}}
+		if key.folded {
+			b.ev.Details.Src, b.ev.Details.SourcesFolded = "*", true
+			b.ev.Details.Reason = fmt.Sprintf("more than %d sources within the window; folded", s.cfg.MaxSourcesPerKey)
+		} else {
 			s.perKey[dt]++
 		}
+		s.buckets[key] = b
 		if n := len(s.buckets); n > s.maxSeen {
 			s.maxSeen = n
 		}
@@ -278,6 +273,24 @@ func (s *Service) Ingest(r LogRecord) {
 		b.first = t
 	}
 	s.mu.Unlock()
+}
+
+func details(pkt *Packet, etherType uint16, mac net.HardwareAddr, ctl, dev, header string) Details {
+	var d Details
+	if pkt != nil {
+		pkt.fill(&d)
+	}
+	if etherType != EtherTypeIPv6 && etherType != 0 {
+		d.EtherType = fmt.Sprintf("0x%04x", etherType)
+	}
+	if len(mac) == 6 {
+		d.SrcMAC = mac.String()
+		if d.Src == "" {
+			d.Src = d.SrcMAC
+		}
+	}
+	d.Rule, d.HostDevice, d.Header = ctl, dev, header
+	return d
 }
 
 // Emit records an event produced by metald itself (vm_isolated,
@@ -346,7 +359,7 @@ func (s *Service) expired(now time.Time, force bool) []Event {
 			continue
 		}
 		delete(s.buckets, k)
-		if k.src != "*" {
+		if !k.folded {
 			dt := devType{k.dev, k.typ}
 			if s.perKey[dt]--; s.perKey[dt] <= 0 {
 				delete(s.perKey, dt)

@@ -203,7 +203,7 @@ func TestEnhanceMonitoring(t *testing.T) {
 			changes <- "-" + tenant
 		}
 	})
-	code, b := do(t, "POST", f.srv.URL+"/debug/security/enhance-monitoring", `{"tenant_id":"suspicious-tenant", "duration":"400ms", "log_level":"DEBUG"}`)
+	code, b := do(t, "POST", f.srv.URL+"/debug/security/enhance-monitoring", `{"tenant_id":"suspicious-tenant", "duration":"2s", "log_level":"DEBUG"}`)
 	if code != 200 || jq(t, b, ".tenant_id") != `"suspicious-tenant"` || jq(t, b, ".log_level") != `"DEBUG"` {
 		t.Fatalf("%d %s", code, b)
 	}
