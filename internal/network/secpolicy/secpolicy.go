@@ -94,6 +94,10 @@ func bigReceiveBuffer(c *netlink.Conn) error {
 	var serr error
 	if err := raw.Control(func(fd uintptr) {
 		serr = unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_RCVBUFFORCE, receiveBuffer)
+		if serr == nil {
+			// A batch is one sendmsg, bounded by the send buffer.
+			serr = unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_SNDBUFFORCE, receiveBuffer)
+		}
 	}); err != nil {
 		return err
 	}
@@ -604,8 +608,14 @@ func (m *Manager) Remove(ctx context.Context, vmID, nic string) error {
 	return m.commit("remove security policy of " + k)
 }
 
-// Apply makes the table hold exactly the given NICs' policies, in one
-// batch. NICs whose policy is unchanged are not rewritten.
+// applyChunk is how many NICs Apply puts in one netlink batch.
+const applyChunk = 100
+
+// Apply makes the table hold exactly the given NICs' policies. NICs whose
+// policy is unchanged are not rewritten. Every NIC's change is atomic; a
+// large Apply is committed in batches of applyChunk NICs (a netlink batch is
+// one sendmsg), so a failure part way leaves earlier NICs updated, later
+// ones as they were, and returns the error.
 func (m *Manager) Apply(ctx context.Context, desired []NICPolicy) error {
 	if err := ctx.Err(); err != nil {
 		return err
@@ -647,12 +657,20 @@ func (m *Manager) Apply(ctx context.Context, desired []NICPolicy) error {
 		keys = append(keys, k)
 	}
 	slices.Sort(keys)
+	queued := len(stale)
 	for _, k := range keys {
 		if st := m.nics[k]; st != nil && st.plan != nil && reflect.DeepEqual(st.plan, want[k]) && m.based {
 			continue
 		}
 		if err := m.queueNIC(b, want[k]); err != nil {
 			return m.abort(err)
+		}
+		// One sendmsg carries a batch; keep batches well under its limit.
+		// Each NIC's change stays within one batch.
+		if queued++; queued%applyChunk == 0 {
+			if err := m.commit("apply security policies"); err != nil {
+				return err
+			}
 		}
 	}
 	return m.commit("apply security policies")

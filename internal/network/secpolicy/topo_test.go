@@ -26,7 +26,7 @@ const py = "/usr/bin/python3"
 // topo is a host namespace acting as router for bridges br0..br2
 // (2001:db8:N+1::1/64, fe80::1 on each), with br_netfilter on.
 type topo struct {
-	t    *testing.T
+	t    testing.TB
 	host *netnstest.NS
 	mgr  *Manager
 	vms  map[string]*vm
@@ -50,7 +50,7 @@ func noDAD(t testing.TB, n *netnstest.NS) {
 	}
 }
 
-func newTopo(t *testing.T, bridges int) *topo {
+func newTopo(t testing.TB, bridges int) *topo {
 	t.Helper()
 	tp := &topo{t: t, host: netnstest.New(t), vms: map[string]*vm{}}
 	noDAD(t, tp.host)

@@ -84,7 +84,7 @@ type NICPolicy struct {
 	// Isolated quarantines the NIC: everything is dropped except what
 	// ManagementIngress / ManagementEgress allow. Isolation wins over the
 	// policy.
-	Isolated                             bool
+	Isolated                            bool
 	ManagementIngress, ManagementEgress []policy.Rule
 }
 
