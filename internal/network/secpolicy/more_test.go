@@ -125,7 +125,7 @@ func chainHandles(t *testing.T, m *Manager, vmID string) []uint64 {
 	}
 	var h []uint64
 	for _, r := range c {
-		h = append(h, r.Handle)
+		h = append(h, r.Handles...)
 	}
 	return h
 }

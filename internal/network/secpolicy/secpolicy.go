@@ -40,8 +40,9 @@ func key16(a netip.Addr) []byte { b := a.As16(); return b[:] }
 // nicState is what the manager knows a NIC has in the kernel.
 type nicState struct {
 	plan  *NICPolicy // nil when loaded from the kernel
-	gen   uint64
-	addrs []netip.Addr
+	gen    uint64
+	chains []string // chains of generation gen, helpers first
+	addrs  []netip.Addr
 	sets  []string // named address sets its addresses are members of
 }
 
@@ -139,7 +140,14 @@ func (m *Manager) load() error {
 		}
 		if k, _, gen, ok := parseChainName(ch.Name); ok {
 			st := m.nic(k)
-			st.gen = max(st.gen, gen)
+			if gen > st.gen {
+				st.gen, st.chains = gen, nil
+			}
+			if gen == st.gen {
+				st.chains = append(st.chains, ch.Name)
+			}
+		} else if ch.Name == chainLogDeny || ch.Name == chainLogAllow {
+			// present; queueBase rewrites them once
 		}
 	}
 	sets, err := m.conn.GetSets(table())
@@ -189,6 +197,7 @@ func (m *Manager) load() error {
 		}
 	}
 	for _, st := range m.nics {
+		slices.SortFunc(st.chains, func(a, b string) int { return len(b) - len(a) })
 		slices.Sort(st.sets)
 		st.sets = slices.Compact(st.sets)
 	}
@@ -334,6 +343,13 @@ func (m *Manager) queueBase() error {
 			}
 		}
 	}
+	for _, cs := range logChains() {
+		ch := c.AddChain(&nftables.Chain{Name: cs.name, Table: table()})
+		c.FlushChain(ch)
+		if err := m.queueRules(ch, cs.rules); err != nil {
+			return err
+		}
+	}
 	accept := nftables.ChainPolicyAccept
 	for _, b := range []struct {
 		name string
@@ -440,12 +456,15 @@ func (m *Manager) queueNIC(b *batch, p *NICPolicy) error {
 
 	gen := oldGen + 1
 	in, out := buildChain(p, dirIn, chainName(k, dirIn, gen)), buildChain(p, dirOut, chainName(k, dirOut, gen))
-	for _, cs := range []chainSpec{in, out} {
+	var names []string
+	for _, cs := range append(in.all(), out.all()...) {
 		ch := c.AddChain(&nftables.Chain{Name: cs.name, Table: table()})
 		if err := m.queueRules(ch, cs.rules); err != nil {
 			return err
 		}
+		names = append(names, cs.name)
 	}
+	slices.SortFunc(names, func(a, b string) int { return len(b) - len(a) })
 	// Switch the map entries: delete the old ones, add the new ones.
 	if len(st.addrs) > 0 {
 		var els []nftables.SetElement
@@ -461,8 +480,8 @@ func (m *Manager) queueNIC(b *batch, p *NICPolicy) error {
 	}
 	var eg, ig []nftables.SetElement
 	for _, a := range p.Addrs {
-		eg = append(eg, nftables.SetElement{Key: key16(a), VerdictData: &expr.Verdict{Kind: expr.VerdictJump, Chain: out.name}})
-		ig = append(ig, nftables.SetElement{Key: key16(a), VerdictData: &expr.Verdict{Kind: expr.VerdictJump, Chain: in.name}})
+		eg = append(eg, nftables.SetElement{Key: key16(a), VerdictData: &expr.Verdict{Kind: expr.VerdictJump, Chain: out.main.name}})
+		ig = append(ig, nftables.SetElement{Key: key16(a), VerdictData: &expr.Verdict{Kind: expr.VerdictJump, Chain: in.main.name}})
 	}
 	if err := c.SetAddElements(vmapSet(EgressMap), eg); err != nil {
 		return err
@@ -471,7 +490,7 @@ func (m *Manager) queueNIC(b *batch, p *NICPolicy) error {
 		return err
 	}
 	if hadChains {
-		m.queueDelChains(k, oldGen)
+		m.queueDelChains(st.chains)
 	}
 	for _, a := range st.addrs {
 		delete(m.byAddr, a)
@@ -480,15 +499,18 @@ func (m *Manager) queueNIC(b *batch, p *NICPolicy) error {
 		m.byAddr[a] = k
 	}
 	cp := *p
-	st.plan, st.gen, st.addrs, st.sets = &cp, gen, slices.Clone(p.Addrs), newSets
+	st.plan, st.gen, st.chains, st.addrs, st.sets = &cp, gen, names, slices.Clone(p.Addrs), newSets
 	return nil
 }
 
-func (m *Manager) queueDelChains(k string, gen uint64) {
-	for _, d := range []string{dirIn, dirOut} {
-		ch := &nftables.Chain{Name: chainName(k, d, gen), Table: table()}
-		m.conn.FlushChain(ch)
-		m.conn.DelChain(ch)
+// queueDelChains flushes every chain first (dropping the jumps between
+// them), then deletes them.
+func (m *Manager) queueDelChains(names []string) {
+	for _, n := range names {
+		m.conn.FlushChain(&nftables.Chain{Name: n, Table: table()})
+	}
+	for _, n := range names {
+		m.conn.DelChain(&nftables.Chain{Name: n, Table: table()})
 	}
 }
 
@@ -520,7 +542,7 @@ func (m *Manager) queueRemove(b *batch, k string) error {
 		return err
 	}
 	b.adds, b.dels = map[string][]netip.Addr{}, map[string][]netip.Addr{}
-	m.queueDelChains(k, st.gen)
+	m.queueDelChains(st.chains)
 	for _, a := range st.addrs {
 		delete(m.byAddr, a)
 	}
@@ -717,14 +739,17 @@ type RuleCounter struct {
 	Direction string
 	// Rule names the rule: "ingress[2]: allow tcp from any to any port 443",
 	// or a control (default, tenant-strict, allowed-destinations, ...).
-	Rule    string
-	Handle  uint64
+	Rule string
+	// Handles are the kernel rule handles (a rule with a port or ICMPv6
+	// type list is one kernel rule per element).
+	Handles []uint64
 	Packets uint64
 	Bytes   uint64
 }
 
-// RuleCounters returns the counters of a NIC's current chains in rule
-// order (ingress first).
+// RuleCounters returns the counters of a NIC's current chains: per policy
+// rule (kernel rules of one expanded rule summed) and per control, in rule
+// order, ingress first.
 func (m *Manager) RuleCounters(vmID, nic string) ([]RuleCounter, error) {
 	m.mu.Lock()
 	defer m.mu.Unlock()
@@ -737,17 +762,37 @@ func (m *Manager) RuleCounters(vmID, nic string) ([]RuleCounter, error) {
 		return nil, fmt.Errorf("%w: %s", ErrNotFound, k)
 	}
 	var out []RuleCounter
-	for _, d := range []struct{ dir, name string }{{dirIn, "ingress"}, {dirOut, "egress"}} {
-		rules, err := m.conn.GetRules(table(), &nftables.Chain{Name: chainName(k, d.dir, st.gen), Table: table()})
+	idx := map[string]int{}
+	// main chains first (ingress, egress), then helpers
+	chains := slices.Clone(st.chains)
+	slices.SortFunc(chains, func(a, b string) int { return len(a) - len(b) })
+	for _, name := range chains {
+		_, dir, _, _ := parseChainName(name)
+		direction := "egress"
+		if dir == dirIn {
+			direction = "ingress"
+		}
+		rules, err := m.conn.GetRules(table(), &nftables.Chain{Name: name, Table: table()})
 		if err != nil {
 			return nil, fmt.Errorf("list rules of %s: %w", k, err)
 		}
 		for _, r := range rules {
 			for _, e := range r.Exprs {
-				if cn, ok := e.(*expr.Counter); ok {
-					comment, _ := userdata.GetString(r.UserData, userdata.TypeComment)
-					out = append(out, RuleCounter{Direction: d.name, Rule: comment, Handle: r.Handle, Packets: cn.Packets, Bytes: cn.Bytes})
+				cn, ok := e.(*expr.Counter)
+				if !ok {
+					continue
 				}
+				comment, _ := userdata.GetString(r.UserData, userdata.TypeComment)
+				id := direction + "|" + comment
+				if i, ok := idx[id]; ok {
+					// an expanded rule (one per port or ICMPv6 type)
+					out[i].Packets += cn.Packets
+					out[i].Bytes += cn.Bytes
+					out[i].Handles = append(out[i].Handles, r.Handle)
+					continue
+				}
+				idx[id] = len(out)
+				out = append(out, RuleCounter{Direction: direction, Rule: comment, Handles: []uint64{r.Handle}, Packets: cn.Packets, Bytes: cn.Bytes})
 			}
 		}
 	}
