@@ -168,12 +168,12 @@ func commentData(s string) []byte { return userdata.AppendString(nil, userdata.T
 
 // Comments of NIC chain rules. Counters are read back by these.
 const (
-	ctlIsolated    = "isolated"
-	ctlAllowedDst  = "allowed-destinations"
-	ctlStrict      = "tenant-strict"
-	ctlModerate    = "tenant-moderate"
-	ctlMicroseg    = "microsegmentation"
-	ctlDefault     = "default"
+	ctlIsolated   = "isolated"
+	ctlAllowedDst = "allowed-destinations"
+	ctlStrict     = "tenant-strict"
+	ctlModerate   = "tenant-moderate"
+	ctlMicroseg   = "microsegmentation"
+	ctlDefault    = "default"
 )
 
 // alternatives returns the match expressions of a policy rule as a list of

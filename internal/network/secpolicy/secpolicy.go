@@ -39,11 +39,11 @@ func key16(a netip.Addr) []byte { b := a.As16(); return b[:] }
 
 // nicState is what the manager knows a NIC has in the kernel.
 type nicState struct {
-	plan  *NICPolicy // nil when loaded from the kernel
+	plan   *NICPolicy // nil when loaded from the kernel
 	gen    uint64
 	chains []string // chains of generation gen, helpers first
 	addrs  []netip.Addr
-	sets  []string // named address sets its addresses are members of
+	sets   []string // named address sets its addresses are members of
 }
 
 // Manager programs `table ip6 metald_security` through one nftables
