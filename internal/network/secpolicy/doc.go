@@ -26,18 +26,24 @@
 // A NIC chain, in order:
 //
 //  1. quarantine (Isolated): management rules, then log + drop;
-//  2. allowed_destinations (egress): daddr outside the list: drop;
-//  3. strict tenant isolation: peer outside @tenant-<t>, the gateways and
-//     allowed_destinations: drop;
-//  4. the user's rules in order, first match wins; `log` rules (or
-//     log_security_events for denies) log with prefix "metald-ipv6-deny "
-//     (allows: "metald-ipv6-allow "), rate-limited, before the verdict;
+//  2. allowed_destinations (egress): jump to helper chain <chain>-dst,
+//     which returns for a listed prefix and drops anything else;
+//  3. strict tenant isolation: jump to <chain>-strict, which returns for
+//     @tenant-<t>, the gateways and allowed_destinations and drops the rest;
+//  4. the user's rules in order, first match wins; a port list or ICMPv6
+//     type list becomes one kernel rule per element (no anonymous sets:
+//     creating one costs the kernel a walk over all sets of the table). A
+//     logged verdict is `goto log_deny` (rate limit, log prefix
+//     "metald-ipv6-deny ", drop) or `goto log_allow` (prefix
+//     "metald-ipv6-allow ", then back to the base chain); the log rate
+//     limit is one budget per table;
 //  5. when the default is allow: moderate isolation drops a peer that is a
 //     local VM of another tenant, and microsegmentation drops a peer of the
 //     same tenant on the same bridge (both need an explicit allow rule);
 //  6. the default verdict.
 //
-// Every verdict rule carries a counter; RuleCounters reads them.
+// Every verdict rule carries a counter; RuleCounters reads them (summed per
+// policy rule).
 //
 // Named sets: blocked_sources (operator-owned: created if absent, never
 // flushed, never deleted), vm_addrs (every local VM address), tenant-<t>,
@@ -46,8 +52,8 @@
 //
 // # Updates
 //
-// A NIC's chains are named vm-<vm>.<nic>-{in,out}-g<N>. An update builds the
-// chains of generation N+1, moves the NIC's map entries to them, and deletes
+// A NIC's chains are named vm-<vm>.<nic>-{in,out}-g<N>[-dst|-strict]. An
+// update builds the chains of generation N+1, moves the NIC's map entries to them, and deletes
 // the generation-N chains, all in one netlink batch (one nf_tables
 // transaction): a failed update changes nothing, and no packet ever sees a
 // NIC without a chain.
