@@ -233,7 +233,11 @@ func (s *Server) describe(row *store.VM) (*vmv1.GetVmResponse, error) {
 		st := &vmv1.NetworkInterfaceStatus{Id: n.ID, HostDevice: n.HostDevice, GuestDevice: n.GuestDevice, MacAddress: n.MAC,
 			BridgeName: n.Bridge, BridgeDevice: n.Bridge, VlanId: n.VLAN, Ipv6Address: n.Address, Ipv6Gateway: n.Gateway, GatewayOnBridge: n.GatewayOnBridge,
 			DadState: "unknown", LinkState: "unknown"}
+		st.GuestLinkLocal = n.LinkLocal
+		st.VlanMode = vm.VLANMode(n, s.vms.Caps())
 		if i < len(cfg.GetNetwork()) {
+			st.EffectiveSecurity = vm.EffectiveSecurity(cfg, cfg.GetNetwork()[i])
+			st.Controls = vm.ControlStatuses(st.EffectiveSecurity, n, s.vms.Caps())
 			st.BridgeName = cfg.GetNetwork()[i].GetBridgeName()
 			st.DnsServers = canonicalAddrs(cfg.GetNetwork()[i].GetIpv6().GetDnsServers())
 		}

@@ -17,6 +17,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/collectors"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
+	"github.com/vishvananda/netlink"
 
 	"github.com/metald/metald/internal/api"
 	bnetns "github.com/metald/metald/internal/backend/netns"
@@ -24,6 +25,7 @@ import (
 	"github.com/metald/metald/internal/ipam/ipamhttp"
 	"github.com/metald/metald/internal/ipam/ipammetrics"
 	"github.com/metald/metald/internal/network/link"
+	"github.com/metald/metald/internal/network/nft"
 	"github.com/metald/metald/internal/policy"
 	"github.com/metald/metald/internal/store"
 	"github.com/metald/metald/internal/store/sqlite"
@@ -84,6 +86,8 @@ type Daemon struct {
 	backend  *bnetns.Backend
 	vms      *vm.Manager
 	ipam     *ipam.Manager
+	fw       *nft.Firewall
+	hostH    *netlink.Handle
 	registry *prometheus.Registry
 	mux      *http.ServeMux
 	Recovery *vm.RecoveryReport
@@ -187,12 +191,20 @@ func New(ctx context.Context, opt Options) (d *Daemon, err error) {
 	}
 	ipamMetrics.Watch(d.ipam)
 
+	if d.fw, err = nft.New(int(d.hostNS.Fd())); err != nil {
+		return nil, fmt.Errorf("open nftables: %w", err)
+	}
+	if d.hostH, err = link.HandleAt(int(d.hostNS.Fd())); err != nil {
+		return nil, fmt.Errorf("open netlink: %w", err)
+	}
+
 	// Addresses in requests may use symbolic subnet names everywhere: the
 	// validator parses them through the address manager.
 	bg := context.Background()
 	parsePrefix, parseAddr := d.ipam.PrefixParser(bg), d.ipam.AddrParser(bg)
 	d.vms = vm.NewManager(vm.Options{Store: d.store, Backend: d.backend, Ports: ports{d.links},
-		Addresses: addresses{d.ipam}, Logger: d.log, ShutdownTimeout: opt.ShutdownTimeout, Step: opt.Step,
+		Addresses: addresses{d.ipam}, Firewall: firewall{d.fw}, Router: router{d.hostH}, Logger: d.log,
+		Caps: vm.Capabilities{Firewall: true, VLANReason: "this kernel has no bridge VLAN filtering and metald's nftables VLAN separation is not built yet"}, ShutdownTimeout: opt.ShutdownTimeout, Step: opt.Step,
 		Validate: vm.ValidateOptions{ParsePrefix: parsePrefix, ParseAddr: parseAddr,
 			ParseRule: policy.ParseOptions{ParsePrefix: parsePrefix}.Check}})
 
@@ -297,6 +309,9 @@ func (d *Daemon) Serve(ctx context.Context, apiL, metricsL net.Listener) error {
 func (d *Daemon) Close() error {
 	if d.links != nil {
 		d.links.Close()
+	}
+	if d.hostH != nil {
+		d.hostH.Close()
 	}
 	var err error
 	if d.store != nil {

@@ -13,6 +13,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"runtime/debug"
 	"strconv"
 	"strings"
 	"sync"
@@ -55,6 +56,7 @@ func runChild(dir, crashAt string) int {
 	opt.Logger = slog.New(slog.NewTextHandler(io.Discard, nil))
 	opt.Step = func(step string) {
 		if step == crashAt {
+			os.WriteFile(filepath.Join(dir, "crash.txt"), debug.Stack(), 0o600)
 			syscall.Kill(os.Getpid(), syscall.SIGKILL)
 			select {} // never reached
 		}

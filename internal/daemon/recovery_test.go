@@ -226,9 +226,9 @@ func (c *childEnv) post(proc, body string) (int, error) {
 	return resp.StatusCode, nil
 }
 
-func (c *childEnv) kill() {
+func (c *childEnv) kill() string {
 	c.cmd.Process.Signal(syscall.SIGKILL)
-	c.cmd.Wait()
+	return fmt.Sprint(c.cmd.Wait())
 }
 
 // assertConsistent checks, with metald stopped, that kernel and database
@@ -289,7 +289,7 @@ func TestKill9AtEveryStep(t *testing.T) {
 		return fmt.Sprintf(`{"vm_id":%q,"config":{"cpu":{"vcpu_count":1},"memory":{"size_bytes":134217728},"boot":{"kernel_path":"/k"},"tenant_id":"t",`+
 			`"network":[{"id":"eth0","bridge_name":"br-c","ipv6":{"address":"2001:db8:c::%x/64","gateway":"2001:db8:c::1"}},{"id":"eth1","bridge_name":"br-c2"}]}}`, id, len(id)+rand.IntN(60000))
 	}
-	steps := []string{"create:row", "create:addresses", "create:bridges", "create:sandbox", "create:attached", "create:done"}
+	steps := []string{"create:row", "create:addresses", "create:bridges", "create:firewall", "create:sandbox", "create:attached", "create:done"}
 	for i, step := range steps {
 		c := startChild(t, e, step)
 		id := fmt.Sprintf("vm-c%d", i)
@@ -299,7 +299,7 @@ func TestKill9AtEveryStep(t *testing.T) {
 		c.kill()
 		assertAfterRestart(t, e, step)
 	}
-	delSteps := []string{"delete:marked", "delete:sandbox", "delete:ports", "delete:bridges", "delete:addresses"}
+	delSteps := []string{"delete:marked", "delete:sandbox", "delete:ports", "delete:firewall", "delete:bridges", "delete:addresses"}
 	for i, step := range delSteps {
 		id := fmt.Sprintf("vm-d%d", i)
 		c := startChild(t, e, "")
@@ -310,11 +310,20 @@ func TestKill9AtEveryStep(t *testing.T) {
 			t.Fatalf("boot %s: %d %v", id, code, err)
 		}
 		c.kill()
+		os.Remove(filepath.Join(e.dir, "crash.txt"))
 		c = startChild(t, e, step)
-		if _, err := c.post("DeleteVm", fmt.Sprintf(`{"vm_id":%q}`, id)); err == nil {
+		_, perr := c.post("DeleteVm", fmt.Sprintf(`{"vm_id":%q}`, id))
+		if perr == nil {
 			t.Errorf("%s: request answered, want the daemon killed", step)
 		}
-		c.kill()
+		exit := c.kill()
+		if s, err := sqlite.Open(context.Background(), filepath.Join(e.dir, "data", "metald.db")); err == nil {
+			if r, err := s.GetVM(context.Background(), id); err == nil && r.State != store.StateDeleting {
+				crash, _ := os.ReadFile(filepath.Join(e.dir, "crash.txt"))
+				t.Errorf("%s: after the crash the row is %s, want DELETING (request error: %v, child exit: %s)\ncrash site:\n%s", step, r.State, perr, exit, crash)
+			}
+			s.Close()
+		}
 		assertAfterRestart(t, e, step)
 		e.start()
 		if code, out := e.call("GetVm", map[string]any{"vm_id": id}); code != 404 {

@@ -66,6 +66,8 @@ type NIC struct {
 	GatewayOnBridge bool
 	// StableSecret is the RFC 7217 secret (IPv6 notation), or "".
 	StableSecret string
+	// LinkLocal is the guest's link-local address as learned at boot, or "".
+	LinkLocal string
 }
 
 // NICRef is a NIC with the id of the VM it belongs to.

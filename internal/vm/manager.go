@@ -76,7 +76,13 @@ type Options struct {
 	Backend   backend.Backend
 	Ports     Ports
 	Addresses Addresses
-	Logger    *slog.Logger
+	// Firewall programs first-hop rules; nil runs without them.
+	Firewall Firewall
+	// Router describes bridges acting as the VMs' router; may be nil.
+	Router Router
+	// Caps says which enforcement mechanisms the host has (for GetVm).
+	Caps   Capabilities
+	Logger *slog.Logger
 	// ShutdownTimeout bounds a graceful guest stop (default 10 s).
 	ShutdownTimeout time.Duration
 	// OpTimeout bounds the kernel work of one operation once it has begun,
@@ -88,9 +94,9 @@ type Options struct {
 	Now func() time.Time
 	// Step, when set, is called after each durable step of CreateVm
 	// ("create:row", "create:addresses", "create:bridges", "create:sandbox",
-	// "create:attached", "create:done") and DeleteVm ("delete:marked",
-	// "delete:sandbox", "delete:ports", "delete:bridges",
-	// "delete:addresses"). Crash tests use it to kill the daemon at every
+	// "create:firewall", "create:sandbox", "create:attached", "create:done")
+	// and DeleteVm ("delete:marked", "delete:sandbox", "delete:ports",
+	// "delete:firewall", "delete:bridges", "delete:addresses"). Crash tests use it to kill the daemon at every
 	// point; production leaves it nil.
 	Step func(step string)
 }
@@ -171,6 +177,9 @@ func (m *Manager) Create(ctx context.Context, req *vmv1.CreateVmRequest) (*store
 		return nil, err
 	}
 	cfg := req.GetConfig()
+	if err := checkProfile(cfg); err != nil {
+		return nil, err
+	}
 	id := req.GetVmId()
 	if id == "" {
 		id = NewID()
@@ -253,7 +262,15 @@ func (m *Manager) Create(ctx context.Context, req *vmv1.CreateVmRequest) (*store
 	}
 	m.opt.Step("create:bridges")
 
-	// 4. Sandbox and ports (down, detached).
+	// 4. First-hop rules, keyed on the ports' names: in place before the
+	// ports exist.
+	undo = append(undo, func(ctx context.Context) error { return m.removeFirewall(row.NICs) })
+	if err := m.installFirewall(row, cfg); err != nil {
+		return fail(err)
+	}
+	m.opt.Step("create:firewall")
+
+	// 5. Sandbox and ports (down, detached).
 	spec, err := m.spec(row, cfg)
 	if err != nil {
 		return fail(err)
@@ -265,7 +282,7 @@ func (m *Manager) Create(ctx context.Context, req *vmv1.CreateVmRequest) (*store
 	undo = append(undo, func(ctx context.Context) error { return m.opt.Backend.Destroy(ctx, id, inst) })
 	m.opt.Step("create:sandbox")
 
-	// 5. Join the bridges.
+	// 6. Join the bridges.
 	for _, n := range row.NICs {
 		if err := m.opt.Ports.AttachPort(n.HostDevice, n.Bridge); err != nil {
 			return fail(fmt.Errorf("attach %s to bridge %s: %w", n.HostDevice, n.Bridge, err))
@@ -273,7 +290,7 @@ func (m *Manager) Create(ctx context.Context, req *vmv1.CreateVmRequest) (*store
 	}
 	m.opt.Step("create:attached")
 
-	// 6. Done: CREATED.
+	// 7. Done: CREATED.
 	row.Instance, _ = json.Marshal(inst)
 	row.State = store.StateCreated
 	row.UpdatedAt = m.opt.Now().UTC()
@@ -385,6 +402,8 @@ func gatewayPrefix(n store.NIC) (netip.Prefix, bool) {
 	return netip.PrefixFrom(gw, p.Bits()), true
 }
 
+func joinErrs(errs []error) error { return errors.Join(errs...) }
+
 // spec turns a VM row and its config into what the backend builds.
 func (m *Manager) spec(row *store.VM, cfg *vmv1.VmConfig) (*backend.Spec, error) {
 	if cfg == nil {
@@ -424,6 +443,9 @@ func (m *Manager) spec(row *store.VM, cfg *vmv1.VmConfig) (*backend.Spec, error)
 	}
 	return s, nil
 }
+
+// Caps returns the host's enforcement capabilities.
+func (m *Manager) Caps() Capabilities { return m.opt.Caps }
 
 // Get returns a VM's record.
 func (m *Manager) Get(ctx context.Context, id string) (*store.VM, error) {
@@ -508,8 +530,22 @@ func (m *Manager) Boot(ctx context.Context, id string) (*store.VM, error) {
 				return inst, "", err
 			}
 			inst, err = m.opt.Backend.Boot(ctx, spec, inst)
+			if err == nil {
+				m.afterBoot(vm)
+			}
 			return inst, store.StateRunning, err
 		})
+}
+
+// afterBoot binds the guest's link-local addresses (known only once its
+// interfaces are up) to its ports.
+func (m *Manager) afterBoot(vm *store.VM) {
+	if !m.learnLinkLocal(vm) {
+		return
+	}
+	if err := m.installFirewall(vm, nil); err != nil {
+		m.log.Error("update first-hop rules with the guest's link-local address", "vm_id", vm.ID, "err", err)
+	}
 }
 
 // Shutdown stops a running or paused VM, keeping its resources.
@@ -555,6 +591,9 @@ func (m *Manager) Reboot(ctx context.Context, id string) (*store.VM, error) {
 				return inst, "", err
 			}
 			inst, err = m.opt.Backend.Reboot(ctx, spec, inst)
+			if err == nil {
+				m.afterBoot(vm)
+			}
 			return inst, store.StateRunning, err
 		})
 }
@@ -596,6 +635,10 @@ func (m *Manager) teardown(ctx context.Context, vm *store.VM) error {
 		}
 	}
 	m.opt.Step("delete:ports")
+	if err := m.removeFirewall(vm.NICs); err != nil {
+		errs = append(errs, fmt.Errorf("remove first-hop rules: %w", err))
+	}
+	m.opt.Step("delete:firewall")
 	if err := m.releaseBridges(ctx, vm.ID, vm.NICs); err != nil {
 		errs = append(errs, fmt.Errorf("release bridges: %w", err))
 	}

@@ -61,6 +61,10 @@ func (m *Manager) Recover(ctx context.Context) (*RecoveryReport, error) {
 		rep.OrphanSandboxes = append(rep.OrphanSandboxes, id)
 		m.log.Warn("removed orphaned sandbox", "vm_id", id)
 	}
+	// First-hop rules: exactly the NICs of the VMs that exist.
+	if err := m.ReconcileFirewall(ctx); err != nil {
+		errs = append(errs, fmt.Errorf("reconcile first-hop rules: %w", err))
+	}
 	ports, err := m.opt.Ports.OwnedPorts()
 	if err != nil {
 		errs = append(errs, fmt.Errorf("list ports: %w", err))
@@ -170,6 +174,9 @@ func (m *Manager) Watch(ctx context.Context, interval time.Duration) {
 			return
 		case <-t.C:
 			m.CheckAll(ctx)
+			if err := m.ReconcileFirewall(ctx); err != nil {
+				m.log.Error("reconcile first-hop rules", "err", err)
+			}
 		}
 	}
 }

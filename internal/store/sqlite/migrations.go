@@ -106,4 +106,7 @@ var migrations = []string{
 		key   TEXT PRIMARY KEY,
 		value TEXT NOT NULL
 	);`,
+	// 5: the guest's link-local address, learned at boot, which the
+	// first-hop source guard binds to the VM's port.
+	`ALTER TABLE nics ADD COLUMN link_local TEXT NOT NULL DEFAULT '';`,
 }

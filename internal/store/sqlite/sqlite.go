@@ -129,9 +129,9 @@ func (s *Store) CreateVM(ctx context.Context, vm *store.VM) error {
 
 func insertNICs(ctx context.Context, tx *sql.Tx, vm *store.VM) error {
 	for _, n := range vm.NICs {
-		_, err := tx.ExecContext(ctx, `INSERT INTO nics (vm_id, nic_id, idx, host_device, guest_device, mac, bridge, vlan, address, gateway, gateway_on_bridge, stable_secret)
-			VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)`,
-			vm.ID, n.ID, n.Index, n.HostDevice, n.GuestDevice, n.MAC, n.Bridge, n.VLAN, n.Address, n.Gateway, n.GatewayOnBridge, n.StableSecret)
+		_, err := tx.ExecContext(ctx, `INSERT INTO nics (`+nicColumns+`)
+			VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)`,
+			vm.ID, n.ID, n.Index, n.HostDevice, n.GuestDevice, n.MAC, n.Bridge, n.VLAN, n.Address, n.Gateway, n.GatewayOnBridge, n.StableSecret, n.LinkLocal)
 		if isUnique(err) {
 			return fmt.Errorf("nic %q host device %q: %w", n.ID, n.HostDevice, store.ErrConflict)
 		}
@@ -157,8 +157,7 @@ func scanVM(r scanner) (*store.VM, error) {
 }
 
 func (s *Store) loadNICs(ctx context.Context, vms map[string]*store.VM, where string, args ...any) error {
-	rows, err := s.db.QueryContext(ctx, `SELECT vm_id, nic_id, idx, host_device, guest_device, mac, bridge, vlan, address, gateway, gateway_on_bridge, stable_secret
-		FROM nics `+where+` ORDER BY vm_id, idx`, args...)
+	rows, err := s.db.QueryContext(ctx, `SELECT `+nicColumns+` FROM nics `+where+` ORDER BY vm_id, idx`, args...)
 	if err != nil {
 		return fmt.Errorf("query nics: %w", err)
 	}
@@ -166,7 +165,7 @@ func (s *Store) loadNICs(ctx context.Context, vms map[string]*store.VM, where st
 	for rows.Next() {
 		var vmID string
 		var n store.NIC
-		if err := rows.Scan(&vmID, &n.ID, &n.Index, &n.HostDevice, &n.GuestDevice, &n.MAC, &n.Bridge, &n.VLAN, &n.Address, &n.Gateway, &n.GatewayOnBridge, &n.StableSecret); err != nil {
+		if err := rows.Scan(&vmID, &n.ID, &n.Index, &n.HostDevice, &n.GuestDevice, &n.MAC, &n.Bridge, &n.VLAN, &n.Address, &n.Gateway, &n.GatewayOnBridge, &n.StableSecret, &n.LinkLocal); err != nil {
 			return fmt.Errorf("scan nic: %w", err)
 		}
 		if vm := vms[vmID]; vm != nil {
@@ -258,7 +257,7 @@ func (s *Store) DeleteVM(ctx context.Context, id string) error {
 	return nil
 }
 
-const nicColumns = `vm_id, nic_id, idx, host_device, guest_device, mac, bridge, vlan, address, gateway, gateway_on_bridge, stable_secret`
+const nicColumns = `vm_id, nic_id, idx, host_device, guest_device, mac, bridge, vlan, address, gateway, gateway_on_bridge, stable_secret, link_local`
 
 func (s *Store) nicRefs(ctx context.Context, where string, args ...any) ([]store.NICRef, error) {
 	rows, err := s.db.QueryContext(ctx, `SELECT `+nicColumns+` FROM nics WHERE `+where+` ORDER BY vm_id, idx`, args...)
@@ -270,7 +269,7 @@ func (s *Store) nicRefs(ctx context.Context, where string, args ...any) ([]store
 	for rows.Next() {
 		var r store.NICRef
 		n := &r.NIC
-		if err := rows.Scan(&r.VMID, &n.ID, &n.Index, &n.HostDevice, &n.GuestDevice, &n.MAC, &n.Bridge, &n.VLAN, &n.Address, &n.Gateway, &n.GatewayOnBridge, &n.StableSecret); err != nil {
+		if err := rows.Scan(&r.VMID, &n.ID, &n.Index, &n.HostDevice, &n.GuestDevice, &n.MAC, &n.Bridge, &n.VLAN, &n.Address, &n.Gateway, &n.GatewayOnBridge, &n.StableSecret, &n.LinkLocal); err != nil {
 			return nil, fmt.Errorf("scan nic: %w", err)
 		}
 		out = append(out, r)

@@ -23,7 +23,7 @@ func Run(t *testing.T, open func(t *testing.T) store.Store) {
 			Backend: "netns", Instance: []byte(`{"backend":"netns"}`), CreatedAt: now, UpdatedAt: now}
 		for i, d := range devs {
 			vm.NICs = append(vm.NICs, store.NIC{ID: fmt.Sprintf("eth%d", i), Index: i, HostDevice: d, GuestDevice: fmt.Sprintf("eth%d", i),
-				MAC: "02:00:00:00:00:01", Bridge: "br0", VLAN: "100", Address: "2001:db8::10/64", Gateway: "2001:db8::1", GatewayOnBridge: true, StableSecret: "::1"})
+				MAC: "02:00:00:00:00:01", Bridge: "br0", VLAN: "100", Address: "2001:db8::10/64", Gateway: "2001:db8::1", GatewayOnBridge: true, StableSecret: "::1", LinkLocal: "fe80::1"})
 		}
 		return vm
 	}

@@ -1289,9 +1289,19 @@ type NetworkInterfaceStatus struct {
 	LinkState string `protobuf:"bytes,12,opt,name=link_state,json=linkState,proto3" json:"link_state,omitempty"`
 	// bridge_device is the bridge's kernel device: bridge_name itself, or a
 	// stable short name when bridge_name exceeds the 15-byte limit.
-	BridgeDevice  string `protobuf:"bytes,13,opt,name=bridge_device,json=bridgeDevice,proto3" json:"bridge_device,omitempty"`
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
+	BridgeDevice string `protobuf:"bytes,13,opt,name=bridge_device,json=bridgeDevice,proto3" json:"bridge_device,omitempty"`
+	// effective_security is the NIC's ipv6.security after the security
+	// profile's defaults filled the fields the config left unset.
+	EffectiveSecurity *Ipv6Security `protobuf:"bytes,14,opt,name=effective_security,json=effectiveSecurity,proto3" json:"effective_security,omitempty"`
+	// controls says, per first-hop control, whether it is enforced.
+	Controls []*ControlStatus `protobuf:"bytes,15,rep,name=controls,proto3" json:"controls,omitempty"`
+	// vlan_mode is how vlan_id is enforced: "kernel" (bridge VLAN
+	// filtering), "nftables" (port groups), or "none" when untagged.
+	VlanMode string `protobuf:"bytes,16,opt,name=vlan_mode,json=vlanMode,proto3" json:"vlan_mode,omitempty"`
+	// guest_link_local is the guest's link-local address as bound to the port.
+	GuestLinkLocal string `protobuf:"bytes,17,opt,name=guest_link_local,json=guestLinkLocal,proto3" json:"guest_link_local,omitempty"`
+	unknownFields  protoimpl.UnknownFields
+	sizeCache      protoimpl.SizeCache
 }
 
 func (x *NetworkInterfaceStatus) Reset() {
@@ -1415,6 +1425,107 @@ func (x *NetworkInterfaceStatus) GetBridgeDevice() string {
 	return ""
 }
 
+func (x *NetworkInterfaceStatus) GetEffectiveSecurity() *Ipv6Security {
+	if x != nil {
+		return x.EffectiveSecurity
+	}
+	return nil
+}
+
+func (x *NetworkInterfaceStatus) GetControls() []*ControlStatus {
+	if x != nil {
+		return x.Controls
+	}
+	return nil
+}
+
+func (x *NetworkInterfaceStatus) GetVlanMode() string {
+	if x != nil {
+		return x.VlanMode
+	}
+	return ""
+}
+
+func (x *NetworkInterfaceStatus) GetGuestLinkLocal() string {
+	if x != nil {
+		return x.GuestLinkLocal
+	}
+	return ""
+}
+
+// ControlStatus is the enforcement state of one security control.
+type ControlStatus struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// control is the config field's name (enable_ra_guard, nd_rate_limit...).
+	Control string `protobuf:"bytes,1,opt,name=control,proto3" json:"control,omitempty"`
+	// status is "enforced", "not_enforced" (configured but not in force:
+	// see reason) or "off" (not configured).
+	Status string `protobuf:"bytes,2,opt,name=status,proto3" json:"status,omitempty"`
+	Reason string `protobuf:"bytes,3,opt,name=reason,proto3" json:"reason,omitempty"`
+	// scope is "port", or "bridge" for bridge-wide settings (MLD snooping).
+	Scope         string `protobuf:"bytes,4,opt,name=scope,proto3" json:"scope,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ControlStatus) Reset() {
+	*x = ControlStatus{}
+	mi := &file_vmprovisioner_v1_vm_proto_msgTypes[16]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ControlStatus) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ControlStatus) ProtoMessage() {}
+
+func (x *ControlStatus) ProtoReflect() protoreflect.Message {
+	mi := &file_vmprovisioner_v1_vm_proto_msgTypes[16]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ControlStatus.ProtoReflect.Descriptor instead.
+func (*ControlStatus) Descriptor() ([]byte, []int) {
+	return file_vmprovisioner_v1_vm_proto_rawDescGZIP(), []int{16}
+}
+
+func (x *ControlStatus) GetControl() string {
+	if x != nil {
+		return x.Control
+	}
+	return ""
+}
+
+func (x *ControlStatus) GetStatus() string {
+	if x != nil {
+		return x.Status
+	}
+	return ""
+}
+
+func (x *ControlStatus) GetReason() string {
+	if x != nil {
+		return x.Reason
+	}
+	return ""
+}
+
+func (x *ControlStatus) GetScope() string {
+	if x != nil {
+		return x.Scope
+	}
+	return ""
+}
+
 type BackendInfo struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	// type is the backend that runs the VM: "netns", "qemu" or "firecracker".
@@ -1430,7 +1541,7 @@ type BackendInfo struct {
 
 func (x *BackendInfo) Reset() {
 	*x = BackendInfo{}
-	mi := &file_vmprovisioner_v1_vm_proto_msgTypes[16]
+	mi := &file_vmprovisioner_v1_vm_proto_msgTypes[17]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1442,7 +1553,7 @@ func (x *BackendInfo) String() string {
 func (*BackendInfo) ProtoMessage() {}
 
 func (x *BackendInfo) ProtoReflect() protoreflect.Message {
-	mi := &file_vmprovisioner_v1_vm_proto_msgTypes[16]
+	mi := &file_vmprovisioner_v1_vm_proto_msgTypes[17]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1455,7 +1566,7 @@ func (x *BackendInfo) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use BackendInfo.ProtoReflect.Descriptor instead.
 func (*BackendInfo) Descriptor() ([]byte, []int) {
-	return file_vmprovisioner_v1_vm_proto_rawDescGZIP(), []int{16}
+	return file_vmprovisioner_v1_vm_proto_rawDescGZIP(), []int{17}
 }
 
 func (x *BackendInfo) GetType() string {
@@ -1494,7 +1605,7 @@ type ListVmsRequest struct {
 
 func (x *ListVmsRequest) Reset() {
 	*x = ListVmsRequest{}
-	mi := &file_vmprovisioner_v1_vm_proto_msgTypes[17]
+	mi := &file_vmprovisioner_v1_vm_proto_msgTypes[18]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1506,7 +1617,7 @@ func (x *ListVmsRequest) String() string {
 func (*ListVmsRequest) ProtoMessage() {}
 
 func (x *ListVmsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_vmprovisioner_v1_vm_proto_msgTypes[17]
+	mi := &file_vmprovisioner_v1_vm_proto_msgTypes[18]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1519,7 +1630,7 @@ func (x *ListVmsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListVmsRequest.ProtoReflect.Descriptor instead.
 func (*ListVmsRequest) Descriptor() ([]byte, []int) {
-	return file_vmprovisioner_v1_vm_proto_rawDescGZIP(), []int{17}
+	return file_vmprovisioner_v1_vm_proto_rawDescGZIP(), []int{18}
 }
 
 type VmInfo struct {
@@ -1535,7 +1646,7 @@ type VmInfo struct {
 
 func (x *VmInfo) Reset() {
 	*x = VmInfo{}
-	mi := &file_vmprovisioner_v1_vm_proto_msgTypes[18]
+	mi := &file_vmprovisioner_v1_vm_proto_msgTypes[19]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1547,7 +1658,7 @@ func (x *VmInfo) String() string {
 func (*VmInfo) ProtoMessage() {}
 
 func (x *VmInfo) ProtoReflect() protoreflect.Message {
-	mi := &file_vmprovisioner_v1_vm_proto_msgTypes[18]
+	mi := &file_vmprovisioner_v1_vm_proto_msgTypes[19]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1560,7 +1671,7 @@ func (x *VmInfo) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use VmInfo.ProtoReflect.Descriptor instead.
 func (*VmInfo) Descriptor() ([]byte, []int) {
-	return file_vmprovisioner_v1_vm_proto_rawDescGZIP(), []int{18}
+	return file_vmprovisioner_v1_vm_proto_rawDescGZIP(), []int{19}
 }
 
 func (x *VmInfo) GetVmId() string {
@@ -1607,7 +1718,7 @@ type ListVmsResponse struct {
 
 func (x *ListVmsResponse) Reset() {
 	*x = ListVmsResponse{}
-	mi := &file_vmprovisioner_v1_vm_proto_msgTypes[19]
+	mi := &file_vmprovisioner_v1_vm_proto_msgTypes[20]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1619,7 +1730,7 @@ func (x *ListVmsResponse) String() string {
 func (*ListVmsResponse) ProtoMessage() {}
 
 func (x *ListVmsResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_vmprovisioner_v1_vm_proto_msgTypes[19]
+	mi := &file_vmprovisioner_v1_vm_proto_msgTypes[20]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1632,7 +1743,7 @@ func (x *ListVmsResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListVmsResponse.ProtoReflect.Descriptor instead.
 func (*ListVmsResponse) Descriptor() ([]byte, []int) {
-	return file_vmprovisioner_v1_vm_proto_rawDescGZIP(), []int{19}
+	return file_vmprovisioner_v1_vm_proto_rawDescGZIP(), []int{20}
 }
 
 func (x *ListVmsResponse) GetVms() []*VmInfo {
@@ -1651,7 +1762,7 @@ type BootVmRequest struct {
 
 func (x *BootVmRequest) Reset() {
 	*x = BootVmRequest{}
-	mi := &file_vmprovisioner_v1_vm_proto_msgTypes[20]
+	mi := &file_vmprovisioner_v1_vm_proto_msgTypes[21]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1663,7 +1774,7 @@ func (x *BootVmRequest) String() string {
 func (*BootVmRequest) ProtoMessage() {}
 
 func (x *BootVmRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_vmprovisioner_v1_vm_proto_msgTypes[20]
+	mi := &file_vmprovisioner_v1_vm_proto_msgTypes[21]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1676,7 +1787,7 @@ func (x *BootVmRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use BootVmRequest.ProtoReflect.Descriptor instead.
 func (*BootVmRequest) Descriptor() ([]byte, []int) {
-	return file_vmprovisioner_v1_vm_proto_rawDescGZIP(), []int{20}
+	return file_vmprovisioner_v1_vm_proto_rawDescGZIP(), []int{21}
 }
 
 func (x *BootVmRequest) GetVmId() string {
@@ -1695,7 +1806,7 @@ type BootVmResponse struct {
 
 func (x *BootVmResponse) Reset() {
 	*x = BootVmResponse{}
-	mi := &file_vmprovisioner_v1_vm_proto_msgTypes[21]
+	mi := &file_vmprovisioner_v1_vm_proto_msgTypes[22]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1707,7 +1818,7 @@ func (x *BootVmResponse) String() string {
 func (*BootVmResponse) ProtoMessage() {}
 
 func (x *BootVmResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_vmprovisioner_v1_vm_proto_msgTypes[21]
+	mi := &file_vmprovisioner_v1_vm_proto_msgTypes[22]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1720,7 +1831,7 @@ func (x *BootVmResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use BootVmResponse.ProtoReflect.Descriptor instead.
 func (*BootVmResponse) Descriptor() ([]byte, []int) {
-	return file_vmprovisioner_v1_vm_proto_rawDescGZIP(), []int{21}
+	return file_vmprovisioner_v1_vm_proto_rawDescGZIP(), []int{22}
 }
 
 func (x *BootVmResponse) GetState() VmState {
@@ -1742,7 +1853,7 @@ type ShutdownVmRequest struct {
 
 func (x *ShutdownVmRequest) Reset() {
 	*x = ShutdownVmRequest{}
-	mi := &file_vmprovisioner_v1_vm_proto_msgTypes[22]
+	mi := &file_vmprovisioner_v1_vm_proto_msgTypes[23]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1754,7 +1865,7 @@ func (x *ShutdownVmRequest) String() string {
 func (*ShutdownVmRequest) ProtoMessage() {}
 
 func (x *ShutdownVmRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_vmprovisioner_v1_vm_proto_msgTypes[22]
+	mi := &file_vmprovisioner_v1_vm_proto_msgTypes[23]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1767,7 +1878,7 @@ func (x *ShutdownVmRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ShutdownVmRequest.ProtoReflect.Descriptor instead.
 func (*ShutdownVmRequest) Descriptor() ([]byte, []int) {
-	return file_vmprovisioner_v1_vm_proto_rawDescGZIP(), []int{22}
+	return file_vmprovisioner_v1_vm_proto_rawDescGZIP(), []int{23}
 }
 
 func (x *ShutdownVmRequest) GetVmId() string {
@@ -1793,7 +1904,7 @@ type ShutdownVmResponse struct {
 
 func (x *ShutdownVmResponse) Reset() {
 	*x = ShutdownVmResponse{}
-	mi := &file_vmprovisioner_v1_vm_proto_msgTypes[23]
+	mi := &file_vmprovisioner_v1_vm_proto_msgTypes[24]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1805,7 +1916,7 @@ func (x *ShutdownVmResponse) String() string {
 func (*ShutdownVmResponse) ProtoMessage() {}
 
 func (x *ShutdownVmResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_vmprovisioner_v1_vm_proto_msgTypes[23]
+	mi := &file_vmprovisioner_v1_vm_proto_msgTypes[24]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1818,7 +1929,7 @@ func (x *ShutdownVmResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ShutdownVmResponse.ProtoReflect.Descriptor instead.
 func (*ShutdownVmResponse) Descriptor() ([]byte, []int) {
-	return file_vmprovisioner_v1_vm_proto_rawDescGZIP(), []int{23}
+	return file_vmprovisioner_v1_vm_proto_rawDescGZIP(), []int{24}
 }
 
 func (x *ShutdownVmResponse) GetState() VmState {
@@ -1837,7 +1948,7 @@ type DeleteVmRequest struct {
 
 func (x *DeleteVmRequest) Reset() {
 	*x = DeleteVmRequest{}
-	mi := &file_vmprovisioner_v1_vm_proto_msgTypes[24]
+	mi := &file_vmprovisioner_v1_vm_proto_msgTypes[25]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1849,7 +1960,7 @@ func (x *DeleteVmRequest) String() string {
 func (*DeleteVmRequest) ProtoMessage() {}
 
 func (x *DeleteVmRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_vmprovisioner_v1_vm_proto_msgTypes[24]
+	mi := &file_vmprovisioner_v1_vm_proto_msgTypes[25]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1862,7 +1973,7 @@ func (x *DeleteVmRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DeleteVmRequest.ProtoReflect.Descriptor instead.
 func (*DeleteVmRequest) Descriptor() ([]byte, []int) {
-	return file_vmprovisioner_v1_vm_proto_rawDescGZIP(), []int{24}
+	return file_vmprovisioner_v1_vm_proto_rawDescGZIP(), []int{25}
 }
 
 func (x *DeleteVmRequest) GetVmId() string {
@@ -1880,7 +1991,7 @@ type DeleteVmResponse struct {
 
 func (x *DeleteVmResponse) Reset() {
 	*x = DeleteVmResponse{}
-	mi := &file_vmprovisioner_v1_vm_proto_msgTypes[25]
+	mi := &file_vmprovisioner_v1_vm_proto_msgTypes[26]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1892,7 +2003,7 @@ func (x *DeleteVmResponse) String() string {
 func (*DeleteVmResponse) ProtoMessage() {}
 
 func (x *DeleteVmResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_vmprovisioner_v1_vm_proto_msgTypes[25]
+	mi := &file_vmprovisioner_v1_vm_proto_msgTypes[26]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1905,7 +2016,7 @@ func (x *DeleteVmResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DeleteVmResponse.ProtoReflect.Descriptor instead.
 func (*DeleteVmResponse) Descriptor() ([]byte, []int) {
-	return file_vmprovisioner_v1_vm_proto_rawDescGZIP(), []int{25}
+	return file_vmprovisioner_v1_vm_proto_rawDescGZIP(), []int{26}
 }
 
 type PauseVmRequest struct {
@@ -1917,7 +2028,7 @@ type PauseVmRequest struct {
 
 func (x *PauseVmRequest) Reset() {
 	*x = PauseVmRequest{}
-	mi := &file_vmprovisioner_v1_vm_proto_msgTypes[26]
+	mi := &file_vmprovisioner_v1_vm_proto_msgTypes[27]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1929,7 +2040,7 @@ func (x *PauseVmRequest) String() string {
 func (*PauseVmRequest) ProtoMessage() {}
 
 func (x *PauseVmRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_vmprovisioner_v1_vm_proto_msgTypes[26]
+	mi := &file_vmprovisioner_v1_vm_proto_msgTypes[27]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1942,7 +2053,7 @@ func (x *PauseVmRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PauseVmRequest.ProtoReflect.Descriptor instead.
 func (*PauseVmRequest) Descriptor() ([]byte, []int) {
-	return file_vmprovisioner_v1_vm_proto_rawDescGZIP(), []int{26}
+	return file_vmprovisioner_v1_vm_proto_rawDescGZIP(), []int{27}
 }
 
 func (x *PauseVmRequest) GetVmId() string {
@@ -1961,7 +2072,7 @@ type PauseVmResponse struct {
 
 func (x *PauseVmResponse) Reset() {
 	*x = PauseVmResponse{}
-	mi := &file_vmprovisioner_v1_vm_proto_msgTypes[27]
+	mi := &file_vmprovisioner_v1_vm_proto_msgTypes[28]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1973,7 +2084,7 @@ func (x *PauseVmResponse) String() string {
 func (*PauseVmResponse) ProtoMessage() {}
 
 func (x *PauseVmResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_vmprovisioner_v1_vm_proto_msgTypes[27]
+	mi := &file_vmprovisioner_v1_vm_proto_msgTypes[28]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1986,7 +2097,7 @@ func (x *PauseVmResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PauseVmResponse.ProtoReflect.Descriptor instead.
 func (*PauseVmResponse) Descriptor() ([]byte, []int) {
-	return file_vmprovisioner_v1_vm_proto_rawDescGZIP(), []int{27}
+	return file_vmprovisioner_v1_vm_proto_rawDescGZIP(), []int{28}
 }
 
 func (x *PauseVmResponse) GetState() VmState {
@@ -2005,7 +2116,7 @@ type ResumeVmRequest struct {
 
 func (x *ResumeVmRequest) Reset() {
 	*x = ResumeVmRequest{}
-	mi := &file_vmprovisioner_v1_vm_proto_msgTypes[28]
+	mi := &file_vmprovisioner_v1_vm_proto_msgTypes[29]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2017,7 +2128,7 @@ func (x *ResumeVmRequest) String() string {
 func (*ResumeVmRequest) ProtoMessage() {}
 
 func (x *ResumeVmRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_vmprovisioner_v1_vm_proto_msgTypes[28]
+	mi := &file_vmprovisioner_v1_vm_proto_msgTypes[29]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2030,7 +2141,7 @@ func (x *ResumeVmRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ResumeVmRequest.ProtoReflect.Descriptor instead.
 func (*ResumeVmRequest) Descriptor() ([]byte, []int) {
-	return file_vmprovisioner_v1_vm_proto_rawDescGZIP(), []int{28}
+	return file_vmprovisioner_v1_vm_proto_rawDescGZIP(), []int{29}
 }
 
 func (x *ResumeVmRequest) GetVmId() string {
@@ -2049,7 +2160,7 @@ type ResumeVmResponse struct {
 
 func (x *ResumeVmResponse) Reset() {
 	*x = ResumeVmResponse{}
-	mi := &file_vmprovisioner_v1_vm_proto_msgTypes[29]
+	mi := &file_vmprovisioner_v1_vm_proto_msgTypes[30]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2061,7 +2172,7 @@ func (x *ResumeVmResponse) String() string {
 func (*ResumeVmResponse) ProtoMessage() {}
 
 func (x *ResumeVmResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_vmprovisioner_v1_vm_proto_msgTypes[29]
+	mi := &file_vmprovisioner_v1_vm_proto_msgTypes[30]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2074,7 +2185,7 @@ func (x *ResumeVmResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ResumeVmResponse.ProtoReflect.Descriptor instead.
 func (*ResumeVmResponse) Descriptor() ([]byte, []int) {
-	return file_vmprovisioner_v1_vm_proto_rawDescGZIP(), []int{29}
+	return file_vmprovisioner_v1_vm_proto_rawDescGZIP(), []int{30}
 }
 
 func (x *ResumeVmResponse) GetState() VmState {
@@ -2093,7 +2204,7 @@ type RebootVmRequest struct {
 
 func (x *RebootVmRequest) Reset() {
 	*x = RebootVmRequest{}
-	mi := &file_vmprovisioner_v1_vm_proto_msgTypes[30]
+	mi := &file_vmprovisioner_v1_vm_proto_msgTypes[31]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2105,7 +2216,7 @@ func (x *RebootVmRequest) String() string {
 func (*RebootVmRequest) ProtoMessage() {}
 
 func (x *RebootVmRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_vmprovisioner_v1_vm_proto_msgTypes[30]
+	mi := &file_vmprovisioner_v1_vm_proto_msgTypes[31]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2118,7 +2229,7 @@ func (x *RebootVmRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RebootVmRequest.ProtoReflect.Descriptor instead.
 func (*RebootVmRequest) Descriptor() ([]byte, []int) {
-	return file_vmprovisioner_v1_vm_proto_rawDescGZIP(), []int{30}
+	return file_vmprovisioner_v1_vm_proto_rawDescGZIP(), []int{31}
 }
 
 func (x *RebootVmRequest) GetVmId() string {
@@ -2137,7 +2248,7 @@ type RebootVmResponse struct {
 
 func (x *RebootVmResponse) Reset() {
 	*x = RebootVmResponse{}
-	mi := &file_vmprovisioner_v1_vm_proto_msgTypes[31]
+	mi := &file_vmprovisioner_v1_vm_proto_msgTypes[32]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2149,7 +2260,7 @@ func (x *RebootVmResponse) String() string {
 func (*RebootVmResponse) ProtoMessage() {}
 
 func (x *RebootVmResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_vmprovisioner_v1_vm_proto_msgTypes[31]
+	mi := &file_vmprovisioner_v1_vm_proto_msgTypes[32]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2162,7 +2273,7 @@ func (x *RebootVmResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RebootVmResponse.ProtoReflect.Descriptor instead.
 func (*RebootVmResponse) Descriptor() ([]byte, []int) {
-	return file_vmprovisioner_v1_vm_proto_rawDescGZIP(), []int{31}
+	return file_vmprovisioner_v1_vm_proto_rawDescGZIP(), []int{32}
 }
 
 func (x *RebootVmResponse) GetState() VmState {
@@ -2314,7 +2425,7 @@ const file_vmprovisioner_v1_vm_proto_rawDesc = "" +
 	"\n" +
 	"started_at\x18\n" +
 	" \x01(\v2\x1a.google.protobuf.TimestampR\tstartedAt\x12!\n" +
-	"\fstate_reason\x18\v \x01(\tR\vstateReason\"\xbb\x03\n" +
+	"\fstate_reason\x18\v \x01(\tR\vstateReason\"\x8e\x05\n" +
 	"\x16NetworkInterfaceStatus\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x12\x1f\n" +
 	"\vhost_device\x18\x02 \x01(\tR\n" +
@@ -2334,7 +2445,16 @@ const file_vmprovisioner_v1_vm_proto_rawDesc = "" +
 	"\tdad_state\x18\v \x01(\tR\bdadState\x12\x1d\n" +
 	"\n" +
 	"link_state\x18\f \x01(\tR\tlinkState\x12#\n" +
-	"\rbridge_device\x18\r \x01(\tR\fbridgeDevice\"\xcb\x01\n" +
+	"\rbridge_device\x18\r \x01(\tR\fbridgeDevice\x12M\n" +
+	"\x12effective_security\x18\x0e \x01(\v2\x1e.vmprovisioner.v1.Ipv6SecurityR\x11effectiveSecurity\x12;\n" +
+	"\bcontrols\x18\x0f \x03(\v2\x1f.vmprovisioner.v1.ControlStatusR\bcontrols\x12\x1b\n" +
+	"\tvlan_mode\x18\x10 \x01(\tR\bvlanMode\x12(\n" +
+	"\x10guest_link_local\x18\x11 \x01(\tR\x0eguestLinkLocal\"o\n" +
+	"\rControlStatus\x12\x18\n" +
+	"\acontrol\x18\x01 \x01(\tR\acontrol\x12\x16\n" +
+	"\x06status\x18\x02 \x01(\tR\x06status\x12\x16\n" +
+	"\x06reason\x18\x03 \x01(\tR\x06reason\x12\x14\n" +
+	"\x05scope\x18\x04 \x01(\tR\x05scope\"\xcb\x01\n" +
 	"\vBackendInfo\x12\x12\n" +
 	"\x04type\x18\x01 \x01(\tR\x04type\x12\x14\n" +
 	"\x05netns\x18\x02 \x01(\tR\x05netns\x12\x10\n" +
@@ -2410,7 +2530,7 @@ func file_vmprovisioner_v1_vm_proto_rawDescGZIP() []byte {
 }
 
 var file_vmprovisioner_v1_vm_proto_enumTypes = make([]protoimpl.EnumInfo, 1)
-var file_vmprovisioner_v1_vm_proto_msgTypes = make([]protoimpl.MessageInfo, 34)
+var file_vmprovisioner_v1_vm_proto_msgTypes = make([]protoimpl.MessageInfo, 35)
 var file_vmprovisioner_v1_vm_proto_goTypes = []any{
 	(VmState)(0),                   // 0: vmprovisioner.v1.VmState
 	(*VmConfig)(nil),               // 1: vmprovisioner.v1.VmConfig
@@ -2429,25 +2549,26 @@ var file_vmprovisioner_v1_vm_proto_goTypes = []any{
 	(*GetVmRequest)(nil),           // 14: vmprovisioner.v1.GetVmRequest
 	(*GetVmResponse)(nil),          // 15: vmprovisioner.v1.GetVmResponse
 	(*NetworkInterfaceStatus)(nil), // 16: vmprovisioner.v1.NetworkInterfaceStatus
-	(*BackendInfo)(nil),            // 17: vmprovisioner.v1.BackendInfo
-	(*ListVmsRequest)(nil),         // 18: vmprovisioner.v1.ListVmsRequest
-	(*VmInfo)(nil),                 // 19: vmprovisioner.v1.VmInfo
-	(*ListVmsResponse)(nil),        // 20: vmprovisioner.v1.ListVmsResponse
-	(*BootVmRequest)(nil),          // 21: vmprovisioner.v1.BootVmRequest
-	(*BootVmResponse)(nil),         // 22: vmprovisioner.v1.BootVmResponse
-	(*ShutdownVmRequest)(nil),      // 23: vmprovisioner.v1.ShutdownVmRequest
-	(*ShutdownVmResponse)(nil),     // 24: vmprovisioner.v1.ShutdownVmResponse
-	(*DeleteVmRequest)(nil),        // 25: vmprovisioner.v1.DeleteVmRequest
-	(*DeleteVmResponse)(nil),       // 26: vmprovisioner.v1.DeleteVmResponse
-	(*PauseVmRequest)(nil),         // 27: vmprovisioner.v1.PauseVmRequest
-	(*PauseVmResponse)(nil),        // 28: vmprovisioner.v1.PauseVmResponse
-	(*ResumeVmRequest)(nil),        // 29: vmprovisioner.v1.ResumeVmRequest
-	(*ResumeVmResponse)(nil),       // 30: vmprovisioner.v1.ResumeVmResponse
-	(*RebootVmRequest)(nil),        // 31: vmprovisioner.v1.RebootVmRequest
-	(*RebootVmResponse)(nil),       // 32: vmprovisioner.v1.RebootVmResponse
-	nil,                            // 33: vmprovisioner.v1.VmConfig.MetadataEntry
-	nil,                            // 34: vmprovisioner.v1.BackendInfo.DetailsEntry
-	(*timestamppb.Timestamp)(nil),  // 35: google.protobuf.Timestamp
+	(*ControlStatus)(nil),          // 17: vmprovisioner.v1.ControlStatus
+	(*BackendInfo)(nil),            // 18: vmprovisioner.v1.BackendInfo
+	(*ListVmsRequest)(nil),         // 19: vmprovisioner.v1.ListVmsRequest
+	(*VmInfo)(nil),                 // 20: vmprovisioner.v1.VmInfo
+	(*ListVmsResponse)(nil),        // 21: vmprovisioner.v1.ListVmsResponse
+	(*BootVmRequest)(nil),          // 22: vmprovisioner.v1.BootVmRequest
+	(*BootVmResponse)(nil),         // 23: vmprovisioner.v1.BootVmResponse
+	(*ShutdownVmRequest)(nil),      // 24: vmprovisioner.v1.ShutdownVmRequest
+	(*ShutdownVmResponse)(nil),     // 25: vmprovisioner.v1.ShutdownVmResponse
+	(*DeleteVmRequest)(nil),        // 26: vmprovisioner.v1.DeleteVmRequest
+	(*DeleteVmResponse)(nil),       // 27: vmprovisioner.v1.DeleteVmResponse
+	(*PauseVmRequest)(nil),         // 28: vmprovisioner.v1.PauseVmRequest
+	(*PauseVmResponse)(nil),        // 29: vmprovisioner.v1.PauseVmResponse
+	(*ResumeVmRequest)(nil),        // 30: vmprovisioner.v1.ResumeVmRequest
+	(*ResumeVmResponse)(nil),       // 31: vmprovisioner.v1.ResumeVmResponse
+	(*RebootVmRequest)(nil),        // 32: vmprovisioner.v1.RebootVmRequest
+	(*RebootVmResponse)(nil),       // 33: vmprovisioner.v1.RebootVmResponse
+	nil,                            // 34: vmprovisioner.v1.VmConfig.MetadataEntry
+	nil,                            // 35: vmprovisioner.v1.BackendInfo.DetailsEntry
+	(*timestamppb.Timestamp)(nil),  // 36: google.protobuf.Timestamp
 }
 var file_vmprovisioner_v1_vm_proto_depIdxs = []int32{
 	2,  // 0: vmprovisioner.v1.VmConfig.cpu:type_name -> vmprovisioner.v1.CpuConfig
@@ -2457,7 +2578,7 @@ var file_vmprovisioner_v1_vm_proto_depIdxs = []int32{
 	6,  // 4: vmprovisioner.v1.VmConfig.network:type_name -> vmprovisioner.v1.NetworkInterface
 	10, // 5: vmprovisioner.v1.VmConfig.security_profile:type_name -> vmprovisioner.v1.SecurityProfile
 	11, // 6: vmprovisioner.v1.VmConfig.compliance:type_name -> vmprovisioner.v1.ComplianceConfig
-	33, // 7: vmprovisioner.v1.VmConfig.metadata:type_name -> vmprovisioner.v1.VmConfig.MetadataEntry
+	34, // 7: vmprovisioner.v1.VmConfig.metadata:type_name -> vmprovisioner.v1.VmConfig.MetadataEntry
 	7,  // 8: vmprovisioner.v1.NetworkInterface.ipv6:type_name -> vmprovisioner.v1.Ipv6Config
 	9,  // 9: vmprovisioner.v1.NetworkInterface.security_policy:type_name -> vmprovisioner.v1.SecurityPolicy
 	8,  // 10: vmprovisioner.v1.Ipv6Config.security:type_name -> vmprovisioner.v1.Ipv6Security
@@ -2467,43 +2588,45 @@ var file_vmprovisioner_v1_vm_proto_depIdxs = []int32{
 	0,  // 14: vmprovisioner.v1.GetVmResponse.state:type_name -> vmprovisioner.v1.VmState
 	6,  // 15: vmprovisioner.v1.GetVmResponse.network:type_name -> vmprovisioner.v1.NetworkInterface
 	16, // 16: vmprovisioner.v1.GetVmResponse.network_status:type_name -> vmprovisioner.v1.NetworkInterfaceStatus
-	17, // 17: vmprovisioner.v1.GetVmResponse.backend_info:type_name -> vmprovisioner.v1.BackendInfo
-	35, // 18: vmprovisioner.v1.GetVmResponse.created_at:type_name -> google.protobuf.Timestamp
-	35, // 19: vmprovisioner.v1.GetVmResponse.updated_at:type_name -> google.protobuf.Timestamp
-	35, // 20: vmprovisioner.v1.GetVmResponse.started_at:type_name -> google.protobuf.Timestamp
-	34, // 21: vmprovisioner.v1.BackendInfo.details:type_name -> vmprovisioner.v1.BackendInfo.DetailsEntry
-	0,  // 22: vmprovisioner.v1.VmInfo.state:type_name -> vmprovisioner.v1.VmState
-	35, // 23: vmprovisioner.v1.VmInfo.created_at:type_name -> google.protobuf.Timestamp
-	35, // 24: vmprovisioner.v1.VmInfo.updated_at:type_name -> google.protobuf.Timestamp
-	19, // 25: vmprovisioner.v1.ListVmsResponse.vms:type_name -> vmprovisioner.v1.VmInfo
-	0,  // 26: vmprovisioner.v1.BootVmResponse.state:type_name -> vmprovisioner.v1.VmState
-	0,  // 27: vmprovisioner.v1.ShutdownVmResponse.state:type_name -> vmprovisioner.v1.VmState
-	0,  // 28: vmprovisioner.v1.PauseVmResponse.state:type_name -> vmprovisioner.v1.VmState
-	0,  // 29: vmprovisioner.v1.ResumeVmResponse.state:type_name -> vmprovisioner.v1.VmState
-	0,  // 30: vmprovisioner.v1.RebootVmResponse.state:type_name -> vmprovisioner.v1.VmState
-	12, // 31: vmprovisioner.v1.VmService.CreateVm:input_type -> vmprovisioner.v1.CreateVmRequest
-	14, // 32: vmprovisioner.v1.VmService.GetVm:input_type -> vmprovisioner.v1.GetVmRequest
-	18, // 33: vmprovisioner.v1.VmService.ListVms:input_type -> vmprovisioner.v1.ListVmsRequest
-	21, // 34: vmprovisioner.v1.VmService.BootVm:input_type -> vmprovisioner.v1.BootVmRequest
-	23, // 35: vmprovisioner.v1.VmService.ShutdownVm:input_type -> vmprovisioner.v1.ShutdownVmRequest
-	25, // 36: vmprovisioner.v1.VmService.DeleteVm:input_type -> vmprovisioner.v1.DeleteVmRequest
-	27, // 37: vmprovisioner.v1.VmService.PauseVm:input_type -> vmprovisioner.v1.PauseVmRequest
-	29, // 38: vmprovisioner.v1.VmService.ResumeVm:input_type -> vmprovisioner.v1.ResumeVmRequest
-	31, // 39: vmprovisioner.v1.VmService.RebootVm:input_type -> vmprovisioner.v1.RebootVmRequest
-	13, // 40: vmprovisioner.v1.VmService.CreateVm:output_type -> vmprovisioner.v1.CreateVmResponse
-	15, // 41: vmprovisioner.v1.VmService.GetVm:output_type -> vmprovisioner.v1.GetVmResponse
-	20, // 42: vmprovisioner.v1.VmService.ListVms:output_type -> vmprovisioner.v1.ListVmsResponse
-	22, // 43: vmprovisioner.v1.VmService.BootVm:output_type -> vmprovisioner.v1.BootVmResponse
-	24, // 44: vmprovisioner.v1.VmService.ShutdownVm:output_type -> vmprovisioner.v1.ShutdownVmResponse
-	26, // 45: vmprovisioner.v1.VmService.DeleteVm:output_type -> vmprovisioner.v1.DeleteVmResponse
-	28, // 46: vmprovisioner.v1.VmService.PauseVm:output_type -> vmprovisioner.v1.PauseVmResponse
-	30, // 47: vmprovisioner.v1.VmService.ResumeVm:output_type -> vmprovisioner.v1.ResumeVmResponse
-	32, // 48: vmprovisioner.v1.VmService.RebootVm:output_type -> vmprovisioner.v1.RebootVmResponse
-	40, // [40:49] is the sub-list for method output_type
-	31, // [31:40] is the sub-list for method input_type
-	31, // [31:31] is the sub-list for extension type_name
-	31, // [31:31] is the sub-list for extension extendee
-	0,  // [0:31] is the sub-list for field type_name
+	18, // 17: vmprovisioner.v1.GetVmResponse.backend_info:type_name -> vmprovisioner.v1.BackendInfo
+	36, // 18: vmprovisioner.v1.GetVmResponse.created_at:type_name -> google.protobuf.Timestamp
+	36, // 19: vmprovisioner.v1.GetVmResponse.updated_at:type_name -> google.protobuf.Timestamp
+	36, // 20: vmprovisioner.v1.GetVmResponse.started_at:type_name -> google.protobuf.Timestamp
+	8,  // 21: vmprovisioner.v1.NetworkInterfaceStatus.effective_security:type_name -> vmprovisioner.v1.Ipv6Security
+	17, // 22: vmprovisioner.v1.NetworkInterfaceStatus.controls:type_name -> vmprovisioner.v1.ControlStatus
+	35, // 23: vmprovisioner.v1.BackendInfo.details:type_name -> vmprovisioner.v1.BackendInfo.DetailsEntry
+	0,  // 24: vmprovisioner.v1.VmInfo.state:type_name -> vmprovisioner.v1.VmState
+	36, // 25: vmprovisioner.v1.VmInfo.created_at:type_name -> google.protobuf.Timestamp
+	36, // 26: vmprovisioner.v1.VmInfo.updated_at:type_name -> google.protobuf.Timestamp
+	20, // 27: vmprovisioner.v1.ListVmsResponse.vms:type_name -> vmprovisioner.v1.VmInfo
+	0,  // 28: vmprovisioner.v1.BootVmResponse.state:type_name -> vmprovisioner.v1.VmState
+	0,  // 29: vmprovisioner.v1.ShutdownVmResponse.state:type_name -> vmprovisioner.v1.VmState
+	0,  // 30: vmprovisioner.v1.PauseVmResponse.state:type_name -> vmprovisioner.v1.VmState
+	0,  // 31: vmprovisioner.v1.ResumeVmResponse.state:type_name -> vmprovisioner.v1.VmState
+	0,  // 32: vmprovisioner.v1.RebootVmResponse.state:type_name -> vmprovisioner.v1.VmState
+	12, // 33: vmprovisioner.v1.VmService.CreateVm:input_type -> vmprovisioner.v1.CreateVmRequest
+	14, // 34: vmprovisioner.v1.VmService.GetVm:input_type -> vmprovisioner.v1.GetVmRequest
+	19, // 35: vmprovisioner.v1.VmService.ListVms:input_type -> vmprovisioner.v1.ListVmsRequest
+	22, // 36: vmprovisioner.v1.VmService.BootVm:input_type -> vmprovisioner.v1.BootVmRequest
+	24, // 37: vmprovisioner.v1.VmService.ShutdownVm:input_type -> vmprovisioner.v1.ShutdownVmRequest
+	26, // 38: vmprovisioner.v1.VmService.DeleteVm:input_type -> vmprovisioner.v1.DeleteVmRequest
+	28, // 39: vmprovisioner.v1.VmService.PauseVm:input_type -> vmprovisioner.v1.PauseVmRequest
+	30, // 40: vmprovisioner.v1.VmService.ResumeVm:input_type -> vmprovisioner.v1.ResumeVmRequest
+	32, // 41: vmprovisioner.v1.VmService.RebootVm:input_type -> vmprovisioner.v1.RebootVmRequest
+	13, // 42: vmprovisioner.v1.VmService.CreateVm:output_type -> vmprovisioner.v1.CreateVmResponse
+	15, // 43: vmprovisioner.v1.VmService.GetVm:output_type -> vmprovisioner.v1.GetVmResponse
+	21, // 44: vmprovisioner.v1.VmService.ListVms:output_type -> vmprovisioner.v1.ListVmsResponse
+	23, // 45: vmprovisioner.v1.VmService.BootVm:output_type -> vmprovisioner.v1.BootVmResponse
+	25, // 46: vmprovisioner.v1.VmService.ShutdownVm:output_type -> vmprovisioner.v1.ShutdownVmResponse
+	27, // 47: vmprovisioner.v1.VmService.DeleteVm:output_type -> vmprovisioner.v1.DeleteVmResponse
+	29, // 48: vmprovisioner.v1.VmService.PauseVm:output_type -> vmprovisioner.v1.PauseVmResponse
+	31, // 49: vmprovisioner.v1.VmService.ResumeVm:output_type -> vmprovisioner.v1.ResumeVmResponse
+	33, // 50: vmprovisioner.v1.VmService.RebootVm:output_type -> vmprovisioner.v1.RebootVmResponse
+	42, // [42:51] is the sub-list for method output_type
+	33, // [33:42] is the sub-list for method input_type
+	33, // [33:33] is the sub-list for extension type_name
+	33, // [33:33] is the sub-list for extension extendee
+	0,  // [0:33] is the sub-list for field type_name
 }
 
 func init() { file_vmprovisioner_v1_vm_proto_init() }
@@ -2522,7 +2645,7 @@ func file_vmprovisioner_v1_vm_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_vmprovisioner_v1_vm_proto_rawDesc), len(file_vmprovisioner_v1_vm_proto_rawDesc)),
 			NumEnums:      1,
-			NumMessages:   34,
+			NumMessages:   35,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

@@ -1,0 +1,49 @@
+package daemon
+
+import (
+	"context"
+	"fmt"
+	"net"
+	"net/netip"
+
+	"github.com/vishvananda/netlink"
+
+	"github.com/metald/metald/internal/network"
+	"github.com/metald/metald/internal/network/nft"
+)
+
+// firewall adapts the nftables first-hop firewall to the VM manager.
+type firewall struct{ f *nft.Firewall }
+
+func (w firewall) AddNIC(p network.NICPlan) error { return w.f.AddNIC(p) }
+func (w firewall) RemoveNIC(hostDev string) error { return w.f.RemoveNIC(hostDev) }
+
+func (w firewall) Reconcile(ctx context.Context, desired []network.NICPlan) ([]string, error) {
+	rep, err := w.f.Reconcile(ctx, desired)
+	if rep.Empty() {
+		return nil, err
+	}
+	return []string{rep.String()}, err
+}
+
+// router reads a bridge's MAC and link-local address in the host namespace.
+type router struct{ h *netlink.Handle }
+
+func (r router) BridgeRouter(bridge string) (net.HardwareAddr, netip.Addr, error) {
+	l, err := r.h.LinkByName(bridge)
+	if err != nil {
+		return nil, netip.Addr{}, fmt.Errorf("bridge %s: %w", bridge, err)
+	}
+	addrs, err := r.h.AddrList(l, netlink.FAMILY_V6)
+	if err != nil {
+		return nil, netip.Addr{}, fmt.Errorf("addresses of bridge %s: %w", bridge, err)
+	}
+	for _, a := range addrs {
+		if ip, ok := netip.AddrFromSlice(a.IP); ok && ip.IsLinkLocalUnicast() {
+			return l.Attrs().HardwareAddr, ip, nil
+		}
+	}
+	// No link-local yet (the bridge only just came up): the kernel derives
+	// it from the MAC.
+	return l.Attrs().HardwareAddr, network.EUI64LinkLocal(l.Attrs().HardwareAddr), nil
+}

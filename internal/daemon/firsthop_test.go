@@ -1,0 +1,211 @@
+package daemon_test
+
+import (
+	"fmt"
+	"os/exec"
+	"regexp"
+	"strconv"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/metald/metald/internal/network/ns"
+)
+
+// pyCmd runs python3 with a private mount namespace whose /sys shows the
+// current network namespace (as `ip netns exec` does): scapy resolves
+// interface names through /sys, and the test process shares the machine's.
+func pyCmd(prog string) *exec.Cmd {
+	return exec.Command("unshare", "-m", "--propagation", "private", "sh", "-c",
+		`mount -t sysfs sysfs /sys && exec /usr/bin/python3 -c "$0"`, prog)
+}
+
+// scapy runs a python3/scapy program inside a VM's namespace.
+func (e *env) scapy(id, prog string) (string, error) {
+	f := e.vmNS(id)
+	out, err := ns.Command(int(f.Fd()), pyCmd("from scapy.all import *\nconf.verb = 0\n"+prog))
+	return string(out), err
+}
+
+// sniffWhile captures frames matching filter on a VM's eth0 while send
+// runs, and returns how many arrived.
+func (e *env) sniffWhile(t *testing.T, id, filter string, send func()) int {
+	t.Helper()
+	f := e.vmNS(id)
+	cmd := pyCmd(fmt.Sprintf(`
+from scapy.all import *
+import sys
+conf.verb = 0
+s = AsyncSniffer(iface="eth0", filter=%q, store=True)
+s.start()
+print("ready", flush=True)
+sys.stdin.readline()
+time.sleep(0.5)
+s.stop()
+print("count", len(s.results or []), flush=True)
+`, filter))
+	stdin, _ := cmd.StdinPipe()
+	stdout, _ := cmd.StdoutPipe()
+	if err := ns.Start(int(f.Fd()), cmd); err != nil {
+		t.Fatal(err)
+	}
+	buf := make([]byte, 64)
+	if n, _ := stdout.Read(buf); !strings.Contains(string(buf[:n]), "ready") {
+		t.Fatalf("sniffer did not start: %q", buf[:n])
+	}
+	time.Sleep(300 * time.Millisecond)
+	send()
+	stdin.Write([]byte("\n"))
+	var out strings.Builder
+	for {
+		n, err := stdout.Read(buf)
+		out.Write(buf[:n])
+		if err != nil {
+			break
+		}
+	}
+	cmd.Wait()
+	m := regexp.MustCompile(`count (\d+)`).FindStringSubmatch(out.String())
+	if m == nil {
+		t.Fatalf("sniffer output %q", out.String())
+	}
+	n, _ := strconv.Atoi(m[1])
+	return n
+}
+
+// counter reads one named nftables counter of metald's bridge table in the
+// host namespace.
+func (e *env) counter(t *testing.T, name string) uint64 {
+	t.Helper()
+	out, err := e.host.Run("nft", "list", "counter", "bridge", "metald", name)
+	if err != nil {
+		t.Fatalf("nft list counter %s: %v\n%s", name, err, out)
+	}
+	m := regexp.MustCompile(`packets (\d+)`).FindStringSubmatch(out)
+	if m == nil {
+		t.Fatalf("counter %s: %q", name, out)
+	}
+	n, _ := strconv.ParseUint(m[1], 10, 64)
+	return n
+}
+
+// The first-hop controls of a "high" profile VM, through the whole daemon:
+// the rules are in place when CreateVm returns, a rogue RA and a spoofed
+// source from the VM do not reach its neighbour and move the counters, the
+// gateway's own RA reaches the VM, and ND/ping keep working.
+func TestFirstHopThroughDaemon(t *testing.T) {
+	e := newEnv(t)
+	mk := func(id, addr string) {
+		cfg := vmConfig("t1", map[string]any{"id": "eth0", "bridge_name": "br-f", "ipv6": map[string]any{
+			"address": addr, "gateway": "2001:db8:f::1",
+			"security": map[string]any{"allowed_ra_sources": []any{"2001:db8:f::1"}},
+		}})
+		cfg["security_profile"] = map[string]any{"profile_name": "high"}
+		e.mustCall("CreateVm", map[string]any{"vm_id": id, "config": cfg})
+	}
+	mk("vm-f1", "2001:db8:f::10/64")
+	mk("vm-f2", "2001:db8:f::11/64")
+	// Weakening a control under "high" is refused, naming field and profile.
+	bad := vmConfig("t1", map[string]any{"id": "eth0", "bridge_name": "br-f", "ipv6": map[string]any{"security": map[string]any{"enable_ra_guard": false}}})
+	bad["security_profile"] = map[string]any{"profile_name": "high"}
+	if code, out := e.call("CreateVm", map[string]any{"config": bad}); code != 400 || errorField(out) != "config.network[0].ipv6.security.enable_ra_guard" ||
+		!strings.Contains(str(out, "message"), `profile "high"`) {
+		t.Fatalf("weakening under high: %d %v", code, out)
+	}
+	// Rules exist before boot; GetVm reports them enforced.
+	st := list(e.getVM("vm-f1")["networkStatus"])[0]
+	enforced := map[string]string{}
+	for _, c := range list(obj(st)["controls"]) {
+		enforced[str(c, "control")] = str(c, "status")
+	}
+	for _, c := range []string{"enable_ra_guard", "enable_source_guard", "strict_source_validation", "block_hop_by_hop", "block_routing_header",
+		"block_fragment_header", "block_destination_options", "nd_rate_limit", "icmpv6_rate_limit", "ra_rate_limit", "multicast_rate_limit"} {
+		if enforced[c] != "enforced" {
+			t.Errorf("control %s: %q", c, enforced[c])
+		}
+	}
+	if enforced["enable_mld_snooping"] != "not_enforced" {
+		t.Errorf("mld snooping claimed %q", enforced["enable_mld_snooping"])
+	}
+	if sec := obj(obj(st)["effectiveSecurity"]); sec["blockDestinationOptions"] != true || sec["ndRateLimit"] != float64(100) {
+		t.Errorf("effective security: %v", sec)
+	}
+	if out, err := e.host.Run("nft", "list", "chain", "bridge", "metald", "vm-tap-vm-f1-out"); err != nil {
+		t.Fatalf("chain of vm-f1 missing before boot: %v\n%s", err, out)
+	}
+
+	for _, id := range []string{"vm-f1", "vm-f2"} {
+		e.mustCall("BootVm", map[string]any{"vm_id": id})
+	}
+	e.waitDAD("vm-f1")
+	e.waitDAD("vm-f2")
+	if ll := str(list(e.getVM("vm-f1")["networkStatus"])[0], "guestLinkLocal"); !strings.HasPrefix(ll, "fe80::") {
+		t.Fatalf("guest link-local not learned: %q", ll)
+	}
+	// Not over-blocking: ping the neighbour and the gateway (ND included).
+	for _, target := range []string{"2001:db8:f::11", "2001:db8:f::1"} {
+		if out, err := e.inVM("vm-f1", "ping", "-6", "-c", "2", "-W", "3", target); err != nil {
+			t.Fatalf("ping %s with every control on: %v\n%s", target, err, out)
+		}
+	}
+
+	// Rogue RA from vm-f1: not at vm-f2, counted.
+	before := e.counter(t, "tap-vm-f1-ra_guard")
+	got := e.sniffWhile(t, "vm-f2", "icmp6 and ip6[40] == 134", func() {
+		out, err := e.scapy("vm-f1", `
+p = Ether(src=get_if_hwaddr("eth0"), dst="33:33:00:00:00:01")/IPv6(src="2001:db8:f::10", dst="ff02::1", hlim=255)/ICMPv6ND_RA()/ICMPv6NDOptPrefixInfo(prefix="2001:db8:bad::", prefixlen=64)
+sendp([p]*3, iface="eth0")`)
+		if err != nil {
+			t.Fatalf("send RA: %v\n%s", err, out)
+		}
+	})
+	if got != 0 {
+		t.Fatalf("%d rogue RAs reached the neighbour", got)
+	}
+	if d := e.counter(t, "tap-vm-f1-ra_guard") - before; d != 3 {
+		t.Fatalf("ra_guard counter moved by %d, want 3", d)
+	}
+
+	// Spoofed source: not at vm-f2, counted.
+	before = e.counter(t, "tap-vm-f1-source_guard")
+	got = e.sniffWhile(t, "vm-f2", "icmp6 and src host 2001:db8:f::99", func() {
+		e.scapy("vm-f1", `
+p = Ether(src=get_if_hwaddr("eth0"), dst=getmacbyip6("2001:db8:f::11"))/IPv6(src="2001:db8:f::99", dst="2001:db8:f::11")/ICMPv6EchoRequest()
+sendp([p]*2, iface="eth0")`)
+	})
+	if got != 0 {
+		t.Fatalf("%d spoofed packets reached the neighbour", got)
+	}
+	if d := e.counter(t, "tap-vm-f1-source_guard") - before; d != 2 {
+		t.Fatalf("source_guard counter moved by %d, want 2", d)
+	}
+
+	// The gateway's RA (from the bridge metald owns) reaches the VM.
+	got = e.sniffWhile(t, "vm-f2", "icmp6 and ip6[40] == 134", func() {
+		out, err := ns.Command(e.host.Fd(), pyCmd(`
+from scapy.all import *
+conf.verb = 0
+ll = [a[0] for a in in6_getifaddr() if a[2] == "br-f" and a[0].startswith("fe80")][0]
+p = Ether(src=get_if_hwaddr("br-f"), dst="33:33:00:00:00:01")/IPv6(src=ll, dst="ff02::1", hlim=255)/ICMPv6ND_RA()
+sendp([p]*2, iface="br-f")`))
+		if err != nil {
+			t.Fatalf("send gateway RA: %v\n%s", err, out)
+		}
+	})
+	if got != 2 {
+		t.Fatalf("%d of 2 gateway RAs reached the VM", got)
+	}
+
+	// Deleting a VM removes its chains; a flushed table is repaired.
+	e.mustCall("DeleteVm", map[string]any{"vm_id": "vm-f2"})
+	if out, err := e.host.Run("nft", "list", "chain", "bridge", "metald", "vm-tap-vm-f2-out"); err == nil {
+		t.Fatalf("chain of a deleted VM left behind:\n%s", out)
+	}
+	e.host.MustRun(t, "nft", "flush", "table", "bridge", "metald")
+	if err := e.d.Manager().ReconcileFirewall(t.Context()); err != nil {
+		t.Fatal(err)
+	}
+	if out, err := e.host.Run("nft", "list", "chain", "bridge", "metald", "vm-tap-vm-f1-out_icmp"); err != nil || !strings.Contains(out, "ra_guard") {
+		t.Fatalf("flushed rules not repaired: %v\n%s", err, out)
+	}
+}

@@ -1,0 +1,108 @@
+package vm
+
+import (
+	"fmt"
+
+	"google.golang.org/protobuf/proto"
+
+	vmv1 "github.com/metald/metald/internal/gen/vmprovisioner/v1"
+)
+
+// Security profile defaults. A NIC's ipv6.security fields that the config
+// leaves unset take these values; fields it sets win, except that under
+// "high" a control may not be switched off (see checkProfile).
+//
+//	control                    high   medium  low   (none)
+//	enable_ra_guard            on     on      on    off
+//	enable_source_guard        on     on      off   off
+//	strict_source_validation   on     off     off   off
+//	block_hop_by_hop           on     off     off   off
+//	block_routing_header       on     on      off   off
+//	block_fragment_header      on     off     off   off
+//	block_destination_options  on     off     off   off
+//	enable_mld_snooping        on     on      off   off
+//	nd_rate_limit (pps)        100    500     0     0
+//	icmpv6_rate_limit (pps)    100    1000    0     0
+//	ra_rate_limit (pps)        10     50      0     0
+//	multicast_rate_limit (pps) 50     500     0     0
+var profiles = map[string]*vmv1.Ipv6Security{
+	"high": {
+		EnableRaGuard: proto.Bool(true), EnableSourceGuard: proto.Bool(true), StrictSourceValidation: proto.Bool(true),
+		BlockHopByHop: proto.Bool(true), BlockRoutingHeader: proto.Bool(true), BlockFragmentHeader: proto.Bool(true),
+		BlockDestinationOptions: proto.Bool(true), EnableMldSnooping: proto.Bool(true),
+		NdRateLimit: proto.Uint32(100), Icmpv6RateLimit: proto.Uint32(100), RaRateLimit: proto.Uint32(10), MulticastRateLimit: proto.Uint32(50),
+	},
+	"medium": {
+		EnableRaGuard: proto.Bool(true), EnableSourceGuard: proto.Bool(true), StrictSourceValidation: proto.Bool(false),
+		BlockHopByHop: proto.Bool(false), BlockRoutingHeader: proto.Bool(true), BlockFragmentHeader: proto.Bool(false),
+		BlockDestinationOptions: proto.Bool(false), EnableMldSnooping: proto.Bool(true),
+		NdRateLimit: proto.Uint32(500), Icmpv6RateLimit: proto.Uint32(1000), RaRateLimit: proto.Uint32(50), MulticastRateLimit: proto.Uint32(500),
+	},
+	"low": {
+		EnableRaGuard: proto.Bool(true), EnableSourceGuard: proto.Bool(false), StrictSourceValidation: proto.Bool(false),
+		BlockHopByHop: proto.Bool(false), BlockRoutingHeader: proto.Bool(false), BlockFragmentHeader: proto.Bool(false),
+		BlockDestinationOptions: proto.Bool(false), EnableMldSnooping: proto.Bool(false),
+		NdRateLimit: proto.Uint32(0), Icmpv6RateLimit: proto.Uint32(0), RaRateLimit: proto.Uint32(0), MulticastRateLimit: proto.Uint32(0),
+	},
+	"": {
+		EnableRaGuard: proto.Bool(false), EnableSourceGuard: proto.Bool(false), StrictSourceValidation: proto.Bool(false),
+		BlockHopByHop: proto.Bool(false), BlockRoutingHeader: proto.Bool(false), BlockFragmentHeader: proto.Bool(false),
+		BlockDestinationOptions: proto.Bool(false), EnableMldSnooping: proto.Bool(false),
+		NdRateLimit: proto.Uint32(0), Icmpv6RateLimit: proto.Uint32(0), RaRateLimit: proto.Uint32(0), MulticastRateLimit: proto.Uint32(0),
+	},
+}
+
+// EffectiveSecurity returns a NIC's ipv6.security block with every unset
+// field filled from the VM's security profile. The result has every field
+// set.
+func EffectiveSecurity(cfg *vmv1.VmConfig, nic *vmv1.NetworkInterface) *vmv1.Ipv6Security {
+	out := proto.Clone(profiles[cfg.GetSecurityProfile().GetProfileName()]).(*vmv1.Ipv6Security)
+	given := nic.GetIpv6().GetSecurity()
+	if given == nil {
+		return out
+	}
+	proto.Merge(out, given) // set fields of given win; lists append
+	out.AllowedRaSources = append([]string(nil), given.GetAllowedRaSources()...)
+	return out
+}
+
+// weakening lists the switches a "high" profile may not turn off.
+var weakening = []struct {
+	field string
+	get   func(*vmv1.Ipv6Security) *bool
+}{
+	{"enable_ra_guard", func(s *vmv1.Ipv6Security) *bool { return s.EnableRaGuard }},
+	{"enable_source_guard", func(s *vmv1.Ipv6Security) *bool { return s.EnableSourceGuard }},
+	{"strict_source_validation", func(s *vmv1.Ipv6Security) *bool { return s.StrictSourceValidation }},
+	{"block_hop_by_hop", func(s *vmv1.Ipv6Security) *bool { return s.BlockHopByHop }},
+	{"block_routing_header", func(s *vmv1.Ipv6Security) *bool { return s.BlockRoutingHeader }},
+	{"block_fragment_header", func(s *vmv1.Ipv6Security) *bool { return s.BlockFragmentHeader }},
+	{"block_destination_options", func(s *vmv1.Ipv6Security) *bool { return s.BlockDestinationOptions }},
+}
+
+// checkProfile rejects explicit weakening of first-hop controls under the
+// "high" profile.
+func checkProfile(cfg *vmv1.VmConfig) error {
+	if cfg.GetSecurityProfile().GetProfileName() != "high" {
+		return nil
+	}
+	var ve ValidationError
+	for i, n := range cfg.GetNetwork() {
+		sec := n.GetIpv6().GetSecurity()
+		if sec == nil {
+			continue
+		}
+		for _, w := range weakening {
+			if v := w.get(sec); v != nil && !*v {
+				ve.Violations = append(ve.Violations, FieldViolation{
+					Field:  fmt.Sprintf("config.network[%d].ipv6.security.%s", i, w.field),
+					Reason: `must not be false under security profile "high" (config.security_profile.profile_name)`,
+				})
+			}
+		}
+	}
+	if len(ve.Violations) > 0 {
+		return &ve
+	}
+	return nil
+}
