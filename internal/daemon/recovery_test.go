@@ -204,8 +204,11 @@ func startChild(t *testing.T, e *env, crashAt string) *childEnv {
 		DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
 			return (&net.Dialer{}).DialContext(ctx, "unix", sock)
 		}}}}
-	for i := 0; i < 200; i++ {
-		if _, err := os.Stat(sock); err == nil {
+	// The socket file appears at bind(), before listen(): wait until a
+	// connection is accepted, not just for the file.
+	for i := 0; i < 400; i++ {
+		if conn, err := net.Dial("unix", sock); err == nil {
+			conn.Close()
 			return c
 		}
 		time.Sleep(25 * time.Millisecond)
