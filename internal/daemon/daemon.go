@@ -24,6 +24,8 @@ import (
 	"github.com/metald/metald/internal/ipam"
 	"github.com/metald/metald/internal/ipam/ipamhttp"
 	"github.com/metald/metald/internal/ipam/ipammetrics"
+	"github.com/metald/metald/internal/network"
+	"github.com/metald/metald/internal/network/fhmetrics"
 	"github.com/metald/metald/internal/network/link"
 	"github.com/metald/metald/internal/network/nft"
 	"github.com/metald/metald/internal/policy"
@@ -68,6 +70,8 @@ type Options struct {
 	// LeakInterval and LeakGrace drive the leaked-allocation collector
 	// (defaults 10 min and 1 h).
 	LeakInterval, LeakGrace time.Duration
+	// PerVMLabels adds vm_id labels to per-VM metrics.
+	PerVMLabels bool
 	// Step is passed to the VM manager (crash tests only).
 	Step func(string)
 	// SkipRootCheck lets tests that supply their own namespaces run the
@@ -88,6 +92,7 @@ type Daemon struct {
 	ipam     *ipam.Manager
 	fw       *nft.Firewall
 	hostH    *netlink.Handle
+	labels   labelCache
 	registry *prometheus.Registry
 	mux      *http.ServeMux
 	Recovery *vm.RecoveryReport
@@ -198,13 +203,21 @@ func New(ctx context.Context, opt Options) (d *Daemon, err error) {
 		return nil, fmt.Errorf("open netlink: %w", err)
 	}
 
+	fh, err := fhmetrics.New(d.registry, d.fw, fhmetrics.Options{PerVMLabels: opt.PerVMLabels, Labels: d.deviceLabels})
+	if err != nil {
+		return nil, fmt.Errorf("register first-hop metrics: %w", err)
+	}
+	d.fw.SetObserver(fh)
+
 	// Addresses in requests may use symbolic subnet names everywhere: the
 	// validator parses them through the address manager.
 	bg := context.Background()
 	parsePrefix, parseAddr := d.ipam.PrefixParser(bg), d.ipam.AddrParser(bg)
 	d.vms = vm.NewManager(vm.Options{Store: d.store, Backend: d.backend, Ports: ports{d.links},
 		Addresses: addresses{d.ipam}, Firewall: firewall{d.fw}, Router: router{d.hostH}, Logger: d.log,
-		Caps: vm.Capabilities{Firewall: true, VLANReason: "this kernel has no bridge VLAN filtering and metald's nftables VLAN separation is not built yet"}, ShutdownTimeout: opt.ShutdownTimeout, Step: opt.Step,
+		// VLANs are separated by nftables port marks whatever the kernel's
+		// bridge VLAN filtering (which metald does not program).
+		Caps: vm.Capabilities{Firewall: true, VLANMode: string(network.VLANModeNFTables), BridgeSnooping: true}, Snooper: ports{d.links}, ShutdownTimeout: opt.ShutdownTimeout, Step: opt.Step,
 		Validate: vm.ValidateOptions{ParsePrefix: parsePrefix, ParseAddr: parseAddr,
 			ParseRule: policy.ParseOptions{ParsePrefix: parsePrefix}.Check}})
 

@@ -124,8 +124,11 @@ func TestFirstHopThroughDaemon(t *testing.T) {
 			t.Errorf("control %s: %q", c, enforced[c])
 		}
 	}
-	if enforced["enable_mld_snooping"] != "not_enforced" {
-		t.Errorf("mld snooping claimed %q", enforced["enable_mld_snooping"])
+	if enforced["enable_mld_snooping"] != "enforced" {
+		t.Errorf("mld snooping: %q", enforced["enable_mld_snooping"])
+	}
+	if out, _ := e.host.Run("ip", "-d", "link", "show", "br-f"); !strings.Contains(out, "mcast_snooping 1") || !strings.Contains(out, "mcast_querier 1") {
+		t.Errorf("bridge snooping/querier not on:\n%s", out)
 	}
 	if sec := obj(obj(st)["effectiveSecurity"]); sec["blockDestinationOptions"] != true || sec["ndRateLimit"] != float64(100) {
 		t.Errorf("effective security: %v", sec)
@@ -151,6 +154,7 @@ func TestFirstHopThroughDaemon(t *testing.T) {
 
 	// Rogue RA from vm-f1: not at vm-f2, counted.
 	before := e.counter(t, "tap-vm-f1-ra_guard")
+	metricBefore := e.metric(`metald_ipv6_ra_guard_blocks_total{tenant_id="t1"}`)
 	got := e.sniffWhile(t, "vm-f2", "icmp6 and ip6[40] == 134", func() {
 		out, err := e.scapy("vm-f1", `
 p = Ether(src=get_if_hwaddr("eth0"), dst="33:33:00:00:00:01")/IPv6(src="2001:db8:f::10", dst="ff02::1", hlim=255)/ICMPv6ND_RA()/ICMPv6NDOptPrefixInfo(prefix="2001:db8:bad::", prefixlen=64)
@@ -165,6 +169,10 @@ sendp([p]*3, iface="eth0")`)
 	if d := e.counter(t, "tap-vm-f1-ra_guard") - before; d != 3 {
 		t.Fatalf("ra_guard counter moved by %d, want 3", d)
 	}
+	if d := e.metric(`metald_ipv6_ra_guard_blocks_total{tenant_id="t1"}`) - metricBefore; d != 3 {
+		t.Fatalf("metald_ipv6_ra_guard_blocks_total moved by %v, want 3", d)
+	}
+	srcMetric := e.metric(`metald_ipv6_source_guard_violations_total{tenant_id="t1"}`)
 
 	// Spoofed source: not at vm-f2, counted.
 	before = e.counter(t, "tap-vm-f1-source_guard")
@@ -178,6 +186,9 @@ sendp([p]*2, iface="eth0")`)
 	}
 	if d := e.counter(t, "tap-vm-f1-source_guard") - before; d != 2 {
 		t.Fatalf("source_guard counter moved by %d, want 2", d)
+	}
+	if d := e.metric(`metald_ipv6_source_guard_violations_total{tenant_id="t1"}`) - srcMetric; d != 2 {
+		t.Fatalf("metald_ipv6_source_guard_violations_total moved by %v, want 2", d)
 	}
 
 	// The gateway's RA (from the bridge metald owns) reaches the VM.
@@ -207,5 +218,51 @@ sendp([p]*2, iface="br-f")`))
 	}
 	if out, err := e.host.Run("nft", "list", "chain", "bridge", "metald", "vm-tap-vm-f1-out_icmp"); err != nil || !strings.Contains(out, "ra_guard") {
 		t.Fatalf("flushed rules not repaired: %v\n%s", err, out)
+	}
+}
+
+// VLANs separate ports on one bridge (nftables port groups on this kernel),
+// and a guest with privacy extensions can use its temporary addresses
+// (learned from its DAD) under source guard.
+func TestVLANAndPrivacyThroughDaemon(t *testing.T) {
+	e := newEnv(t)
+	mk := func(id, vlan, addr string, privacy bool) {
+		nicCfg := map[string]any{"id": "eth0", "bridge_name": "br-v", "vlan_id": vlan, "ipv6": map[string]any{
+			"address": addr, "gateway": "2001:db8:5::1", "enable_privacy_extensions": privacy, "temp_valid_lifetime": 600}}
+		cfg := vmConfig("t1", nicCfg)
+		cfg["security_profile"] = map[string]any{"profile_name": "high"}
+		e.mustCall("CreateVm", map[string]any{"vm_id": id, "config": cfg})
+		e.mustCall("BootVm", map[string]any{"vm_id": id})
+	}
+	mk("vm-v1", "100", "2001:db8:5::10/64", true)
+	mk("vm-v2", "200", "2001:db8:5::11/64", false)
+	mk("vm-v3", "100", "2001:db8:5::12/64", false)
+	for _, id := range []string{"vm-v1", "vm-v2", "vm-v3"} {
+		e.waitDAD(id)
+	}
+	st := list(e.getVM("vm-v1")["networkStatus"])[0]
+	if str(st, "vlanMode") != "nftables" {
+		t.Fatalf("vlan mode %q", str(st, "vlanMode"))
+	}
+	if out, err := e.inVM("vm-v1", "ping", "-6", "-c", "1", "-W", "3", "2001:db8:5::12"); err != nil {
+		t.Fatalf("same VLAN: %v\n%s", err, out)
+	}
+	if out, err := e.inVM("vm-v1", "ping", "-6", "-c", "1", "-W", "2", "2001:db8:5::11"); err == nil {
+		t.Fatalf("VLAN 100 reached VLAN 200:\n%s", out)
+	}
+	// A temporary address, bound by the guest's own DAD, works as a source.
+	var temp string
+	for i := 0; i < 50 && temp == ""; i++ {
+		out, _ := e.inVM("vm-v1", "ip", "-6", "-o", "addr", "show", "dev", "eth0", "temporary")
+		if m := regexp.MustCompile(`inet6 (\S+)/64`).FindStringSubmatch(out); m != nil && !strings.Contains(out, "tentative") {
+			temp = m[1]
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	if temp == "" {
+		t.Fatal("no temporary address in the guest")
+	}
+	if out, err := e.inVM("vm-v1", "ping", "-6", "-c", "1", "-W", "3", "-I", temp, "2001:db8:5::12"); err != nil {
+		t.Fatalf("ping from temporary address %s: %v\n%s", temp, err, out)
 	}
 }

@@ -60,3 +60,12 @@ func (p ports) RemoveBridgeIfUnused(name string) error {
 	_, err := p.m.DeleteBridgeIfUnused(name)
 	return err
 }
+
+// EnableSnooping turns on MLD snooping and a querier on the bridge and caps
+// the groups one port may join.
+func (p ports) EnableSnooping(bridge, port string) error {
+	if err := p.m.EnsureMulticastSnooping(bridge, true); err != nil {
+		return err
+	}
+	return p.m.SetPortMulticastMaxGroups(port, link.DefaultPortMaxGroups)
+}

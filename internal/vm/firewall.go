@@ -7,6 +7,7 @@ import (
 	"net/netip"
 	"slices"
 	"strconv"
+	"time"
 
 	"google.golang.org/protobuf/encoding/protojson"
 
@@ -33,6 +34,13 @@ type Firewall interface {
 // as the VMs' router (metald put the gateway address on it).
 type Router interface {
 	BridgeRouter(bridge string) (mac net.HardwareAddr, linkLocal netip.Addr, err error)
+}
+
+// Snooper turns on MLD snooping (with a querier) on a bridge and bounds the
+// multicast groups one port may hold, so a VM's report flood cannot fill
+// the bridge's table and switch snooping off for everyone.
+type Snooper interface {
+	EnableSnooping(bridge, port string) error
 }
 
 // LinkLocalReader is implemented by backends that can read a running
@@ -105,6 +113,11 @@ func (m *Manager) Plans(row *store.VM, cfg *vmv1.VmConfig) ([]network.NICPlan, e
 					c.AllowedRAMACs = []net.HardwareAddr{brMAC}
 				}
 			}
+		}
+		v6 := cfg.GetNetwork()[i].GetIpv6()
+		c.PrivacyExtensions = v6.GetEnablePrivacyExtensions()
+		if l := v6.GetTempValidLifetime(); l > 0 {
+			c.TempValidLifetime = time.Duration(l) * time.Second
 		}
 		p.Controls = c
 		out = append(out, p)
@@ -192,4 +205,19 @@ func (m *Manager) ReconcileFirewall(ctx context.Context) error {
 		m.log.Warn("repaired first-hop firewall drift", "repairs", repaired)
 	}
 	return err
+}
+
+// enableSnooping turns on snooping for the NICs that ask for it.
+func (m *Manager) enableSnooping(row *store.VM, cfg *vmv1.VmConfig) error {
+	if m.opt.Snooper == nil {
+		return nil
+	}
+	for i, n := range row.NICs {
+		if i < len(cfg.GetNetwork()) && EffectiveSecurity(cfg, cfg.GetNetwork()[i]).GetEnableMldSnooping() {
+			if err := m.opt.Snooper.EnableSnooping(n.Bridge, n.HostDevice); err != nil {
+				return fmt.Errorf("enable mld snooping on %s: %w", n.Bridge, err)
+			}
+		}
+	}
+	return nil
 }

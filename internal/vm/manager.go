@@ -81,8 +81,10 @@ type Options struct {
 	// Router describes bridges acting as the VMs' router; may be nil.
 	Router Router
 	// Caps says which enforcement mechanisms the host has (for GetVm).
-	Caps   Capabilities
-	Logger *slog.Logger
+	Caps Capabilities
+	// Snooper enables MLD snooping on bridges; may be nil.
+	Snooper Snooper
+	Logger  *slog.Logger
 	// ShutdownTimeout bounds a graceful guest stop (default 10 s).
 	ShutdownTimeout time.Duration
 	// OpTimeout bounds the kernel work of one operation once it has begun,
@@ -93,10 +95,11 @@ type Options struct {
 	// Now returns the current time (default time.Now).
 	Now func() time.Time
 	// Step, when set, is called after each durable step of CreateVm
-	// ("create:row", "create:addresses", "create:bridges", "create:sandbox",
-	// "create:firewall", "create:sandbox", "create:attached", "create:done")
-	// and DeleteVm ("delete:marked", "delete:sandbox", "delete:ports",
-	// "delete:firewall", "delete:bridges", "delete:addresses"). Crash tests use it to kill the daemon at every
+	// ("create:row", "create:addresses", "create:bridges",
+	// "create:firewall", "create:sandbox", "create:attached",
+	// "create:done") and DeleteVm ("delete:marked", "delete:sandbox",
+	// "delete:ports", "delete:firewall", "delete:bridges",
+	// "delete:addresses"). Crash tests use it to kill the daemon at every
 	// point; production leaves it nil.
 	Step func(step string)
 }
@@ -287,6 +290,9 @@ func (m *Manager) Create(ctx context.Context, req *vmv1.CreateVmRequest) (*store
 		if err := m.opt.Ports.AttachPort(n.HostDevice, n.Bridge); err != nil {
 			return fail(fmt.Errorf("attach %s to bridge %s: %w", n.HostDevice, n.Bridge, err))
 		}
+	}
+	if err := m.enableSnooping(row, cfg); err != nil {
+		return fail(err)
 	}
 	m.opt.Step("create:attached")
 
