@@ -410,7 +410,8 @@ func procState(pid int) (byte, error) {
 		return 0, errNoProc
 	}
 	i := bytes.LastIndexByte(raw, ')')
-	if i < 0 || i+2 >= len(raw) {
+	if i < 0 || i+2 >= len(raw) || raw[i+2] == 'Z' || raw[i+2] == 'X' {
+		// Gone, or a zombie: it has exited and only waits to be reaped.
 		return 0, errNoProc
 	}
 	return raw[i+2], nil
