@@ -105,13 +105,15 @@ func TestAtomicUpdates(t *testing.T) {
 		t.Errorf("no probe traffic: %s", res)
 	}
 	if h := srv.hits(7000) + srv.hits(7001); h != 0 {
-		t.Errorf("%d probes that both policies deny got through", h)
+		t.Errorf("%d probes that both policies deny got through (tcp 7000: %d, udp 7001: %d)", h, srv.hits(7000), srv.hits(7001))
 	}
 	if srv.hits(80) != 1 {
 		t.Errorf("port 80 accepted %d connections, want 1", srv.hits(80))
 	}
-	// And the table holds exactly one generation of b's chains.
-	if n := strings.Count(listTable(t, tp.host), "chain vm-b.eth0-"); n != 2 {
-		t.Errorf("%d chains for b, want 2", n)
+	// And the table holds exactly one generation of b's chains, plus its
+	// two trampolines (generation 0) that the maps point at.
+	listing := listTable(t, tp.host)
+	if n, tr := strings.Count(listing, "chain vm-b.eth0-"), strings.Count(listing, "chain vm-b.eth0-in-g0")+strings.Count(listing, "chain vm-b.eth0-out-g0"); n != 4 || tr != 2 {
+		t.Errorf("%d chains for b (%d trampolines), want 2 plus 2 trampolines", n, tr)
 	}
 }

@@ -44,6 +44,9 @@ type nicState struct {
 	chains []string // chains of generation gen, helpers first
 	addrs  []netip.Addr
 	sets   []string // named address sets its addresses are members of
+	// tramp is true when the NIC's trampoline chains (generation 0) exist
+	// and the maps point at them.
+	tramp bool
 }
 
 // Manager programs `table ip6 metald_security` through one nftables
@@ -138,7 +141,9 @@ func (m *Manager) load() error {
 		if ch.Table.Name != TableName {
 			continue
 		}
-		if k, _, gen, ok := parseChainName(ch.Name); ok {
+		if k, _, gen, ok := parseChainName(ch.Name); ok && gen == 0 {
+			m.nic(k).tramp = true
+		} else if ok {
 			st := m.nic(k)
 			if gen > st.gen {
 				st.gen, st.chains = gen, nil
@@ -465,30 +470,51 @@ func (m *Manager) queueNIC(b *batch, p *NICPolicy) error {
 		names = append(names, cs.name)
 	}
 	slices.SortFunc(names, func(a, b string) int { return len(b) - len(a) })
-	// Switch the map entries: delete the old ones, add the new ones.
-	if len(st.addrs) > 0 {
-		var els []nftables.SetElement
-		for _, a := range st.addrs {
-			els = append(els, nftables.SetElement{Key: key16(a)})
+	// The maps point at one stable trampoline chain per direction, whose
+	// only rule jumps to the current generation. Switching generations
+	// rewrites that rule (flush + add, generation-masked like every rule
+	// change, so a packet sees the old jump or the new one, never neither).
+	// Map elements change only when the NIC's addresses do: replacing the
+	// element of a key in the same transaction leaves an instant where a
+	// lookup misses and the packet falls through the dispatch.
+	tin, tout := chainName(k, dirIn, 0), chainName(k, dirOut, 0)
+	for _, t := range []struct{ name, target string }{{tin, in.main.name}, {tout, out.main.name}} {
+		ch := c.AddChain(&nftables.Chain{Name: t.name, Table: table()})
+		c.FlushChain(ch)
+		c.AddRule(&nftables.Rule{Table: table(), Chain: ch, Exprs: []expr.Any{&expr.Verdict{Kind: expr.VerdictJump, Chain: t.target}},
+			UserData: commentData("generation")})
+	}
+	var gone []nftables.SetElement
+	for _, a := range st.addrs {
+		if !slices.Contains(p.Addrs, a) || !st.tramp {
+			gone = append(gone, nftables.SetElement{Key: key16(a)})
 		}
-		if err := c.SetDeleteElements(vmapSet(EgressMap), els); err != nil {
+	}
+	if len(gone) > 0 {
+		if err := c.SetDeleteElements(vmapSet(EgressMap), gone); err != nil {
 			return err
 		}
-		if err := c.SetDeleteElements(vmapSet(IngressMap), els); err != nil {
+		if err := c.SetDeleteElements(vmapSet(IngressMap), gone); err != nil {
 			return err
 		}
 	}
 	var eg, ig []nftables.SetElement
 	for _, a := range p.Addrs {
-		eg = append(eg, nftables.SetElement{Key: key16(a), VerdictData: &expr.Verdict{Kind: expr.VerdictJump, Chain: out.main.name}})
-		ig = append(ig, nftables.SetElement{Key: key16(a), VerdictData: &expr.Verdict{Kind: expr.VerdictJump, Chain: in.main.name}})
+		if slices.Contains(st.addrs, a) && st.tramp {
+			continue // already points at the trampoline
+		}
+		eg = append(eg, nftables.SetElement{Key: key16(a), VerdictData: &expr.Verdict{Kind: expr.VerdictJump, Chain: tout}})
+		ig = append(ig, nftables.SetElement{Key: key16(a), VerdictData: &expr.Verdict{Kind: expr.VerdictJump, Chain: tin}})
 	}
-	if err := c.SetAddElements(vmapSet(EgressMap), eg); err != nil {
-		return err
+	if len(eg) > 0 {
+		if err := c.SetAddElements(vmapSet(EgressMap), eg); err != nil {
+			return err
+		}
+		if err := c.SetAddElements(vmapSet(IngressMap), ig); err != nil {
+			return err
+		}
 	}
-	if err := c.SetAddElements(vmapSet(IngressMap), ig); err != nil {
-		return err
-	}
+	st.tramp = true
 	if hadChains {
 		m.queueDelChains(st.chains)
 	}
@@ -542,7 +568,11 @@ func (m *Manager) queueRemove(b *batch, k string) error {
 		return err
 	}
 	b.adds, b.dels = map[string][]netip.Addr{}, map[string][]netip.Addr{}
-	m.queueDelChains(st.chains)
+	chains := slices.Clone(st.chains)
+	if st.tramp {
+		chains = append(chains, chainName(k, dirIn, 0), chainName(k, dirOut, 0))
+	}
+	m.queueDelChains(chains)
 	for _, a := range st.addrs {
 		delete(m.byAddr, a)
 	}
