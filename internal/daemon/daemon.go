@@ -29,6 +29,8 @@ import (
 	"github.com/metald/metald/internal/network/link"
 	"github.com/metald/metald/internal/network/nft"
 	"github.com/metald/metald/internal/policy"
+	"github.com/metald/metald/internal/secevent"
+	"github.com/metald/metald/internal/secevent/eventhttp"
 	"github.com/metald/metald/internal/store"
 	"github.com/metald/metald/internal/store/sqlite"
 	"github.com/metald/metald/internal/vm"
@@ -70,6 +72,8 @@ type Options struct {
 	// LeakInterval and LeakGrace drive the leaked-allocation collector
 	// (defaults 10 min and 1 h).
 	LeakInterval, LeakGrace time.Duration
+	// EventWindow is the security-event aggregation window (default 5 s).
+	EventWindow time.Duration
 	// PerVMLabels adds vm_id labels to per-VM metrics.
 	PerVMLabels bool
 	// Step is passed to the VM manager (crash tests only).
@@ -93,6 +97,7 @@ type Daemon struct {
 	fw       *nft.Firewall
 	hostH    *netlink.Handle
 	labels   labelCache
+	events   *secevent.Service
 	registry *prometheus.Registry
 	mux      *http.ServeMux
 	Recovery *vm.RecoveryReport
@@ -203,6 +208,15 @@ func New(ctx context.Context, opt Options) (d *Daemon, err error) {
 		return nil, fmt.Errorf("open netlink: %w", err)
 	}
 
+	// Security events: counted drops log a rate-limited sample to NFLOG,
+	// read back, aggregated and stored; set before any NIC is programmed.
+	d.fw.SetLogGroup(secevent.DefaultGroup)
+	if d.events, err = secevent.New(ctx, secevent.Config{Window: opt.EventWindow, LogDir: opt.LogDir}, secevent.Options{
+		Store: d.store.Events(), Resolve: d.resolveDevice, Metrics: secevent.NewMetrics(d.registry), Logger: d.log,
+	}); err != nil {
+		return nil, fmt.Errorf("open security events: %w", err)
+	}
+
 	fh, err := fhmetrics.New(d.registry, d.fw, fhmetrics.Options{PerVMLabels: opt.PerVMLabels, Labels: d.deviceLabels})
 	if err != nil {
 		return nil, fmt.Errorf("register first-hop metrics: %w", err)
@@ -240,6 +254,7 @@ func New(ctx context.Context, opt Options) (d *Daemon, err error) {
 	d.mux.Handle(path, h)
 	d.mux.HandleFunc("GET /healthz", func(w http.ResponseWriter, _ *http.Request) { w.Write([]byte("ok\n")) })
 	ipamhttp.New(d.ipam, ipamhttp.Options{VMState: d.vmState, Live: d.live, Grace: opt.LeakGrace}).Register(d.mux)
+	eventhttp.New(d.events).Register(d.mux)
 	return d, nil
 }
 
@@ -302,6 +317,12 @@ func (d *Daemon) Serve(ctx context.Context, apiL, metricsL net.Listener) error {
 	defer stopWatch()
 	go d.vms.Watch(watchCtx, d.opt.WatchInterval)
 	go d.ipam.CollectLeaks(watchCtx, d.opt.LeakInterval, d.opt.LeakGrace, d.live)
+	evDone := make(chan struct{})
+	go func() { defer close(evDone); d.events.Run(watchCtx) }()
+	defer func() { stopWatch(); <-evDone }()
+	if _, err := d.events.StartReader(watchCtx, secevent.ReaderConfig{Group: secevent.DefaultGroup, NetNS: int(d.hostNS.Fd())}); err != nil {
+		d.log.Error("security event reader not started: events from kernel drops are not recorded", "err", err)
+	}
 	d.log.Info("metald serving", "api", apiL.Addr().String(), "metrics", metricsL.Addr().String(), "backend", d.opt.Backend)
 	var err error
 	select {

@@ -173,6 +173,31 @@ sendp([p]*3, iface="eth0")`)
 		t.Fatalf("metald_ipv6_ra_guard_blocks_total moved by %v, want 3", d)
 	}
 	srcMetric := e.metric(`metald_ipv6_source_guard_violations_total{tenant_id="t1"}`)
+	// The drops became one aggregated, attributed security event, visible
+	// to the guide's own jq commands, in security.log, and in the metrics.
+	var ev string
+	for i := 0; i < 50; i++ {
+		ev = e.shell(t, `curl -s http://localhost:8080/debug/security/events | jq -c '.[] | select(.vm_id == "vm-f1" and .event_type == "ra_guard_block")'`)
+		if strings.TrimSpace(ev) != "" {
+			break
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	for _, want := range []string{`"tenant_id":"t1"`, `"interface_id":"eth0"`, `"severity":"high"`, `"packet_count":3`, `"icmpv6_type":134`} {
+		if !strings.Contains(ev, want) {
+			t.Fatalf("ra_guard_block event %q lacks %s", ev, want)
+		}
+	}
+	out := e.shell(t, `curl -s http://localhost:8080/debug/security/events | jq 'group_by(.event_type) | map({event_type: .[0].event_type, count: length}) | sort_by(.count) | reverse'`)
+	if !strings.Contains(out, `"event_type": "ra_guard_block"`) {
+		t.Fatalf("group_by: %s", out)
+	}
+	if log := e.shell(t, "grep IPv6_VIOLATION "+e.dir+"/log/security.log"); !strings.Contains(log, "ra_guard_block") {
+		t.Fatalf("security.log: %s", log)
+	}
+	if e.metric(`metald_network_security_events_total{severity="high",tenant_id="t1"}`) < 1 {
+		t.Fatal("metald_network_security_events_total{severity=high} did not move")
+	}
 
 	// Spoofed source: not at vm-f2, counted.
 	before = e.counter(t, "tap-vm-f1-source_guard")
@@ -205,6 +230,15 @@ sendp([p]*2, iface="br-f")`))
 	})
 	if got != 2 {
 		t.Fatalf("%d of 2 gateway RAs reached the VM", got)
+	}
+
+	// A kernel that matches is left alone: no repair besides creating the
+	// table at the first start.
+	e.logs.mu.Lock()
+	repairs := strings.Count(e.logs.buf.String(), "repaired first-hop firewall drift")
+	e.logs.mu.Unlock()
+	if repairs > 1 {
+		t.Fatalf("%d drift repairs on an untouched kernel", repairs)
 	}
 
 	// Deleting a VM removes its chains; a flushed table is repaired.

@@ -41,7 +41,7 @@ func optionsFor(dir string) daemon.Options {
 	return daemon.Options{
 		DataDir: filepath.Join(dir, "data"), LogDir: filepath.Join(dir, "log"),
 		NetnsDir: filepath.Join(dir, "netns"), EtcNetnsDir: filepath.Join(dir, "etc"),
-		ShutdownTimeout: 2 * time.Second, WatchInterval: 200 * time.Millisecond,
+		ShutdownTimeout: 2 * time.Second, WatchInterval: 200 * time.Millisecond, EventWindow: 300 * time.Millisecond,
 		// Documentation prefixes for the tests' own addresses, and the
 		// seed's 2600:beef::/32 for its examples.
 		Pools: []ipam.PoolConfig{

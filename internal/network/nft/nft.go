@@ -24,9 +24,12 @@ var ErrNotFound = errors.New("nic not programmed")
 // Every method is one netlink batch (one Conn.Flush); methods are safe for
 // concurrent use.
 type Firewall struct {
-	mu   sync.Mutex
-	conn *nftables.Conn
-	obs  Observer
+	// logGroup, when not 0, makes counted drops log a rate-limited sample
+	// to this NFLOG group (SetLogGroup).
+	logGroup uint16
+	mu       sync.Mutex
+	conn     *nftables.Conn
+	obs      Observer
 	// pending are removal notifications queued under mu and delivered
 	// after it is released (see notifyRemoved).
 	pending []removed
@@ -74,6 +77,16 @@ func bigReceiveBuffer(c *netlink.Conn) error {
 
 // NewWithConn wraps an existing connection.
 func NewWithConn(c *nftables.Conn) *Firewall { return &Firewall{conn: c} }
+
+// SetLogGroup makes every counted drop of NICs programmed from now on also
+// log a rate-limited sample (at most 10 packets per second per rule) to
+// NFLOG group g, with the prefix LogPrefix(device, control). 0 turns
+// logging off. Call it before programming NICs.
+func (f *Firewall) SetLogGroup(g uint16) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.logGroup = g
+}
 
 func baseChain(name string, hook *nftables.ChainHook) *nftables.Chain {
 	accept := nftables.ChainPolicyAccept
@@ -153,7 +166,7 @@ func (f *Firewall) queueNIC(p network.NICPlan) error {
 		return err
 	}
 	c := f.conn
-	spec := buildNIC(p)
+	spec := buildNIC(p, f.logGroup)
 	chains := map[string]*nftables.Chain{}
 	for _, name := range spec.chains {
 		ch := c.AddChain(&nftables.Chain{Name: name, Table: table()})

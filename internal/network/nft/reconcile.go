@@ -205,7 +205,7 @@ func (f *Firewall) baseDrift(st kernelState) ([]string, error) {
 
 // nicDrift lists what of p's objects differs from the kernel.
 func (f *Firewall) nicDrift(st kernelState, p network.NICPlan) ([]string, error) {
-	spec := buildNIC(p)
+	spec := buildNIC(p, f.logGroup)
 	var out []string
 	byChain := map[string][]rule{}
 	for _, r := range spec.rules {

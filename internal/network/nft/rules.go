@@ -189,12 +189,30 @@ type builder struct {
 	names network.Names
 	rules []rule
 	anon  map[*expr.Lookup]anonSet
+	// logGroup, when not 0, is the NFLOG group a sample of each counted
+	// drop is logged to (see logRate).
+	logGroup uint16
 }
+
+// logRate bounds, per rule and in the kernel, how many dropped packets are
+// logged, so a flood cannot drown the event reader. Exact counts come from
+// the named counters, never from the log.
+const (
+	logRate  = 10
+	logBurst = 20
+)
+
+// LogPrefix is the NFLOG prefix of a drop: "metald:<host device>:<control>"
+// (the contract internal/secevent parses).
+func LogPrefix(dev, control string) string { return "metald:" + dev + ":" + control }
 
 func (b *builder) add(chain string, control string, parts ...[]expr.Any) {
 	r := rule{chain: chain}
 	for _, p := range parts {
 		r.exprs = append(r.exprs, p...)
+	}
+	if b.logGroup != 0 {
+		b.addLog(chain, control, r.exprs)
 	}
 	r.comment = fmt.Sprintf("vm=%s nic=%s control=%s", b.plan.VMID, b.plan.NICID, control)
 	// collect the anonymous sets this rule's lookups refer to
@@ -205,6 +223,43 @@ func (b *builder) add(chain string, control string, parts ...[]expr.Any) {
 			}
 		}
 	}
+	b.rules = append(b.rules, r)
+}
+
+// addLog queues, before a counted drop, a rule with the same match that
+// logs a rate-limited sample of the dropped packets to the NFLOG group and
+// falls through to the drop. Rules that do not end in a counted drop are
+// not logged.
+func (b *builder) addLog(chain, control string, exprs []expr.Any) {
+	n := len(exprs)
+	if n < 2 {
+		return
+	}
+	if v, ok := exprs[n-1].(*expr.Verdict); !ok || v.Kind != expr.VerdictDrop {
+		return
+	}
+	ref, ok := exprs[n-2].(*expr.Objref)
+	if !ok || ref.Type != unix.NFT_OBJECT_COUNTER {
+		return
+	}
+	r := rule{chain: chain, comment: fmt.Sprintf("vm=%s nic=%s control=%s log", b.plan.VMID, b.plan.NICID, control)}
+	for _, e := range exprs[:n-2] {
+		// An anonymous set is bound to one rule: give the copy its own.
+		if l, ok := e.(*expr.Lookup); ok {
+			if a, ok := b.anon[l]; ok {
+				lc := *l
+				ac := a
+				ac.lookup = &lc
+				b.anon[&lc] = ac
+				r.anons = append(r.anons, ac)
+				e = &lc
+			}
+		}
+		r.exprs = append(r.exprs, e)
+	}
+	r.exprs = append(r.exprs,
+		&expr.Limit{Type: expr.LimitTypePkts, Rate: logRate, Unit: expr.LimitTimeSecond, Burst: logBurst},
+		&expr.Log{Key: 1<<unix.NFTA_LOG_GROUP | 1<<unix.NFTA_LOG_PREFIX, Group: b.logGroup, Data: []byte(LogPrefix(b.plan.HostDevice, control))})
 	b.rules = append(b.rules, r)
 }
 
@@ -363,10 +418,10 @@ func markNot(v uint32) []expr.Any {
 }
 
 // buildNIC derives every object of one NIC from its plan (pure).
-func buildNIC(p network.NICPlan) nicSpec {
+func buildNIC(p network.NICPlan, logGroup uint16) nicSpec {
 	n := network.NamesFor(p.HostDevice)
 	c := p.Controls
-	b := &builder{plan: p, names: n, anon: map[*expr.Lookup]anonSet{}}
+	b := &builder{plan: p, names: n, anon: map[*expr.Lookup]anonSet{}, logGroup: logGroup}
 	cnt := func(ctl network.Control) []expr.Any { return counter(n.Counter(ctl)) }
 	mac := p.MAC
 
