@@ -252,10 +252,24 @@ func New(ctx context.Context, opt Options) (d *Daemon, err error) {
 	srv := api.NewServer(d.vms, d.backend)
 	path, h := srv.Handler()
 	d.mux.Handle(path, h)
+	srv.RegisterDebug(d.mux, d.counters)
 	d.mux.HandleFunc("GET /healthz", func(w http.ResponseWriter, _ *http.Request) { w.Write([]byte("ok\n")) })
 	ipamhttp.New(d.ipam, ipamhttp.Options{VMState: d.vmState, Live: d.live, Grace: opt.LeakGrace}).Register(d.mux)
 	eventhttp.New(d.events).Register(d.mux)
 	return d, nil
+}
+
+// counters reads a port's first-hop drop counters for the debug endpoint.
+func (d *Daemon) counters(dev string) (map[string]uint64, error) {
+	c, err := d.fw.Counters(dev)
+	if err != nil {
+		return nil, err
+	}
+	out := make(map[string]uint64, len(c))
+	for k, v := range c {
+		out[string(k)] = v
+	}
+	return out, nil
 }
 
 // vmState reports a VM's persisted state for the address endpoints.

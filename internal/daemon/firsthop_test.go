@@ -232,6 +232,20 @@ sendp([p]*2, iface="br-f")`))
 		t.Fatalf("%d of 2 gateway RAs reached the VM", got)
 	}
 
+	// The guide's troubleshooting reads, verbatim.
+	out = e.shell(t, `curl -s http://localhost:8080/debug/network/vm/vm-f1 | jq -c '.ipv6.security.allowed_ra_sources'`)
+	if strings.TrimSpace(out) != `["2001:db8:f::1"]` {
+		t.Fatalf("allowed_ra_sources: %q", out)
+	}
+	out = e.shell(t, `curl -s http://localhost:8080/debug/network/vm/vm-f1 | jq -c '[.counters.ra_guard, .counters.source_guard, .vlan_mode, .host_device]'`)
+	if strings.TrimSpace(out) != `[3,2,"none","tap-vm-f1"]` {
+		t.Fatalf("counters on the debug endpoint: %q", out)
+	}
+	out = e.shell(t, `curl -s http://localhost:8080/debug/vm/vm-f1/security-policy | jq -c '.ingress_rules, .ingress_default'`)
+	if strings.TrimSpace(out) != "[]\n\"allow\"" {
+		t.Fatalf("security-policy: %q", out)
+	}
+
 	// A kernel that matches is left alone: no repair besides creating the
 	// table at the first start.
 	e.logs.mu.Lock()
