@@ -99,6 +99,7 @@ type Daemon struct {
 	labels   labelCache
 	events   *secevent.Service
 	registry *prometheus.Registry
+	reg      *recordingRegisterer
 	mux      *http.ServeMux
 	Recovery *vm.RecoveryReport
 }
@@ -180,9 +181,12 @@ func New(ctx context.Context, opt Options) (d *Daemon, err error) {
 	}
 	if d.registry == nil {
 		d.registry = prometheus.NewRegistry()
-		d.registry.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	}
-	if err := d.registry.Register(newVMCollector(d.store)); err != nil {
+	d.reg = &recordingRegisterer{Registry: d.registry}
+	if opt.Registry == nil {
+		d.reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+	}
+	if err := d.reg.Register(newVMCollector(d.store)); err != nil {
 		return nil, fmt.Errorf("register metrics: %w", err)
 	}
 
@@ -190,7 +194,7 @@ func New(ctx context.Context, opt Options) (d *Daemon, err error) {
 	if err != nil {
 		return nil, fmt.Errorf("open address store: %w", err)
 	}
-	ipamMetrics, err := ipammetrics.New(d.registry)
+	ipamMetrics, err := ipammetrics.New(d.reg)
 	if err != nil {
 		return nil, fmt.Errorf("register address metrics: %w", err)
 	}
@@ -212,12 +216,12 @@ func New(ctx context.Context, opt Options) (d *Daemon, err error) {
 	// read back, aggregated and stored; set before any NIC is programmed.
 	d.fw.SetLogGroup(secevent.DefaultGroup)
 	if d.events, err = secevent.New(ctx, secevent.Config{Window: opt.EventWindow, LogDir: opt.LogDir}, secevent.Options{
-		Store: d.store.Events(), Resolve: d.resolveDevice, Metrics: secevent.NewMetrics(d.registry), Logger: d.log,
+		Store: d.store.Events(), Resolve: d.resolveDevice, Metrics: secevent.NewMetrics(d.reg), Logger: d.log,
 	}); err != nil {
 		return nil, fmt.Errorf("open security events: %w", err)
 	}
 
-	fh, err := fhmetrics.New(d.registry, d.fw, fhmetrics.Options{PerVMLabels: opt.PerVMLabels, Labels: d.deviceLabels})
+	fh, err := fhmetrics.New(d.reg, d.fw, fhmetrics.Options{PerVMLabels: opt.PerVMLabels, Labels: d.deviceLabels})
 	if err != nil {
 		return nil, fmt.Errorf("register first-hop metrics: %w", err)
 	}
@@ -228,7 +232,7 @@ func New(ctx context.Context, opt Options) (d *Daemon, err error) {
 	bg := context.Background()
 	parsePrefix, parseAddr := d.ipam.PrefixParser(bg), d.ipam.AddrParser(bg)
 	d.vms = vm.NewManager(vm.Options{Store: d.store, Backend: d.backend, Ports: ports{d.links},
-		Addresses: addresses{d.ipam}, Firewall: firewall{d.fw}, Router: router{d.hostH}, Logger: d.log,
+		Addresses: addresses{d.ipam}, Firewall: firewall{f: d.fw, obs: func(t time.Duration) { d.events.ObserveProcessing(secevent.StageRules, t) }}, Router: router{d.hostH}, Logger: d.log,
 		// VLANs are separated by nftables port marks whatever the kernel's
 		// bridge VLAN filtering (which metald does not program).
 		Caps: vm.Capabilities{Firewall: true, VLANMode: string(network.VLANModeNFTables), BridgeSnooping: true}, Snooper: ports{d.links}, ShutdownTimeout: opt.ShutdownTimeout, Step: opt.Step,

@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"net"
 	"net/netip"
+	"time"
 
 	"github.com/vishvananda/netlink"
 
@@ -12,13 +13,31 @@ import (
 	"github.com/metald/metald/internal/network/nft"
 )
 
-// firewall adapts the nftables first-hop firewall to the VM manager.
-type firewall struct{ f *nft.Firewall }
+// firewall adapts the nftables first-hop firewall to the VM manager and
+// times rule programming into metald_ipv6_security_processing_time.
+type firewall struct {
+	f   *nft.Firewall
+	obs func(time.Duration)
+}
 
-func (w firewall) AddNIC(p network.NICPlan) error { return w.f.AddNIC(p) }
-func (w firewall) RemoveNIC(hostDev string) error { return w.f.RemoveNIC(hostDev) }
+func (w firewall) timed(start time.Time) {
+	if w.obs != nil {
+		w.obs(time.Since(start))
+	}
+}
+
+func (w firewall) AddNIC(p network.NICPlan) error {
+	defer w.timed(time.Now())
+	return w.f.AddNIC(p)
+}
+
+func (w firewall) RemoveNIC(hostDev string) error {
+	defer w.timed(time.Now())
+	return w.f.RemoveNIC(hostDev)
+}
 
 func (w firewall) Reconcile(ctx context.Context, desired []network.NICPlan) ([]string, error) {
+	defer w.timed(time.Now())
 	rep, err := w.f.Reconcile(ctx, desired)
 	if rep.Empty() {
 		return nil, err
