@@ -1,10 +1,10 @@
 package qemu_test
 
 import (
+	"bytes"
 	"context"
 	"encoding/json"
 	"errors"
-	"bytes"
 	"fmt"
 	"log/slog"
 	"net"
