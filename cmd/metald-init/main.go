@@ -73,8 +73,13 @@ func main() {
 			fmt.Fprintln(os.Stderr, NetworkUpMarker)
 		}
 	}
-	if cl.Test == guestcfg.TestRogueRA && cl.Net != nil {
-		go rogueRA(*cl.Net)
+	if rogue, pings := cl.TestModes(); cl.Net != nil {
+		if rogue {
+			go rogueRA(*cl.Net)
+		}
+		for _, a := range pings {
+			go ping6(a)
+		}
 	}
 	if cl.Init != "" {
 		if _, err := os.Stat(cl.Init); err == nil {

@@ -7,6 +7,7 @@ import (
 	"net"
 	"net/netip"
 	"os"
+	"os/exec"
 	"strconv"
 	"strings"
 	"time"
@@ -217,4 +218,20 @@ func sendRA(ifindex int, mac net.HardwareAddr) error {
 		return fmt.Errorf("send ra: %w", err)
 	}
 	return nil
+}
+
+// ping6 (test mode) pings addr with busybox until it answers (up to about a
+// minute) and reports the result on the console.
+func ping6(addr netip.Addr) {
+	for i := 0; i < 30; i++ {
+		out, err := exec.Command("/bin/busybox", "ping", "-6", "-c", "1", "-W", "2", addr.String()).CombinedOutput()
+		if err == nil {
+			logf("ping6 %s ok", addr)
+			return
+		}
+		if i == 29 {
+			logf("ping6 %s failed: %v: %s", addr, err, out)
+		}
+		time.Sleep(time.Second)
+	}
 }

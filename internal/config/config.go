@@ -72,6 +72,26 @@ type Config struct {
 	Metrics MetricsConfig `yaml:"metrics"`
 	// IPAM configures IPv6 address pools.
 	IPAM IPAMConfig `yaml:"ipam"`
+	// QEMU configures the qemu backend.
+	QEMU QEMUConfig `yaml:"qemu"`
+	// Firecracker configures the firecracker backend.
+	Firecracker FirecrackerConfig `yaml:"firecracker"`
+}
+
+// QEMUConfig configures the qemu backend (real VMs under QEMU).
+type QEMUConfig struct {
+	// Binary is the QEMU executable. Default "qemu-system-x86_64".
+	Binary string `yaml:"binary"`
+	// Accelerator is "auto" (KVM when a probe boot works, else TCG),
+	// "kvm" or "tcg". Default "auto".
+	Accelerator string `yaml:"accelerator"`
+}
+
+// FirecrackerConfig configures the firecracker backend.
+type FirecrackerConfig struct {
+	// Binary is the firecracker executable; backend "auto" picks
+	// firecracker only when it is set and KVM works. Default "".
+	Binary string `yaml:"binary"`
 }
 
 // IPAMConfig configures IPv6 address management.
@@ -196,6 +216,7 @@ func Default() *Config {
 		Metrics: MetricsConfig{
 			PerVMLabels: false,
 		},
+		QEMU: QEMUConfig{Binary: "qemu-system-x86_64", Accelerator: "auto"},
 		IPAM: IPAMConfig{
 			AutoSubnetNames: true,
 			CleanupInterval: Duration(10 * time.Minute),
@@ -206,10 +227,10 @@ func Default() *Config {
 
 // ResolvedBackend returns the backend metald runs: Backend, with "auto"
 // resolved to the best backend available in this build (netns).
+//
+// "auto" is resolved by the daemon, which probes the host (see
+// internal/daemon): it is returned as is.
 func (c *Config) ResolvedBackend() string {
-	if c.Backend == BackendAuto {
-		return BackendNetns
-	}
 	return c.Backend
 }
 
@@ -275,8 +296,11 @@ func (c *Config) Validate() error {
 
 	switch c.Backend {
 	case BackendAuto, BackendNetns:
-	case BackendQEMU, BackendFirecracker:
-		add("backend", "%q is not available in this build; use %q or %q", c.Backend, BackendNetns, BackendAuto)
+	case BackendQEMU:
+	case BackendFirecracker:
+		if c.Firecracker.Binary == "" {
+			add("firecracker.binary", "required for backend %q", BackendFirecracker)
+		}
 	default:
 		add("backend", "unknown backend %q; want auto, netns, qemu or firecracker", c.Backend)
 	}
@@ -333,6 +357,15 @@ func (c *Config) Validate() error {
 		if p.MaxAllocations < 0 {
 			add(key+".max_allocations", "must not be negative, got %d", p.MaxAllocations)
 		}
+	}
+
+	switch c.QEMU.Accelerator {
+	case "auto", "kvm", "tcg":
+	default:
+		add("qemu.accelerator", "unknown accelerator %q; want auto, kvm or tcg", c.QEMU.Accelerator)
+	}
+	if c.QEMU.Binary == "" {
+		add("qemu.binary", "must name a program")
 	}
 
 	if c.Store.Driver != "sqlite" {

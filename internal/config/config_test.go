@@ -44,6 +44,7 @@ func TestConfigDefault(t *testing.T) {
 		VM:            VMConfig{ShutdownTimeout: Duration(10 * time.Second), ReconcileInterval: Duration(5 * time.Second)},
 		Store:         StoreConfig{Driver: "sqlite"},
 		IPAM:          IPAMConfig{AutoSubnetNames: true, CleanupInterval: Duration(10 * time.Minute), CleanupGrace: Duration(time.Hour)},
+		QEMU:          QEMUConfig{Binary: "qemu-system-x86_64", Accelerator: "auto"},
 	}
 	if !reflect.DeepEqual(c, want) {
 		t.Errorf("Default() = %+v\nwant %+v", c, want)
@@ -66,8 +67,8 @@ func TestConfigDerived(t *testing.T) {
 	c.Backend = "auto"
 	c.DataDir = "/srv/metald"
 	c.LogLevel = "debug"
-	if got := c.ResolvedBackend(); got != "netns" {
-		t.Errorf("auto resolved to %q, want netns", got)
+	if got := c.ResolvedBackend(); got != "auto" {
+		t.Errorf("auto resolved to %q, want it left for the daemon's probe", got)
 	}
 	if got := c.StorePath(); got != "/srv/metald/metald.db" {
 		t.Errorf("StorePath() = %q", got)
@@ -412,10 +413,10 @@ func TestConfigValidate(t *testing.T) {
 		{"netns.dir relative", func(c *Config) { c.Netns.Dir = "netns" }, `netns.dir: path "netns" is not absolute`},
 		{"netns.etc_dir relative", func(c *Config) { c.Netns.EtcDir = "./etc" }, `netns.etc_dir: path "./etc" is not absolute`},
 		{"backend auto", func(c *Config) { c.Backend = "auto" }, ""},
-		{"backend qemu", func(c *Config) { c.Backend = "qemu" },
-			`backend: "qemu" is not available in this build; use "netns" or "auto"`},
-		{"backend firecracker", func(c *Config) { c.Backend = "firecracker" },
-			`backend: "firecracker" is not available in this build; use "netns" or "auto"`},
+		{"backend firecracker without binary", func(c *Config) { c.Backend = "firecracker" },
+			`firecracker.binary: required for backend "firecracker"`},
+		{"qemu accelerator", func(c *Config) { c.QEMU.Accelerator = "hvf" },
+			`qemu.accelerator: unknown accelerator "hvf"; want auto, kvm or tcg`},
 		{"backend unknown", func(c *Config) { c.Backend = "docker" },
 			`backend: unknown backend "docker"; want auto, netns, qemu or firecracker`},
 		{"log_level", func(c *Config) { c.LogLevel = "verbose" },
@@ -431,10 +432,10 @@ func TestConfigValidate(t *testing.T) {
 		{"store path relative", func(c *Config) { c.Store.Path = "metald.db" }, `store.path: path "metald.db" is not absolute`},
 		{"several problems", func(c *Config) {
 			c.Listen = "x"
-			c.Backend = "qemu"
+			c.Backend = "firecracker"
 			c.VM.ShutdownTimeout = 0
 		}, `listen: invalid address "x": address x: missing port in address
-backend: "qemu" is not available in this build; use "netns" or "auto"
+firecracker.binary: required for backend "firecracker"
 vm.shutdown_timeout: must be greater than zero, got "0s"`},
 	}
 	for _, tt := range tests {

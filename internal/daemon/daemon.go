@@ -20,7 +20,7 @@ import (
 	"github.com/vishvananda/netlink"
 
 	"github.com/metald/metald/internal/api"
-	bnetns "github.com/metald/metald/internal/backend/netns"
+	"github.com/metald/metald/internal/backend"
 	"github.com/metald/metald/internal/ipam"
 	"github.com/metald/metald/internal/ipam/ipamhttp"
 	"github.com/metald/metald/internal/ipam/ipammetrics"
@@ -76,6 +76,13 @@ type Options struct {
 	EventWindow time.Duration
 	// PerVMLabels adds vm_id labels to per-VM metrics.
 	PerVMLabels bool
+	// QEMUBinary, QEMUAccelerator configure the qemu backend.
+	QEMUBinary, QEMUAccelerator string
+	// FirecrackerBinary is the firecracker executable; "" disables it.
+	FirecrackerBinary string
+	// GuestTest is passed to guests' metald-init as metald.test= (tests
+	// only).
+	GuestTest string
 	// Step is passed to the VM manager (crash tests only).
 	Step func(string)
 	// SkipRootCheck lets tests that supply their own namespaces run the
@@ -91,7 +98,7 @@ type Daemon struct {
 	ownNS    bool
 	store    *sqlite.Store
 	links    *link.Manager
-	backend  *bnetns.Backend
+	backend  backend.Backend
 	vms      *vm.Manager
 	ipam     *ipam.Manager
 	fw       *nft.Firewall
@@ -117,8 +124,8 @@ func (o *Options) defaults() {
 	if o.LogDir == "" {
 		o.LogDir = "/var/log/metald"
 	}
-	if o.Backend == "" || o.Backend == "auto" {
-		o.Backend = "netns"
+	if o.Backend == "" {
+		o.Backend = "auto"
 	}
 	if o.NetnsDir == "" {
 		o.NetnsDir = "/run/netns"
@@ -149,9 +156,6 @@ func New(ctx context.Context, opt Options) (d *Daemon, err error) {
 	if !opt.SkipRootCheck && os.Geteuid() != 0 {
 		return nil, fmt.Errorf("%w (running as uid %d)", ErrNotRoot, os.Geteuid())
 	}
-	if opt.Backend != "netns" {
-		return nil, fmt.Errorf("backend %q is not available in this build (only netns)", opt.Backend)
-	}
 	d = &Daemon{opt: opt, log: opt.Logger, registry: opt.Registry}
 	defer func() {
 		if err != nil {
@@ -174,10 +178,8 @@ func New(ctx context.Context, opt Options) (d *Daemon, err error) {
 	if d.links, err = link.New(d.hostNS); err != nil {
 		return nil, fmt.Errorf("open link manager: %w", err)
 	}
-	d.backend, err = bnetns.New(bnetns.Config{NetnsDir: opt.NetnsDir, EtcNetnsDir: opt.EtcNetnsDir,
-		GuestCommand: opt.GuestCommand, HostNS: d.hostNS, Links: d.links, Logger: d.log})
-	if err != nil {
-		return nil, fmt.Errorf("open netns backend: %w", err)
+	if d.backend, err = d.openBackend(); err != nil {
+		return nil, err
 	}
 	if d.registry == nil {
 		d.registry = prometheus.NewRegistry()
@@ -253,7 +255,8 @@ func New(ctx context.Context, opt Options) (d *Daemon, err error) {
 	}
 
 	d.mux = http.NewServeMux()
-	srv := api.NewServer(d.vms, d.backend)
+	status, _ := d.backend.(api.NICStatuser)
+	srv := api.NewServer(d.vms, status)
 	path, h := srv.Handler()
 	d.mux.Handle(path, h)
 	srv.RegisterDebug(d.mux, d.counters)

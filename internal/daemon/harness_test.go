@@ -40,6 +40,7 @@ func TestMain(m *testing.M) {
 func optionsFor(dir string) daemon.Options {
 	return daemon.Options{
 		DataDir: filepath.Join(dir, "data"), LogDir: filepath.Join(dir, "log"),
+		Backend:  "netns",
 		NetnsDir: filepath.Join(dir, "netns"), EtcNetnsDir: filepath.Join(dir, "etc"),
 		ShutdownTimeout: 2 * time.Second, WatchInterval: 200 * time.Millisecond, EventWindow: 300 * time.Millisecond,
 		// Documentation prefixes for the tests' own addresses, and the

@@ -2,6 +2,7 @@ package daemon_test
 
 import (
 	"context"
+	"net"
 	"os"
 	"path/filepath"
 	"strings"
@@ -10,6 +11,7 @@ import (
 	"time"
 
 	"github.com/metald/metald/internal/network/ns"
+	"github.com/metald/metald/internal/vm"
 )
 
 func pidOf(vm map[string]any) int {
@@ -154,6 +156,19 @@ func TestGuestIPv6Settings(t *testing.T) {
 	secret, err := ns.ReadSysctl(int(f.Fd()), "net/ipv6/conf/eth0/stable_secret")
 	if err != nil || secret == "" || secret == "::" {
 		t.Errorf("stable_secret = %q (%v)", secret, err)
+	}
+	// metald computes the stable-privacy link-local address from the secret
+	// exactly as the guest kernel derives it (it binds it to the port for
+	// guests it cannot look into).
+	row, err := e.d.Manager().Get(t.Context(), "vm-g")
+	if err != nil {
+		t.Fatal(err)
+	}
+	// A veth has no permanent hardware address (the kernel hashes zeros);
+	// a virtio NIC's permanent address is its MAC.
+	want, ok := vm.StableLinkLocal(row.NICs[0].StableSecret, make(net.HardwareAddr, 6))
+	if got := str(list(e.getVM("vm-g")["networkStatus"])[0], "guestLinkLocal"); !ok || got != want.String() {
+		t.Fatalf("guest link-local %s, computed %s", got, want)
 	}
 	// The secret is persisted: a reboot keeps it.
 	e.mustCall("RebootVm", map[string]any{"vm_id": "vm-g"})

@@ -3,6 +3,9 @@ package vm
 import (
 	"errors"
 	"fmt"
+	"regexp"
+
+	"github.com/metald/metald/internal/backend"
 )
 
 // Errors the manager returns for expected cases; the API maps them to
@@ -38,4 +41,21 @@ func joinOr(s []string) string {
 		out += ", " + v
 	}
 	return out + " or " + s[len(s)-1]
+}
+
+// SpecValidator is implemented by backends that check a VM's spec against
+// the host (the qemu backend checks that kernel and disks exist).
+type SpecValidator interface {
+	Validate(spec *backend.Spec) error
+}
+
+var specField = regexp.MustCompile(`^([a-z_]+(\[[0-9]+\])?(\.[a-z_]+(\[[0-9]+\])?)*)( \([^)]*\))?: (.+)$`)
+
+// specError turns a backend's "boot.kernel_path: reason" into a validation
+// error naming config.boot.kernel_path.
+func specError(err error) error {
+	if m := specField.FindStringSubmatch(err.Error()); m != nil {
+		return &ValidationError{Violations: []FieldViolation{{Field: "config." + m[1], Reason: m[6]}}}
+	}
+	return &ValidationError{Violations: []FieldViolation{{Field: "config", Reason: err.Error()}}}
 }

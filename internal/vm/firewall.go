@@ -89,6 +89,13 @@ func (m *Manager) Plans(row *store.VM, cfg *vmv1.VmConfig) ([]network.NICPlan, e
 		}
 		if ll, err := netip.ParseAddr(n.LinkLocal); err == nil {
 			p.LinkLocal = ll
+		} else if _, reads := m.opt.Backend.(LinkLocalReader); !reads && n.StableSecret != "" {
+			// A guest metald cannot look into (a real VM): with stable
+			// privacy its link-local address follows from the secret and
+			// the virtio NIC's permanent address, its MAC.
+			if ll, ok := StableLinkLocal(n.StableSecret, mac); ok {
+				p.LinkLocal = ll
+			}
 		}
 		c := network.Controls{
 			RAGuard: sec.GetEnableRaGuard(), SourceGuard: sec.GetEnableSourceGuard(), StrictSourceValidation: sec.GetStrictSourceValidation(),

@@ -216,6 +216,18 @@ func (m *Manager) Create(ctx context.Context, req *vmv1.CreateVmRequest) (*store
 		row.NICs = append(row.NICs, nic)
 	}
 
+	// Backend-specific checks (a real VMM needs its kernel and disks to
+	// exist) before anything is built.
+	if v, ok := m.opt.Backend.(SpecValidator); ok {
+		spec, err := m.spec(row, cfg)
+		if err != nil {
+			return nil, err
+		}
+		if err := v.Validate(spec); err != nil {
+			return nil, specError(err)
+		}
+	}
+
 	// From here on, the work is finished or undone whatever the caller does.
 	ctx, cancel := m.detached(ctx)
 	defer cancel()

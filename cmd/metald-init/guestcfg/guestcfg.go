@@ -239,8 +239,8 @@ func ParseCmdline(line string) (Cmdline, error) {
 			}
 			c.Init = v
 		case ParamTest:
-			if v != TestRogueRA {
-				return Cmdline{}, fmt.Errorf("%w: unknown test mode %q", ErrInvalid, v)
+			if _, _, err := parseTestModes(v); err != nil {
+				return Cmdline{}, err
 			}
 			c.Test = v
 		default:
@@ -248,4 +248,37 @@ func ParseCmdline(line string) (Cmdline, error) {
 		}
 	}
 	return c, nil
+}
+
+// TestPing6Prefix starts a test mode token "ping6=<address>": once the
+// network is up, the guest pings the address and reports the result on its
+// console ("metald-init: ping6 <address> ok").
+const TestPing6Prefix = "ping6="
+
+// TestModes splits the test-mode value (comma-separated tokens: rogue-ra,
+// ping6=<address>).
+func (c Cmdline) TestModes() (rogueRA bool, ping []netip.Addr) {
+	rogueRA, ping, _ = parseTestModes(c.Test)
+	return rogueRA, ping
+}
+
+func parseTestModes(v string) (rogueRA bool, ping []netip.Addr, err error) {
+	if v == "" {
+		return false, nil, nil
+	}
+	for _, tok := range strings.Split(v, ",") {
+		switch {
+		case tok == TestRogueRA:
+			rogueRA = true
+		case strings.HasPrefix(tok, TestPing6Prefix):
+			a, perr := netip.ParseAddr(strings.TrimPrefix(tok, TestPing6Prefix))
+			if perr != nil || !a.Is6() {
+				return false, nil, fmt.Errorf("%w: test mode %q: not an IPv6 address", ErrInvalid, tok)
+			}
+			ping = append(ping, a)
+		default:
+			return false, nil, fmt.Errorf("%w: unknown test mode %q", ErrInvalid, tok)
+		}
+	}
+	return rogueRA, ping, nil
 }
