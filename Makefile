@@ -47,7 +47,8 @@ test: deps check-generated vet
 bench: deps
 	@mkdir -p build
 	{ $(GO) test -run '^$$' -bench 'BenchmarkCreateBootLatency' -benchtime 1x -timeout 30m ./internal/daemon/ && \
-	  $(GO) test -run '^$$' -bench 'BenchmarkReserve100k' -benchtime 3s -count 3 -timeout 30m ./internal/store/sqlite/ ; } | tee build/bench.txt
+	  $(GO) test -run '^$$' -bench 'BenchmarkReserve100k' -benchtime 3s -count 3 -timeout 30m ./internal/store/sqlite/ && \
+	  $(GO) test -run '^$$' -bench 'BenchmarkCreateToNetworkUp' -benchtime 3x -timeout 30m ./internal/backend/qemu/ ; } | tee build/bench.txt
 
 clean:
 	rm -rf build

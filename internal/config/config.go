@@ -56,8 +56,9 @@ type Config struct {
 	// Default "/var/log/metald". Flag --log-dir.
 	LogDir string `yaml:"log_dir"`
 	// Backend runs the guests: "auto", "netns", "qemu" or "firecracker".
-	// Only netns is available in this build; auto resolves to netns (see
-	// ResolvedBackend). Default "netns". Flag --backend.
+	// "auto" picks firecracker when firecracker.binary is set and KVM is
+	// usable, else qemu when it is installed, else netns (the choice is
+	// logged and shown in GetVm). Default "auto". Flag --backend.
 	Backend string `yaml:"backend"`
 	// LogLevel is the minimum level logged: "debug", "info", "warn" or
 	// "error". Default "info".
@@ -198,7 +199,7 @@ func Default() *Config {
 		MetricsListen: "127.0.0.1:9464",
 		DataDir:       "/var/lib/metald",
 		LogDir:        "/var/log/metald",
-		Backend:       BackendNetns,
+		Backend:       BackendAuto,
 		LogLevel:      "info",
 		Netns: NetnsConfig{
 			Dir:          "/run/netns",

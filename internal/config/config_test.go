@@ -38,7 +38,7 @@ func TestConfigDefault(t *testing.T) {
 		MetricsListen: "127.0.0.1:9464",
 		DataDir:       "/var/lib/metald",
 		LogDir:        "/var/log/metald",
-		Backend:       "netns",
+		Backend:       "auto",
 		LogLevel:      "info",
 		Netns:         NetnsConfig{Dir: "/run/netns", EtcDir: "/etc/netns", GuestCommand: []string{"sleep", "infinity"}},
 		VM:            VMConfig{ShutdownTimeout: Duration(10 * time.Second), ReconcileInterval: Duration(5 * time.Second)},
@@ -52,7 +52,7 @@ func TestConfigDefault(t *testing.T) {
 	if got := c.StorePath(); got != "/var/lib/metald/metald.db" {
 		t.Errorf("StorePath() = %q", got)
 	}
-	if got := c.ResolvedBackend(); got != "netns" {
+	if got := c.ResolvedBackend(); got != "auto" {
 		t.Errorf("ResolvedBackend() = %q", got)
 	}
 	// Each call returns an independent value.
