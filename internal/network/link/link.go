@@ -16,6 +16,7 @@
 package link
 
 import (
+	"crypto/sha256"
 	"errors"
 	"fmt"
 	"net"
@@ -251,7 +252,11 @@ func (m *Manager) EnsureBridge(name string) (created bool, err error) {
 	l, err := m.byName(name)
 	switch {
 	case errors.Is(err, ErrNotFound):
-		br := &netlink.Bridge{LinkAttrs: netlink.LinkAttrs{Name: name}}
+		// An explicit MAC: a bridge whose address was never set takes the
+		// lowest MAC of its ports and changes as VMs come and go, which
+		// would stale the gateway's neighbour entries in every guest and
+		// the RA-source MAC metald binds to ports.
+		br := &netlink.Bridge{LinkAttrs: netlink.LinkAttrs{Name: name, HardwareAddr: BridgeMAC(name)}}
 		switch err := m.h.LinkAdd(br); {
 		case errors.Is(err, unix.EEXIST):
 			// Another process created it in between: keep it.
@@ -591,4 +596,11 @@ func (m *Manager) info(l netlink.Link, names map[int]string) PortInfo {
 	}
 	p.VMID, p.NICID, _ = ParsePortAlias(a.Alias)
 	return p
+}
+
+// BridgeMAC is the stable, locally administered MAC metald gives a bridge it
+// creates, derived from the bridge's name.
+func BridgeMAC(name string) net.HardwareAddr {
+	h := sha256.Sum256([]byte("metald-bridge/" + name))
+	return net.HardwareAddr{0x02, 0x6d, h[0], h[1], h[2], h[3]}
 }

@@ -338,3 +338,32 @@ func TestManagerOwnsNamespaceFile(t *testing.T) {
 		t.Fatal("bridge leaked into the test process's namespace")
 	}
 }
+
+// A bridge metald creates keeps its MAC when ports join.
+func TestBridgeMACStable(t *testing.T) {
+	n := netnstest.New(t)
+	m, err := link.New(n.File)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer m.Close()
+	if _, err := m.EnsureBridge("br-mac"); err != nil {
+		t.Fatal(err)
+	}
+	peer := netnstest.New(t)
+	for i, name := range []string{"p-a", "p-b"} {
+		if err := m.AddVethPort(link.VethPort{Name: name, PeerName: "eth0", PeerNSFd: []int{peer.Fd(), netnstest.New(t).Fd()}[i]}); err != nil {
+			t.Fatal(err)
+		}
+		if err := m.AttachPort(name, "br-mac"); err != nil {
+			t.Fatal(err)
+		}
+		l, err := n.Handle(t).LinkByName("br-mac")
+		if err != nil {
+			t.Fatal(err)
+		}
+		if l.Attrs().HardwareAddr.String() != link.BridgeMAC("br-mac").String() {
+			t.Fatalf("bridge MAC %s after %s joined, want %s", l.Attrs().HardwareAddr, name, link.BridgeMAC("br-mac"))
+		}
+	}
+}
