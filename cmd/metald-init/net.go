@@ -212,6 +212,11 @@ func sendRA(ifindex int, mac net.HardwareAddr) error {
 	if err := unix.SetsockoptInt(fd, unix.IPPROTO_IPV6, unix.IPV6_MULTICAST_IF, ifindex); err != nil {
 		return err
 	}
+	// Do not loop the RA back into this guest's own stack: it would
+	// autoconfigure addresses from the rogue prefix and use them as sources.
+	if err := unix.SetsockoptInt(fd, unix.IPPROTO_IPV6, unix.IPV6_MULTICAST_LOOP, 0); err != nil {
+		return err
+	}
 	msg := RAMessage(mac, netip.MustParsePrefix("2001:db8:bad::/64"))
 	dst := &unix.SockaddrInet6{Addr: netip.MustParseAddr("ff02::1").As16(), ZoneId: uint32(ifindex)}
 	if err := unix.Sendto(fd, msg, 0, dst); err != nil {

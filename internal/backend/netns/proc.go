@@ -1,233 +1,44 @@
 package netns
 
 import (
-	"bytes"
 	"context"
-	"encoding/binary"
-	"errors"
-	"fmt"
 	"os"
-	"strconv"
-	"strings"
 	"time"
-	"unsafe"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/metald/metald/internal/backend/guestproc"
 )
 
-// errProcGone reports that a recorded guest process no longer exists (it
-// exited, or its PID now belongs to another process).
-var errProcGone = errors.New("process is gone")
+// The guest-process primitives are shared with the other backends
+// (internal/backend/guestproc); these names keep this package's code short.
 
-// procStat is the part of /proc/PID/stat the backend needs.
-type procStat struct {
-	State     byte   // field 3: R, S, D, T, Z, X, ...
-	StartTime uint64 // field 22: start time in clock ticks since boot
+var errProcGone = guestproc.ErrGone
+
+type procStat = guestproc.Stat
+
+func parseStat(b []byte) (procStat, error)             { return guestproc.ParseStat(b) }
+func readStat(pid int) (procStat, error)               { return guestproc.ReadStat(pid) }
+func liveStat(pid int, start uint64) (procStat, error) { return guestproc.LiveStat(pid, start) }
+func pidsInNetns(ino uint64) ([]int, error)            { return guestproc.PIDsInNetns(ino) }
+func reap(p *os.Process)                               { guestproc.Reap(p) }
+func waitState(pid int, start uint64, d time.Duration, ok func(byte) bool) error {
+	return guestproc.WaitState(pid, start, d, ok)
 }
 
-// dead reports a process that exited but was not yet reaped (or is being).
-func (s procStat) dead() bool { return s.State == 'Z' || s.State == 'X' || s.State == 'x' }
+// proc is a pidfd handle on a guest process.
+type proc struct{ h *guestproc.Handle }
 
-// parseStat parses the contents of /proc/PID/stat. The command name (field
-// 2) is in parentheses and may itself contain spaces and parentheses, so
-// fields are counted from the last ')'.
-func parseStat(b []byte) (procStat, error) {
-	i := bytes.LastIndexByte(b, ')')
-	if i < 0 {
-		return procStat{}, errors.New("parse stat: no command name")
-	}
-	// After ") " come fields 3..; field 22 is the 20th of them.
-	fields := strings.Fields(string(b[i+1:]))
-	if len(fields) < 20 {
-		return procStat{}, fmt.Errorf("parse stat: %d fields after command name, want at least 20", len(fields))
-	}
-	if len(fields[0]) != 1 {
-		return procStat{}, fmt.Errorf("parse stat: bad state %q", fields[0])
-	}
-	start, err := strconv.ParseUint(fields[19], 10, 64)
-	if err != nil {
-		return procStat{}, fmt.Errorf("parse stat: start time: %w", err)
-	}
-	return procStat{State: fields[0][0], StartTime: start}, nil
-}
-
-// readStat reads /proc/PID/stat; a missing process is errProcGone.
-func readStat(pid int) (procStat, error) {
-	b, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/stat")
-	if err != nil {
-		if errors.Is(err, os.ErrNotExist) || errors.Is(err, unix.ESRCH) {
-			return procStat{}, errProcGone
-		}
-		return procStat{}, fmt.Errorf("read stat of %d: %w", pid, err)
-	}
-	return parseStat(b)
-}
-
-// liveStat returns the stat of pid if it is the live process that started
-// at start; otherwise errProcGone.
-func liveStat(pid int, start uint64) (procStat, error) {
-	if pid <= 0 {
-		return procStat{}, errProcGone
-	}
-	st, err := readStat(pid)
-	if err != nil {
-		return procStat{}, err
-	}
-	if st.StartTime != start || st.dead() {
-		return procStat{}, errProcGone
-	}
-	return st, nil
-}
-
-// proc is a handle on one guest process through a pidfd, so signals can
-// never hit a process that reused the PID. It works for processes that are
-// not our children (after a daemon restart) as well as for our own.
-type proc struct {
-	pid int
-	fd  int
-}
-
-// openProc opens the process pid that started at start, or errProcGone.
 func openProc(pid int, start uint64) (*proc, error) {
-	if pid <= 0 {
-		return nil, errProcGone
-	}
-	fd, err := unix.PidfdOpen(pid, 0)
+	h, err := guestproc.Open(pid, start)
 	if err != nil {
-		if errors.Is(err, unix.ESRCH) {
-			return nil, errProcGone
-		}
-		return nil, fmt.Errorf("open pidfd of %d: %w", pid, err)
-	}
-	// The pidfd pins the process identity; checking the start time after
-	// opening it proves the pidfd refers to the recorded process.
-	if _, err := liveStat(pid, start); err != nil {
-		unix.Close(fd)
 		return nil, err
 	}
-	return &proc{pid: pid, fd: fd}, nil
+	return &proc{h}, nil
 }
 
-func (p *proc) close() { unix.Close(p.fd) }
-
-// signal sends sig; a process that already exited is errProcGone.
-func (p *proc) signal(sig unix.Signal) error {
-	if err := unix.PidfdSendSignal(p.fd, sig, nil, 0); err != nil {
-		if errors.Is(err, unix.ESRCH) {
-			return errProcGone
-		}
-		return fmt.Errorf("send %v to %d: %w", sig, p.pid, err)
-	}
-	return nil
-}
-
-// wait waits until the process exits, up to d or until ctx ends; it reports
-// whether the process exited.
+func (p *proc) close()                       { p.h.Close() }
+func (p *proc) signal(sig unix.Signal) error { return p.h.Signal(sig) }
 func (p *proc) wait(ctx context.Context, d time.Duration) (bool, error) {
-	deadline := time.Now().Add(d)
-	for {
-		left := time.Until(deadline)
-		if left < 0 {
-			left = 0
-		}
-		// Short slices so that a cancelled ctx is noticed.
-		ms := int(min(left, 50*time.Millisecond) / time.Millisecond)
-		if ms == 0 && left > 0 {
-			ms = 1
-		}
-		fds := []unix.PollFd{{Fd: int32(p.fd), Events: unix.POLLIN}}
-		n, err := unix.Poll(fds, ms)
-		if err != nil && !errors.Is(err, unix.EINTR) {
-			return false, fmt.Errorf("wait for %d: %w", p.pid, err)
-		}
-		if n > 0 {
-			return true, nil
-		}
-		if left == 0 {
-			return false, nil
-		}
-		if err := ctx.Err(); err != nil {
-			return false, fmt.Errorf("wait for %d: %w", p.pid, err)
-		}
-	}
-}
-
-// waitState polls until the process state satisfies ok, up to d.
-func waitState(pid int, start uint64, d time.Duration, ok func(byte) bool) error {
-	deadline := time.Now().Add(d)
-	for {
-		st, err := liveStat(pid, start)
-		if err != nil {
-			return err
-		}
-		if ok(st.State) {
-			return nil
-		}
-		if time.Now().After(deadline) {
-			return fmt.Errorf("process %d still in state %c after %v", pid, st.State, d)
-		}
-		time.Sleep(time.Millisecond)
-	}
-}
-
-// pidsInNetns lists the processes whose network namespace has inode ino.
-func pidsInNetns(ino uint64) ([]int, error) {
-	ents, err := os.ReadDir("/proc")
-	if err != nil {
-		return nil, fmt.Errorf("list processes: %w", err)
-	}
-	want := fmt.Sprintf("net:[%d]", ino)
-	var pids []int
-	for _, e := range ents {
-		pid, err := strconv.Atoi(e.Name())
-		if err != nil || pid == os.Getpid() {
-			continue
-		}
-		if l, err := os.Readlink("/proc/" + e.Name() + "/ns/net"); err == nil && l == want {
-			pids = append(pids, pid)
-		}
-	}
-	return pids, nil
-}
-
-// reap collects the guest child p when it exits, without holding an OS
-// thread while it runs: its pidfd is registered with the runtime's network
-// poller and the zombie is collected with a non-blocking waitid once the
-// pidfd turns readable. (One goroutine blocked in cmd.Wait per guest pins
-// one thread per VM, which slows every other operation down as VMs add up.)
-func reap(p *os.Process) {
-	pid := p.Pid
-	fd, err := unix.PidfdOpen(pid, unix.PIDFD_NONBLOCK)
-	if err != nil {
-		go p.Wait() // no pidfd: fall back to a blocking wait
-		return
-	}
-	p.Release()
-	f := os.NewFile(uintptr(fd), "pidfd")
-	rc, err := f.SyscallConn()
-	if err != nil {
-		f.Close()
-		return
-	}
-	go func() {
-		defer f.Close()
-		rc.Read(func(fd uintptr) bool {
-			var info unix.Siginfo
-			err := unix.Waitid(unix.P_PIDFD, int(fd), &info, unix.WEXITED|unix.WNOHANG, nil)
-			if errors.Is(err, unix.EINTR) {
-				return false
-			}
-			// Done when reaped (si_pid set), or when there is nothing to
-			// reap (ECHILD); otherwise wait for the pidfd to be readable.
-			return err != nil || siginfoPid(&info) != 0
-		})
-	}()
-}
-
-// siginfoPid reads si_pid from a waitid result. On 64-bit Linux the
-// union after si_signo, si_errno and si_code is 8-byte aligned, so si_pid
-// is at byte offset 16 (unix.Siginfo pads the same way).
-func siginfoPid(info *unix.Siginfo) int32 {
-	b := (*[20]byte)(unsafe.Pointer(info))
-	return int32(binary.NativeEndian.Uint32(b[16:20]))
+	return p.h.Wait(ctx, d)
 }

@@ -39,7 +39,7 @@ func TestParseStat(t *testing.T) {
 
 func TestReadStatSelf(t *testing.T) {
 	st, err := readStat(os.Getpid())
-	if err != nil || st.StartTime == 0 || st.dead() {
+	if err != nil || st.StartTime == 0 || st.Dead() {
 		t.Fatalf("readStat(self) = %+v, %v", st, err)
 	}
 	if _, err := liveStat(os.Getpid(), st.StartTime+1); err != errProcGone {
