@@ -344,7 +344,7 @@ func (d *Daemon) Serve(ctx context.Context, apiL, metricsL net.Listener) error {
 	if _, err := d.events.StartReader(watchCtx, secevent.ReaderConfig{Group: secevent.DefaultGroup, NetNS: int(d.hostNS.Fd())}); err != nil {
 		d.log.Error("security event reader not started: events from kernel drops are not recorded", "err", err)
 	}
-	d.log.Info("metald serving", "api", apiL.Addr().String(), "metrics", metricsL.Addr().String(), "backend", d.opt.Backend)
+	d.log.Info("metald serving", "api", apiL.Addr().String(), "metrics", metricsL.Addr().String(), "backend", d.backend.Name())
 	var err error
 	select {
 	case <-ctx.Done():
