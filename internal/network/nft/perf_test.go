@@ -6,6 +6,7 @@ import (
 	"net/netip"
 	"os/exec"
 	"sort"
+	"strings"
 	"testing"
 	"time"
 
@@ -18,34 +19,51 @@ import (
 // addr) and returns the received rate in bit/s.
 func iperf(t testing.TB, server, client *netnstest.NS, addr string, secs int) float64 {
 	t.Helper()
+	var last string
+	for attempt := range 4 {
+		bps, out, err := iperfOnce(server, client, addr, secs)
+		if err == nil && bps > 0 {
+			return bps
+		}
+		last = fmt.Sprintf("attempt %d: %v\n%s", attempt+1, err, out)
+		time.Sleep(200 * time.Millisecond)
+	}
+	t.Fatalf("iperf3 never measured a transfer:\n%s", last)
+	return 0
+}
+
+// iperfOnce runs one one-shot iperf3 server and one client against it. A
+// client that raced the server's start, or any run iperf3 itself reports
+// as an error (in its JSON, even with exit status 0), is an error.
+func iperfOnce(server, client *netnstest.NS, addr string, secs int) (float64, []byte, error) {
 	srv := exec.Command("iperf3", "-s", "-1", "-B", addr)
 	if err := ns.Start(server.Fd(), srv); err != nil {
-		t.Fatalf("iperf3 server: %v", err)
+		return 0, nil, fmt.Errorf("iperf3 server: %w", err)
 	}
 	defer func() { srv.Process.Kill(); srv.Wait() }()
-	var out []byte
-	var err error
-	for range 20 { // wait for the server to listen
-		out, err = ns.Command(client.Fd(), exec.Command("iperf3", "-6", "-c", addr, "-t", fmt.Sprint(secs), "-J"))
-		if err == nil {
+	for range 50 { // until the server listens
+		out, _ := server.Run("ss", "-Hltn", "sport", "= :5201")
+		if strings.Contains(out, "5201") {
 			break
 		}
-		time.Sleep(100 * time.Millisecond)
+		time.Sleep(50 * time.Millisecond)
 	}
-	if err != nil {
-		t.Fatalf("iperf3 client: %v\n%s", err, out)
-	}
+	out, err := ns.Command(client.Fd(), exec.Command("iperf3", "-6", "-c", addr, "-t", fmt.Sprint(secs), "-J"))
 	var r struct {
-		End struct {
+		Error string `json:"error"`
+		End   struct {
 			SumReceived struct {
 				BitsPerSecond float64 `json:"bits_per_second"`
 			} `json:"sum_received"`
 		} `json:"end"`
 	}
-	if err := json.Unmarshal(out, &r); err != nil {
-		t.Fatalf("iperf3 output: %v\n%s", err, out)
+	if jerr := json.Unmarshal(out, &r); jerr != nil {
+		return 0, out, fmt.Errorf("iperf3 output: %v (exit: %v)", jerr, err)
 	}
-	return r.End.SumReceived.BitsPerSecond
+	if r.Error != "" {
+		return 0, out, fmt.Errorf("iperf3: %s", r.Error)
+	}
+	return r.End.SumReceived.BitsPerSecond, out, err
 }
 
 // TestOverblockingTransfer: with every control on (privacy learning and
