@@ -67,27 +67,24 @@ func iperf(t *testing.T, tp *topo, reverse bool) float64 {
 		args = append(args, "-R")
 	}
 	var out string
-	var err error
-	for range 20 { // wait for the server
-		if out, err = tp.a.Run("iperf3", args...); err == nil {
-			break
+	for range 20 { // wait for the server; iperf3 may report errors in its JSON with exit status 0
+		var err error
+		out, err = tp.a.Run("iperf3", args...)
+		var r struct {
+			Error string `json:"error"`
+			End   struct {
+				SumReceived struct {
+					BitsPerSecond float64 `json:"bits_per_second"`
+				} `json:"sum_received"`
+			} `json:"end"`
+		}
+		if err == nil && json.Unmarshal([]byte(out), &r) == nil && r.Error == "" && r.End.SumReceived.BitsPerSecond > 0 {
+			return r.End.SumReceived.BitsPerSecond / 1e6
 		}
 		time.Sleep(100 * time.Millisecond)
 	}
-	if err != nil {
-		t.Fatalf("iperf3: %v\n%s", err, out)
-	}
-	var r struct {
-		End struct {
-			SumReceived struct {
-				BitsPerSecond float64 `json:"bits_per_second"`
-			} `json:"sum_received"`
-		} `json:"end"`
-	}
-	if err := json.Unmarshal([]byte(out), &r); err != nil {
-		t.Fatalf("iperf3 output: %v\n%s", err, out)
-	}
-	return r.End.SumReceived.BitsPerSecond / 1e6
+	t.Fatalf("iperf3 never measured a transfer:\n%s", out)
+	return 0
 }
 
 // TestBandwidth: iperf3 through a 100 Mbit/s limit on a's port measures
