@@ -50,6 +50,7 @@ func NewServer(m *vm.Manager, status NICStatuser) *Server {
 // Handler returns the VmService routes, wrapped for curl compatibility, as
 // a path and handler to mount.
 func (s *Server) Handler(opts ...connect.HandlerOption) (string, http.Handler) {
+	opts = append([]connect.HandlerOption{connect.WithCodec(jsonCodec{"json"}), connect.WithCodec(jsonCodec{"json; charset=utf-8"})}, opts...)
 	path, h := vmprovisionerv1connect.NewVmServiceHandler(s, opts...)
 	sd := vmv1.File_vmprovisioner_v1_vm_proto.Services().ByName("VmService")
 	return path, newCompat(h, sd)

@@ -108,6 +108,11 @@ func TestCurlForms(t *testing.T) {
 		t.Fatalf("camelCase: %d %v", code, out)
 	}
 	// Bare GET and POST with no body: an empty request.
+	e.mustCall("DeleteVm", map[string]any{"vm_id": "vm-forms"})
+	if out := e.shell(t, `curl -s http://localhost:8080/vmprovisioner.v1.VmService/ListVms | jq -c '[.vms[].vmId]'`); strings.TrimSpace(out) != "[]" {
+		t.Fatalf("empty ListVms: %q", out)
+	}
+	e.mustCall("CreateVm", body)
 	if code, out := e.do(http.MethodGet, "ListVms", nil, ""); code != 200 || len(list(out["vms"])) != 1 {
 		t.Fatalf("bare GET: %d %v", code, out)
 	}
