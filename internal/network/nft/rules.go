@@ -111,6 +111,7 @@ const (
 	udpDHCPServer  = 547
 	protoICMPv6    = unix.IPPROTO_ICMPV6
 	protoUDP       = unix.IPPROTO_UDP
+	protoTCP       = unix.IPPROTO_TCP
 	nhHopByHop     = 0
 	nhRouting      = 43
 	nhFragment     = 44
@@ -363,7 +364,12 @@ func saddrLinkLocal() []expr.Any {
 	want[0], want[1] = 0xfe, 0x80
 	return append(etherTypeIP6(), nh(8, 16), &expr.Bitwise{SourceRegister: 1, DestRegister: 1, Len: 16, Mask: mask, Xor: make([]byte, 16)}, eq(want))
 }
-func hopLimit(v byte) []expr.Any     { return []expr.Any{nh(7, 1), eq([]byte{v})} }
+func hopLimit(v byte) []expr.Any { return []expr.Any{nh(7, 1), eq([]byte{v})} }
+
+// etherUnicast matches frames whose destination MAC is unicast (I/G bit 0).
+func etherUnicast() []expr.Any {
+	return []expr.Any{ll(0, 1), &expr.Bitwise{SourceRegister: 1, DestRegister: 1, Len: 1, Mask: []byte{1}, Xor: []byte{0}}, eq([]byte{0})}
+}
 func nextHeader(v byte) []expr.Any   { return []expr.Any{nh(6, 1), eq([]byte{v})} }
 func payloadLen(v uint16) []expr.Any { return []expr.Any{nh(4, 2), eq(u16(v))} }
 
@@ -449,6 +455,11 @@ func buildNIC(p network.NICPlan, logGroup uint16) nicSpec {
 			b.icmpType(icmpNS, icmpMLDReport, icmpMLD2Report), ret)
 		b.add(src, string(network.CtlSourceGuard), cnt(network.CtlSourceGuard), drop)
 	}
+	// Fast path for the bulk of traffic: when the IPv6 header's next
+	// header is TCP there is no extension header, no ICMPv6 and no UDP, and
+	// a unicast destination keeps it out of the multicast limit, so every
+	// later rule would fall through to the final accept.
+	b.add(ip6, "fast_path", nextHeader(protoTCP), etherUnicast(), accept)
 	if c.RAGuard {
 		b.add(ip6, string(network.CtlRAGuard), l4proto(protoUDP), m(th(0, 2), eq(u16(udpDHCPServer))), cnt(network.CtlRAGuard), drop)
 	}
@@ -520,6 +531,9 @@ func buildNIC(p network.NICPlan, logGroup uint16) nicSpec {
 	b.add(thdr, string(network.CtlHeaderChain), upperLayerReadable(), ret)
 	b.add(thdr, string(network.CtlHeaderChain), nonFirstFragment(), ret)
 	b.add(thdr, string(network.CtlHeaderChain), cnt(network.CtlHeaderChain), drop)
+	// Fast path toward the VM, as above: TCP with no extension header
+	// meets no later rule.
+	b.add(tip6, "fast_path", nextHeader(protoTCP), accept)
 	if c.RAGuard || c.RARateLimit > 0 {
 		ticmp, tra := n.ToSub("icmp"), n.ToSub("ra")
 		b.add(tip6, "icmpv6", l4proto(protoICMPv6), jump(ticmp))
