@@ -11,18 +11,7 @@ command -v tcpdump >/dev/null || need+=(tcpdump)
 command -v jq >/dev/null || need+=(jq)
 command -v curl >/dev/null || need+=(curl)
 /usr/bin/python3 -c 'import scapy' 2>/dev/null || need+=(python3-scapy)
-if [ ${#need[@]} -gt 0 ]; then
-  if [ "$(id -u)" != 0 ]; then
-    echo "metald needs these Debian packages: ${need[*]} (run as root to install them)" >&2
-    exit 1
-  fi
-  echo "installing: ${need[*]}" >&2
-  export DEBIAN_FRONTEND=noninteractive
-  apt-get update -qq
-  apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
-fi
-# QEMU backend and its test guest image (scripts/guest-image.sh).
-need=()
+# The QEMU backend and its test guest image (scripts/guest-image.sh).
 command -v qemu-system-x86_64 >/dev/null || need+=(qemu-system-x86)
 dpkg -s busybox-static >/dev/null 2>&1 || need+=(busybox-static)
 command -v cpio >/dev/null || need+=(cpio)
