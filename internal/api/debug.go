@@ -9,6 +9,7 @@ import (
 	"google.golang.org/protobuf/proto"
 
 	vmv1 "github.com/metald/metald/internal/gen/vmprovisioner/v1"
+	"github.com/metald/metald/internal/httpjson"
 	"github.com/metald/metald/internal/store"
 	"github.com/metald/metald/internal/vm"
 )
@@ -28,20 +29,18 @@ func rawProto(m proto.Message) json.RawMessage {
 	return b
 }
 
-func writeJSON(w http.ResponseWriter, code int, v any) {
-	w.Header().Set("Content-Type", "application/json")
-	w.WriteHeader(code)
-	enc := json.NewEncoder(w)
-	enc.SetIndent("", "  ")
-	enc.Encode(v)
-}
+func writeJSON(w http.ResponseWriter, code int, v any) { httpjson.Write(w, code, v) }
 
 func writeErr(w http.ResponseWriter, err error) {
 	code := http.StatusInternalServerError
 	if errors.Is(err, vm.ErrNotFound) {
 		code = http.StatusNotFound
 	}
-	writeJSON(w, code, map[string]string{"code": http.StatusText(code), "message": err.Error()})
+	c := "internal"
+	if code == http.StatusNotFound {
+		c = "not_found"
+	}
+	httpjson.WriteError(w, code, c, err.Error())
 }
 
 // RegisterDebug adds the per-VM debug endpoints to mux:

@@ -12,7 +12,6 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
-	"io"
 	"math/big"
 	"net/http"
 	"net/netip"
@@ -20,6 +19,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/metald/metald/internal/httpjson"
 	"github.com/metald/metald/internal/ipam"
 )
 
@@ -144,18 +144,7 @@ func subnetJSON(n ipam.SubnetName) SubnetName {
 	return out
 }
 
-type errorBody struct {
-	Code    string `json:"code"`
-	Message string `json:"message"`
-}
-
-func writeJSON(w http.ResponseWriter, status int, v any) {
-	w.Header().Set("Content-Type", "application/json")
-	w.WriteHeader(status)
-	enc := json.NewEncoder(w)
-	enc.SetIndent("", "  ")
-	enc.Encode(v)
-}
+func writeJSON(w http.ResponseWriter, status int, v any) { httpjson.Write(w, status, v) }
 
 func writeError(w http.ResponseWriter, err error) {
 	status, code := http.StatusInternalServerError, "internal"
@@ -174,7 +163,7 @@ func writeError(w http.ResponseWriter, err error) {
 		errors.Is(err, ipam.ErrUnknownSubnetName), errors.Is(err, ipam.ErrNotInPool):
 		status, code = http.StatusBadRequest, "invalid_argument"
 	}
-	writeJSON(w, status, errorBody{Code: code, Message: err.Error()})
+	httpjson.WriteError(w, status, code, err.Error())
 }
 
 var errBadRequest = errors.New("bad request")
@@ -186,34 +175,8 @@ func badRequest(format string, args ...any) error {
 // decode reads a JSON object whatever the Content-Type; an empty body is
 // an empty object when allowEmpty.
 func decode(r *http.Request, v any, allowEmpty bool) error {
-	body, err := io.ReadAll(io.LimitReader(r.Body, 1<<20+1))
-	if err != nil {
-		return badRequest("read body: %v", err)
-	}
-	if len(body) > 1<<20 {
-		return badRequest("body larger than 1 MiB")
-	}
-	if strings.TrimSpace(string(body)) == "" {
-		if allowEmpty {
-			return nil
-		}
-		return badRequest("empty body; send a JSON object")
-	}
-	dec := json.NewDecoder(strings.NewReader(string(body)))
-	dec.DisallowUnknownFields()
-	if err := dec.Decode(v); err != nil {
-		msg := err.Error()
-		if f, ok := strings.CutPrefix(msg, "json: unknown field "); ok {
-			return badRequest("unknown field %s", f)
-		}
-		var te *json.UnmarshalTypeError
-		if errors.As(err, &te) && te.Field != "" {
-			return badRequest("field %q: expected %s, got JSON %s", te.Field, te.Type, te.Value)
-		}
-		return badRequest("invalid JSON: %s", strings.TrimPrefix(msg, "json: "))
-	}
-	if dec.More() {
-		return badRequest("trailing data after the JSON object")
+	if err := httpjson.Decode(r, v, allowEmpty); err != nil {
+		return badRequest("%v", err)
 	}
 	return nil
 }

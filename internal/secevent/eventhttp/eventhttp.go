@@ -9,17 +9,16 @@
 package eventhttp
 
 import (
-	"bytes"
 	"encoding/json"
 	"errors"
 	"fmt"
-	"io"
 	"net/http"
 	"net/url"
 	"strconv"
 	"strings"
 	"time"
 
+	"github.com/metald/metald/internal/httpjson"
 	"github.com/metald/metald/internal/secevent"
 )
 
@@ -58,21 +57,10 @@ func (h *Handler) Register(mux *http.ServeMux) {
 // ServeHTTP implements http.Handler.
 func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request) { h.mux.ServeHTTP(w, r) }
 
-type apiError struct {
-	Code    string `json:"code"`
-	Message string `json:"message"`
-}
-
-func writeJSON(w http.ResponseWriter, status int, v any) {
-	w.Header().Set("Content-Type", "application/json")
-	w.WriteHeader(status)
-	enc := json.NewEncoder(w)
-	enc.SetIndent("", "  ")
-	enc.Encode(v)
-}
+func writeJSON(w http.ResponseWriter, status int, v any) { httpjson.Write(w, status, v) }
 
 func fail(w http.ResponseWriter, status int, code, format string, args ...any) {
-	writeJSON(w, status, apiError{Code: code, Message: fmt.Sprintf(format, args...)})
+	httpjson.WriteError(w, status, code, fmt.Sprintf(format, args...))
 }
 
 func invalid(w http.ResponseWriter, format string, args ...any) {
@@ -84,31 +72,7 @@ func internal(w http.ResponseWriter, err error) {
 }
 
 // decode reads a JSON object body into v; an empty body leaves v as is.
-func decode(r *http.Request, v any) error {
-	body, err := io.ReadAll(io.LimitReader(r.Body, 1<<20))
-	if err != nil {
-		return fmt.Errorf("read body: %w", err)
-	}
-	if len(bytes.TrimSpace(body)) == 0 {
-		return nil
-	}
-	dec := json.NewDecoder(bytes.NewReader(body))
-	dec.DisallowUnknownFields()
-	if err := dec.Decode(v); err != nil {
-		var te *json.UnmarshalTypeError
-		switch {
-		case errors.As(err, &te):
-			return fmt.Errorf("field %q: want %s, got JSON %s", te.Field, te.Type, te.Value)
-		case strings.HasPrefix(err.Error(), "json: unknown field "):
-			return fmt.Errorf("unknown field %s", strings.TrimPrefix(err.Error(), "json: unknown field "))
-		}
-		return fmt.Errorf("invalid JSON body: %v", err)
-	}
-	if dec.More() {
-		return errors.New("invalid JSON body: data after the object")
-	}
-	return nil
-}
+func decode(r *http.Request, v any) error { return httpjson.Decode(r, v, true) }
 
 func checkParams(q url.Values, allowed ...string) error {
 	for k := range q {
