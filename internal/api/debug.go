@@ -131,7 +131,7 @@ func (s *Server) RegisterDebug(mux *http.ServeMux, counters CounterReader) {
 			entry["ingress_default"] = def(p.GetIngressRules())
 			entry["egress_default"] = def(p.GetEgressRules())
 			entry["security_profile"] = cfg.GetSecurityProfile().GetProfileName()
-			entry["enforcement"] = policyStatus(p, cfg)
+			entry["enforcement"] = policyStatus(p, cfg, s.vms.Caps().Policy)
 			nics = append(nics, entry)
 		}
 		out := map[string]any{"vm_id": row.ID, "tenant_id": row.TenantID, "interfaces": nics}
@@ -164,29 +164,33 @@ func statusJSON(cs []*vmv1.ControlStatus) []json.RawMessage {
 	return out
 }
 
-// policyNotWired is why the per-VM policy is not in force yet: the kernel
-// table (internal/network/secpolicy) is built and tested with packets, but
-// the daemon does not program it yet. Nothing claims a protection it does
-// not give.
-const policyNotWired = "the per-VM firewall (table ip6 metald_security) is not yet programmed by this daemon"
+// notApplied is why limits are not in force yet: the shaping code
+// (internal/network/shape) is built and tested with packets, but the daemon
+// does not apply it yet. Nothing claims a protection it does not give.
+const notApplied = "bandwidth and packet-rate limits are not yet applied by this daemon"
 
-func policyStatus(p *vmv1.SecurityPolicy, cfg *vmv1.VmConfig) []map[string]string {
+func policyStatus(p *vmv1.SecurityPolicy, cfg *vmv1.VmConfig, enforced bool) []map[string]string {
 	st := func(control string, configured bool, reason string) map[string]string {
-		if !configured {
+		switch {
+		case !configured:
 			return map[string]string{"control": control, "status": "off"}
+		case reason == "" && enforced:
+			return map[string]string{"control": control, "status": "enforced"}
+		case reason == "":
+			reason = "this daemon programs no security policies"
 		}
 		return map[string]string{"control": control, "status": "not_enforced", "reason": reason}
 	}
 	return []map[string]string{
-		st("ingress_rules", len(p.GetIngressRules()) > 0, policyNotWired),
-		st("egress_rules", len(p.GetEgressRules()) > 0, policyNotWired),
-		st("allowed_destinations", len(p.GetAllowedDestinations()) > 0, policyNotWired),
-		st("tenant_isolation_level", p.GetTenantIsolationLevel() != "" && p.GetTenantIsolationLevel() != "none", policyNotWired),
-		st("bandwidth_limit_mbps", p.GetBandwidthLimitMbps() > 0, policyNotWired),
-		st("packet_rate_limit", p.GetPacketRateLimit() > 0, policyNotWired),
-		st("log_security_events", p.GetLogSecurityEvents(), policyNotWired),
+		st("ingress_rules", len(p.GetIngressRules()) > 0, ""),
+		st("egress_rules", len(p.GetEgressRules()) > 0, ""),
+		st("allowed_destinations", len(p.GetAllowedDestinations()) > 0, ""),
+		st("tenant_isolation_level", p.GetTenantIsolationLevel() != "" && p.GetTenantIsolationLevel() != "none", ""),
+		st("log_security_events", p.GetLogSecurityEvents(), ""),
+		st("enable_network_microsegmentation", cfg.GetSecurityProfile().GetEnableNetworkMicrosegmentation(), ""),
+		st("bandwidth_limit_mbps", p.GetBandwidthLimitMbps() > 0, notApplied),
+		st("packet_rate_limit", p.GetPacketRateLimit() > 0, notApplied),
 		st("enable_deep_packet_inspection", p.GetEnableDeepPacketInspection(), "deep packet inspection is not implemented"),
-		st("enable_network_microsegmentation", cfg.GetSecurityProfile().GetEnableNetworkMicrosegmentation(), policyNotWired),
 		st("require_encrypted_traffic", cfg.GetSecurityProfile().GetRequireEncryptedTraffic(), "encrypted-traffic enforcement is not implemented"),
 	}
 }

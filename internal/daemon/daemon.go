@@ -12,6 +12,7 @@ import (
 	"net/http"
 	"os"
 	"path/filepath"
+	"sync"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -28,6 +29,7 @@ import (
 	"github.com/metald/metald/internal/network/fhmetrics"
 	"github.com/metald/metald/internal/network/link"
 	"github.com/metald/metald/internal/network/nft"
+	"github.com/metald/metald/internal/network/secpolicy"
 	"github.com/metald/metald/internal/policy"
 	"github.com/metald/metald/internal/secevent"
 	"github.com/metald/metald/internal/secevent/eventhttp"
@@ -102,6 +104,7 @@ type Daemon struct {
 	vms      *vm.Manager
 	ipam     *ipam.Manager
 	fw       *nft.Firewall
+	pol      *secpolicy.Manager
 	hostH    *netlink.Handle
 	labels   labelCache
 	events   *secevent.Service
@@ -210,6 +213,9 @@ func New(ctx context.Context, opt Options) (d *Daemon, err error) {
 	if d.fw, err = nft.New(int(d.hostNS.Fd())); err != nil {
 		return nil, fmt.Errorf("open nftables: %w", err)
 	}
+	if d.pol, err = secpolicy.New(int(d.hostNS.Fd())); err != nil {
+		return nil, fmt.Errorf("open security policy table: %w", err)
+	}
 	if d.hostH, err = link.HandleAt(int(d.hostNS.Fd())); err != nil {
 		return nil, fmt.Errorf("open netlink: %w", err)
 	}
@@ -233,11 +239,12 @@ func New(ctx context.Context, opt Options) (d *Daemon, err error) {
 	// validator parses them through the address manager.
 	bg := context.Background()
 	parsePrefix, parseAddr := d.ipam.PrefixParser(bg), d.ipam.AddrParser(bg)
-	d.vms = vm.NewManager(vm.Options{Store: d.store, Backend: d.backend, Ports: ports{d.links},
+	hostPorts := ports{m: d.links, hostFd: int(d.hostNS.Fd()), netfiltered: &sync.Map{}}
+	d.vms = vm.NewManager(vm.Options{Store: d.store, Backend: d.backend, Ports: hostPorts, Policy: d.pol,
 		Addresses: addresses{d.ipam}, Firewall: firewall{f: d.fw, obs: func(t time.Duration) { d.events.ObserveProcessing(secevent.StageRules, t) }}, Router: router{d.hostH}, Logger: d.log,
 		// VLANs are separated by nftables port marks whatever the kernel's
 		// bridge VLAN filtering (which metald does not program).
-		Caps: vm.Capabilities{Firewall: true, VLANMode: string(network.VLANModeNFTables), BridgeSnooping: true}, Snooper: ports{d.links}, ShutdownTimeout: opt.ShutdownTimeout, Step: opt.Step,
+		Caps: vm.Capabilities{Firewall: true, VLANMode: string(network.VLANModeNFTables), BridgeSnooping: true, Policy: true}, Snooper: hostPorts, ShutdownTimeout: opt.ShutdownTimeout, Step: opt.Step,
 		Validate: vm.ValidateOptions{ParsePrefix: parsePrefix, ParseAddr: parseAddr,
 			ParseRule: policy.ParseOptions{ParsePrefix: parsePrefix}.Check}})
 
@@ -367,6 +374,9 @@ func (d *Daemon) Close() error {
 	}
 	if d.hostH != nil {
 		d.hostH.Close()
+	}
+	if d.pol != nil {
+		d.pol.Close()
 	}
 	var err error
 	if d.store != nil {

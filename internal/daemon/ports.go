@@ -2,17 +2,40 @@ package daemon
 
 import (
 	"errors"
+	"fmt"
 	"net/netip"
+	"sync"
 
 	"github.com/metald/metald/internal/network/link"
+	"github.com/metald/metald/internal/network/secpolicy"
 )
 
 // ports adapts link.Manager to the VM manager's Ports contract.
-type ports struct{ m *link.Manager }
+type ports struct {
+	m *link.Manager
+	// hostFd is the host namespace; bridges pass IPv6 to the ip6 hooks
+	// there (br_netfilter) so the per-VM policy sees bridged traffic.
+	hostFd int
+	// netfiltered remembers bridges already switched to the ip6 hooks in
+	// this process (the hot path of CreateVm need not ask again).
+	netfiltered *sync.Map
+}
 
 func (p ports) EnsureBridge(name string) error {
-	_, err := p.m.EnsureBridge(name)
-	return err
+	if _, err := p.m.EnsureBridge(name); err != nil {
+		return err
+	}
+	if p.netfiltered == nil {
+		return nil
+	}
+	if _, done := p.netfiltered.Load(name); done {
+		return nil
+	}
+	if err := secpolicy.EnsureBridgeNetfilter(p.hostFd, name); err != nil {
+		return fmt.Errorf("pass bridged IPv6 of %s to the policy hooks: %w", name, err)
+	}
+	p.netfiltered.Store(name, true)
+	return nil
 }
 
 func (p ports) EnsureGateway(bridge string, gw netip.Prefix) (bool, error) {

@@ -74,6 +74,12 @@ func TestQEMUThroughDaemon(t *testing.T) {
 		obj(cfg["boot"])["initrd_path"] = initrd
 		obj(list(cfg["storage"])[0])["path"] = disk
 		obj(obj(list(cfg["network"])[0])["ipv6"])["address"] = addr
+		// Example 1's policy denies ping (it is enforced); the guests'
+		// probe needs echo in both directions.
+		pol := obj(obj(list(cfg["network"])[0])["security_policy"])
+		for _, dir := range []string{"ingress_rules", "egress_rules"} {
+			pol[dir] = append([]any{"allow icmpv6 type echo-request,echo-reply from any to any"}, list(pol[dir])...)
+		}
 		return req
 	}
 	// The qemu backend needs its kernel to exist: the error names the field.

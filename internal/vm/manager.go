@@ -84,6 +84,8 @@ type Options struct {
 	Caps Capabilities
 	// Snooper enables MLD snooping on bridges; may be nil.
 	Snooper Snooper
+	// Policy programs per-VM security policies; nil runs without them.
+	Policy PolicyEnforcer
 	Logger  *slog.Logger
 	// ShutdownTimeout bounds a graceful guest stop (default 10 s).
 	ShutdownTimeout time.Duration
@@ -281,6 +283,10 @@ func (m *Manager) Create(ctx context.Context, req *vmv1.CreateVmRequest) (*store
 	// ports exist.
 	undo = append(undo, func(ctx context.Context) error { return m.removeFirewall(row.NICs) })
 	if err := m.installFirewall(row, cfg); err != nil {
+		return fail(err)
+	}
+	undo = append(undo, func(ctx context.Context) error { return m.removePolicy(ctx, id, row.NICs) })
+	if err := m.installPolicy(ctx, row, cfg); err != nil {
 		return fail(err)
 	}
 	m.opt.Step("create:firewall")
@@ -564,6 +570,13 @@ func (m *Manager) afterBoot(vm *store.VM) {
 	if err := m.installFirewall(vm, nil); err != nil {
 		m.log.Error("update first-hop rules with the guest's link-local address", "vm_id", vm.ID, "err", err)
 	}
+	cfg, err := decodeConfig(vm)
+	if err == nil {
+		err = m.installPolicy(context.Background(), vm, cfg)
+	}
+	if err != nil {
+		m.log.Error("update security policy with the guest's link-local address", "vm_id", vm.ID, "err", err)
+	}
 }
 
 // Shutdown stops a running or paused VM, keeping its resources.
@@ -635,6 +648,11 @@ func (m *Manager) Delete(ctx context.Context, id string) error {
 	if err := m.teardown(ctx, vm); err != nil {
 		return fmt.Errorf("delete vm %s: %w", id, err)
 	}
+	if cfg, err := decodeConfig(vm); err == nil {
+		if err := m.refreshGroups(ctx, cfg.GetSecurityProfile().GetSecurityGroups(), nil); err != nil {
+			m.log.Error("update security groups", "vm_id", id, "err", err)
+		}
+	}
 	m.log.Info("vm deleted", "vm_id", id)
 	return nil
 }
@@ -655,6 +673,9 @@ func (m *Manager) teardown(ctx context.Context, vm *store.VM) error {
 	m.opt.Step("delete:ports")
 	if err := m.removeFirewall(vm.NICs); err != nil {
 		errs = append(errs, fmt.Errorf("remove first-hop rules: %w", err))
+	}
+	if err := m.removePolicy(ctx, vm.ID, vm.NICs); err != nil {
+		errs = append(errs, fmt.Errorf("remove security policy: %w", err))
 	}
 	m.opt.Step("delete:firewall")
 	if err := m.releaseBridges(ctx, vm.ID, vm.NICs); err != nil {

@@ -61,9 +61,12 @@ func (m *Manager) Recover(ctx context.Context) (*RecoveryReport, error) {
 		rep.OrphanSandboxes = append(rep.OrphanSandboxes, id)
 		m.log.Warn("removed orphaned sandbox", "vm_id", id)
 	}
-	// First-hop rules: exactly the NICs of the VMs that exist.
+	// First-hop rules and policies: exactly the NICs of the VMs that exist.
 	if err := m.ReconcileFirewall(ctx); err != nil {
 		errs = append(errs, fmt.Errorf("reconcile first-hop rules: %w", err))
+	}
+	if err := m.ReconcilePolicies(ctx); err != nil {
+		errs = append(errs, fmt.Errorf("reconcile security policies: %w", err))
 	}
 	ports, err := m.opt.Ports.OwnedPorts()
 	if err != nil {

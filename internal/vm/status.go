@@ -20,6 +20,9 @@ type Capabilities struct {
 	// BridgeSnooping is true when metald turns on MLD snooping and a
 	// querier on bridges whose NICs ask for it.
 	BridgeSnooping bool
+	// Policy is true when security policies are programmed (table ip6
+	// metald_security).
+	Policy bool
 }
 
 const (

@@ -1,0 +1,245 @@
+package vm
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net/netip"
+	"slices"
+
+	vmv1 "github.com/metald/metald/internal/gen/vmprovisioner/v1"
+	"github.com/metald/metald/internal/network"
+	"github.com/metald/metald/internal/network/secpolicy"
+	"github.com/metald/metald/internal/policy"
+	"github.com/metald/metald/internal/store"
+)
+
+// PolicyEnforcer programs each NIC's security policy (the stateful per-VM
+// firewall, tenant isolation, security groups) into the kernel.
+type PolicyEnforcer interface {
+	Upsert(ctx context.Context, p secpolicy.NICPolicy) error
+	Remove(ctx context.Context, vmID, nic string) error
+	Apply(ctx context.Context, all []secpolicy.NICPolicy) error
+	SetGroupMembers(ctx context.Context, group string, addrs []netip.Addr) error
+}
+
+// linkLocal is the guest link-local address the host binds to a NIC: as
+// read from the guest, else (guests metald cannot look into) computed from
+// the stable secret, else derived from the MAC.
+func (m *Manager) linkLocal(n store.NIC) netip.Addr {
+	if ll, err := netip.ParseAddr(n.LinkLocal); err == nil {
+		return ll
+	}
+	mac, err := normalMAC(n.MAC)
+	if err != nil {
+		return netip.Addr{}
+	}
+	if _, reads := m.opt.Backend.(LinkLocalReader); !reads && n.StableSecret != "" {
+		if ll, ok := StableLinkLocal(n.StableSecret, mac); ok {
+			return ll
+		}
+	}
+	return network.EUI64LinkLocal(mac)
+}
+
+// groupMembers maps each security group to the addresses of the VMs in it.
+func (m *Manager) groupMembers(ctx context.Context) (map[string][]netip.Addr, error) {
+	all, err := m.opt.Store.ListVMs(ctx)
+	if err != nil {
+		return nil, err
+	}
+	out := map[string][]netip.Addr{}
+	for _, row := range all {
+		if row.State == store.StateDeleting {
+			continue
+		}
+		cfg, err := decodeConfig(row)
+		if err != nil {
+			continue
+		}
+		for _, g := range cfg.GetSecurityProfile().GetSecurityGroups() {
+			for _, n := range row.NICs {
+				if p, err := netip.ParsePrefix(n.Address); err == nil {
+					out[g] = append(out[g], p.Addr())
+				}
+				if ll := m.linkLocal(n); ll.IsValid() {
+					out[g] = append(out[g], ll)
+				}
+			}
+		}
+	}
+	return out, nil
+}
+
+// Policies builds the security-policy plans of a VM's NICs.
+func (m *Manager) Policies(ctx context.Context, row *store.VM, cfg *vmv1.VmConfig, groups map[string][]netip.Addr) ([]secpolicy.NICPolicy, error) {
+	if cfg == nil {
+		var err error
+		if cfg, err = decodeConfig(row); err != nil {
+			return nil, err
+		}
+	}
+	parsePrefix := m.opt.Validate.ParsePrefix
+	if parsePrefix == nil {
+		parsePrefix = netip.ParsePrefix
+	}
+	parseAddr := m.opt.Validate.ParseAddr
+	if parseAddr == nil {
+		parseAddr = netip.ParseAddr
+	}
+	res := policy.Resolver{Prefix: parsePrefix, Group: func(name string) ([]netip.Prefix, error) {
+		var out []netip.Prefix
+		for _, a := range groups[name] {
+			out = append(out, netip.PrefixFrom(a, 128))
+		}
+		return out, nil
+	}}
+	var out []secpolicy.NICPolicy
+	for i, n := range row.NICs {
+		if i >= len(cfg.GetNetwork()) {
+			break
+		}
+		nc := cfg.GetNetwork()[i]
+		sp := nc.GetSecurityPolicy()
+		field := fmt.Sprintf("config.network[%d].security_policy", i)
+		p := secpolicy.NICPolicy{VMID: row.ID, NIC: n.ID, Tenant: row.TenantID, HostDevice: n.HostDevice, Bridge: n.Bridge,
+			Microsegmentation: cfg.GetSecurityProfile().GetEnableNetworkMicrosegmentation(),
+			SecurityGroups:    cfg.GetSecurityProfile().GetSecurityGroups(), LogSecurityEvents: sp.GetLogSecurityEvents()}
+		if a, err := netip.ParsePrefix(n.Address); err == nil {
+			p.Addrs = append(p.Addrs, a.Addr())
+		}
+		if ll := m.linkLocal(n); ll.IsValid() {
+			p.Addrs = append(p.Addrs, ll)
+		}
+		if gw, err := netip.ParseAddr(n.Gateway); err == nil {
+			p.Gateways = append(p.Gateways, gw)
+			if n.GatewayOnBridge && m.opt.Router != nil {
+				if _, brLL, err := m.opt.Router.BridgeRouter(n.Bridge); err == nil {
+					p.Gateways = append(p.Gateways, brLL)
+				}
+			}
+		}
+		switch sp.GetTenantIsolationLevel() {
+		case "strict":
+			p.TenantIsolation = secpolicy.IsolationStrict
+		case "moderate":
+			p.TenantIsolation = secpolicy.IsolationModerate
+		default:
+			p.TenantIsolation = secpolicy.IsolationNone
+		}
+		for j, d := range sp.GetAllowedDestinations() {
+			pr, err := parsePrefix(d)
+			if err != nil {
+				return nil, fmt.Errorf("%s.allowed_destinations[%d]: %w", field, j, err)
+			}
+			p.AllowedDestinations = append(p.AllowedDestinations, pr.Masked())
+		}
+		for _, dir := range []struct {
+			name  string
+			rules []string
+			into  *[]policy.Rule
+		}{{"ingress_rules", sp.GetIngressRules(), &p.Ingress}, {"egress_rules", sp.GetEgressRules(), &p.Egress}} {
+			rules, err := policy.ParseList(field+"."+dir.name, dir.rules, policy.ParseOptions{ParsePrefix: parsePrefix})
+			if err != nil {
+				return nil, err
+			}
+			if *dir.into, err = policy.Resolve(rules, res); err != nil {
+				return nil, fmt.Errorf("%s.%s: %w", field, dir.name, err)
+			}
+		}
+		out = append(out, p)
+	}
+	return out, nil
+}
+
+// installPolicy programs a VM's policies and refreshes the members of its
+// security groups everywhere.
+func (m *Manager) installPolicy(ctx context.Context, row *store.VM, cfg *vmv1.VmConfig) error {
+	if m.opt.Policy == nil {
+		return nil
+	}
+	groups, err := m.groupMembers(ctx)
+	if err != nil {
+		return err
+	}
+	plans, err := m.Policies(ctx, row, cfg, groups)
+	if err != nil {
+		return err
+	}
+	for _, p := range plans {
+		if err := m.opt.Policy.Upsert(ctx, p); err != nil {
+			return fmt.Errorf("program security policy of %s/%s: %w", p.VMID, p.NIC, err)
+		}
+	}
+	return m.refreshGroups(ctx, cfg.GetSecurityProfile().GetSecurityGroups(), groups)
+}
+
+func (m *Manager) refreshGroups(ctx context.Context, names []string, groups map[string][]netip.Addr) error {
+	if m.opt.Policy == nil || len(names) == 0 {
+		return nil
+	}
+	if groups == nil {
+		var err error
+		if groups, err = m.groupMembers(ctx); err != nil {
+			return err
+		}
+	}
+	for _, g := range names {
+		addrs := slices.Clone(groups[g])
+		if err := m.opt.Policy.SetGroupMembers(ctx, g, addrs); err != nil {
+			return fmt.Errorf("update security group %s: %w", g, err)
+		}
+	}
+	return nil
+}
+
+// removePolicy removes a VM's policies; absent ones are fine.
+func (m *Manager) removePolicy(ctx context.Context, vmID string, nics []store.NIC) error {
+	if m.opt.Policy == nil {
+		return nil
+	}
+	var errs []error
+	for _, n := range nics {
+		if err := m.opt.Policy.Remove(ctx, vmID, n.ID); err != nil && !errors.Is(err, secpolicy.ErrNotFound) {
+			errs = append(errs, err)
+		}
+	}
+	return errors.Join(errs...)
+}
+
+// ReconcilePolicies makes the kernel hold exactly the policies of the VMs
+// that exist.
+func (m *Manager) ReconcilePolicies(ctx context.Context) error {
+	if m.opt.Policy == nil {
+		return nil
+	}
+	all, err := m.opt.Store.ListVMs(ctx)
+	if err != nil {
+		return err
+	}
+	groups, err := m.groupMembers(ctx)
+	if err != nil {
+		return err
+	}
+	var desired []secpolicy.NICPolicy
+	for _, row := range all {
+		if row.State == store.StateDeleting || row.State == store.StateCreating {
+			continue
+		}
+		plans, err := m.Policies(ctx, row, nil, groups)
+		if err != nil {
+			m.log.Error("build security policy", "vm_id", row.ID, "err", err)
+			continue
+		}
+		desired = append(desired, plans...)
+	}
+	if err := m.opt.Policy.Apply(ctx, desired); err != nil {
+		return err
+	}
+	for g, addrs := range groups {
+		if err := m.opt.Policy.SetGroupMembers(ctx, g, addrs); err != nil {
+			return err
+		}
+	}
+	return nil
+}
