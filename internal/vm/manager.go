@@ -86,7 +86,7 @@ type Options struct {
 	Snooper Snooper
 	// Policy programs per-VM security policies; nil runs without them.
 	Policy PolicyEnforcer
-	Logger  *slog.Logger
+	Logger *slog.Logger
 	// ShutdownTimeout bounds a graceful guest stop (default 10 s).
 	ShutdownTimeout time.Duration
 	// OpTimeout bounds the kernel work of one operation once it has begun,
