@@ -348,3 +348,41 @@ func (s *Server) op(ctx context.Context, id string, f func(context.Context, stri
 	}
 	return row, nil
 }
+
+// UpdateSecurityPolicy implements VmService.
+func (s *Server) UpdateSecurityPolicy(ctx context.Context, req *connect.Request[vmv1.UpdateSecurityPolicyRequest]) (*connect.Response[vmv1.UpdateSecurityPolicyResponse], error) {
+	if err := requireID(req.Msg.GetVmId()); err != nil {
+		return nil, err
+	}
+	if req.Msg.GetSecurityPolicy() == nil {
+		return nil, fieldError("security_policy", "required")
+	}
+	row, err := s.vms.UpdateSecurityPolicy(ctx, req.Msg.GetVmId(), req.Msg.GetInterfaceId(), req.Msg.GetSecurityPolicy())
+	if err != nil {
+		return nil, toConnect(err)
+	}
+	resp, err := s.describe(row)
+	if err != nil {
+		return nil, toConnect(err)
+	}
+	return connect.NewResponse(&vmv1.UpdateSecurityPolicyResponse{Network: resp.GetNetwork()}), nil
+}
+
+// UpdateVmNetwork implements VmService.
+func (s *Server) UpdateVmNetwork(ctx context.Context, req *connect.Request[vmv1.UpdateVmNetworkRequest]) (*connect.Response[vmv1.UpdateVmNetworkResponse], error) {
+	if err := requireID(req.Msg.GetVmId()); err != nil {
+		return nil, err
+	}
+	if req.Msg.GetIpv6() == nil {
+		return nil, fieldError("ipv6", "required")
+	}
+	row, i, err := s.vms.UpdateVmNetwork(ctx, req.Msg.GetVmId(), req.Msg.GetInterfaceId(), req.Msg.GetIpv6())
+	if err != nil {
+		return nil, toConnect(err)
+	}
+	resp, err := s.describe(row)
+	if err != nil {
+		return nil, toConnect(err)
+	}
+	return connect.NewResponse(&vmv1.UpdateVmNetworkResponse{Network: resp.GetNetwork()[i]}), nil
+}

@@ -128,3 +128,85 @@ func TestPolicyThroughDaemon(t *testing.T) {
 		t.Fatalf("policy of a deleted VM left behind:\n%s", out)
 	}
 }
+
+// Live changes with the guide's own commands: UpdateVmNetwork patches the
+// RA-guard fields without switching off the other guards, and
+// UpdateSecurityPolicy replaces the rules in one transaction (ping starts
+// to pass); bad updates change nothing.
+func TestLiveUpdatesThroughDaemon(t *testing.T) {
+	e := newEnv(t)
+	cfg := vmConfig("t1", nic("eth0", "br-u", "2001:db8:71::10/64", "2001:db8:71::1"))
+	cfg["security_profile"] = map[string]any{"profile_name": "high"}
+	obj(list(cfg["network"])[0])["security_policy"] = map[string]any{
+		"ingress_rules": []any{"allow tcp from any to any port 80", "deny all from any to any"}}
+	e.mustCall("CreateVm", map[string]any{"vm_id": "vm-u1", "config": cfg})
+	e.mustCall("CreateVm", map[string]any{"vm_id": "vm-u2", "config": vmConfig("t1", nic("eth0", "br-u", "2001:db8:71::11/64", "2001:db8:71::1"))})
+	for _, id := range []string{"vm-u1", "vm-u2"} {
+		e.mustCall("BootVm", map[string]any{"vm_id": id})
+	}
+	e.waitDAD("vm-u1")
+	e.waitDAD("vm-u2")
+	if _, err := e.inVM("vm-u2", "ping", "-6", "-c", "1", "-W", "2", "2001:db8:71::10"); err == nil {
+		t.Fatal("ping passed the initial `deny all`")
+	}
+
+	// The guide's "Fix RA Guard configuration" command, verbatim but for
+	// the address.
+	e.shell(t, `VM_ID=vm-u1; curl -sf -X PUT http://localhost:8080/vmprovisioner.v1.VmService/UpdateVmNetwork \
+  -d '{
+    "vm_id": "'$VM_ID'",
+    "interface_id": "eth0", 
+    "ipv6": {
+      "security": {
+        "enable_ra_guard": true,
+        "allowed_ra_sources": ["2001:db8:71::1"]
+      }
+    }
+  }'`)
+	st := obj(list(e.getVM("vm-u1")["networkStatus"])[0])
+	eff := obj(st["effectiveSecurity"])
+	if eff["blockHopByHop"] != true || eff["enableSourceGuard"] != true || len(list(eff["allowedRaSources"])) != 1 {
+		t.Fatalf("patch switched other guards off: %v", eff)
+	}
+	code, out := e.call("UpdateVmNetwork", map[string]any{"vm_id": "vm-u1", "ipv6": map[string]any{"security": map[string]any{"enable_source_guard": false}}})
+	if code != 400 || errorField(out) != "ipv6.security.enable_source_guard" {
+		t.Fatalf("weakening under high: %d %v", code, out)
+	}
+	code, out = e.call("UpdateVmNetwork", map[string]any{"vm_id": "vm-u1", "ipv6": map[string]any{"address": "2001:db8:71::99/64"}})
+	if code != 400 || errorField(out) != "ipv6.address" {
+		t.Fatalf("address change: %d %v", code, out)
+	}
+
+	// A bad rule is refused with its path and changes nothing.
+	code, out = e.call("UpdateSecurityPolicy", map[string]any{"vm_id": "vm-u1", "security_policy": map[string]any{"ingress_rules": []any{"allow icmpv6 form any to any"}}})
+	if code != 400 || errorField(out) != "security_policy.ingress_rules[0]" || !strings.Contains(str(out, "message"), `expected "from", got "form"`) {
+		t.Fatalf("bad rule: %d %v", code, out)
+	}
+	if _, err := e.inVM("vm-u2", "ping", "-6", "-c", "1", "-W", "2", "2001:db8:71::10"); err == nil {
+		t.Fatal("a refused update changed the policy")
+	}
+	// The guide's "Update security policy to allow communication" command.
+	e.shell(t, `VM_ID=vm-u1; curl -sf -X PUT http://localhost:8080/vmprovisioner.v1.VmService/UpdateSecurityPolicy \
+  -d '{
+    "vm_id": "'$VM_ID'",
+    "security_policy": {
+      "ingress_rules": [
+        "allow tcp from 2001:db8:71::/64 to any port 80,443",
+        "allow icmpv6 from any to any",
+        "deny all from any to any"
+      ]
+    }
+  }'`)
+	if out, err := e.inVM("vm-u2", "ping", "-6", "-c", "1", "-W", "3", "2001:db8:71::10"); err != nil {
+		t.Fatalf("ping after the update: %v\n%s", err, out)
+	}
+	if rules := list(obj(obj(list(e.getVM("vm-u1")["network"])[0])["securityPolicy"])["ingressRules"]); len(rules) != 3 {
+		t.Fatalf("stored rules: %v", rules)
+	}
+	// Persisted: a restart keeps the new policy in force.
+	e.stop()
+	e.start()
+	if out, err := e.inVM("vm-u2", "ping", "-6", "-c", "1", "-W", "3", "2001:db8:71::10"); err != nil {
+		t.Fatalf("ping after restart: %v\n%s", err, out)
+	}
+}

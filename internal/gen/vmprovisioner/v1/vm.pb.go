@@ -2283,6 +2283,217 @@ func (x *RebootVmResponse) GetState() VmState {
 	return VmState_VM_STATE_UNSPECIFIED
 }
 
+type UpdateSecurityPolicyRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	VmId  string                 `protobuf:"bytes,1,opt,name=vm_id,json=vmId,proto3" json:"vm_id,omitempty"`
+	// interface_id names the NIC; empty means every NIC.
+	InterfaceId    string          `protobuf:"bytes,2,opt,name=interface_id,json=interfaceId,proto3" json:"interface_id,omitempty"`
+	SecurityPolicy *SecurityPolicy `protobuf:"bytes,3,opt,name=security_policy,json=securityPolicy,proto3" json:"security_policy,omitempty"`
+	unknownFields  protoimpl.UnknownFields
+	sizeCache      protoimpl.SizeCache
+}
+
+func (x *UpdateSecurityPolicyRequest) Reset() {
+	*x = UpdateSecurityPolicyRequest{}
+	mi := &file_vmprovisioner_v1_vm_proto_msgTypes[33]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *UpdateSecurityPolicyRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*UpdateSecurityPolicyRequest) ProtoMessage() {}
+
+func (x *UpdateSecurityPolicyRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_vmprovisioner_v1_vm_proto_msgTypes[33]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use UpdateSecurityPolicyRequest.ProtoReflect.Descriptor instead.
+func (*UpdateSecurityPolicyRequest) Descriptor() ([]byte, []int) {
+	return file_vmprovisioner_v1_vm_proto_rawDescGZIP(), []int{33}
+}
+
+func (x *UpdateSecurityPolicyRequest) GetVmId() string {
+	if x != nil {
+		return x.VmId
+	}
+	return ""
+}
+
+func (x *UpdateSecurityPolicyRequest) GetInterfaceId() string {
+	if x != nil {
+		return x.InterfaceId
+	}
+	return ""
+}
+
+func (x *UpdateSecurityPolicyRequest) GetSecurityPolicy() *SecurityPolicy {
+	if x != nil {
+		return x.SecurityPolicy
+	}
+	return nil
+}
+
+type UpdateSecurityPolicyResponse struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// network is the VM's NICs after the update, as configured.
+	Network       []*NetworkInterface `protobuf:"bytes,1,rep,name=network,proto3" json:"network,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *UpdateSecurityPolicyResponse) Reset() {
+	*x = UpdateSecurityPolicyResponse{}
+	mi := &file_vmprovisioner_v1_vm_proto_msgTypes[34]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *UpdateSecurityPolicyResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*UpdateSecurityPolicyResponse) ProtoMessage() {}
+
+func (x *UpdateSecurityPolicyResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_vmprovisioner_v1_vm_proto_msgTypes[34]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use UpdateSecurityPolicyResponse.ProtoReflect.Descriptor instead.
+func (*UpdateSecurityPolicyResponse) Descriptor() ([]byte, []int) {
+	return file_vmprovisioner_v1_vm_proto_rawDescGZIP(), []int{34}
+}
+
+func (x *UpdateSecurityPolicyResponse) GetNetwork() []*NetworkInterface {
+	if x != nil {
+		return x.Network
+	}
+	return nil
+}
+
+type UpdateVmNetworkRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	VmId  string                 `protobuf:"bytes,1,opt,name=vm_id,json=vmId,proto3" json:"vm_id,omitempty"`
+	// interface_id names the NIC; empty means the VM's only NIC.
+	InterfaceId   string      `protobuf:"bytes,2,opt,name=interface_id,json=interfaceId,proto3" json:"interface_id,omitempty"`
+	Ipv6          *Ipv6Config `protobuf:"bytes,3,opt,name=ipv6,proto3" json:"ipv6,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *UpdateVmNetworkRequest) Reset() {
+	*x = UpdateVmNetworkRequest{}
+	mi := &file_vmprovisioner_v1_vm_proto_msgTypes[35]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *UpdateVmNetworkRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*UpdateVmNetworkRequest) ProtoMessage() {}
+
+func (x *UpdateVmNetworkRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_vmprovisioner_v1_vm_proto_msgTypes[35]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use UpdateVmNetworkRequest.ProtoReflect.Descriptor instead.
+func (*UpdateVmNetworkRequest) Descriptor() ([]byte, []int) {
+	return file_vmprovisioner_v1_vm_proto_rawDescGZIP(), []int{35}
+}
+
+func (x *UpdateVmNetworkRequest) GetVmId() string {
+	if x != nil {
+		return x.VmId
+	}
+	return ""
+}
+
+func (x *UpdateVmNetworkRequest) GetInterfaceId() string {
+	if x != nil {
+		return x.InterfaceId
+	}
+	return ""
+}
+
+func (x *UpdateVmNetworkRequest) GetIpv6() *Ipv6Config {
+	if x != nil {
+		return x.Ipv6
+	}
+	return nil
+}
+
+type UpdateVmNetworkResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Network       *NetworkInterface      `protobuf:"bytes,1,opt,name=network,proto3" json:"network,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *UpdateVmNetworkResponse) Reset() {
+	*x = UpdateVmNetworkResponse{}
+	mi := &file_vmprovisioner_v1_vm_proto_msgTypes[36]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *UpdateVmNetworkResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*UpdateVmNetworkResponse) ProtoMessage() {}
+
+func (x *UpdateVmNetworkResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_vmprovisioner_v1_vm_proto_msgTypes[36]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use UpdateVmNetworkResponse.ProtoReflect.Descriptor instead.
+func (*UpdateVmNetworkResponse) Descriptor() ([]byte, []int) {
+	return file_vmprovisioner_v1_vm_proto_rawDescGZIP(), []int{36}
+}
+
+func (x *UpdateVmNetworkResponse) GetNetwork() *NetworkInterface {
+	if x != nil {
+		return x.Network
+	}
+	return nil
+}
+
 var File_vmprovisioner_v1_vm_proto protoreflect.FileDescriptor
 
 const file_vmprovisioner_v1_vm_proto_rawDesc = "" +
@@ -2497,14 +2708,26 @@ const file_vmprovisioner_v1_vm_proto_rawDesc = "" +
 	"\x0fRebootVmRequest\x12\x13\n" +
 	"\x05vm_id\x18\x01 \x01(\tR\x04vmId\"C\n" +
 	"\x10RebootVmResponse\x12/\n" +
-	"\x05state\x18\x01 \x01(\x0e2\x19.vmprovisioner.v1.VmStateR\x05state*\x94\x01\n" +
+	"\x05state\x18\x01 \x01(\x0e2\x19.vmprovisioner.v1.VmStateR\x05state\"\xa0\x01\n" +
+	"\x1bUpdateSecurityPolicyRequest\x12\x13\n" +
+	"\x05vm_id\x18\x01 \x01(\tR\x04vmId\x12!\n" +
+	"\finterface_id\x18\x02 \x01(\tR\vinterfaceId\x12I\n" +
+	"\x0fsecurity_policy\x18\x03 \x01(\v2 .vmprovisioner.v1.SecurityPolicyR\x0esecurityPolicy\"\\\n" +
+	"\x1cUpdateSecurityPolicyResponse\x12<\n" +
+	"\anetwork\x18\x01 \x03(\v2\".vmprovisioner.v1.NetworkInterfaceR\anetwork\"\x82\x01\n" +
+	"\x16UpdateVmNetworkRequest\x12\x13\n" +
+	"\x05vm_id\x18\x01 \x01(\tR\x04vmId\x12!\n" +
+	"\finterface_id\x18\x02 \x01(\tR\vinterfaceId\x120\n" +
+	"\x04ipv6\x18\x03 \x01(\v2\x1c.vmprovisioner.v1.Ipv6ConfigR\x04ipv6\"W\n" +
+	"\x17UpdateVmNetworkResponse\x12<\n" +
+	"\anetwork\x18\x01 \x01(\v2\".vmprovisioner.v1.NetworkInterfaceR\anetwork*\x94\x01\n" +
 	"\aVmState\x12\x18\n" +
 	"\x14VM_STATE_UNSPECIFIED\x10\x00\x12\x14\n" +
 	"\x10VM_STATE_CREATED\x10\x01\x12\x14\n" +
 	"\x10VM_STATE_RUNNING\x10\x02\x12\x13\n" +
 	"\x0fVM_STATE_PAUSED\x10\x03\x12\x15\n" +
 	"\x11VM_STATE_SHUTDOWN\x10\x04\x12\x17\n" +
-	"\x13VM_STATE_TERMINATED\x10\x052\xf1\x05\n" +
+	"\x13VM_STATE_TERMINATED\x10\x052\xd0\a\n" +
 	"\tVmService\x12Q\n" +
 	"\bCreateVm\x12!.vmprovisioner.v1.CreateVmRequest\x1a\".vmprovisioner.v1.CreateVmResponse\x12M\n" +
 	"\x05GetVm\x12\x1e.vmprovisioner.v1.GetVmRequest\x1a\x1f.vmprovisioner.v1.GetVmResponse\"\x03\x90\x02\x01\x12S\n" +
@@ -2515,7 +2738,9 @@ const file_vmprovisioner_v1_vm_proto_rawDesc = "" +
 	"\bDeleteVm\x12!.vmprovisioner.v1.DeleteVmRequest\x1a\".vmprovisioner.v1.DeleteVmResponse\x12N\n" +
 	"\aPauseVm\x12 .vmprovisioner.v1.PauseVmRequest\x1a!.vmprovisioner.v1.PauseVmResponse\x12Q\n" +
 	"\bResumeVm\x12!.vmprovisioner.v1.ResumeVmRequest\x1a\".vmprovisioner.v1.ResumeVmResponse\x12Q\n" +
-	"\bRebootVm\x12!.vmprovisioner.v1.RebootVmRequest\x1a\".vmprovisioner.v1.RebootVmResponseBHZFgithub.com/metald/metald/internal/gen/vmprovisioner/v1;vmprovisionerv1b\x06proto3"
+	"\bRebootVm\x12!.vmprovisioner.v1.RebootVmRequest\x1a\".vmprovisioner.v1.RebootVmResponse\x12u\n" +
+	"\x14UpdateSecurityPolicy\x12-.vmprovisioner.v1.UpdateSecurityPolicyRequest\x1a..vmprovisioner.v1.UpdateSecurityPolicyResponse\x12f\n" +
+	"\x0fUpdateVmNetwork\x12(.vmprovisioner.v1.UpdateVmNetworkRequest\x1a).vmprovisioner.v1.UpdateVmNetworkResponseBHZFgithub.com/metald/metald/internal/gen/vmprovisioner/v1;vmprovisionerv1b\x06proto3"
 
 var (
 	file_vmprovisioner_v1_vm_proto_rawDescOnce sync.Once
@@ -2530,45 +2755,49 @@ func file_vmprovisioner_v1_vm_proto_rawDescGZIP() []byte {
 }
 
 var file_vmprovisioner_v1_vm_proto_enumTypes = make([]protoimpl.EnumInfo, 1)
-var file_vmprovisioner_v1_vm_proto_msgTypes = make([]protoimpl.MessageInfo, 35)
+var file_vmprovisioner_v1_vm_proto_msgTypes = make([]protoimpl.MessageInfo, 39)
 var file_vmprovisioner_v1_vm_proto_goTypes = []any{
-	(VmState)(0),                   // 0: vmprovisioner.v1.VmState
-	(*VmConfig)(nil),               // 1: vmprovisioner.v1.VmConfig
-	(*CpuConfig)(nil),              // 2: vmprovisioner.v1.CpuConfig
-	(*MemoryConfig)(nil),           // 3: vmprovisioner.v1.MemoryConfig
-	(*BootConfig)(nil),             // 4: vmprovisioner.v1.BootConfig
-	(*StorageDevice)(nil),          // 5: vmprovisioner.v1.StorageDevice
-	(*NetworkInterface)(nil),       // 6: vmprovisioner.v1.NetworkInterface
-	(*Ipv6Config)(nil),             // 7: vmprovisioner.v1.Ipv6Config
-	(*Ipv6Security)(nil),           // 8: vmprovisioner.v1.Ipv6Security
-	(*SecurityPolicy)(nil),         // 9: vmprovisioner.v1.SecurityPolicy
-	(*SecurityProfile)(nil),        // 10: vmprovisioner.v1.SecurityProfile
-	(*ComplianceConfig)(nil),       // 11: vmprovisioner.v1.ComplianceConfig
-	(*CreateVmRequest)(nil),        // 12: vmprovisioner.v1.CreateVmRequest
-	(*CreateVmResponse)(nil),       // 13: vmprovisioner.v1.CreateVmResponse
-	(*GetVmRequest)(nil),           // 14: vmprovisioner.v1.GetVmRequest
-	(*GetVmResponse)(nil),          // 15: vmprovisioner.v1.GetVmResponse
-	(*NetworkInterfaceStatus)(nil), // 16: vmprovisioner.v1.NetworkInterfaceStatus
-	(*ControlStatus)(nil),          // 17: vmprovisioner.v1.ControlStatus
-	(*BackendInfo)(nil),            // 18: vmprovisioner.v1.BackendInfo
-	(*ListVmsRequest)(nil),         // 19: vmprovisioner.v1.ListVmsRequest
-	(*VmInfo)(nil),                 // 20: vmprovisioner.v1.VmInfo
-	(*ListVmsResponse)(nil),        // 21: vmprovisioner.v1.ListVmsResponse
-	(*BootVmRequest)(nil),          // 22: vmprovisioner.v1.BootVmRequest
-	(*BootVmResponse)(nil),         // 23: vmprovisioner.v1.BootVmResponse
-	(*ShutdownVmRequest)(nil),      // 24: vmprovisioner.v1.ShutdownVmRequest
-	(*ShutdownVmResponse)(nil),     // 25: vmprovisioner.v1.ShutdownVmResponse
-	(*DeleteVmRequest)(nil),        // 26: vmprovisioner.v1.DeleteVmRequest
-	(*DeleteVmResponse)(nil),       // 27: vmprovisioner.v1.DeleteVmResponse
-	(*PauseVmRequest)(nil),         // 28: vmprovisioner.v1.PauseVmRequest
-	(*PauseVmResponse)(nil),        // 29: vmprovisioner.v1.PauseVmResponse
-	(*ResumeVmRequest)(nil),        // 30: vmprovisioner.v1.ResumeVmRequest
-	(*ResumeVmResponse)(nil),       // 31: vmprovisioner.v1.ResumeVmResponse
-	(*RebootVmRequest)(nil),        // 32: vmprovisioner.v1.RebootVmRequest
-	(*RebootVmResponse)(nil),       // 33: vmprovisioner.v1.RebootVmResponse
-	nil,                            // 34: vmprovisioner.v1.VmConfig.MetadataEntry
-	nil,                            // 35: vmprovisioner.v1.BackendInfo.DetailsEntry
-	(*timestamppb.Timestamp)(nil),  // 36: google.protobuf.Timestamp
+	(VmState)(0),                         // 0: vmprovisioner.v1.VmState
+	(*VmConfig)(nil),                     // 1: vmprovisioner.v1.VmConfig
+	(*CpuConfig)(nil),                    // 2: vmprovisioner.v1.CpuConfig
+	(*MemoryConfig)(nil),                 // 3: vmprovisioner.v1.MemoryConfig
+	(*BootConfig)(nil),                   // 4: vmprovisioner.v1.BootConfig
+	(*StorageDevice)(nil),                // 5: vmprovisioner.v1.StorageDevice
+	(*NetworkInterface)(nil),             // 6: vmprovisioner.v1.NetworkInterface
+	(*Ipv6Config)(nil),                   // 7: vmprovisioner.v1.Ipv6Config
+	(*Ipv6Security)(nil),                 // 8: vmprovisioner.v1.Ipv6Security
+	(*SecurityPolicy)(nil),               // 9: vmprovisioner.v1.SecurityPolicy
+	(*SecurityProfile)(nil),              // 10: vmprovisioner.v1.SecurityProfile
+	(*ComplianceConfig)(nil),             // 11: vmprovisioner.v1.ComplianceConfig
+	(*CreateVmRequest)(nil),              // 12: vmprovisioner.v1.CreateVmRequest
+	(*CreateVmResponse)(nil),             // 13: vmprovisioner.v1.CreateVmResponse
+	(*GetVmRequest)(nil),                 // 14: vmprovisioner.v1.GetVmRequest
+	(*GetVmResponse)(nil),                // 15: vmprovisioner.v1.GetVmResponse
+	(*NetworkInterfaceStatus)(nil),       // 16: vmprovisioner.v1.NetworkInterfaceStatus
+	(*ControlStatus)(nil),                // 17: vmprovisioner.v1.ControlStatus
+	(*BackendInfo)(nil),                  // 18: vmprovisioner.v1.BackendInfo
+	(*ListVmsRequest)(nil),               // 19: vmprovisioner.v1.ListVmsRequest
+	(*VmInfo)(nil),                       // 20: vmprovisioner.v1.VmInfo
+	(*ListVmsResponse)(nil),              // 21: vmprovisioner.v1.ListVmsResponse
+	(*BootVmRequest)(nil),                // 22: vmprovisioner.v1.BootVmRequest
+	(*BootVmResponse)(nil),               // 23: vmprovisioner.v1.BootVmResponse
+	(*ShutdownVmRequest)(nil),            // 24: vmprovisioner.v1.ShutdownVmRequest
+	(*ShutdownVmResponse)(nil),           // 25: vmprovisioner.v1.ShutdownVmResponse
+	(*DeleteVmRequest)(nil),              // 26: vmprovisioner.v1.DeleteVmRequest
+	(*DeleteVmResponse)(nil),             // 27: vmprovisioner.v1.DeleteVmResponse
+	(*PauseVmRequest)(nil),               // 28: vmprovisioner.v1.PauseVmRequest
+	(*PauseVmResponse)(nil),              // 29: vmprovisioner.v1.PauseVmResponse
+	(*ResumeVmRequest)(nil),              // 30: vmprovisioner.v1.ResumeVmRequest
+	(*ResumeVmResponse)(nil),             // 31: vmprovisioner.v1.ResumeVmResponse
+	(*RebootVmRequest)(nil),              // 32: vmprovisioner.v1.RebootVmRequest
+	(*RebootVmResponse)(nil),             // 33: vmprovisioner.v1.RebootVmResponse
+	(*UpdateSecurityPolicyRequest)(nil),  // 34: vmprovisioner.v1.UpdateSecurityPolicyRequest
+	(*UpdateSecurityPolicyResponse)(nil), // 35: vmprovisioner.v1.UpdateSecurityPolicyResponse
+	(*UpdateVmNetworkRequest)(nil),       // 36: vmprovisioner.v1.UpdateVmNetworkRequest
+	(*UpdateVmNetworkResponse)(nil),      // 37: vmprovisioner.v1.UpdateVmNetworkResponse
+	nil,                                  // 38: vmprovisioner.v1.VmConfig.MetadataEntry
+	nil,                                  // 39: vmprovisioner.v1.BackendInfo.DetailsEntry
+	(*timestamppb.Timestamp)(nil),        // 40: google.protobuf.Timestamp
 }
 var file_vmprovisioner_v1_vm_proto_depIdxs = []int32{
 	2,  // 0: vmprovisioner.v1.VmConfig.cpu:type_name -> vmprovisioner.v1.CpuConfig
@@ -2578,7 +2807,7 @@ var file_vmprovisioner_v1_vm_proto_depIdxs = []int32{
 	6,  // 4: vmprovisioner.v1.VmConfig.network:type_name -> vmprovisioner.v1.NetworkInterface
 	10, // 5: vmprovisioner.v1.VmConfig.security_profile:type_name -> vmprovisioner.v1.SecurityProfile
 	11, // 6: vmprovisioner.v1.VmConfig.compliance:type_name -> vmprovisioner.v1.ComplianceConfig
-	34, // 7: vmprovisioner.v1.VmConfig.metadata:type_name -> vmprovisioner.v1.VmConfig.MetadataEntry
+	38, // 7: vmprovisioner.v1.VmConfig.metadata:type_name -> vmprovisioner.v1.VmConfig.MetadataEntry
 	7,  // 8: vmprovisioner.v1.NetworkInterface.ipv6:type_name -> vmprovisioner.v1.Ipv6Config
 	9,  // 9: vmprovisioner.v1.NetworkInterface.security_policy:type_name -> vmprovisioner.v1.SecurityPolicy
 	8,  // 10: vmprovisioner.v1.Ipv6Config.security:type_name -> vmprovisioner.v1.Ipv6Security
@@ -2589,44 +2818,52 @@ var file_vmprovisioner_v1_vm_proto_depIdxs = []int32{
 	6,  // 15: vmprovisioner.v1.GetVmResponse.network:type_name -> vmprovisioner.v1.NetworkInterface
 	16, // 16: vmprovisioner.v1.GetVmResponse.network_status:type_name -> vmprovisioner.v1.NetworkInterfaceStatus
 	18, // 17: vmprovisioner.v1.GetVmResponse.backend_info:type_name -> vmprovisioner.v1.BackendInfo
-	36, // 18: vmprovisioner.v1.GetVmResponse.created_at:type_name -> google.protobuf.Timestamp
-	36, // 19: vmprovisioner.v1.GetVmResponse.updated_at:type_name -> google.protobuf.Timestamp
-	36, // 20: vmprovisioner.v1.GetVmResponse.started_at:type_name -> google.protobuf.Timestamp
+	40, // 18: vmprovisioner.v1.GetVmResponse.created_at:type_name -> google.protobuf.Timestamp
+	40, // 19: vmprovisioner.v1.GetVmResponse.updated_at:type_name -> google.protobuf.Timestamp
+	40, // 20: vmprovisioner.v1.GetVmResponse.started_at:type_name -> google.protobuf.Timestamp
 	8,  // 21: vmprovisioner.v1.NetworkInterfaceStatus.effective_security:type_name -> vmprovisioner.v1.Ipv6Security
 	17, // 22: vmprovisioner.v1.NetworkInterfaceStatus.controls:type_name -> vmprovisioner.v1.ControlStatus
-	35, // 23: vmprovisioner.v1.BackendInfo.details:type_name -> vmprovisioner.v1.BackendInfo.DetailsEntry
+	39, // 23: vmprovisioner.v1.BackendInfo.details:type_name -> vmprovisioner.v1.BackendInfo.DetailsEntry
 	0,  // 24: vmprovisioner.v1.VmInfo.state:type_name -> vmprovisioner.v1.VmState
-	36, // 25: vmprovisioner.v1.VmInfo.created_at:type_name -> google.protobuf.Timestamp
-	36, // 26: vmprovisioner.v1.VmInfo.updated_at:type_name -> google.protobuf.Timestamp
+	40, // 25: vmprovisioner.v1.VmInfo.created_at:type_name -> google.protobuf.Timestamp
+	40, // 26: vmprovisioner.v1.VmInfo.updated_at:type_name -> google.protobuf.Timestamp
 	20, // 27: vmprovisioner.v1.ListVmsResponse.vms:type_name -> vmprovisioner.v1.VmInfo
 	0,  // 28: vmprovisioner.v1.BootVmResponse.state:type_name -> vmprovisioner.v1.VmState
 	0,  // 29: vmprovisioner.v1.ShutdownVmResponse.state:type_name -> vmprovisioner.v1.VmState
 	0,  // 30: vmprovisioner.v1.PauseVmResponse.state:type_name -> vmprovisioner.v1.VmState
 	0,  // 31: vmprovisioner.v1.ResumeVmResponse.state:type_name -> vmprovisioner.v1.VmState
 	0,  // 32: vmprovisioner.v1.RebootVmResponse.state:type_name -> vmprovisioner.v1.VmState
-	12, // 33: vmprovisioner.v1.VmService.CreateVm:input_type -> vmprovisioner.v1.CreateVmRequest
-	14, // 34: vmprovisioner.v1.VmService.GetVm:input_type -> vmprovisioner.v1.GetVmRequest
-	19, // 35: vmprovisioner.v1.VmService.ListVms:input_type -> vmprovisioner.v1.ListVmsRequest
-	22, // 36: vmprovisioner.v1.VmService.BootVm:input_type -> vmprovisioner.v1.BootVmRequest
-	24, // 37: vmprovisioner.v1.VmService.ShutdownVm:input_type -> vmprovisioner.v1.ShutdownVmRequest
-	26, // 38: vmprovisioner.v1.VmService.DeleteVm:input_type -> vmprovisioner.v1.DeleteVmRequest
-	28, // 39: vmprovisioner.v1.VmService.PauseVm:input_type -> vmprovisioner.v1.PauseVmRequest
-	30, // 40: vmprovisioner.v1.VmService.ResumeVm:input_type -> vmprovisioner.v1.ResumeVmRequest
-	32, // 41: vmprovisioner.v1.VmService.RebootVm:input_type -> vmprovisioner.v1.RebootVmRequest
-	13, // 42: vmprovisioner.v1.VmService.CreateVm:output_type -> vmprovisioner.v1.CreateVmResponse
-	15, // 43: vmprovisioner.v1.VmService.GetVm:output_type -> vmprovisioner.v1.GetVmResponse
-	21, // 44: vmprovisioner.v1.VmService.ListVms:output_type -> vmprovisioner.v1.ListVmsResponse
-	23, // 45: vmprovisioner.v1.VmService.BootVm:output_type -> vmprovisioner.v1.BootVmResponse
-	25, // 46: vmprovisioner.v1.VmService.ShutdownVm:output_type -> vmprovisioner.v1.ShutdownVmResponse
-	27, // 47: vmprovisioner.v1.VmService.DeleteVm:output_type -> vmprovisioner.v1.DeleteVmResponse
-	29, // 48: vmprovisioner.v1.VmService.PauseVm:output_type -> vmprovisioner.v1.PauseVmResponse
-	31, // 49: vmprovisioner.v1.VmService.ResumeVm:output_type -> vmprovisioner.v1.ResumeVmResponse
-	33, // 50: vmprovisioner.v1.VmService.RebootVm:output_type -> vmprovisioner.v1.RebootVmResponse
-	42, // [42:51] is the sub-list for method output_type
-	33, // [33:42] is the sub-list for method input_type
-	33, // [33:33] is the sub-list for extension type_name
-	33, // [33:33] is the sub-list for extension extendee
-	0,  // [0:33] is the sub-list for field type_name
+	9,  // 33: vmprovisioner.v1.UpdateSecurityPolicyRequest.security_policy:type_name -> vmprovisioner.v1.SecurityPolicy
+	6,  // 34: vmprovisioner.v1.UpdateSecurityPolicyResponse.network:type_name -> vmprovisioner.v1.NetworkInterface
+	7,  // 35: vmprovisioner.v1.UpdateVmNetworkRequest.ipv6:type_name -> vmprovisioner.v1.Ipv6Config
+	6,  // 36: vmprovisioner.v1.UpdateVmNetworkResponse.network:type_name -> vmprovisioner.v1.NetworkInterface
+	12, // 37: vmprovisioner.v1.VmService.CreateVm:input_type -> vmprovisioner.v1.CreateVmRequest
+	14, // 38: vmprovisioner.v1.VmService.GetVm:input_type -> vmprovisioner.v1.GetVmRequest
+	19, // 39: vmprovisioner.v1.VmService.ListVms:input_type -> vmprovisioner.v1.ListVmsRequest
+	22, // 40: vmprovisioner.v1.VmService.BootVm:input_type -> vmprovisioner.v1.BootVmRequest
+	24, // 41: vmprovisioner.v1.VmService.ShutdownVm:input_type -> vmprovisioner.v1.ShutdownVmRequest
+	26, // 42: vmprovisioner.v1.VmService.DeleteVm:input_type -> vmprovisioner.v1.DeleteVmRequest
+	28, // 43: vmprovisioner.v1.VmService.PauseVm:input_type -> vmprovisioner.v1.PauseVmRequest
+	30, // 44: vmprovisioner.v1.VmService.ResumeVm:input_type -> vmprovisioner.v1.ResumeVmRequest
+	32, // 45: vmprovisioner.v1.VmService.RebootVm:input_type -> vmprovisioner.v1.RebootVmRequest
+	34, // 46: vmprovisioner.v1.VmService.UpdateSecurityPolicy:input_type -> vmprovisioner.v1.UpdateSecurityPolicyRequest
+	36, // 47: vmprovisioner.v1.VmService.UpdateVmNetwork:input_type -> vmprovisioner.v1.UpdateVmNetworkRequest
+	13, // 48: vmprovisioner.v1.VmService.CreateVm:output_type -> vmprovisioner.v1.CreateVmResponse
+	15, // 49: vmprovisioner.v1.VmService.GetVm:output_type -> vmprovisioner.v1.GetVmResponse
+	21, // 50: vmprovisioner.v1.VmService.ListVms:output_type -> vmprovisioner.v1.ListVmsResponse
+	23, // 51: vmprovisioner.v1.VmService.BootVm:output_type -> vmprovisioner.v1.BootVmResponse
+	25, // 52: vmprovisioner.v1.VmService.ShutdownVm:output_type -> vmprovisioner.v1.ShutdownVmResponse
+	27, // 53: vmprovisioner.v1.VmService.DeleteVm:output_type -> vmprovisioner.v1.DeleteVmResponse
+	29, // 54: vmprovisioner.v1.VmService.PauseVm:output_type -> vmprovisioner.v1.PauseVmResponse
+	31, // 55: vmprovisioner.v1.VmService.ResumeVm:output_type -> vmprovisioner.v1.ResumeVmResponse
+	33, // 56: vmprovisioner.v1.VmService.RebootVm:output_type -> vmprovisioner.v1.RebootVmResponse
+	35, // 57: vmprovisioner.v1.VmService.UpdateSecurityPolicy:output_type -> vmprovisioner.v1.UpdateSecurityPolicyResponse
+	37, // 58: vmprovisioner.v1.VmService.UpdateVmNetwork:output_type -> vmprovisioner.v1.UpdateVmNetworkResponse
+	48, // [48:59] is the sub-list for method output_type
+	37, // [37:48] is the sub-list for method input_type
+	37, // [37:37] is the sub-list for extension type_name
+	37, // [37:37] is the sub-list for extension extendee
+	0,  // [0:37] is the sub-list for field type_name
 }
 
 func init() { file_vmprovisioner_v1_vm_proto_init() }
@@ -2645,7 +2882,7 @@ func file_vmprovisioner_v1_vm_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_vmprovisioner_v1_vm_proto_rawDesc), len(file_vmprovisioner_v1_vm_proto_rawDesc)),
 			NumEnums:      1,
-			NumMessages:   35,
+			NumMessages:   39,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

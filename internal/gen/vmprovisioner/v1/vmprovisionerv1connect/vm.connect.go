@@ -57,6 +57,12 @@ const (
 	VmServiceResumeVmProcedure = "/vmprovisioner.v1.VmService/ResumeVm"
 	// VmServiceRebootVmProcedure is the fully-qualified name of the VmService's RebootVm RPC.
 	VmServiceRebootVmProcedure = "/vmprovisioner.v1.VmService/RebootVm"
+	// VmServiceUpdateSecurityPolicyProcedure is the fully-qualified name of the VmService's
+	// UpdateSecurityPolicy RPC.
+	VmServiceUpdateSecurityPolicyProcedure = "/vmprovisioner.v1.VmService/UpdateSecurityPolicy"
+	// VmServiceUpdateVmNetworkProcedure is the fully-qualified name of the VmService's UpdateVmNetwork
+	// RPC.
+	VmServiceUpdateVmNetworkProcedure = "/vmprovisioner.v1.VmService/UpdateVmNetwork"
 )
 
 // VmServiceClient is a client for the vmprovisioner.v1.VmService service.
@@ -80,6 +86,13 @@ type VmServiceClient interface {
 	ResumeVm(context.Context, *connect.Request[v1.ResumeVmRequest]) (*connect.Response[v1.ResumeVmResponse], error)
 	// RebootVm restarts a running VM's guest.
 	RebootVm(context.Context, *connect.Request[v1.RebootVmRequest]) (*connect.Response[v1.RebootVmResponse], error)
+	// UpdateSecurityPolicy patches the security policy of one NIC (or of
+	// every NIC when interface_id is empty): fields present in the request
+	// replace, absent fields stay. Applied as one kernel transaction.
+	UpdateSecurityPolicy(context.Context, *connect.Request[v1.UpdateSecurityPolicyRequest]) (*connect.Response[v1.UpdateSecurityPolicyResponse], error)
+	// UpdateVmNetwork patches one NIC's ipv6 settings (today: its security
+	// block and DNS servers): present fields replace, absent fields stay.
+	UpdateVmNetwork(context.Context, *connect.Request[v1.UpdateVmNetworkRequest]) (*connect.Response[v1.UpdateVmNetworkResponse], error)
 }
 
 // NewVmServiceClient constructs a client for the vmprovisioner.v1.VmService service. By default, it
@@ -149,20 +162,34 @@ func NewVmServiceClient(httpClient connect.HTTPClient, baseURL string, opts ...c
 			connect.WithSchema(vmServiceMethods.ByName("RebootVm")),
 			connect.WithClientOptions(opts...),
 		),
+		updateSecurityPolicy: connect.NewClient[v1.UpdateSecurityPolicyRequest, v1.UpdateSecurityPolicyResponse](
+			httpClient,
+			baseURL+VmServiceUpdateSecurityPolicyProcedure,
+			connect.WithSchema(vmServiceMethods.ByName("UpdateSecurityPolicy")),
+			connect.WithClientOptions(opts...),
+		),
+		updateVmNetwork: connect.NewClient[v1.UpdateVmNetworkRequest, v1.UpdateVmNetworkResponse](
+			httpClient,
+			baseURL+VmServiceUpdateVmNetworkProcedure,
+			connect.WithSchema(vmServiceMethods.ByName("UpdateVmNetwork")),
+			connect.WithClientOptions(opts...),
+		),
 	}
 }
 
 // vmServiceClient implements VmServiceClient.
 type vmServiceClient struct {
-	createVm   *connect.Client[v1.CreateVmRequest, v1.CreateVmResponse]
-	getVm      *connect.Client[v1.GetVmRequest, v1.GetVmResponse]
-	listVms    *connect.Client[v1.ListVmsRequest, v1.ListVmsResponse]
-	bootVm     *connect.Client[v1.BootVmRequest, v1.BootVmResponse]
-	shutdownVm *connect.Client[v1.ShutdownVmRequest, v1.ShutdownVmResponse]
-	deleteVm   *connect.Client[v1.DeleteVmRequest, v1.DeleteVmResponse]
-	pauseVm    *connect.Client[v1.PauseVmRequest, v1.PauseVmResponse]
-	resumeVm   *connect.Client[v1.ResumeVmRequest, v1.ResumeVmResponse]
-	rebootVm   *connect.Client[v1.RebootVmRequest, v1.RebootVmResponse]
+	createVm             *connect.Client[v1.CreateVmRequest, v1.CreateVmResponse]
+	getVm                *connect.Client[v1.GetVmRequest, v1.GetVmResponse]
+	listVms              *connect.Client[v1.ListVmsRequest, v1.ListVmsResponse]
+	bootVm               *connect.Client[v1.BootVmRequest, v1.BootVmResponse]
+	shutdownVm           *connect.Client[v1.ShutdownVmRequest, v1.ShutdownVmResponse]
+	deleteVm             *connect.Client[v1.DeleteVmRequest, v1.DeleteVmResponse]
+	pauseVm              *connect.Client[v1.PauseVmRequest, v1.PauseVmResponse]
+	resumeVm             *connect.Client[v1.ResumeVmRequest, v1.ResumeVmResponse]
+	rebootVm             *connect.Client[v1.RebootVmRequest, v1.RebootVmResponse]
+	updateSecurityPolicy *connect.Client[v1.UpdateSecurityPolicyRequest, v1.UpdateSecurityPolicyResponse]
+	updateVmNetwork      *connect.Client[v1.UpdateVmNetworkRequest, v1.UpdateVmNetworkResponse]
 }
 
 // CreateVm calls vmprovisioner.v1.VmService.CreateVm.
@@ -210,6 +237,16 @@ func (c *vmServiceClient) RebootVm(ctx context.Context, req *connect.Request[v1.
 	return c.rebootVm.CallUnary(ctx, req)
 }
 
+// UpdateSecurityPolicy calls vmprovisioner.v1.VmService.UpdateSecurityPolicy.
+func (c *vmServiceClient) UpdateSecurityPolicy(ctx context.Context, req *connect.Request[v1.UpdateSecurityPolicyRequest]) (*connect.Response[v1.UpdateSecurityPolicyResponse], error) {
+	return c.updateSecurityPolicy.CallUnary(ctx, req)
+}
+
+// UpdateVmNetwork calls vmprovisioner.v1.VmService.UpdateVmNetwork.
+func (c *vmServiceClient) UpdateVmNetwork(ctx context.Context, req *connect.Request[v1.UpdateVmNetworkRequest]) (*connect.Response[v1.UpdateVmNetworkResponse], error) {
+	return c.updateVmNetwork.CallUnary(ctx, req)
+}
+
 // VmServiceHandler is an implementation of the vmprovisioner.v1.VmService service.
 type VmServiceHandler interface {
 	// CreateVm validates a configuration and creates the VM's sandbox and
@@ -231,6 +268,13 @@ type VmServiceHandler interface {
 	ResumeVm(context.Context, *connect.Request[v1.ResumeVmRequest]) (*connect.Response[v1.ResumeVmResponse], error)
 	// RebootVm restarts a running VM's guest.
 	RebootVm(context.Context, *connect.Request[v1.RebootVmRequest]) (*connect.Response[v1.RebootVmResponse], error)
+	// UpdateSecurityPolicy patches the security policy of one NIC (or of
+	// every NIC when interface_id is empty): fields present in the request
+	// replace, absent fields stay. Applied as one kernel transaction.
+	UpdateSecurityPolicy(context.Context, *connect.Request[v1.UpdateSecurityPolicyRequest]) (*connect.Response[v1.UpdateSecurityPolicyResponse], error)
+	// UpdateVmNetwork patches one NIC's ipv6 settings (today: its security
+	// block and DNS servers): present fields replace, absent fields stay.
+	UpdateVmNetwork(context.Context, *connect.Request[v1.UpdateVmNetworkRequest]) (*connect.Response[v1.UpdateVmNetworkResponse], error)
 }
 
 // NewVmServiceHandler builds an HTTP handler from the service implementation. It returns the path
@@ -296,6 +340,18 @@ func NewVmServiceHandler(svc VmServiceHandler, opts ...connect.HandlerOption) (s
 		connect.WithSchema(vmServiceMethods.ByName("RebootVm")),
 		connect.WithHandlerOptions(opts...),
 	)
+	vmServiceUpdateSecurityPolicyHandler := connect.NewUnaryHandler(
+		VmServiceUpdateSecurityPolicyProcedure,
+		svc.UpdateSecurityPolicy,
+		connect.WithSchema(vmServiceMethods.ByName("UpdateSecurityPolicy")),
+		connect.WithHandlerOptions(opts...),
+	)
+	vmServiceUpdateVmNetworkHandler := connect.NewUnaryHandler(
+		VmServiceUpdateVmNetworkProcedure,
+		svc.UpdateVmNetwork,
+		connect.WithSchema(vmServiceMethods.ByName("UpdateVmNetwork")),
+		connect.WithHandlerOptions(opts...),
+	)
 	return "/vmprovisioner.v1.VmService/", http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		switch r.URL.Path {
 		case VmServiceCreateVmProcedure:
@@ -316,6 +372,10 @@ func NewVmServiceHandler(svc VmServiceHandler, opts ...connect.HandlerOption) (s
 			vmServiceResumeVmHandler.ServeHTTP(w, r)
 		case VmServiceRebootVmProcedure:
 			vmServiceRebootVmHandler.ServeHTTP(w, r)
+		case VmServiceUpdateSecurityPolicyProcedure:
+			vmServiceUpdateSecurityPolicyHandler.ServeHTTP(w, r)
+		case VmServiceUpdateVmNetworkProcedure:
+			vmServiceUpdateVmNetworkHandler.ServeHTTP(w, r)
 		default:
 			http.NotFound(w, r)
 		}
@@ -359,4 +419,12 @@ func (UnimplementedVmServiceHandler) ResumeVm(context.Context, *connect.Request[
 
 func (UnimplementedVmServiceHandler) RebootVm(context.Context, *connect.Request[v1.RebootVmRequest]) (*connect.Response[v1.RebootVmResponse], error) {
 	return nil, connect.NewError(connect.CodeUnimplemented, errors.New("vmprovisioner.v1.VmService.RebootVm is not implemented"))
+}
+
+func (UnimplementedVmServiceHandler) UpdateSecurityPolicy(context.Context, *connect.Request[v1.UpdateSecurityPolicyRequest]) (*connect.Response[v1.UpdateSecurityPolicyResponse], error) {
+	return nil, connect.NewError(connect.CodeUnimplemented, errors.New("vmprovisioner.v1.VmService.UpdateSecurityPolicy is not implemented"))
+}
+
+func (UnimplementedVmServiceHandler) UpdateVmNetwork(context.Context, *connect.Request[v1.UpdateVmNetworkRequest]) (*connect.Response[v1.UpdateVmNetworkResponse], error) {
+	return nil, connect.NewError(connect.CodeUnimplemented, errors.New("vmprovisioner.v1.VmService.UpdateVmNetwork is not implemented"))
 }

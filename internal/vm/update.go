@@ -1,0 +1,226 @@
+package vm
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"strings"
+
+	"google.golang.org/protobuf/proto"
+
+	vmv1 "github.com/metald/metald/internal/gen/vmprovisioner/v1"
+	"github.com/metald/metald/internal/store"
+)
+
+// Patches: a field present in the request replaces the configured one, an
+// absent field stays. Lists replace when the request gives a non-empty
+// list (proto3 cannot tell an absent list from an empty one).
+
+func patchPolicy(cur, p *vmv1.SecurityPolicy) *vmv1.SecurityPolicy {
+	out := proto.Clone(cur).(*vmv1.SecurityPolicy)
+	if out == nil {
+		out = &vmv1.SecurityPolicy{}
+	}
+	if len(p.GetIngressRules()) > 0 {
+		out.IngressRules = p.GetIngressRules()
+	}
+	if len(p.GetEgressRules()) > 0 {
+		out.EgressRules = p.GetEgressRules()
+	}
+	if len(p.GetAllowedDestinations()) > 0 {
+		out.AllowedDestinations = p.GetAllowedDestinations()
+	}
+	if p.GetTenantIsolationLevel() != "" {
+		out.TenantIsolationLevel = p.GetTenantIsolationLevel()
+	}
+	if p.EnableDeepPacketInspection != nil {
+		out.EnableDeepPacketInspection = p.EnableDeepPacketInspection
+	}
+	if p.LogSecurityEvents != nil {
+		out.LogSecurityEvents = p.LogSecurityEvents
+	}
+	if p.BandwidthLimitMbps != nil {
+		out.BandwidthLimitMbps = p.BandwidthLimitMbps
+	}
+	if p.PacketRateLimit != nil {
+		out.PacketRateLimit = p.PacketRateLimit
+	}
+	return out
+}
+
+func patchSecurity(cur, p *vmv1.Ipv6Security) *vmv1.Ipv6Security {
+	out := proto.Clone(cur).(*vmv1.Ipv6Security)
+	if out == nil {
+		out = &vmv1.Ipv6Security{}
+	}
+	lists := out.AllowedRaSources
+	proto.Merge(out, p) // present optional fields replace; lists append
+	out.AllowedRaSources = lists
+	if len(p.GetAllowedRaSources()) > 0 {
+		out.AllowedRaSources = p.GetAllowedRaSources()
+	}
+	return out
+}
+
+// nicIndexes resolves interface_id to NIC indexes (all when empty and all
+// is allowed, else the only NIC).
+func nicIndexes(cfg *vmv1.VmConfig, id string, all bool) ([]int, error) {
+	nics := cfg.GetNetwork()
+	if id == "" {
+		switch {
+		case all:
+			idx := make([]int, len(nics))
+			for i := range idx {
+				idx[i] = i
+			}
+			return idx, nil
+		case len(nics) == 1:
+			return []int{0}, nil
+		}
+		return nil, &ValidationError{Violations: []FieldViolation{{Field: "interface_id", Reason: fmt.Sprintf("required: the vm has %d interfaces", len(nics))}}}
+	}
+	for i, n := range nics {
+		if n.GetId() == id {
+			return []int{i}, nil
+		}
+	}
+	return nil, &ValidationError{Violations: []FieldViolation{{Field: "interface_id", Reason: fmt.Sprintf("no interface %q", id)}}}
+}
+
+// renameFields maps validation paths of the whole config to the request's
+// own field names (config.network[0].security_policy.x → security_policy.x).
+func renameFields(err error, from, to string) error {
+	var ve *ValidationError
+	if !errors.As(err, &ve) {
+		return err
+	}
+	out := &ValidationError{}
+	for _, v := range ve.Violations {
+		if rest, ok := strings.CutPrefix(v.Field, from); ok {
+			v.Field = to + rest
+		}
+		out.Violations = append(out.Violations, v)
+	}
+	return out
+}
+
+// applyConfig validates a changed config, programs it (first-hop rules and
+// policies, each NIC one kernel transaction) and persists it. On a
+// validation or kernel error nothing is persisted and the kernel is put
+// back to the stored config.
+func (m *Manager) applyConfig(ctx context.Context, row *store.VM, cfg *vmv1.VmConfig, from, to string) (*store.VM, error) {
+	if err := ValidateCreate(&vmv1.CreateVmRequest{VmId: row.ID, Config: cfg}, m.opt.Validate); err != nil {
+		return nil, renameFields(err, from, to)
+	}
+	if err := checkProfile(cfg); err != nil {
+		return nil, renameFields(err, from, to)
+	}
+	raw, err := configJSON.Marshal(cfg)
+	if err != nil {
+		return nil, err
+	}
+	next := *row
+	next.Config = raw
+	if _, err := m.Policies(ctx, &next, cfg, nil); err != nil {
+		return nil, renameFields(err, from, to)
+	}
+	restore := func() {
+		m.installFirewall(row, nil)
+		if old, err := decodeConfig(row); err == nil {
+			m.installPolicy(ctx, row, old)
+		}
+	}
+	if err := m.installFirewall(&next, cfg); err != nil {
+		restore()
+		return nil, err
+	}
+	if err := m.installPolicy(ctx, &next, cfg); err != nil {
+		restore()
+		return nil, err
+	}
+	next.UpdatedAt = m.opt.Now().UTC()
+	if err := m.opt.Store.UpdateVM(ctx, &next); err != nil {
+		restore()
+		return nil, fmt.Errorf("persist vm: %w", err)
+	}
+	m.log.Info("vm configuration updated", "vm_id", row.ID, "field", to)
+	return &next, nil
+}
+
+// UpdateSecurityPolicy patches the security policy of one NIC, or of every
+// NIC when nicID is empty.
+func (m *Manager) UpdateSecurityPolicy(ctx context.Context, id, nicID string, patch *vmv1.SecurityPolicy) (*store.VM, error) {
+	unlock := m.lock(id)
+	defer unlock()
+	row, err := m.Get(ctx, id)
+	if err != nil {
+		return nil, err
+	}
+	cfg, err := decodeConfig(row)
+	if err != nil {
+		return nil, err
+	}
+	idx, err := nicIndexes(cfg, nicID, true)
+	if err != nil {
+		return nil, err
+	}
+	for _, i := range idx {
+		n := cfg.GetNetwork()[i]
+		n.SecurityPolicy = patchPolicy(n.GetSecurityPolicy(), patch)
+	}
+	from := "config.network[" + fmt.Sprint(idx[0]) + "].security_policy"
+	if len(idx) > 1 {
+		from = "config.network" // several NICs: keep the full path
+	}
+	ctx, cancel := m.detached(ctx)
+	defer cancel()
+	return m.applyConfig(ctx, row, cfg, from, map[bool]string{true: "security_policy", false: "config.network"}[len(idx) == 1])
+}
+
+// UpdateVmNetwork patches one NIC's ipv6 settings: its security block and
+// DNS servers. Addresses and privacy settings belong to the guest's boot
+// and cannot be changed on a live VM.
+func (m *Manager) UpdateVmNetwork(ctx context.Context, id, nicID string, patch *vmv1.Ipv6Config) (*store.VM, int, error) {
+	unlock := m.lock(id)
+	defer unlock()
+	row, err := m.Get(ctx, id)
+	if err != nil {
+		return nil, 0, err
+	}
+	cfg, err := decodeConfig(row)
+	if err != nil {
+		return nil, 0, err
+	}
+	idx, err := nicIndexes(cfg, nicID, false)
+	if err != nil {
+		return nil, 0, err
+	}
+	var ve ValidationError
+	for field, set := range map[string]bool{
+		"ipv6.address": patch.GetAddress() != "", "ipv6.gateway": patch.GetGateway() != "",
+		"ipv6.enable_privacy_extensions": patch.EnablePrivacyExtensions != nil,
+		"ipv6.enable_stable_privacy":     patch.EnableStablePrivacy != nil, "ipv6.temp_valid_lifetime": patch.TempValidLifetime != nil,
+	} {
+		if set {
+			ve.Violations = append(ve.Violations, FieldViolation{Field: field, Reason: "cannot change on an existing vm (the guest configures it at boot); create a new vm"})
+		}
+	}
+	if len(ve.Violations) > 0 {
+		return nil, 0, &ve
+	}
+	i := idx[0]
+	n := cfg.GetNetwork()[i]
+	if n.Ipv6 == nil {
+		n.Ipv6 = &vmv1.Ipv6Config{}
+	}
+	if patch.GetSecurity() != nil {
+		n.Ipv6.Security = patchSecurity(n.Ipv6.GetSecurity(), patch.GetSecurity())
+	}
+	if len(patch.GetDnsServers()) > 0 {
+		n.Ipv6.DnsServers = patch.GetDnsServers()
+	}
+	ctx, cancel := m.detached(ctx)
+	defer cancel()
+	next, err := m.applyConfig(ctx, row, cfg, fmt.Sprintf("config.network[%d].ipv6", i), "ipv6")
+	return next, i, err
+}
