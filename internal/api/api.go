@@ -227,7 +227,7 @@ func (s *Server) describe(row *store.VM) (*vmv1.GetVmResponse, error) {
 	resp := &vmv1.GetVmResponse{
 		VmId: row.ID, Config: cfg, State: pbState(row.State), TenantId: row.TenantID, Network: cfg.GetNetwork(),
 		CreatedAt: pbTime(row.CreatedAt), UpdatedAt: pbTime(row.UpdatedAt), StartedAt: pbTime(row.StartedAt),
-		StateReason: row.StateReason,
+		StateReason: row.StateReason, Isolation: isolation(row),
 		BackendInfo: &vmv1.BackendInfo{Type: inst.Backend, Netns: inst.Netns, Pid: int32(inst.PID), Details: inst.Details},
 	}
 	for i, n := range row.NICs {
@@ -385,4 +385,30 @@ func (s *Server) UpdateVmNetwork(ctx context.Context, req *connect.Request[vmv1.
 		return nil, toConnect(err)
 	}
 	return connect.NewResponse(&vmv1.UpdateVmNetworkResponse{Network: resp.GetNetwork()[i]}), nil
+}
+
+func isolation(row *store.VM) *vmv1.Isolation {
+	if row.IsolatedAt.IsZero() {
+		return nil
+	}
+	return &vmv1.Isolation{Isolated: true, Reason: row.IsolatedReason, Since: pbTime(row.IsolatedAt)}
+}
+
+// IsolateVm implements VmService.
+func (s *Server) IsolateVm(ctx context.Context, req *connect.Request[vmv1.IsolateVmRequest]) (*connect.Response[vmv1.IsolateVmResponse], error) {
+	row, err := s.op(ctx, req.Msg.GetVmId(), func(ctx context.Context, id string) (*store.VM, error) {
+		return s.vms.Isolate(ctx, id, req.Msg.GetReason())
+	})
+	if err != nil {
+		return nil, err
+	}
+	return connect.NewResponse(&vmv1.IsolateVmResponse{Isolation: isolation(row)}), nil
+}
+
+// ReleaseVm implements VmService.
+func (s *Server) ReleaseVm(ctx context.Context, req *connect.Request[vmv1.ReleaseVmRequest]) (*connect.Response[vmv1.ReleaseVmResponse], error) {
+	if _, err := s.op(ctx, req.Msg.GetVmId(), s.vms.Release); err != nil {
+		return nil, err
+	}
+	return connect.NewResponse(&vmv1.ReleaseVmResponse{}), nil
 }

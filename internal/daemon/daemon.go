@@ -244,6 +244,10 @@ func New(ctx context.Context, opt Options) (d *Daemon, err error) {
 		Addresses: addresses{d.ipam}, Firewall: firewall{f: d.fw, obs: func(t time.Duration) { d.events.ObserveProcessing(secevent.StageRules, t) }}, Router: router{d.hostH}, Logger: d.log,
 		// VLANs are separated by nftables port marks whatever the kernel's
 		// bridge VLAN filtering (which metald does not program).
+		Emit: func(typ, sev string, row *store.VM, reason string) {
+			d.events.Emit(secevent.Event{Type: secevent.EventType(typ), Severity: secevent.Severity(sev),
+				VMID: row.ID, TenantID: row.TenantID, Details: secevent.Details{Reason: reason}})
+		},
 		Caps: vm.Capabilities{Firewall: true, VLANMode: string(network.VLANModeNFTables), BridgeSnooping: true, Policy: true}, Snooper: hostPorts, ShutdownTimeout: opt.ShutdownTimeout, Step: opt.Step,
 		Validate: vm.ValidateOptions{ParsePrefix: parsePrefix, ParseAddr: parseAddr,
 			ParseRule: policy.ParseOptions{ParsePrefix: parsePrefix}.Check}})

@@ -210,3 +210,54 @@ func TestLiveUpdatesThroughDaemon(t *testing.T) {
 		t.Fatalf("ping after restart: %v\n%s", err, out)
 	}
 }
+
+// Quarantine with the guide's IsolateVm command: everything to and from the
+// VM stops (allowed flows too), a policy update meanwhile is stored but
+// isolation wins, GetVm and the events show it, and ReleaseVm lifts it.
+func TestIsolateThroughDaemon(t *testing.T) {
+	e := newEnv(t)
+	e.mustCall("CreateVm", map[string]any{"vm_id": "vm-suspicious-123", "config": vmConfig("t1", nic("eth0", "br-i", "2001:db8:72::10/64", "2001:db8:72::1"))})
+	e.mustCall("CreateVm", map[string]any{"vm_id": "vm-peer", "config": vmConfig("t1", nic("eth0", "br-i", "2001:db8:72::11/64", "2001:db8:72::1"))})
+	for _, id := range []string{"vm-suspicious-123", "vm-peer"} {
+		e.mustCall("BootVm", map[string]any{"vm_id": id})
+	}
+	e.waitDAD("vm-suspicious-123")
+	e.waitDAD("vm-peer")
+	ping := func(from, to string) bool {
+		_, err := e.inVM(from, "ping", "-6", "-c", "1", "-W", "2", to)
+		return err == nil
+	}
+	if !ping("vm-peer", "2001:db8:72::10") {
+		t.Fatal("no connectivity before isolation")
+	}
+	e.shell(t, `VM_ID="vm-suspicious-123"
+curl -sf -X POST http://localhost:8080/vmprovisioner.v1.VmService/IsolateVm \
+  -d "{\"vm_id\":\"$VM_ID\", \"reason\":\"Security violation investigation\"}"`)
+	iso := obj(e.getVM("vm-suspicious-123")["isolation"])
+	if iso["isolated"] != true || iso["reason"] != "Security violation investigation" || iso["since"] == nil {
+		t.Fatalf("GetVm isolation: %v", iso)
+	}
+	if ping("vm-peer", "2001:db8:72::10") || ping("vm-suspicious-123", "2001:db8:72::11") {
+		t.Fatal("an isolated VM still exchanges packets")
+	}
+	// A policy update while isolated is stored, isolation still wins.
+	e.mustCall("UpdateSecurityPolicy", map[string]any{"vm_id": "vm-suspicious-123", "security_policy": map[string]any{
+		"ingress_rules": []any{"allow icmpv6 from any to any", "deny all from any to any"}}})
+	if ping("vm-peer", "2001:db8:72::10") {
+		t.Fatal("a policy update lifted the isolation")
+	}
+	out := e.shell(t, `curl -s http://localhost:8080/debug/security/events | jq -r '.[] | select(.vm_id == "vm-suspicious-123") | .event_type + " " + .details.reason'`)
+	if !strings.Contains(out, "vm_isolated Security violation investigation") {
+		t.Fatalf("events: %q", out)
+	}
+	e.mustCall("ReleaseVm", map[string]any{"vm_id": "vm-suspicious-123"})
+	if !ping("vm-peer", "2001:db8:72::10") {
+		t.Fatal("no connectivity after release (the stored policy allows icmpv6)")
+	}
+	if e.getVM("vm-suspicious-123")["isolation"] != nil {
+		t.Fatal("GetVm still shows isolation")
+	}
+	if code, out := e.call("ReleaseVm", map[string]any{"vm_id": "vm-suspicious-123"}); code != 400 || out["code"] != "failed_precondition" {
+		t.Fatalf("release twice: %d %v", code, out)
+	}
+}

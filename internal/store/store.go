@@ -47,6 +47,10 @@ type VM struct {
 	UpdatedAt time.Time
 	// StartedAt is the last boot time; zero when never booted.
 	StartedAt time.Time
+	// IsolatedAt is when the VM was quarantined; zero when it is not.
+	IsolatedAt time.Time
+	// IsolatedReason is why it was quarantined.
+	IsolatedReason string
 }
 
 // NIC is one VM network interface as metald built it.

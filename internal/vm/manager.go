@@ -86,6 +86,9 @@ type Options struct {
 	Snooper Snooper
 	// Policy programs per-VM security policies; nil runs without them.
 	Policy PolicyEnforcer
+	// Emit records a security event metald itself raises (vm_isolated,
+	// vm_released); nil drops them.
+	Emit   func(eventType, severity string, vm *store.VM, reason string)
 	Logger *slog.Logger
 	// ShutdownTimeout bounds a graceful guest stop (default 10 s).
 	ShutdownTimeout time.Duration
@@ -141,6 +144,9 @@ func NewManager(opt Options) *Manager {
 	}
 	if opt.Step == nil {
 		opt.Step = func(string) {}
+	}
+	if opt.Emit == nil {
+		opt.Emit = func(string, string, *store.VM, string) {}
 	}
 	return &Manager{opt: opt, log: opt.Logger, locks: map[string]*vmLock{}}
 }

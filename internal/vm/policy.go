@@ -103,6 +103,7 @@ func (m *Manager) Policies(ctx context.Context, row *store.VM, cfg *vmv1.VmConfi
 		sp := nc.GetSecurityPolicy()
 		field := fmt.Sprintf("config.network[%d].security_policy", i)
 		p := secpolicy.NICPolicy{VMID: row.ID, NIC: n.ID, Tenant: row.TenantID, HostDevice: n.HostDevice, Bridge: n.Bridge,
+			Isolated:          !row.IsolatedAt.IsZero(),
 			Microsegmentation: cfg.GetSecurityProfile().GetEnableNetworkMicrosegmentation(),
 			SecurityGroups:    cfg.GetSecurityProfile().GetSecurityGroups(), LogSecurityEvents: sp.GetLogSecurityEvents()}
 		if a, err := netip.ParsePrefix(n.Address); err == nil {

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"strings"
+	"time"
 
 	"google.golang.org/protobuf/proto"
 
@@ -223,4 +224,62 @@ func (m *Manager) UpdateVmNetwork(ctx context.Context, id, nicID string, patch *
 	defer cancel()
 	next, err := m.applyConfig(ctx, row, cfg, fmt.Sprintf("config.network[%d].ipv6", i), "ipv6")
 	return next, i, err
+}
+
+// Isolate quarantines a VM: its policies drop everything to and from it
+// (ND with its gateway excepted) until Release; policy updates meanwhile are
+// stored and take effect on release. Isolating an isolated VM updates the
+// reason.
+func (m *Manager) Isolate(ctx context.Context, id, reason string) (*store.VM, error) {
+	return m.setIsolation(ctx, id, reason, true)
+}
+
+// Release lifts a quarantine.
+func (m *Manager) Release(ctx context.Context, id string) (*store.VM, error) {
+	return m.setIsolation(ctx, id, "", false)
+}
+
+func (m *Manager) setIsolation(ctx context.Context, id, reason string, on bool) (*store.VM, error) {
+	unlock := m.lock(id)
+	defer unlock()
+	row, err := m.Get(ctx, id)
+	if err != nil {
+		return nil, err
+	}
+	if !on && row.IsolatedAt.IsZero() {
+		return nil, &StateError{VMID: id, State: "not isolated", Op: "ReleaseVm", Want: []string{"isolated"}}
+	}
+	ctx, cancel := m.detached(ctx)
+	defer cancel()
+	next := *row
+	now := m.opt.Now().UTC()
+	if on {
+		if next.IsolatedAt.IsZero() {
+			next.IsolatedAt = now
+		}
+		next.IsolatedReason = reason
+	} else {
+		next.IsolatedAt, next.IsolatedReason = time.Time{}, ""
+	}
+	cfg, err := decodeConfig(&next)
+	if err != nil {
+		return nil, err
+	}
+	if err := m.installPolicy(ctx, &next, cfg); err != nil {
+		m.installPolicy(ctx, row, cfg) // put the kernel back
+		return nil, err
+	}
+	next.UpdatedAt = now
+	if err := m.opt.Store.UpdateVM(ctx, &next); err != nil {
+		m.installPolicy(ctx, row, cfg)
+		return nil, fmt.Errorf("persist vm: %w", err)
+	}
+	if on {
+		m.log.Warn("vm isolated", "vm_id", id, "reason", reason)
+		m.opt.Emit("vm_isolated", "high", &next, reason)
+	} else {
+		m.log.Info("vm released", "vm_id", id)
+		m.opt.Emit("vm_released", "medium", &next, "")
+	}
+	return &next, nil
 }

@@ -109,4 +109,7 @@ var migrations = []string{
 	// 5: the guest's link-local address, learned at boot, which the
 	// first-hop source guard binds to the VM's port.
 	`ALTER TABLE nics ADD COLUMN link_local TEXT NOT NULL DEFAULT '';`,
+	// 6: quarantine (IsolateVm): why and since when.
+	`ALTER TABLE vms ADD COLUMN isolated_reason TEXT NOT NULL DEFAULT '';
+	ALTER TABLE vms ADD COLUMN isolated_at INTEGER NOT NULL DEFAULT 0;`,
 }

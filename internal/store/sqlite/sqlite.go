@@ -142,17 +142,17 @@ func insertNICs(ctx context.Context, tx *sql.Tx, vm *store.VM) error {
 	return nil
 }
 
-const vmColumns = `id, tenant_id, state, state_reason, config, backend, instance, created_at, updated_at, started_at`
+const vmColumns = `id, tenant_id, state, state_reason, config, backend, instance, created_at, updated_at, started_at, isolated_reason, isolated_at`
 
 type scanner interface{ Scan(...any) error }
 
 func scanVM(r scanner) (*store.VM, error) {
 	var vm store.VM
-	var created, updated, started int64
-	if err := r.Scan(&vm.ID, &vm.TenantID, &vm.State, &vm.StateReason, &vm.Config, &vm.Backend, &vm.Instance, &created, &updated, &started); err != nil {
+	var created, updated, started, isolated int64
+	if err := r.Scan(&vm.ID, &vm.TenantID, &vm.State, &vm.StateReason, &vm.Config, &vm.Backend, &vm.Instance, &created, &updated, &started, &vm.IsolatedReason, &isolated); err != nil {
 		return nil, err
 	}
-	vm.CreatedAt, vm.UpdatedAt, vm.StartedAt = fromTS(created), fromTS(updated), fromTS(started)
+	vm.CreatedAt, vm.UpdatedAt, vm.StartedAt, vm.IsolatedAt = fromTS(created), fromTS(updated), fromTS(started), fromTS(isolated)
 	return &vm, nil
 }
 
@@ -225,8 +225,8 @@ func (s *Store) UpdateVM(ctx context.Context, vm *store.VM) error {
 		return fmt.Errorf("begin: %w", err)
 	}
 	defer tx.Rollback()
-	res, err := tx.ExecContext(ctx, `UPDATE vms SET tenant_id = ?, state = ?, state_reason = ?, config = ?, instance = ?, updated_at = ?, started_at = ? WHERE id = ?`,
-		vm.TenantID, vm.State, vm.StateReason, vm.Config, vm.Instance, ts(vm.UpdatedAt), ts(vm.StartedAt), vm.ID)
+	res, err := tx.ExecContext(ctx, `UPDATE vms SET tenant_id = ?, state = ?, state_reason = ?, config = ?, instance = ?, updated_at = ?, started_at = ?, isolated_reason = ?, isolated_at = ? WHERE id = ?`,
+		vm.TenantID, vm.State, vm.StateReason, vm.Config, vm.Instance, ts(vm.UpdatedAt), ts(vm.StartedAt), vm.IsolatedReason, ts(vm.IsolatedAt), vm.ID)
 	if err != nil {
 		return fmt.Errorf("update vm: %w", err)
 	}

@@ -72,13 +72,15 @@ func Run(t *testing.T, open func(t *testing.T) store.Store) {
 		}
 		vm, _ := s.GetVM(ctx, "vm-2")
 		vm.State, vm.StateReason, vm.StartedAt = store.StateTerminated, "guest vanished", now.Add(time.Second)
+		vm.IsolatedReason, vm.IsolatedAt = "investigation", now.Add(2*time.Second)
 		vm.NICs[0].Address, vm.NICs[0].GatewayOnBridge = "2001:db8::99/64", false
 		if err := s.UpdateVM(ctx, vm); err != nil {
 			t.Fatal(err)
 		}
 		got, _ := s.GetVM(ctx, "vm-2")
 		if got.State != store.StateTerminated || got.StateReason != "guest vanished" || !got.StartedAt.Equal(now.Add(time.Second)) ||
-			len(got.NICs) != 1 || got.NICs[0].Address != "2001:db8::99/64" || got.NICs[0].GatewayOnBridge {
+			len(got.NICs) != 1 || got.NICs[0].Address != "2001:db8::99/64" || got.NICs[0].GatewayOnBridge ||
+			got.IsolatedReason != "investigation" || !got.IsolatedAt.Equal(now.Add(2*time.Second)) {
 			t.Fatalf("update not persisted: %+v", got)
 		}
 		list, err := s.ListVMs(ctx)

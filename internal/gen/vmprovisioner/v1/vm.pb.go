@@ -1152,7 +1152,9 @@ type GetVmResponse struct {
 	StartedAt     *timestamppb.Timestamp    `protobuf:"bytes,10,opt,name=started_at,json=startedAt,proto3" json:"started_at,omitempty"`
 	// state_reason explains the last state change when it was not requested
 	// (e.g. why a VM is TERMINATED).
-	StateReason   string `protobuf:"bytes,11,opt,name=state_reason,json=stateReason,proto3" json:"state_reason,omitempty"`
+	StateReason string `protobuf:"bytes,11,opt,name=state_reason,json=stateReason,proto3" json:"state_reason,omitempty"`
+	// isolation is set while the VM is quarantined (IsolateVm).
+	Isolation     *Isolation `protobuf:"bytes,12,opt,name=isolation,proto3" json:"isolation,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1264,6 +1266,73 @@ func (x *GetVmResponse) GetStateReason() string {
 	return ""
 }
 
+func (x *GetVmResponse) GetIsolation() *Isolation {
+	if x != nil {
+		return x.Isolation
+	}
+	return nil
+}
+
+type Isolation struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Isolated      bool                   `protobuf:"varint,1,opt,name=isolated,proto3" json:"isolated,omitempty"`
+	Reason        string                 `protobuf:"bytes,2,opt,name=reason,proto3" json:"reason,omitempty"`
+	Since         *timestamppb.Timestamp `protobuf:"bytes,3,opt,name=since,proto3" json:"since,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *Isolation) Reset() {
+	*x = Isolation{}
+	mi := &file_vmprovisioner_v1_vm_proto_msgTypes[15]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *Isolation) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*Isolation) ProtoMessage() {}
+
+func (x *Isolation) ProtoReflect() protoreflect.Message {
+	mi := &file_vmprovisioner_v1_vm_proto_msgTypes[15]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use Isolation.ProtoReflect.Descriptor instead.
+func (*Isolation) Descriptor() ([]byte, []int) {
+	return file_vmprovisioner_v1_vm_proto_rawDescGZIP(), []int{15}
+}
+
+func (x *Isolation) GetIsolated() bool {
+	if x != nil {
+		return x.Isolated
+	}
+	return false
+}
+
+func (x *Isolation) GetReason() string {
+	if x != nil {
+		return x.Reason
+	}
+	return ""
+}
+
+func (x *Isolation) GetSince() *timestamppb.Timestamp {
+	if x != nil {
+		return x.Since
+	}
+	return nil
+}
+
 type NetworkInterfaceStatus struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	Id    string                 `protobuf:"bytes,1,opt,name=id,proto3" json:"id,omitempty"`
@@ -1306,7 +1375,7 @@ type NetworkInterfaceStatus struct {
 
 func (x *NetworkInterfaceStatus) Reset() {
 	*x = NetworkInterfaceStatus{}
-	mi := &file_vmprovisioner_v1_vm_proto_msgTypes[15]
+	mi := &file_vmprovisioner_v1_vm_proto_msgTypes[16]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1318,7 +1387,7 @@ func (x *NetworkInterfaceStatus) String() string {
 func (*NetworkInterfaceStatus) ProtoMessage() {}
 
 func (x *NetworkInterfaceStatus) ProtoReflect() protoreflect.Message {
-	mi := &file_vmprovisioner_v1_vm_proto_msgTypes[15]
+	mi := &file_vmprovisioner_v1_vm_proto_msgTypes[16]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1331,7 +1400,7 @@ func (x *NetworkInterfaceStatus) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use NetworkInterfaceStatus.ProtoReflect.Descriptor instead.
 func (*NetworkInterfaceStatus) Descriptor() ([]byte, []int) {
-	return file_vmprovisioner_v1_vm_proto_rawDescGZIP(), []int{15}
+	return file_vmprovisioner_v1_vm_proto_rawDescGZIP(), []int{16}
 }
 
 func (x *NetworkInterfaceStatus) GetId() string {
@@ -1470,7 +1539,7 @@ type ControlStatus struct {
 
 func (x *ControlStatus) Reset() {
 	*x = ControlStatus{}
-	mi := &file_vmprovisioner_v1_vm_proto_msgTypes[16]
+	mi := &file_vmprovisioner_v1_vm_proto_msgTypes[17]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1482,7 +1551,7 @@ func (x *ControlStatus) String() string {
 func (*ControlStatus) ProtoMessage() {}
 
 func (x *ControlStatus) ProtoReflect() protoreflect.Message {
-	mi := &file_vmprovisioner_v1_vm_proto_msgTypes[16]
+	mi := &file_vmprovisioner_v1_vm_proto_msgTypes[17]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1495,7 +1564,7 @@ func (x *ControlStatus) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ControlStatus.ProtoReflect.Descriptor instead.
 func (*ControlStatus) Descriptor() ([]byte, []int) {
-	return file_vmprovisioner_v1_vm_proto_rawDescGZIP(), []int{16}
+	return file_vmprovisioner_v1_vm_proto_rawDescGZIP(), []int{17}
 }
 
 func (x *ControlStatus) GetControl() string {
@@ -1541,7 +1610,7 @@ type BackendInfo struct {
 
 func (x *BackendInfo) Reset() {
 	*x = BackendInfo{}
-	mi := &file_vmprovisioner_v1_vm_proto_msgTypes[17]
+	mi := &file_vmprovisioner_v1_vm_proto_msgTypes[18]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1553,7 +1622,7 @@ func (x *BackendInfo) String() string {
 func (*BackendInfo) ProtoMessage() {}
 
 func (x *BackendInfo) ProtoReflect() protoreflect.Message {
-	mi := &file_vmprovisioner_v1_vm_proto_msgTypes[17]
+	mi := &file_vmprovisioner_v1_vm_proto_msgTypes[18]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1566,7 +1635,7 @@ func (x *BackendInfo) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use BackendInfo.ProtoReflect.Descriptor instead.
 func (*BackendInfo) Descriptor() ([]byte, []int) {
-	return file_vmprovisioner_v1_vm_proto_rawDescGZIP(), []int{17}
+	return file_vmprovisioner_v1_vm_proto_rawDescGZIP(), []int{18}
 }
 
 func (x *BackendInfo) GetType() string {
@@ -1605,7 +1674,7 @@ type ListVmsRequest struct {
 
 func (x *ListVmsRequest) Reset() {
 	*x = ListVmsRequest{}
-	mi := &file_vmprovisioner_v1_vm_proto_msgTypes[18]
+	mi := &file_vmprovisioner_v1_vm_proto_msgTypes[19]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1617,7 +1686,7 @@ func (x *ListVmsRequest) String() string {
 func (*ListVmsRequest) ProtoMessage() {}
 
 func (x *ListVmsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_vmprovisioner_v1_vm_proto_msgTypes[18]
+	mi := &file_vmprovisioner_v1_vm_proto_msgTypes[19]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1630,7 +1699,7 @@ func (x *ListVmsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListVmsRequest.ProtoReflect.Descriptor instead.
 func (*ListVmsRequest) Descriptor() ([]byte, []int) {
-	return file_vmprovisioner_v1_vm_proto_rawDescGZIP(), []int{18}
+	return file_vmprovisioner_v1_vm_proto_rawDescGZIP(), []int{19}
 }
 
 type VmInfo struct {
@@ -1646,7 +1715,7 @@ type VmInfo struct {
 
 func (x *VmInfo) Reset() {
 	*x = VmInfo{}
-	mi := &file_vmprovisioner_v1_vm_proto_msgTypes[19]
+	mi := &file_vmprovisioner_v1_vm_proto_msgTypes[20]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1658,7 +1727,7 @@ func (x *VmInfo) String() string {
 func (*VmInfo) ProtoMessage() {}
 
 func (x *VmInfo) ProtoReflect() protoreflect.Message {
-	mi := &file_vmprovisioner_v1_vm_proto_msgTypes[19]
+	mi := &file_vmprovisioner_v1_vm_proto_msgTypes[20]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1671,7 +1740,7 @@ func (x *VmInfo) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use VmInfo.ProtoReflect.Descriptor instead.
 func (*VmInfo) Descriptor() ([]byte, []int) {
-	return file_vmprovisioner_v1_vm_proto_rawDescGZIP(), []int{19}
+	return file_vmprovisioner_v1_vm_proto_rawDescGZIP(), []int{20}
 }
 
 func (x *VmInfo) GetVmId() string {
@@ -1718,7 +1787,7 @@ type ListVmsResponse struct {
 
 func (x *ListVmsResponse) Reset() {
 	*x = ListVmsResponse{}
-	mi := &file_vmprovisioner_v1_vm_proto_msgTypes[20]
+	mi := &file_vmprovisioner_v1_vm_proto_msgTypes[21]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1730,7 +1799,7 @@ func (x *ListVmsResponse) String() string {
 func (*ListVmsResponse) ProtoMessage() {}
 
 func (x *ListVmsResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_vmprovisioner_v1_vm_proto_msgTypes[20]
+	mi := &file_vmprovisioner_v1_vm_proto_msgTypes[21]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1743,7 +1812,7 @@ func (x *ListVmsResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListVmsResponse.ProtoReflect.Descriptor instead.
 func (*ListVmsResponse) Descriptor() ([]byte, []int) {
-	return file_vmprovisioner_v1_vm_proto_rawDescGZIP(), []int{20}
+	return file_vmprovisioner_v1_vm_proto_rawDescGZIP(), []int{21}
 }
 
 func (x *ListVmsResponse) GetVms() []*VmInfo {
@@ -1762,7 +1831,7 @@ type BootVmRequest struct {
 
 func (x *BootVmRequest) Reset() {
 	*x = BootVmRequest{}
-	mi := &file_vmprovisioner_v1_vm_proto_msgTypes[21]
+	mi := &file_vmprovisioner_v1_vm_proto_msgTypes[22]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1774,7 +1843,7 @@ func (x *BootVmRequest) String() string {
 func (*BootVmRequest) ProtoMessage() {}
 
 func (x *BootVmRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_vmprovisioner_v1_vm_proto_msgTypes[21]
+	mi := &file_vmprovisioner_v1_vm_proto_msgTypes[22]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1787,7 +1856,7 @@ func (x *BootVmRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use BootVmRequest.ProtoReflect.Descriptor instead.
 func (*BootVmRequest) Descriptor() ([]byte, []int) {
-	return file_vmprovisioner_v1_vm_proto_rawDescGZIP(), []int{21}
+	return file_vmprovisioner_v1_vm_proto_rawDescGZIP(), []int{22}
 }
 
 func (x *BootVmRequest) GetVmId() string {
@@ -1806,7 +1875,7 @@ type BootVmResponse struct {
 
 func (x *BootVmResponse) Reset() {
 	*x = BootVmResponse{}
-	mi := &file_vmprovisioner_v1_vm_proto_msgTypes[22]
+	mi := &file_vmprovisioner_v1_vm_proto_msgTypes[23]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1818,7 +1887,7 @@ func (x *BootVmResponse) String() string {
 func (*BootVmResponse) ProtoMessage() {}
 
 func (x *BootVmResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_vmprovisioner_v1_vm_proto_msgTypes[22]
+	mi := &file_vmprovisioner_v1_vm_proto_msgTypes[23]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1831,7 +1900,7 @@ func (x *BootVmResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use BootVmResponse.ProtoReflect.Descriptor instead.
 func (*BootVmResponse) Descriptor() ([]byte, []int) {
-	return file_vmprovisioner_v1_vm_proto_rawDescGZIP(), []int{22}
+	return file_vmprovisioner_v1_vm_proto_rawDescGZIP(), []int{23}
 }
 
 func (x *BootVmResponse) GetState() VmState {
@@ -1853,7 +1922,7 @@ type ShutdownVmRequest struct {
 
 func (x *ShutdownVmRequest) Reset() {
 	*x = ShutdownVmRequest{}
-	mi := &file_vmprovisioner_v1_vm_proto_msgTypes[23]
+	mi := &file_vmprovisioner_v1_vm_proto_msgTypes[24]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1865,7 +1934,7 @@ func (x *ShutdownVmRequest) String() string {
 func (*ShutdownVmRequest) ProtoMessage() {}
 
 func (x *ShutdownVmRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_vmprovisioner_v1_vm_proto_msgTypes[23]
+	mi := &file_vmprovisioner_v1_vm_proto_msgTypes[24]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1878,7 +1947,7 @@ func (x *ShutdownVmRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ShutdownVmRequest.ProtoReflect.Descriptor instead.
 func (*ShutdownVmRequest) Descriptor() ([]byte, []int) {
-	return file_vmprovisioner_v1_vm_proto_rawDescGZIP(), []int{23}
+	return file_vmprovisioner_v1_vm_proto_rawDescGZIP(), []int{24}
 }
 
 func (x *ShutdownVmRequest) GetVmId() string {
@@ -1904,7 +1973,7 @@ type ShutdownVmResponse struct {
 
 func (x *ShutdownVmResponse) Reset() {
 	*x = ShutdownVmResponse{}
-	mi := &file_vmprovisioner_v1_vm_proto_msgTypes[24]
+	mi := &file_vmprovisioner_v1_vm_proto_msgTypes[25]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1916,7 +1985,7 @@ func (x *ShutdownVmResponse) String() string {
 func (*ShutdownVmResponse) ProtoMessage() {}
 
 func (x *ShutdownVmResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_vmprovisioner_v1_vm_proto_msgTypes[24]
+	mi := &file_vmprovisioner_v1_vm_proto_msgTypes[25]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1929,7 +1998,7 @@ func (x *ShutdownVmResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ShutdownVmResponse.ProtoReflect.Descriptor instead.
 func (*ShutdownVmResponse) Descriptor() ([]byte, []int) {
-	return file_vmprovisioner_v1_vm_proto_rawDescGZIP(), []int{24}
+	return file_vmprovisioner_v1_vm_proto_rawDescGZIP(), []int{25}
 }
 
 func (x *ShutdownVmResponse) GetState() VmState {
@@ -1948,7 +2017,7 @@ type DeleteVmRequest struct {
 
 func (x *DeleteVmRequest) Reset() {
 	*x = DeleteVmRequest{}
-	mi := &file_vmprovisioner_v1_vm_proto_msgTypes[25]
+	mi := &file_vmprovisioner_v1_vm_proto_msgTypes[26]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1960,7 +2029,7 @@ func (x *DeleteVmRequest) String() string {
 func (*DeleteVmRequest) ProtoMessage() {}
 
 func (x *DeleteVmRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_vmprovisioner_v1_vm_proto_msgTypes[25]
+	mi := &file_vmprovisioner_v1_vm_proto_msgTypes[26]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1973,7 +2042,7 @@ func (x *DeleteVmRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DeleteVmRequest.ProtoReflect.Descriptor instead.
 func (*DeleteVmRequest) Descriptor() ([]byte, []int) {
-	return file_vmprovisioner_v1_vm_proto_rawDescGZIP(), []int{25}
+	return file_vmprovisioner_v1_vm_proto_rawDescGZIP(), []int{26}
 }
 
 func (x *DeleteVmRequest) GetVmId() string {
@@ -1991,7 +2060,7 @@ type DeleteVmResponse struct {
 
 func (x *DeleteVmResponse) Reset() {
 	*x = DeleteVmResponse{}
-	mi := &file_vmprovisioner_v1_vm_proto_msgTypes[26]
+	mi := &file_vmprovisioner_v1_vm_proto_msgTypes[27]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2003,7 +2072,7 @@ func (x *DeleteVmResponse) String() string {
 func (*DeleteVmResponse) ProtoMessage() {}
 
 func (x *DeleteVmResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_vmprovisioner_v1_vm_proto_msgTypes[26]
+	mi := &file_vmprovisioner_v1_vm_proto_msgTypes[27]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2016,7 +2085,7 @@ func (x *DeleteVmResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DeleteVmResponse.ProtoReflect.Descriptor instead.
 func (*DeleteVmResponse) Descriptor() ([]byte, []int) {
-	return file_vmprovisioner_v1_vm_proto_rawDescGZIP(), []int{26}
+	return file_vmprovisioner_v1_vm_proto_rawDescGZIP(), []int{27}
 }
 
 type PauseVmRequest struct {
@@ -2028,7 +2097,7 @@ type PauseVmRequest struct {
 
 func (x *PauseVmRequest) Reset() {
 	*x = PauseVmRequest{}
-	mi := &file_vmprovisioner_v1_vm_proto_msgTypes[27]
+	mi := &file_vmprovisioner_v1_vm_proto_msgTypes[28]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2040,7 +2109,7 @@ func (x *PauseVmRequest) String() string {
 func (*PauseVmRequest) ProtoMessage() {}
 
 func (x *PauseVmRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_vmprovisioner_v1_vm_proto_msgTypes[27]
+	mi := &file_vmprovisioner_v1_vm_proto_msgTypes[28]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2053,7 +2122,7 @@ func (x *PauseVmRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PauseVmRequest.ProtoReflect.Descriptor instead.
 func (*PauseVmRequest) Descriptor() ([]byte, []int) {
-	return file_vmprovisioner_v1_vm_proto_rawDescGZIP(), []int{27}
+	return file_vmprovisioner_v1_vm_proto_rawDescGZIP(), []int{28}
 }
 
 func (x *PauseVmRequest) GetVmId() string {
@@ -2072,7 +2141,7 @@ type PauseVmResponse struct {
 
 func (x *PauseVmResponse) Reset() {
 	*x = PauseVmResponse{}
-	mi := &file_vmprovisioner_v1_vm_proto_msgTypes[28]
+	mi := &file_vmprovisioner_v1_vm_proto_msgTypes[29]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2084,7 +2153,7 @@ func (x *PauseVmResponse) String() string {
 func (*PauseVmResponse) ProtoMessage() {}
 
 func (x *PauseVmResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_vmprovisioner_v1_vm_proto_msgTypes[28]
+	mi := &file_vmprovisioner_v1_vm_proto_msgTypes[29]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2097,7 +2166,7 @@ func (x *PauseVmResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PauseVmResponse.ProtoReflect.Descriptor instead.
 func (*PauseVmResponse) Descriptor() ([]byte, []int) {
-	return file_vmprovisioner_v1_vm_proto_rawDescGZIP(), []int{28}
+	return file_vmprovisioner_v1_vm_proto_rawDescGZIP(), []int{29}
 }
 
 func (x *PauseVmResponse) GetState() VmState {
@@ -2116,7 +2185,7 @@ type ResumeVmRequest struct {
 
 func (x *ResumeVmRequest) Reset() {
 	*x = ResumeVmRequest{}
-	mi := &file_vmprovisioner_v1_vm_proto_msgTypes[29]
+	mi := &file_vmprovisioner_v1_vm_proto_msgTypes[30]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2128,7 +2197,7 @@ func (x *ResumeVmRequest) String() string {
 func (*ResumeVmRequest) ProtoMessage() {}
 
 func (x *ResumeVmRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_vmprovisioner_v1_vm_proto_msgTypes[29]
+	mi := &file_vmprovisioner_v1_vm_proto_msgTypes[30]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2141,7 +2210,7 @@ func (x *ResumeVmRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ResumeVmRequest.ProtoReflect.Descriptor instead.
 func (*ResumeVmRequest) Descriptor() ([]byte, []int) {
-	return file_vmprovisioner_v1_vm_proto_rawDescGZIP(), []int{29}
+	return file_vmprovisioner_v1_vm_proto_rawDescGZIP(), []int{30}
 }
 
 func (x *ResumeVmRequest) GetVmId() string {
@@ -2160,7 +2229,7 @@ type ResumeVmResponse struct {
 
 func (x *ResumeVmResponse) Reset() {
 	*x = ResumeVmResponse{}
-	mi := &file_vmprovisioner_v1_vm_proto_msgTypes[30]
+	mi := &file_vmprovisioner_v1_vm_proto_msgTypes[31]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2172,7 +2241,7 @@ func (x *ResumeVmResponse) String() string {
 func (*ResumeVmResponse) ProtoMessage() {}
 
 func (x *ResumeVmResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_vmprovisioner_v1_vm_proto_msgTypes[30]
+	mi := &file_vmprovisioner_v1_vm_proto_msgTypes[31]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2185,7 +2254,7 @@ func (x *ResumeVmResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ResumeVmResponse.ProtoReflect.Descriptor instead.
 func (*ResumeVmResponse) Descriptor() ([]byte, []int) {
-	return file_vmprovisioner_v1_vm_proto_rawDescGZIP(), []int{30}
+	return file_vmprovisioner_v1_vm_proto_rawDescGZIP(), []int{31}
 }
 
 func (x *ResumeVmResponse) GetState() VmState {
@@ -2204,7 +2273,7 @@ type RebootVmRequest struct {
 
 func (x *RebootVmRequest) Reset() {
 	*x = RebootVmRequest{}
-	mi := &file_vmprovisioner_v1_vm_proto_msgTypes[31]
+	mi := &file_vmprovisioner_v1_vm_proto_msgTypes[32]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2216,7 +2285,7 @@ func (x *RebootVmRequest) String() string {
 func (*RebootVmRequest) ProtoMessage() {}
 
 func (x *RebootVmRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_vmprovisioner_v1_vm_proto_msgTypes[31]
+	mi := &file_vmprovisioner_v1_vm_proto_msgTypes[32]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2229,7 +2298,7 @@ func (x *RebootVmRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RebootVmRequest.ProtoReflect.Descriptor instead.
 func (*RebootVmRequest) Descriptor() ([]byte, []int) {
-	return file_vmprovisioner_v1_vm_proto_rawDescGZIP(), []int{31}
+	return file_vmprovisioner_v1_vm_proto_rawDescGZIP(), []int{32}
 }
 
 func (x *RebootVmRequest) GetVmId() string {
@@ -2248,7 +2317,7 @@ type RebootVmResponse struct {
 
 func (x *RebootVmResponse) Reset() {
 	*x = RebootVmResponse{}
-	mi := &file_vmprovisioner_v1_vm_proto_msgTypes[32]
+	mi := &file_vmprovisioner_v1_vm_proto_msgTypes[33]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2260,7 +2329,7 @@ func (x *RebootVmResponse) String() string {
 func (*RebootVmResponse) ProtoMessage() {}
 
 func (x *RebootVmResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_vmprovisioner_v1_vm_proto_msgTypes[32]
+	mi := &file_vmprovisioner_v1_vm_proto_msgTypes[33]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2273,7 +2342,7 @@ func (x *RebootVmResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RebootVmResponse.ProtoReflect.Descriptor instead.
 func (*RebootVmResponse) Descriptor() ([]byte, []int) {
-	return file_vmprovisioner_v1_vm_proto_rawDescGZIP(), []int{32}
+	return file_vmprovisioner_v1_vm_proto_rawDescGZIP(), []int{33}
 }
 
 func (x *RebootVmResponse) GetState() VmState {
@@ -2295,7 +2364,7 @@ type UpdateSecurityPolicyRequest struct {
 
 func (x *UpdateSecurityPolicyRequest) Reset() {
 	*x = UpdateSecurityPolicyRequest{}
-	mi := &file_vmprovisioner_v1_vm_proto_msgTypes[33]
+	mi := &file_vmprovisioner_v1_vm_proto_msgTypes[34]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2307,7 +2376,7 @@ func (x *UpdateSecurityPolicyRequest) String() string {
 func (*UpdateSecurityPolicyRequest) ProtoMessage() {}
 
 func (x *UpdateSecurityPolicyRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_vmprovisioner_v1_vm_proto_msgTypes[33]
+	mi := &file_vmprovisioner_v1_vm_proto_msgTypes[34]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2320,7 +2389,7 @@ func (x *UpdateSecurityPolicyRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use UpdateSecurityPolicyRequest.ProtoReflect.Descriptor instead.
 func (*UpdateSecurityPolicyRequest) Descriptor() ([]byte, []int) {
-	return file_vmprovisioner_v1_vm_proto_rawDescGZIP(), []int{33}
+	return file_vmprovisioner_v1_vm_proto_rawDescGZIP(), []int{34}
 }
 
 func (x *UpdateSecurityPolicyRequest) GetVmId() string {
@@ -2354,7 +2423,7 @@ type UpdateSecurityPolicyResponse struct {
 
 func (x *UpdateSecurityPolicyResponse) Reset() {
 	*x = UpdateSecurityPolicyResponse{}
-	mi := &file_vmprovisioner_v1_vm_proto_msgTypes[34]
+	mi := &file_vmprovisioner_v1_vm_proto_msgTypes[35]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2366,7 +2435,7 @@ func (x *UpdateSecurityPolicyResponse) String() string {
 func (*UpdateSecurityPolicyResponse) ProtoMessage() {}
 
 func (x *UpdateSecurityPolicyResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_vmprovisioner_v1_vm_proto_msgTypes[34]
+	mi := &file_vmprovisioner_v1_vm_proto_msgTypes[35]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2379,7 +2448,7 @@ func (x *UpdateSecurityPolicyResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use UpdateSecurityPolicyResponse.ProtoReflect.Descriptor instead.
 func (*UpdateSecurityPolicyResponse) Descriptor() ([]byte, []int) {
-	return file_vmprovisioner_v1_vm_proto_rawDescGZIP(), []int{34}
+	return file_vmprovisioner_v1_vm_proto_rawDescGZIP(), []int{35}
 }
 
 func (x *UpdateSecurityPolicyResponse) GetNetwork() []*NetworkInterface {
@@ -2401,7 +2470,7 @@ type UpdateVmNetworkRequest struct {
 
 func (x *UpdateVmNetworkRequest) Reset() {
 	*x = UpdateVmNetworkRequest{}
-	mi := &file_vmprovisioner_v1_vm_proto_msgTypes[35]
+	mi := &file_vmprovisioner_v1_vm_proto_msgTypes[36]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2413,7 +2482,7 @@ func (x *UpdateVmNetworkRequest) String() string {
 func (*UpdateVmNetworkRequest) ProtoMessage() {}
 
 func (x *UpdateVmNetworkRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_vmprovisioner_v1_vm_proto_msgTypes[35]
+	mi := &file_vmprovisioner_v1_vm_proto_msgTypes[36]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2426,7 +2495,7 @@ func (x *UpdateVmNetworkRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use UpdateVmNetworkRequest.ProtoReflect.Descriptor instead.
 func (*UpdateVmNetworkRequest) Descriptor() ([]byte, []int) {
-	return file_vmprovisioner_v1_vm_proto_rawDescGZIP(), []int{35}
+	return file_vmprovisioner_v1_vm_proto_rawDescGZIP(), []int{36}
 }
 
 func (x *UpdateVmNetworkRequest) GetVmId() string {
@@ -2459,7 +2528,7 @@ type UpdateVmNetworkResponse struct {
 
 func (x *UpdateVmNetworkResponse) Reset() {
 	*x = UpdateVmNetworkResponse{}
-	mi := &file_vmprovisioner_v1_vm_proto_msgTypes[36]
+	mi := &file_vmprovisioner_v1_vm_proto_msgTypes[37]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2471,7 +2540,7 @@ func (x *UpdateVmNetworkResponse) String() string {
 func (*UpdateVmNetworkResponse) ProtoMessage() {}
 
 func (x *UpdateVmNetworkResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_vmprovisioner_v1_vm_proto_msgTypes[36]
+	mi := &file_vmprovisioner_v1_vm_proto_msgTypes[37]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2484,7 +2553,7 @@ func (x *UpdateVmNetworkResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use UpdateVmNetworkResponse.ProtoReflect.Descriptor instead.
 func (*UpdateVmNetworkResponse) Descriptor() ([]byte, []int) {
-	return file_vmprovisioner_v1_vm_proto_rawDescGZIP(), []int{36}
+	return file_vmprovisioner_v1_vm_proto_rawDescGZIP(), []int{37}
 }
 
 func (x *UpdateVmNetworkResponse) GetNetwork() *NetworkInterface {
@@ -2492,6 +2561,182 @@ func (x *UpdateVmNetworkResponse) GetNetwork() *NetworkInterface {
 		return x.Network
 	}
 	return nil
+}
+
+type IsolateVmRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	VmId          string                 `protobuf:"bytes,1,opt,name=vm_id,json=vmId,proto3" json:"vm_id,omitempty"`
+	Reason        string                 `protobuf:"bytes,2,opt,name=reason,proto3" json:"reason,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *IsolateVmRequest) Reset() {
+	*x = IsolateVmRequest{}
+	mi := &file_vmprovisioner_v1_vm_proto_msgTypes[38]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *IsolateVmRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*IsolateVmRequest) ProtoMessage() {}
+
+func (x *IsolateVmRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_vmprovisioner_v1_vm_proto_msgTypes[38]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use IsolateVmRequest.ProtoReflect.Descriptor instead.
+func (*IsolateVmRequest) Descriptor() ([]byte, []int) {
+	return file_vmprovisioner_v1_vm_proto_rawDescGZIP(), []int{38}
+}
+
+func (x *IsolateVmRequest) GetVmId() string {
+	if x != nil {
+		return x.VmId
+	}
+	return ""
+}
+
+func (x *IsolateVmRequest) GetReason() string {
+	if x != nil {
+		return x.Reason
+	}
+	return ""
+}
+
+type IsolateVmResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Isolation     *Isolation             `protobuf:"bytes,1,opt,name=isolation,proto3" json:"isolation,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *IsolateVmResponse) Reset() {
+	*x = IsolateVmResponse{}
+	mi := &file_vmprovisioner_v1_vm_proto_msgTypes[39]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *IsolateVmResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*IsolateVmResponse) ProtoMessage() {}
+
+func (x *IsolateVmResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_vmprovisioner_v1_vm_proto_msgTypes[39]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use IsolateVmResponse.ProtoReflect.Descriptor instead.
+func (*IsolateVmResponse) Descriptor() ([]byte, []int) {
+	return file_vmprovisioner_v1_vm_proto_rawDescGZIP(), []int{39}
+}
+
+func (x *IsolateVmResponse) GetIsolation() *Isolation {
+	if x != nil {
+		return x.Isolation
+	}
+	return nil
+}
+
+type ReleaseVmRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	VmId          string                 `protobuf:"bytes,1,opt,name=vm_id,json=vmId,proto3" json:"vm_id,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ReleaseVmRequest) Reset() {
+	*x = ReleaseVmRequest{}
+	mi := &file_vmprovisioner_v1_vm_proto_msgTypes[40]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ReleaseVmRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ReleaseVmRequest) ProtoMessage() {}
+
+func (x *ReleaseVmRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_vmprovisioner_v1_vm_proto_msgTypes[40]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ReleaseVmRequest.ProtoReflect.Descriptor instead.
+func (*ReleaseVmRequest) Descriptor() ([]byte, []int) {
+	return file_vmprovisioner_v1_vm_proto_rawDescGZIP(), []int{40}
+}
+
+func (x *ReleaseVmRequest) GetVmId() string {
+	if x != nil {
+		return x.VmId
+	}
+	return ""
+}
+
+type ReleaseVmResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ReleaseVmResponse) Reset() {
+	*x = ReleaseVmResponse{}
+	mi := &file_vmprovisioner_v1_vm_proto_msgTypes[41]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ReleaseVmResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ReleaseVmResponse) ProtoMessage() {}
+
+func (x *ReleaseVmResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_vmprovisioner_v1_vm_proto_msgTypes[41]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ReleaseVmResponse.ProtoReflect.Descriptor instead.
+func (*ReleaseVmResponse) Descriptor() ([]byte, []int) {
+	return file_vmprovisioner_v1_vm_proto_rawDescGZIP(), []int{41}
 }
 
 var File_vmprovisioner_v1_vm_proto protoreflect.FileDescriptor
@@ -2620,7 +2865,7 @@ const file_vmprovisioner_v1_vm_proto_rawDesc = "" +
 	"\x05vm_id\x18\x01 \x01(\tR\x04vmId\x12/\n" +
 	"\x05state\x18\x02 \x01(\x0e2\x19.vmprovisioner.v1.VmStateR\x05state\"#\n" +
 	"\fGetVmRequest\x12\x13\n" +
-	"\x05vm_id\x18\x01 \x01(\tR\x04vmId\"\xcb\x04\n" +
+	"\x05vm_id\x18\x01 \x01(\tR\x04vmId\"\x86\x05\n" +
 	"\rGetVmResponse\x12\x13\n" +
 	"\x05vm_id\x18\x01 \x01(\tR\x04vmId\x122\n" +
 	"\x06config\x18\x02 \x01(\v2\x1a.vmprovisioner.v1.VmConfigR\x06config\x12/\n" +
@@ -2636,7 +2881,12 @@ const file_vmprovisioner_v1_vm_proto_rawDesc = "" +
 	"\n" +
 	"started_at\x18\n" +
 	" \x01(\v2\x1a.google.protobuf.TimestampR\tstartedAt\x12!\n" +
-	"\fstate_reason\x18\v \x01(\tR\vstateReason\"\x8e\x05\n" +
+	"\fstate_reason\x18\v \x01(\tR\vstateReason\x129\n" +
+	"\tisolation\x18\f \x01(\v2\x1b.vmprovisioner.v1.IsolationR\tisolation\"q\n" +
+	"\tIsolation\x12\x1a\n" +
+	"\bisolated\x18\x01 \x01(\bR\bisolated\x12\x16\n" +
+	"\x06reason\x18\x02 \x01(\tR\x06reason\x120\n" +
+	"\x05since\x18\x03 \x01(\v2\x1a.google.protobuf.TimestampR\x05since\"\x8e\x05\n" +
 	"\x16NetworkInterfaceStatus\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x12\x1f\n" +
 	"\vhost_device\x18\x02 \x01(\tR\n" +
@@ -2720,14 +2970,22 @@ const file_vmprovisioner_v1_vm_proto_rawDesc = "" +
 	"\finterface_id\x18\x02 \x01(\tR\vinterfaceId\x120\n" +
 	"\x04ipv6\x18\x03 \x01(\v2\x1c.vmprovisioner.v1.Ipv6ConfigR\x04ipv6\"W\n" +
 	"\x17UpdateVmNetworkResponse\x12<\n" +
-	"\anetwork\x18\x01 \x01(\v2\".vmprovisioner.v1.NetworkInterfaceR\anetwork*\x94\x01\n" +
+	"\anetwork\x18\x01 \x01(\v2\".vmprovisioner.v1.NetworkInterfaceR\anetwork\"?\n" +
+	"\x10IsolateVmRequest\x12\x13\n" +
+	"\x05vm_id\x18\x01 \x01(\tR\x04vmId\x12\x16\n" +
+	"\x06reason\x18\x02 \x01(\tR\x06reason\"N\n" +
+	"\x11IsolateVmResponse\x129\n" +
+	"\tisolation\x18\x01 \x01(\v2\x1b.vmprovisioner.v1.IsolationR\tisolation\"'\n" +
+	"\x10ReleaseVmRequest\x12\x13\n" +
+	"\x05vm_id\x18\x01 \x01(\tR\x04vmId\"\x13\n" +
+	"\x11ReleaseVmResponse*\x94\x01\n" +
 	"\aVmState\x12\x18\n" +
 	"\x14VM_STATE_UNSPECIFIED\x10\x00\x12\x14\n" +
 	"\x10VM_STATE_CREATED\x10\x01\x12\x14\n" +
 	"\x10VM_STATE_RUNNING\x10\x02\x12\x13\n" +
 	"\x0fVM_STATE_PAUSED\x10\x03\x12\x15\n" +
 	"\x11VM_STATE_SHUTDOWN\x10\x04\x12\x17\n" +
-	"\x13VM_STATE_TERMINATED\x10\x052\xd0\a\n" +
+	"\x13VM_STATE_TERMINATED\x10\x052\xfc\b\n" +
 	"\tVmService\x12Q\n" +
 	"\bCreateVm\x12!.vmprovisioner.v1.CreateVmRequest\x1a\".vmprovisioner.v1.CreateVmResponse\x12M\n" +
 	"\x05GetVm\x12\x1e.vmprovisioner.v1.GetVmRequest\x1a\x1f.vmprovisioner.v1.GetVmResponse\"\x03\x90\x02\x01\x12S\n" +
@@ -2740,7 +2998,9 @@ const file_vmprovisioner_v1_vm_proto_rawDesc = "" +
 	"\bResumeVm\x12!.vmprovisioner.v1.ResumeVmRequest\x1a\".vmprovisioner.v1.ResumeVmResponse\x12Q\n" +
 	"\bRebootVm\x12!.vmprovisioner.v1.RebootVmRequest\x1a\".vmprovisioner.v1.RebootVmResponse\x12u\n" +
 	"\x14UpdateSecurityPolicy\x12-.vmprovisioner.v1.UpdateSecurityPolicyRequest\x1a..vmprovisioner.v1.UpdateSecurityPolicyResponse\x12f\n" +
-	"\x0fUpdateVmNetwork\x12(.vmprovisioner.v1.UpdateVmNetworkRequest\x1a).vmprovisioner.v1.UpdateVmNetworkResponseBHZFgithub.com/metald/metald/internal/gen/vmprovisioner/v1;vmprovisionerv1b\x06proto3"
+	"\x0fUpdateVmNetwork\x12(.vmprovisioner.v1.UpdateVmNetworkRequest\x1a).vmprovisioner.v1.UpdateVmNetworkResponse\x12T\n" +
+	"\tIsolateVm\x12\".vmprovisioner.v1.IsolateVmRequest\x1a#.vmprovisioner.v1.IsolateVmResponse\x12T\n" +
+	"\tReleaseVm\x12\".vmprovisioner.v1.ReleaseVmRequest\x1a#.vmprovisioner.v1.ReleaseVmResponseBHZFgithub.com/metald/metald/internal/gen/vmprovisioner/v1;vmprovisionerv1b\x06proto3"
 
 var (
 	file_vmprovisioner_v1_vm_proto_rawDescOnce sync.Once
@@ -2755,7 +3015,7 @@ func file_vmprovisioner_v1_vm_proto_rawDescGZIP() []byte {
 }
 
 var file_vmprovisioner_v1_vm_proto_enumTypes = make([]protoimpl.EnumInfo, 1)
-var file_vmprovisioner_v1_vm_proto_msgTypes = make([]protoimpl.MessageInfo, 39)
+var file_vmprovisioner_v1_vm_proto_msgTypes = make([]protoimpl.MessageInfo, 44)
 var file_vmprovisioner_v1_vm_proto_goTypes = []any{
 	(VmState)(0),                         // 0: vmprovisioner.v1.VmState
 	(*VmConfig)(nil),                     // 1: vmprovisioner.v1.VmConfig
@@ -2773,31 +3033,36 @@ var file_vmprovisioner_v1_vm_proto_goTypes = []any{
 	(*CreateVmResponse)(nil),             // 13: vmprovisioner.v1.CreateVmResponse
 	(*GetVmRequest)(nil),                 // 14: vmprovisioner.v1.GetVmRequest
 	(*GetVmResponse)(nil),                // 15: vmprovisioner.v1.GetVmResponse
-	(*NetworkInterfaceStatus)(nil),       // 16: vmprovisioner.v1.NetworkInterfaceStatus
-	(*ControlStatus)(nil),                // 17: vmprovisioner.v1.ControlStatus
-	(*BackendInfo)(nil),                  // 18: vmprovisioner.v1.BackendInfo
-	(*ListVmsRequest)(nil),               // 19: vmprovisioner.v1.ListVmsRequest
-	(*VmInfo)(nil),                       // 20: vmprovisioner.v1.VmInfo
-	(*ListVmsResponse)(nil),              // 21: vmprovisioner.v1.ListVmsResponse
-	(*BootVmRequest)(nil),                // 22: vmprovisioner.v1.BootVmRequest
-	(*BootVmResponse)(nil),               // 23: vmprovisioner.v1.BootVmResponse
-	(*ShutdownVmRequest)(nil),            // 24: vmprovisioner.v1.ShutdownVmRequest
-	(*ShutdownVmResponse)(nil),           // 25: vmprovisioner.v1.ShutdownVmResponse
-	(*DeleteVmRequest)(nil),              // 26: vmprovisioner.v1.DeleteVmRequest
-	(*DeleteVmResponse)(nil),             // 27: vmprovisioner.v1.DeleteVmResponse
-	(*PauseVmRequest)(nil),               // 28: vmprovisioner.v1.PauseVmRequest
-	(*PauseVmResponse)(nil),              // 29: vmprovisioner.v1.PauseVmResponse
-	(*ResumeVmRequest)(nil),              // 30: vmprovisioner.v1.ResumeVmRequest
-	(*ResumeVmResponse)(nil),             // 31: vmprovisioner.v1.ResumeVmResponse
-	(*RebootVmRequest)(nil),              // 32: vmprovisioner.v1.RebootVmRequest
-	(*RebootVmResponse)(nil),             // 33: vmprovisioner.v1.RebootVmResponse
-	(*UpdateSecurityPolicyRequest)(nil),  // 34: vmprovisioner.v1.UpdateSecurityPolicyRequest
-	(*UpdateSecurityPolicyResponse)(nil), // 35: vmprovisioner.v1.UpdateSecurityPolicyResponse
-	(*UpdateVmNetworkRequest)(nil),       // 36: vmprovisioner.v1.UpdateVmNetworkRequest
-	(*UpdateVmNetworkResponse)(nil),      // 37: vmprovisioner.v1.UpdateVmNetworkResponse
-	nil,                                  // 38: vmprovisioner.v1.VmConfig.MetadataEntry
-	nil,                                  // 39: vmprovisioner.v1.BackendInfo.DetailsEntry
-	(*timestamppb.Timestamp)(nil),        // 40: google.protobuf.Timestamp
+	(*Isolation)(nil),                    // 16: vmprovisioner.v1.Isolation
+	(*NetworkInterfaceStatus)(nil),       // 17: vmprovisioner.v1.NetworkInterfaceStatus
+	(*ControlStatus)(nil),                // 18: vmprovisioner.v1.ControlStatus
+	(*BackendInfo)(nil),                  // 19: vmprovisioner.v1.BackendInfo
+	(*ListVmsRequest)(nil),               // 20: vmprovisioner.v1.ListVmsRequest
+	(*VmInfo)(nil),                       // 21: vmprovisioner.v1.VmInfo
+	(*ListVmsResponse)(nil),              // 22: vmprovisioner.v1.ListVmsResponse
+	(*BootVmRequest)(nil),                // 23: vmprovisioner.v1.BootVmRequest
+	(*BootVmResponse)(nil),               // 24: vmprovisioner.v1.BootVmResponse
+	(*ShutdownVmRequest)(nil),            // 25: vmprovisioner.v1.ShutdownVmRequest
+	(*ShutdownVmResponse)(nil),           // 26: vmprovisioner.v1.ShutdownVmResponse
+	(*DeleteVmRequest)(nil),              // 27: vmprovisioner.v1.DeleteVmRequest
+	(*DeleteVmResponse)(nil),             // 28: vmprovisioner.v1.DeleteVmResponse
+	(*PauseVmRequest)(nil),               // 29: vmprovisioner.v1.PauseVmRequest
+	(*PauseVmResponse)(nil),              // 30: vmprovisioner.v1.PauseVmResponse
+	(*ResumeVmRequest)(nil),              // 31: vmprovisioner.v1.ResumeVmRequest
+	(*ResumeVmResponse)(nil),             // 32: vmprovisioner.v1.ResumeVmResponse
+	(*RebootVmRequest)(nil),              // 33: vmprovisioner.v1.RebootVmRequest
+	(*RebootVmResponse)(nil),             // 34: vmprovisioner.v1.RebootVmResponse
+	(*UpdateSecurityPolicyRequest)(nil),  // 35: vmprovisioner.v1.UpdateSecurityPolicyRequest
+	(*UpdateSecurityPolicyResponse)(nil), // 36: vmprovisioner.v1.UpdateSecurityPolicyResponse
+	(*UpdateVmNetworkRequest)(nil),       // 37: vmprovisioner.v1.UpdateVmNetworkRequest
+	(*UpdateVmNetworkResponse)(nil),      // 38: vmprovisioner.v1.UpdateVmNetworkResponse
+	(*IsolateVmRequest)(nil),             // 39: vmprovisioner.v1.IsolateVmRequest
+	(*IsolateVmResponse)(nil),            // 40: vmprovisioner.v1.IsolateVmResponse
+	(*ReleaseVmRequest)(nil),             // 41: vmprovisioner.v1.ReleaseVmRequest
+	(*ReleaseVmResponse)(nil),            // 42: vmprovisioner.v1.ReleaseVmResponse
+	nil,                                  // 43: vmprovisioner.v1.VmConfig.MetadataEntry
+	nil,                                  // 44: vmprovisioner.v1.BackendInfo.DetailsEntry
+	(*timestamppb.Timestamp)(nil),        // 45: google.protobuf.Timestamp
 }
 var file_vmprovisioner_v1_vm_proto_depIdxs = []int32{
 	2,  // 0: vmprovisioner.v1.VmConfig.cpu:type_name -> vmprovisioner.v1.CpuConfig
@@ -2807,7 +3072,7 @@ var file_vmprovisioner_v1_vm_proto_depIdxs = []int32{
 	6,  // 4: vmprovisioner.v1.VmConfig.network:type_name -> vmprovisioner.v1.NetworkInterface
 	10, // 5: vmprovisioner.v1.VmConfig.security_profile:type_name -> vmprovisioner.v1.SecurityProfile
 	11, // 6: vmprovisioner.v1.VmConfig.compliance:type_name -> vmprovisioner.v1.ComplianceConfig
-	38, // 7: vmprovisioner.v1.VmConfig.metadata:type_name -> vmprovisioner.v1.VmConfig.MetadataEntry
+	43, // 7: vmprovisioner.v1.VmConfig.metadata:type_name -> vmprovisioner.v1.VmConfig.MetadataEntry
 	7,  // 8: vmprovisioner.v1.NetworkInterface.ipv6:type_name -> vmprovisioner.v1.Ipv6Config
 	9,  // 9: vmprovisioner.v1.NetworkInterface.security_policy:type_name -> vmprovisioner.v1.SecurityPolicy
 	8,  // 10: vmprovisioner.v1.Ipv6Config.security:type_name -> vmprovisioner.v1.Ipv6Security
@@ -2816,54 +3081,61 @@ var file_vmprovisioner_v1_vm_proto_depIdxs = []int32{
 	1,  // 13: vmprovisioner.v1.GetVmResponse.config:type_name -> vmprovisioner.v1.VmConfig
 	0,  // 14: vmprovisioner.v1.GetVmResponse.state:type_name -> vmprovisioner.v1.VmState
 	6,  // 15: vmprovisioner.v1.GetVmResponse.network:type_name -> vmprovisioner.v1.NetworkInterface
-	16, // 16: vmprovisioner.v1.GetVmResponse.network_status:type_name -> vmprovisioner.v1.NetworkInterfaceStatus
-	18, // 17: vmprovisioner.v1.GetVmResponse.backend_info:type_name -> vmprovisioner.v1.BackendInfo
-	40, // 18: vmprovisioner.v1.GetVmResponse.created_at:type_name -> google.protobuf.Timestamp
-	40, // 19: vmprovisioner.v1.GetVmResponse.updated_at:type_name -> google.protobuf.Timestamp
-	40, // 20: vmprovisioner.v1.GetVmResponse.started_at:type_name -> google.protobuf.Timestamp
-	8,  // 21: vmprovisioner.v1.NetworkInterfaceStatus.effective_security:type_name -> vmprovisioner.v1.Ipv6Security
-	17, // 22: vmprovisioner.v1.NetworkInterfaceStatus.controls:type_name -> vmprovisioner.v1.ControlStatus
-	39, // 23: vmprovisioner.v1.BackendInfo.details:type_name -> vmprovisioner.v1.BackendInfo.DetailsEntry
-	0,  // 24: vmprovisioner.v1.VmInfo.state:type_name -> vmprovisioner.v1.VmState
-	40, // 25: vmprovisioner.v1.VmInfo.created_at:type_name -> google.protobuf.Timestamp
-	40, // 26: vmprovisioner.v1.VmInfo.updated_at:type_name -> google.protobuf.Timestamp
-	20, // 27: vmprovisioner.v1.ListVmsResponse.vms:type_name -> vmprovisioner.v1.VmInfo
-	0,  // 28: vmprovisioner.v1.BootVmResponse.state:type_name -> vmprovisioner.v1.VmState
-	0,  // 29: vmprovisioner.v1.ShutdownVmResponse.state:type_name -> vmprovisioner.v1.VmState
-	0,  // 30: vmprovisioner.v1.PauseVmResponse.state:type_name -> vmprovisioner.v1.VmState
-	0,  // 31: vmprovisioner.v1.ResumeVmResponse.state:type_name -> vmprovisioner.v1.VmState
-	0,  // 32: vmprovisioner.v1.RebootVmResponse.state:type_name -> vmprovisioner.v1.VmState
-	9,  // 33: vmprovisioner.v1.UpdateSecurityPolicyRequest.security_policy:type_name -> vmprovisioner.v1.SecurityPolicy
-	6,  // 34: vmprovisioner.v1.UpdateSecurityPolicyResponse.network:type_name -> vmprovisioner.v1.NetworkInterface
-	7,  // 35: vmprovisioner.v1.UpdateVmNetworkRequest.ipv6:type_name -> vmprovisioner.v1.Ipv6Config
-	6,  // 36: vmprovisioner.v1.UpdateVmNetworkResponse.network:type_name -> vmprovisioner.v1.NetworkInterface
-	12, // 37: vmprovisioner.v1.VmService.CreateVm:input_type -> vmprovisioner.v1.CreateVmRequest
-	14, // 38: vmprovisioner.v1.VmService.GetVm:input_type -> vmprovisioner.v1.GetVmRequest
-	19, // 39: vmprovisioner.v1.VmService.ListVms:input_type -> vmprovisioner.v1.ListVmsRequest
-	22, // 40: vmprovisioner.v1.VmService.BootVm:input_type -> vmprovisioner.v1.BootVmRequest
-	24, // 41: vmprovisioner.v1.VmService.ShutdownVm:input_type -> vmprovisioner.v1.ShutdownVmRequest
-	26, // 42: vmprovisioner.v1.VmService.DeleteVm:input_type -> vmprovisioner.v1.DeleteVmRequest
-	28, // 43: vmprovisioner.v1.VmService.PauseVm:input_type -> vmprovisioner.v1.PauseVmRequest
-	30, // 44: vmprovisioner.v1.VmService.ResumeVm:input_type -> vmprovisioner.v1.ResumeVmRequest
-	32, // 45: vmprovisioner.v1.VmService.RebootVm:input_type -> vmprovisioner.v1.RebootVmRequest
-	34, // 46: vmprovisioner.v1.VmService.UpdateSecurityPolicy:input_type -> vmprovisioner.v1.UpdateSecurityPolicyRequest
-	36, // 47: vmprovisioner.v1.VmService.UpdateVmNetwork:input_type -> vmprovisioner.v1.UpdateVmNetworkRequest
-	13, // 48: vmprovisioner.v1.VmService.CreateVm:output_type -> vmprovisioner.v1.CreateVmResponse
-	15, // 49: vmprovisioner.v1.VmService.GetVm:output_type -> vmprovisioner.v1.GetVmResponse
-	21, // 50: vmprovisioner.v1.VmService.ListVms:output_type -> vmprovisioner.v1.ListVmsResponse
-	23, // 51: vmprovisioner.v1.VmService.BootVm:output_type -> vmprovisioner.v1.BootVmResponse
-	25, // 52: vmprovisioner.v1.VmService.ShutdownVm:output_type -> vmprovisioner.v1.ShutdownVmResponse
-	27, // 53: vmprovisioner.v1.VmService.DeleteVm:output_type -> vmprovisioner.v1.DeleteVmResponse
-	29, // 54: vmprovisioner.v1.VmService.PauseVm:output_type -> vmprovisioner.v1.PauseVmResponse
-	31, // 55: vmprovisioner.v1.VmService.ResumeVm:output_type -> vmprovisioner.v1.ResumeVmResponse
-	33, // 56: vmprovisioner.v1.VmService.RebootVm:output_type -> vmprovisioner.v1.RebootVmResponse
-	35, // 57: vmprovisioner.v1.VmService.UpdateSecurityPolicy:output_type -> vmprovisioner.v1.UpdateSecurityPolicyResponse
-	37, // 58: vmprovisioner.v1.VmService.UpdateVmNetwork:output_type -> vmprovisioner.v1.UpdateVmNetworkResponse
-	48, // [48:59] is the sub-list for method output_type
-	37, // [37:48] is the sub-list for method input_type
-	37, // [37:37] is the sub-list for extension type_name
-	37, // [37:37] is the sub-list for extension extendee
-	0,  // [0:37] is the sub-list for field type_name
+	17, // 16: vmprovisioner.v1.GetVmResponse.network_status:type_name -> vmprovisioner.v1.NetworkInterfaceStatus
+	19, // 17: vmprovisioner.v1.GetVmResponse.backend_info:type_name -> vmprovisioner.v1.BackendInfo
+	45, // 18: vmprovisioner.v1.GetVmResponse.created_at:type_name -> google.protobuf.Timestamp
+	45, // 19: vmprovisioner.v1.GetVmResponse.updated_at:type_name -> google.protobuf.Timestamp
+	45, // 20: vmprovisioner.v1.GetVmResponse.started_at:type_name -> google.protobuf.Timestamp
+	16, // 21: vmprovisioner.v1.GetVmResponse.isolation:type_name -> vmprovisioner.v1.Isolation
+	45, // 22: vmprovisioner.v1.Isolation.since:type_name -> google.protobuf.Timestamp
+	8,  // 23: vmprovisioner.v1.NetworkInterfaceStatus.effective_security:type_name -> vmprovisioner.v1.Ipv6Security
+	18, // 24: vmprovisioner.v1.NetworkInterfaceStatus.controls:type_name -> vmprovisioner.v1.ControlStatus
+	44, // 25: vmprovisioner.v1.BackendInfo.details:type_name -> vmprovisioner.v1.BackendInfo.DetailsEntry
+	0,  // 26: vmprovisioner.v1.VmInfo.state:type_name -> vmprovisioner.v1.VmState
+	45, // 27: vmprovisioner.v1.VmInfo.created_at:type_name -> google.protobuf.Timestamp
+	45, // 28: vmprovisioner.v1.VmInfo.updated_at:type_name -> google.protobuf.Timestamp
+	21, // 29: vmprovisioner.v1.ListVmsResponse.vms:type_name -> vmprovisioner.v1.VmInfo
+	0,  // 30: vmprovisioner.v1.BootVmResponse.state:type_name -> vmprovisioner.v1.VmState
+	0,  // 31: vmprovisioner.v1.ShutdownVmResponse.state:type_name -> vmprovisioner.v1.VmState
+	0,  // 32: vmprovisioner.v1.PauseVmResponse.state:type_name -> vmprovisioner.v1.VmState
+	0,  // 33: vmprovisioner.v1.ResumeVmResponse.state:type_name -> vmprovisioner.v1.VmState
+	0,  // 34: vmprovisioner.v1.RebootVmResponse.state:type_name -> vmprovisioner.v1.VmState
+	9,  // 35: vmprovisioner.v1.UpdateSecurityPolicyRequest.security_policy:type_name -> vmprovisioner.v1.SecurityPolicy
+	6,  // 36: vmprovisioner.v1.UpdateSecurityPolicyResponse.network:type_name -> vmprovisioner.v1.NetworkInterface
+	7,  // 37: vmprovisioner.v1.UpdateVmNetworkRequest.ipv6:type_name -> vmprovisioner.v1.Ipv6Config
+	6,  // 38: vmprovisioner.v1.UpdateVmNetworkResponse.network:type_name -> vmprovisioner.v1.NetworkInterface
+	16, // 39: vmprovisioner.v1.IsolateVmResponse.isolation:type_name -> vmprovisioner.v1.Isolation
+	12, // 40: vmprovisioner.v1.VmService.CreateVm:input_type -> vmprovisioner.v1.CreateVmRequest
+	14, // 41: vmprovisioner.v1.VmService.GetVm:input_type -> vmprovisioner.v1.GetVmRequest
+	20, // 42: vmprovisioner.v1.VmService.ListVms:input_type -> vmprovisioner.v1.ListVmsRequest
+	23, // 43: vmprovisioner.v1.VmService.BootVm:input_type -> vmprovisioner.v1.BootVmRequest
+	25, // 44: vmprovisioner.v1.VmService.ShutdownVm:input_type -> vmprovisioner.v1.ShutdownVmRequest
+	27, // 45: vmprovisioner.v1.VmService.DeleteVm:input_type -> vmprovisioner.v1.DeleteVmRequest
+	29, // 46: vmprovisioner.v1.VmService.PauseVm:input_type -> vmprovisioner.v1.PauseVmRequest
+	31, // 47: vmprovisioner.v1.VmService.ResumeVm:input_type -> vmprovisioner.v1.ResumeVmRequest
+	33, // 48: vmprovisioner.v1.VmService.RebootVm:input_type -> vmprovisioner.v1.RebootVmRequest
+	35, // 49: vmprovisioner.v1.VmService.UpdateSecurityPolicy:input_type -> vmprovisioner.v1.UpdateSecurityPolicyRequest
+	37, // 50: vmprovisioner.v1.VmService.UpdateVmNetwork:input_type -> vmprovisioner.v1.UpdateVmNetworkRequest
+	39, // 51: vmprovisioner.v1.VmService.IsolateVm:input_type -> vmprovisioner.v1.IsolateVmRequest
+	41, // 52: vmprovisioner.v1.VmService.ReleaseVm:input_type -> vmprovisioner.v1.ReleaseVmRequest
+	13, // 53: vmprovisioner.v1.VmService.CreateVm:output_type -> vmprovisioner.v1.CreateVmResponse
+	15, // 54: vmprovisioner.v1.VmService.GetVm:output_type -> vmprovisioner.v1.GetVmResponse
+	22, // 55: vmprovisioner.v1.VmService.ListVms:output_type -> vmprovisioner.v1.ListVmsResponse
+	24, // 56: vmprovisioner.v1.VmService.BootVm:output_type -> vmprovisioner.v1.BootVmResponse
+	26, // 57: vmprovisioner.v1.VmService.ShutdownVm:output_type -> vmprovisioner.v1.ShutdownVmResponse
+	28, // 58: vmprovisioner.v1.VmService.DeleteVm:output_type -> vmprovisioner.v1.DeleteVmResponse
+	30, // 59: vmprovisioner.v1.VmService.PauseVm:output_type -> vmprovisioner.v1.PauseVmResponse
+	32, // 60: vmprovisioner.v1.VmService.ResumeVm:output_type -> vmprovisioner.v1.ResumeVmResponse
+	34, // 61: vmprovisioner.v1.VmService.RebootVm:output_type -> vmprovisioner.v1.RebootVmResponse
+	36, // 62: vmprovisioner.v1.VmService.UpdateSecurityPolicy:output_type -> vmprovisioner.v1.UpdateSecurityPolicyResponse
+	38, // 63: vmprovisioner.v1.VmService.UpdateVmNetwork:output_type -> vmprovisioner.v1.UpdateVmNetworkResponse
+	40, // 64: vmprovisioner.v1.VmService.IsolateVm:output_type -> vmprovisioner.v1.IsolateVmResponse
+	42, // 65: vmprovisioner.v1.VmService.ReleaseVm:output_type -> vmprovisioner.v1.ReleaseVmResponse
+	53, // [53:66] is the sub-list for method output_type
+	40, // [40:53] is the sub-list for method input_type
+	40, // [40:40] is the sub-list for extension type_name
+	40, // [40:40] is the sub-list for extension extendee
+	0,  // [0:40] is the sub-list for field type_name
 }
 
 func init() { file_vmprovisioner_v1_vm_proto_init() }
@@ -2882,7 +3154,7 @@ func file_vmprovisioner_v1_vm_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_vmprovisioner_v1_vm_proto_rawDesc), len(file_vmprovisioner_v1_vm_proto_rawDesc)),
 			NumEnums:      1,
-			NumMessages:   39,
+			NumMessages:   44,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

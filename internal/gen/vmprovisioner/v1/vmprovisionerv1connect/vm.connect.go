@@ -63,6 +63,10 @@ const (
 	// VmServiceUpdateVmNetworkProcedure is the fully-qualified name of the VmService's UpdateVmNetwork
 	// RPC.
 	VmServiceUpdateVmNetworkProcedure = "/vmprovisioner.v1.VmService/UpdateVmNetwork"
+	// VmServiceIsolateVmProcedure is the fully-qualified name of the VmService's IsolateVm RPC.
+	VmServiceIsolateVmProcedure = "/vmprovisioner.v1.VmService/IsolateVm"
+	// VmServiceReleaseVmProcedure is the fully-qualified name of the VmService's ReleaseVm RPC.
+	VmServiceReleaseVmProcedure = "/vmprovisioner.v1.VmService/ReleaseVm"
 )
 
 // VmServiceClient is a client for the vmprovisioner.v1.VmService service.
@@ -93,6 +97,12 @@ type VmServiceClient interface {
 	// UpdateVmNetwork patches one NIC's ipv6 settings (today: its security
 	// block and DNS servers): present fields replace, absent fields stay.
 	UpdateVmNetwork(context.Context, *connect.Request[v1.UpdateVmNetworkRequest]) (*connect.Response[v1.UpdateVmNetworkResponse], error)
+	// IsolateVm quarantines a VM: every packet to and from it is dropped
+	// (its ND with the gateway excepted) until ReleaseVm. Policy updates made
+	// meanwhile are stored; isolation wins.
+	IsolateVm(context.Context, *connect.Request[v1.IsolateVmRequest]) (*connect.Response[v1.IsolateVmResponse], error)
+	// ReleaseVm lifts a quarantine.
+	ReleaseVm(context.Context, *connect.Request[v1.ReleaseVmRequest]) (*connect.Response[v1.ReleaseVmResponse], error)
 }
 
 // NewVmServiceClient constructs a client for the vmprovisioner.v1.VmService service. By default, it
@@ -174,6 +184,18 @@ func NewVmServiceClient(httpClient connect.HTTPClient, baseURL string, opts ...c
 			connect.WithSchema(vmServiceMethods.ByName("UpdateVmNetwork")),
 			connect.WithClientOptions(opts...),
 		),
+		isolateVm: connect.NewClient[v1.IsolateVmRequest, v1.IsolateVmResponse](
+			httpClient,
+			baseURL+VmServiceIsolateVmProcedure,
+			connect.WithSchema(vmServiceMethods.ByName("IsolateVm")),
+			connect.WithClientOptions(opts...),
+		),
+		releaseVm: connect.NewClient[v1.ReleaseVmRequest, v1.ReleaseVmResponse](
+			httpClient,
+			baseURL+VmServiceReleaseVmProcedure,
+			connect.WithSchema(vmServiceMethods.ByName("ReleaseVm")),
+			connect.WithClientOptions(opts...),
+		),
 	}
 }
 
@@ -190,6 +212,8 @@ type vmServiceClient struct {
 	rebootVm             *connect.Client[v1.RebootVmRequest, v1.RebootVmResponse]
 	updateSecurityPolicy *connect.Client[v1.UpdateSecurityPolicyRequest, v1.UpdateSecurityPolicyResponse]
 	updateVmNetwork      *connect.Client[v1.UpdateVmNetworkRequest, v1.UpdateVmNetworkResponse]
+	isolateVm            *connect.Client[v1.IsolateVmRequest, v1.IsolateVmResponse]
+	releaseVm            *connect.Client[v1.ReleaseVmRequest, v1.ReleaseVmResponse]
 }
 
 // CreateVm calls vmprovisioner.v1.VmService.CreateVm.
@@ -247,6 +271,16 @@ func (c *vmServiceClient) UpdateVmNetwork(ctx context.Context, req *connect.Requ
 	return c.updateVmNetwork.CallUnary(ctx, req)
 }
 
+// IsolateVm calls vmprovisioner.v1.VmService.IsolateVm.
+func (c *vmServiceClient) IsolateVm(ctx context.Context, req *connect.Request[v1.IsolateVmRequest]) (*connect.Response[v1.IsolateVmResponse], error) {
+	return c.isolateVm.CallUnary(ctx, req)
+}
+
+// ReleaseVm calls vmprovisioner.v1.VmService.ReleaseVm.
+func (c *vmServiceClient) ReleaseVm(ctx context.Context, req *connect.Request[v1.ReleaseVmRequest]) (*connect.Response[v1.ReleaseVmResponse], error) {
+	return c.releaseVm.CallUnary(ctx, req)
+}
+
 // VmServiceHandler is an implementation of the vmprovisioner.v1.VmService service.
 type VmServiceHandler interface {
 	// CreateVm validates a configuration and creates the VM's sandbox and
@@ -275,6 +309,12 @@ type VmServiceHandler interface {
 	// UpdateVmNetwork patches one NIC's ipv6 settings (today: its security
 	// block and DNS servers): present fields replace, absent fields stay.
 	UpdateVmNetwork(context.Context, *connect.Request[v1.UpdateVmNetworkRequest]) (*connect.Response[v1.UpdateVmNetworkResponse], error)
+	// IsolateVm quarantines a VM: every packet to and from it is dropped
+	// (its ND with the gateway excepted) until ReleaseVm. Policy updates made
+	// meanwhile are stored; isolation wins.
+	IsolateVm(context.Context, *connect.Request[v1.IsolateVmRequest]) (*connect.Response[v1.IsolateVmResponse], error)
+	// ReleaseVm lifts a quarantine.
+	ReleaseVm(context.Context, *connect.Request[v1.ReleaseVmRequest]) (*connect.Response[v1.ReleaseVmResponse], error)
 }
 
 // NewVmServiceHandler builds an HTTP handler from the service implementation. It returns the path
@@ -352,6 +392,18 @@ func NewVmServiceHandler(svc VmServiceHandler, opts ...connect.HandlerOption) (s
 		connect.WithSchema(vmServiceMethods.ByName("UpdateVmNetwork")),
 		connect.WithHandlerOptions(opts...),
 	)
+	vmServiceIsolateVmHandler := connect.NewUnaryHandler(
+		VmServiceIsolateVmProcedure,
+		svc.IsolateVm,
+		connect.WithSchema(vmServiceMethods.ByName("IsolateVm")),
+		connect.WithHandlerOptions(opts...),
+	)
+	vmServiceReleaseVmHandler := connect.NewUnaryHandler(
+		VmServiceReleaseVmProcedure,
+		svc.ReleaseVm,
+		connect.WithSchema(vmServiceMethods.ByName("ReleaseVm")),
+		connect.WithHandlerOptions(opts...),
+	)
 	return "/vmprovisioner.v1.VmService/", http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		switch r.URL.Path {
 		case VmServiceCreateVmProcedure:
@@ -376,6 +428,10 @@ func NewVmServiceHandler(svc VmServiceHandler, opts ...connect.HandlerOption) (s
 			vmServiceUpdateSecurityPolicyHandler.ServeHTTP(w, r)
 		case VmServiceUpdateVmNetworkProcedure:
 			vmServiceUpdateVmNetworkHandler.ServeHTTP(w, r)
+		case VmServiceIsolateVmProcedure:
+			vmServiceIsolateVmHandler.ServeHTTP(w, r)
+		case VmServiceReleaseVmProcedure:
+			vmServiceReleaseVmHandler.ServeHTTP(w, r)
 		default:
 			http.NotFound(w, r)
 		}
@@ -427,4 +483,12 @@ func (UnimplementedVmServiceHandler) UpdateSecurityPolicy(context.Context, *conn
 
 func (UnimplementedVmServiceHandler) UpdateVmNetwork(context.Context, *connect.Request[v1.UpdateVmNetworkRequest]) (*connect.Response[v1.UpdateVmNetworkResponse], error) {
 	return nil, connect.NewError(connect.CodeUnimplemented, errors.New("vmprovisioner.v1.VmService.UpdateVmNetwork is not implemented"))
+}
+
+func (UnimplementedVmServiceHandler) IsolateVm(context.Context, *connect.Request[v1.IsolateVmRequest]) (*connect.Response[v1.IsolateVmResponse], error) {
+	return nil, connect.NewError(connect.CodeUnimplemented, errors.New("vmprovisioner.v1.VmService.IsolateVm is not implemented"))
+}
+
+func (UnimplementedVmServiceHandler) ReleaseVm(context.Context, *connect.Request[v1.ReleaseVmRequest]) (*connect.Response[v1.ReleaseVmResponse], error) {
+	return nil, connect.NewError(connect.CodeUnimplemented, errors.New("vmprovisioner.v1.VmService.ReleaseVm is not implemented"))
 }
