@@ -39,6 +39,7 @@ import (
 
 	"github.com/metald/metald/cmd/metald-init/guestcfg"
 	"github.com/metald/metald/internal/backend"
+	"github.com/metald/metald/internal/backend/guestproc"
 	"github.com/metald/metald/internal/backend/qemu/tap"
 	"github.com/metald/metald/internal/network/link"
 	"github.com/metald/metald/internal/network/ns"
@@ -537,21 +538,7 @@ func (b *Backend) Check(ctx context.Context, inst backend.Instance) backend.Heal
 }
 
 func (b *Backend) kill(ctx context.Context, pid int, start uint64) error {
-	p, err := openProc(pid, start)
-	if errors.Is(err, errProcGone) {
-		return nil
-	}
-	if err != nil {
-		return err
-	}
-	defer p.close()
-	if err := p.signal(unix.SIGKILL); err != nil && !errors.Is(err, errProcGone) {
-		return err
-	}
-	if gone, err := p.wait(ctx, 10*time.Second); err != nil || !gone {
-		return fmt.Errorf("kill firecracker %d: still alive (%v)", pid, err)
-	}
-	return nil
+	return guestproc.Kill(ctx, pid, start, 10*time.Second)
 }
 
 // Destroy kills the VMM, deletes the taps (by name, or by owner alias

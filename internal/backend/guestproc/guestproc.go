@@ -254,3 +254,30 @@ func Alive(pid int, start uint64) bool {
 	st, err := StartTime(pid)
 	return err == nil && st == start
 }
+
+// Kill SIGKILLs the process pid that started at start and waits up to d
+// for it to exit. A process already gone is not an error.
+func Kill(ctx context.Context, pid int, start uint64, d time.Duration) error {
+	p, err := Open(pid, start)
+	if errors.Is(err, ErrGone) {
+		return nil
+	}
+	if err != nil {
+		return err
+	}
+	defer p.Close()
+	if err := p.Signal(unix.SIGKILL); err != nil {
+		if errors.Is(err, ErrGone) {
+			return nil
+		}
+		return err
+	}
+	gone, err := p.Wait(ctx, d)
+	if err != nil {
+		return err
+	}
+	if !gone {
+		return fmt.Errorf("kill %d: still alive %v after SIGKILL", pid, d)
+	}
+	return nil
+}

@@ -28,6 +28,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/metald/metald/internal/backend"
+	"github.com/metald/metald/internal/backend/guestproc"
 	"github.com/metald/metald/internal/network/link"
 	"github.com/metald/metald/internal/network/ns"
 )
@@ -421,28 +422,7 @@ func (b *Backend) killNetns(ctx context.Context, ino uint64) error {
 
 // kill SIGKILLs the process and waits until it is gone.
 func (b *Backend) kill(ctx context.Context, pid int, start uint64) error {
-	p, err := openProc(pid, start)
-	if errors.Is(err, errProcGone) {
-		return nil
-	}
-	if err != nil {
-		return err
-	}
-	defer p.close()
-	if err := p.signal(unix.SIGKILL); err != nil {
-		if errors.Is(err, errProcGone) {
-			return nil
-		}
-		return err
-	}
-	gone, err := p.wait(ctx, 10*time.Second)
-	if err != nil {
-		return err
-	}
-	if !gone {
-		return fmt.Errorf("kill guest %d: still alive 10s after SIGKILL", pid)
-	}
-	return nil
+	return guestproc.Kill(ctx, pid, start, 10*time.Second)
 }
 
 // Owned lists the VM ids that have a namespace, a /etc/netns directory or a

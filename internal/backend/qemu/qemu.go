@@ -38,6 +38,7 @@ import (
 
 	"github.com/metald/metald/cmd/metald-init/guestcfg"
 	"github.com/metald/metald/internal/backend"
+	"github.com/metald/metald/internal/backend/guestproc"
 	"github.com/metald/metald/internal/backend/qemu/tap"
 	"github.com/metald/metald/internal/network/link"
 	"github.com/metald/metald/internal/network/ns"
@@ -668,28 +669,7 @@ func (b *Backend) Shutdown(ctx context.Context, inst backend.Instance, timeout t
 
 // kill SIGKILLs the process and waits until it is gone.
 func (b *Backend) kill(ctx context.Context, pid int, start uint64) error {
-	p, err := openProc(pid, start)
-	if errors.Is(err, errProcGone) {
-		return nil
-	}
-	if err != nil {
-		return err
-	}
-	defer p.close()
-	if err := p.signal(unix.SIGKILL); err != nil {
-		if errors.Is(err, errProcGone) {
-			return nil
-		}
-		return err
-	}
-	gone, err := p.wait(ctx, 10*time.Second)
-	if err != nil {
-		return err
-	}
-	if !gone {
-		return fmt.Errorf("kill qemu %d: still alive 10s after SIGKILL", pid)
-	}
-	return nil
+	return guestproc.Kill(ctx, pid, start, 10*time.Second)
 }
 
 // Check reports the VM directory and QMP socket as the sandbox and the
