@@ -1,4 +1,4 @@
-package netns
+package guestproc
 
 import (
 	"os"
@@ -24,26 +24,26 @@ func TestParseStat(t *testing.T) {
 		{in: "123 (sleep) SS" + tail, bad: true},
 		{in: "123 (x) S 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 -1 20", bad: true},
 	} {
-		st, err := parseStat([]byte(c.in))
+		st, err := ParseStat([]byte(c.in))
 		if c.bad {
 			if err == nil {
-				t.Errorf("parseStat(%q) = %+v, want error", c.in, st)
+				t.Errorf("ParseStat(%q) = %+v, want error", c.in, st)
 			}
 			continue
 		}
 		if err != nil || st.State != c.state || st.StartTime != c.start {
-			t.Errorf("parseStat(%q) = %+v, %v; want %c %d", c.in, st, err, c.state, c.start)
+			t.Errorf("ParseStat(%q) = %+v, %v; want %c %d", c.in, st, err, c.state, c.start)
 		}
 	}
 }
 
 func TestReadStatSelf(t *testing.T) {
-	st, err := readStat(os.Getpid())
+	st, err := ReadStat(os.Getpid())
 	if err != nil || st.StartTime == 0 || st.Dead() {
-		t.Fatalf("readStat(self) = %+v, %v", st, err)
+		t.Fatalf("ReadStat(self) = %+v, %v", st, err)
 	}
-	if _, err := liveStat(os.Getpid(), st.StartTime+1); err != errProcGone {
-		t.Errorf("liveStat with wrong start time = %v, want errProcGone", err)
+	if _, err := LiveStat(os.Getpid(), st.StartTime+1); err != ErrGone {
+		t.Errorf("LiveStat with wrong start time = %v, want ErrGone", err)
 	}
 }
 
@@ -52,7 +52,7 @@ func FuzzParseStat(f *testing.F) {
 	f.Add([]byte("1 ()) Z"))
 	f.Add([]byte(")"))
 	f.Fuzz(func(t *testing.T, b []byte) {
-		st, err := parseStat(b)
+		st, err := ParseStat(b)
 		if err == nil && st.State == 0 && len(b) == 0 {
 			t.Fatal("empty input parsed")
 		}
@@ -66,10 +66,10 @@ func TestReapCollectsZombie(t *testing.T) {
 		t.Fatal(err)
 	}
 	pid := cmd.Process.Pid
-	reap(cmd.Process)
+	Reap(cmd.Process)
 	deadline := time.Now().Add(5 * time.Second)
 	for {
-		st, err := readStat(pid)
+		st, err := ReadStat(pid)
 		if err != nil {
 			return // gone: reaped
 		}
