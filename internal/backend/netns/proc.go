@@ -17,7 +17,6 @@ var errProcGone = guestproc.ErrGone
 
 type procStat = guestproc.Stat
 
-func parseStat(b []byte) (procStat, error)             { return guestproc.ParseStat(b) }
 func readStat(pid int) (procStat, error)               { return guestproc.ReadStat(pid) }
 func liveStat(pid int, start uint64) (procStat, error) { return guestproc.LiveStat(pid, start) }
 func pidsInNetns(ino uint64) ([]int, error)            { return guestproc.PIDsInNetns(ino) }
