@@ -131,7 +131,7 @@ func (s *Server) RegisterDebug(mux *http.ServeMux, counters CounterReader) {
 			entry["ingress_default"] = def(p.GetIngressRules())
 			entry["egress_default"] = def(p.GetEgressRules())
 			entry["security_profile"] = cfg.GetSecurityProfile().GetProfileName()
-			entry["enforcement"] = policyStatus(p, cfg, s.vms.Caps().Policy)
+			entry["enforcement"] = policyStatus(p, cfg, s.vms.Caps())
 			nics = append(nics, entry)
 		}
 		out := map[string]any{"vm_id": row.ID, "tenant_id": row.TenantID, "interfaces": nics}
@@ -169,7 +169,12 @@ func statusJSON(cs []*vmv1.ControlStatus) []json.RawMessage {
 // does not apply it yet. Nothing claims a protection it does not give.
 const notApplied = "bandwidth and packet-rate limits are not yet applied by this daemon"
 
-func policyStatus(p *vmv1.SecurityPolicy, cfg *vmv1.VmConfig, enforced bool) []map[string]string {
+func policyStatus(p *vmv1.SecurityPolicy, cfg *vmv1.VmConfig, caps vm.Capabilities) []map[string]string {
+	enforced := caps.Policy
+	limits := notApplied
+	if caps.Limits {
+		limits = ""
+	}
 	st := func(control string, configured bool, reason string) map[string]string {
 		switch {
 		case !configured:
@@ -188,8 +193,8 @@ func policyStatus(p *vmv1.SecurityPolicy, cfg *vmv1.VmConfig, enforced bool) []m
 		st("tenant_isolation_level", p.GetTenantIsolationLevel() != "" && p.GetTenantIsolationLevel() != "none", ""),
 		st("log_security_events", p.GetLogSecurityEvents(), ""),
 		st("enable_network_microsegmentation", cfg.GetSecurityProfile().GetEnableNetworkMicrosegmentation(), ""),
-		st("bandwidth_limit_mbps", p.GetBandwidthLimitMbps() > 0, notApplied),
-		st("packet_rate_limit", p.GetPacketRateLimit() > 0, notApplied),
+		st("bandwidth_limit_mbps", p.GetBandwidthLimitMbps() > 0, limits),
+		st("packet_rate_limit", p.GetPacketRateLimit() > 0, limits),
 		st("enable_deep_packet_inspection", p.GetEnableDeepPacketInspection(), "deep packet inspection is not implemented"),
 		st("require_encrypted_traffic", cfg.GetSecurityProfile().GetRequireEncryptedTraffic(), "encrypted-traffic enforcement is not implemented"),
 	}

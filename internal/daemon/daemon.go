@@ -240,7 +240,7 @@ func New(ctx context.Context, opt Options) (d *Daemon, err error) {
 	bg := context.Background()
 	parsePrefix, parseAddr := d.ipam.PrefixParser(bg), d.ipam.AddrParser(bg)
 	hostPorts := ports{m: d.links, hostFd: int(d.hostNS.Fd()), netfiltered: &sync.Map{}}
-	d.vms = vm.NewManager(vm.Options{Store: d.store, Backend: d.backend, Ports: hostPorts, Policy: d.pol,
+	d.vms = vm.NewManager(vm.Options{Store: d.store, Backend: d.backend, Ports: hostPorts, Policy: d.pol, Shaper: hostPorts,
 		Addresses: addresses{d.ipam}, Firewall: firewall{f: d.fw, obs: func(t time.Duration) { d.events.ObserveProcessing(secevent.StageRules, t) }}, Router: router{d.hostH}, Logger: d.log,
 		// VLANs are separated by nftables port marks whatever the kernel's
 		// bridge VLAN filtering (which metald does not program).
@@ -248,7 +248,7 @@ func New(ctx context.Context, opt Options) (d *Daemon, err error) {
 			d.events.Emit(secevent.Event{Type: secevent.EventType(typ), Severity: secevent.Severity(sev),
 				VMID: row.ID, TenantID: row.TenantID, Details: secevent.Details{Reason: reason}})
 		},
-		Caps: vm.Capabilities{Firewall: true, VLANMode: string(network.VLANModeNFTables), BridgeSnooping: true, Policy: true}, Snooper: hostPorts, ShutdownTimeout: opt.ShutdownTimeout, Step: opt.Step,
+		Caps: vm.Capabilities{Firewall: true, VLANMode: string(network.VLANModeNFTables), BridgeSnooping: true, Policy: true, Limits: true}, Snooper: hostPorts, ShutdownTimeout: opt.ShutdownTimeout, Step: opt.Step,
 		Validate: vm.ValidateOptions{ParsePrefix: parsePrefix, ParseAddr: parseAddr,
 			ParseRule: policy.ParseOptions{ParsePrefix: parsePrefix}.Check}})
 

@@ -8,6 +8,7 @@ import (
 
 	"github.com/metald/metald/internal/network/link"
 	"github.com/metald/metald/internal/network/secpolicy"
+	"github.com/metald/metald/internal/network/shape"
 )
 
 // ports adapts link.Manager to the VM manager's Ports contract.
@@ -92,3 +93,15 @@ func (p ports) EnableSnooping(bridge, port string) error {
 	}
 	return p.m.SetPortMulticastMaxGroups(port, link.DefaultPortMaxGroups)
 }
+
+// ApplyLimits shapes a VM port in both directions (HTB on the port, IFB
+// for traffic from the VM; packet rate by nftables).
+func (p ports) ApplyLimits(dev string, mbps, pps uint32) error {
+	if mbps == 0 && pps == 0 {
+		return shape.Remove(p.hostFd, dev)
+	}
+	return shape.Apply(p.hostFd, dev, shape.Limits{Mbps: mbps, PPS: pps})
+}
+
+// RemoveLimits removes a port's limits.
+func (p ports) RemoveLimits(dev string) error { return shape.Remove(p.hostFd, dev) }

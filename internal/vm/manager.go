@@ -86,6 +86,8 @@ type Options struct {
 	Snooper Snooper
 	// Policy programs per-VM security policies; nil runs without them.
 	Policy PolicyEnforcer
+	// Shaper applies bandwidth and packet-rate limits; nil runs without.
+	Shaper Shaper
 	// Emit records a security event metald itself raises (vm_isolated,
 	// vm_released); nil drops them.
 	Emit   func(eventType, severity string, vm *store.VM, reason string)
@@ -316,6 +318,10 @@ func (m *Manager) Create(ctx context.Context, req *vmv1.CreateVmRequest) (*store
 		}
 	}
 	if err := m.enableSnooping(row, cfg); err != nil {
+		return fail(err)
+	}
+	undo = append(undo, func(context.Context) error { return m.removeLimits(row.NICs) })
+	if err := m.applyLimits(row, cfg); err != nil {
 		return fail(err)
 	}
 	m.opt.Step("create:attached")
@@ -682,6 +688,9 @@ func (m *Manager) teardown(ctx context.Context, vm *store.VM) error {
 	}
 	if err := m.removePolicy(ctx, vm.ID, vm.NICs); err != nil {
 		errs = append(errs, fmt.Errorf("remove security policy: %w", err))
+	}
+	if err := m.removeLimits(vm.NICs); err != nil {
+		errs = append(errs, fmt.Errorf("remove limits: %w", err))
 	}
 	m.opt.Step("delete:firewall")
 	if err := m.releaseBridges(ctx, vm.ID, vm.NICs); err != nil {

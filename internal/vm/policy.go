@@ -244,3 +244,41 @@ func (m *Manager) ReconcilePolicies(ctx context.Context) error {
 	}
 	return nil
 }
+
+// Shaper applies a port's bandwidth (Mbit/s) and packet-rate (packets/s)
+// limits in both directions; zero removes a limit.
+type Shaper interface {
+	ApplyLimits(hostDev string, mbps, pps uint32) error
+	RemoveLimits(hostDev string) error
+}
+
+// applyLimits sets every NIC's limits from its security policy.
+func (m *Manager) applyLimits(row *store.VM, cfg *vmv1.VmConfig) error {
+	if m.opt.Shaper == nil {
+		return nil
+	}
+	for i, n := range row.NICs {
+		if i >= len(cfg.GetNetwork()) {
+			break
+		}
+		sp := cfg.GetNetwork()[i].GetSecurityPolicy()
+		if err := m.opt.Shaper.ApplyLimits(n.HostDevice, sp.GetBandwidthLimitMbps(), sp.GetPacketRateLimit()); err != nil {
+			return fmt.Errorf("apply limits to %s: %w", n.HostDevice, err)
+		}
+	}
+	return nil
+}
+
+// removeLimits removes every NIC's limits (and their IFB devices).
+func (m *Manager) removeLimits(nics []store.NIC) error {
+	if m.opt.Shaper == nil {
+		return nil
+	}
+	var errs []error
+	for _, n := range nics {
+		if err := m.opt.Shaper.RemoveLimits(n.HostDevice); err != nil {
+			errs = append(errs, err)
+		}
+	}
+	return errors.Join(errs...)
+}

@@ -23,6 +23,8 @@ type Capabilities struct {
 	// Policy is true when security policies are programmed (table ip6
 	// metald_security).
 	Policy bool
+	// Limits is true when bandwidth and packet-rate limits are applied.
+	Limits bool
 }
 
 const (

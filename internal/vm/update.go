@@ -139,6 +139,13 @@ func (m *Manager) applyConfig(ctx context.Context, row *store.VM, cfg *vmv1.VmCo
 		restore()
 		return nil, err
 	}
+	if err := m.applyLimits(&next, cfg); err != nil {
+		restore()
+		if old, derr := decodeConfig(row); derr == nil {
+			m.applyLimits(row, old)
+		}
+		return nil, err
+	}
 	next.UpdatedAt = m.opt.Now().UTC()
 	if err := m.opt.Store.UpdateVM(ctx, &next); err != nil {
 		restore()
