@@ -94,6 +94,15 @@ func toConnect(err error) error {
 			return violationsError(vs)
 		}
 	}
+	var ce2 *vm.ComplianceError
+	if errors.As(err, &ce2) {
+		out := connect.NewError(connect.CodeFailedPrecondition, err)
+		if d, derr := connect.NewErrorDetail(&errdetails.PreconditionFailure{Violations: []*errdetails.PreconditionFailure_Violation{
+			{Type: ce2.Framework, Subject: ce2.Field, Description: ce2.Reason}}}); derr == nil {
+			out.AddDetail(d)
+		}
+		return out
+	}
 	var se *vm.StateError
 	switch {
 	case errors.As(err, &se):

@@ -60,6 +60,9 @@ type Config struct {
 	// usable, else qemu when it is installed, else netns (the choice is
 	// logged and shown in GetVm). Default "auto". Flag --backend.
 	Backend string `yaml:"backend"`
+	// Region is the host's region (e.g. "US"); a VM whose
+	// compliance.data_residency names another region is refused. Default "".
+	Region string `yaml:"region"`
 	// LogLevel is the minimum level logged: "debug", "info", "warn" or
 	// "error". Default "info".
 	LogLevel string `yaml:"log_level"`

@@ -76,6 +76,8 @@ type Options struct {
 	LeakInterval, LeakGrace time.Duration
 	// EventWindow is the security-event aggregation window (default 5 s).
 	EventWindow time.Duration
+	// Region is the host's region (compliance.data_residency).
+	Region string
 	// PerVMLabels adds vm_id labels to per-VM metrics.
 	PerVMLabels bool
 	// QEMUBinary, QEMUAccelerator configure the qemu backend.
@@ -240,7 +242,7 @@ func New(ctx context.Context, opt Options) (d *Daemon, err error) {
 	bg := context.Background()
 	parsePrefix, parseAddr := d.ipam.PrefixParser(bg), d.ipam.AddrParser(bg)
 	hostPorts := ports{m: d.links, hostFd: int(d.hostNS.Fd()), netfiltered: &sync.Map{}}
-	d.vms = vm.NewManager(vm.Options{Store: d.store, Backend: d.backend, Ports: hostPorts, Policy: d.pol, Shaper: hostPorts,
+	d.vms = vm.NewManager(vm.Options{Store: d.store, Backend: d.backend, Ports: hostPorts, Policy: d.pol, Shaper: hostPorts, Region: opt.Region,
 		Addresses: addresses{d.ipam}, Firewall: firewall{f: d.fw, obs: func(t time.Duration) { d.events.ObserveProcessing(secevent.StageRules, t) }}, Router: router{d.hostH}, Logger: d.log,
 		// VLANs are separated by nftables port marks whatever the kernel's
 		// bridge VLAN filtering (which metald does not program).

@@ -41,6 +41,7 @@ func optionsFor(dir string) daemon.Options {
 	return daemon.Options{
 		DataDir: filepath.Join(dir, "data"), LogDir: filepath.Join(dir, "log"),
 		Backend:  "netns",
+		Region:   "US", // the guide's Example 3 requires it
 		NetnsDir: filepath.Join(dir, "netns"), EtcNetnsDir: filepath.Join(dir, "etc"),
 		ShutdownTimeout: 2 * time.Second, WatchInterval: 200 * time.Millisecond, EventWindow: 300 * time.Millisecond,
 		// Documentation prefixes for the tests' own addresses, and the

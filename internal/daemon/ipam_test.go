@@ -3,6 +3,7 @@ package daemon_test
 import (
 	"encoding/json"
 	"fmt"
+	"net/http"
 	"net/netip"
 	"os"
 	"os/exec"
@@ -340,4 +341,29 @@ func TestUnknownSubnetNameRejected(t *testing.T) {
 	if a := str(list(e.getVM(out["vmId"].(string))["networkStatus"])[0], "ipv6Address"); a != "2600:beef:1000:10::10/64" {
 		t.Fatalf("declared name resolved to %q", a)
 	}
+}
+
+// The guide's Example 3 declares PCI-DSS, SOC2 and ISO27001 and US data
+// residency: it passes as written, and each weakening is failed_precondition
+// naming the framework and the field, creating nothing.
+func TestComplianceThroughDaemon(t *testing.T) {
+	e := newEnvWith(t, func(o *daemon.Options) {
+		o.Pools = []ipam.PoolConfig{{ID: "financial", Prefixes: []string{"2600:BEEF:2000::/48", "2600:BEEF:2001::/48"}}}
+	})
+	bad := loadExample(t, "example3-financial-services")
+	obj(obj(list(obj(bad["config"])["network"])[1])["security_policy"])["tenant_isolation_level"] = "moderate"
+	code, out := e.call("CreateVm", bad)
+	if code != 400 || out["code"] != "failed_precondition" || !strings.Contains(str(out, "message"), "PCI-DSS") ||
+		!strings.HasPrefix(str(out, "message"), "config.network[1].security_policy.tenant_isolation_level: ") {
+		t.Fatalf("weakened PCI-DSS config: %d %v", code, out)
+	}
+	bad = loadExample(t, "example3-financial-services")
+	obj(obj(bad["config"])["compliance"])["data_residency"] = "EU"
+	if code, out := e.call("CreateVm", bad); code != 400 || out["code"] != "failed_precondition" || !strings.Contains(str(out, "message"), `"EU"`) {
+		t.Fatalf("data residency: %d %v", code, out)
+	}
+	if _, out := e.do(http.MethodGet, "ListVms", nil, ""); len(list(out["vms"])) != 0 {
+		t.Fatalf("refused configs created VMs: %v", out)
+	}
+	e.mustCall("CreateVm", loadExample(t, "example3-financial-services"))
 }

@@ -88,6 +88,9 @@ type Options struct {
 	Policy PolicyEnforcer
 	// Shaper applies bandwidth and packet-rate limits; nil runs without.
 	Shaper Shaper
+	// Region is the host's region, which compliance.data_residency must
+	// match.
+	Region string
 	// Emit records a security event metald itself raises (vm_isolated,
 	// vm_released); nil drops them.
 	Emit   func(eventType, severity string, vm *store.VM, reason string)
@@ -191,6 +194,9 @@ func (m *Manager) Create(ctx context.Context, req *vmv1.CreateVmRequest) (*store
 	}
 	cfg := req.GetConfig()
 	if err := checkProfile(cfg); err != nil {
+		return nil, err
+	}
+	if err := checkCompliance(cfg, m.opt.Region); err != nil {
 		return nil, err
 	}
 	id := req.GetVmId()

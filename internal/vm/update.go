@@ -116,6 +116,9 @@ func (m *Manager) applyConfig(ctx context.Context, row *store.VM, cfg *vmv1.VmCo
 	if err := checkProfile(cfg); err != nil {
 		return nil, renameFields(err, from, to)
 	}
+	if err := checkCompliance(cfg, m.opt.Region); err != nil {
+		return nil, err
+	}
 	raw, err := configJSON.Marshal(cfg)
 	if err != nil {
 		return nil, err
