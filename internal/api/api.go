@@ -50,7 +50,8 @@ func NewServer(m *vm.Manager, status NICStatuser) *Server {
 // Handler returns the VmService routes, wrapped for curl compatibility, as
 // a path and handler to mount.
 func (s *Server) Handler(opts ...connect.HandlerOption) (string, http.Handler) {
-	opts = append([]connect.HandlerOption{connect.WithCodec(jsonCodec{"json"}), connect.WithCodec(jsonCodec{"json; charset=utf-8"})}, opts...)
+	opts = append([]connect.HandlerOption{connect.WithCodec(jsonCodec{"json"}), connect.WithCodec(jsonCodec{"json; charset=utf-8"}),
+		connect.WithInterceptors(callerInterceptor())}, opts...)
 	path, h := vmprovisionerv1connect.NewVmServiceHandler(s, opts...)
 	sd := vmv1.File_vmprovisioner_v1_vm_proto.Services().ByName("VmService")
 	return path, newCompat(h, sd)
@@ -420,4 +421,18 @@ func (s *Server) ReleaseVm(ctx context.Context, req *connect.Request[vmv1.Releas
 		return nil, err
 	}
 	return connect.NewResponse(&vmv1.ReleaseVmResponse{}), nil
+}
+
+// callerInterceptor records who calls (peer address and user agent) in the
+// request context, for the audit log.
+func callerInterceptor() connect.UnaryInterceptorFunc {
+	return func(next connect.UnaryFunc) connect.UnaryFunc {
+		return func(ctx context.Context, req connect.AnyRequest) (connect.AnyResponse, error) {
+			caller := req.Peer().Addr
+			if ua := req.Header().Get("User-Agent"); ua != "" {
+				caller += " " + ua
+			}
+			return next(vm.WithCaller(ctx, caller), req)
+		}
+	}
 }

@@ -144,6 +144,24 @@ func (s *Server) RegisterDebug(mux *http.ServeMux, counters CounterReader) {
 	})
 }
 
+// RegisterAudit adds GET /debug/audit?vm_id= (every VM when vm_id is
+// absent): the persisted audit log of VMs with compliance.audit_logging.
+func (s *Server) RegisterAudit(mux *http.ServeMux) {
+	mux.HandleFunc("GET /debug/audit", func(w http.ResponseWriter, r *http.Request) {
+		entries, err := s.vms.Audit(r.Context(), r.URL.Query().Get("vm_id"))
+		if err != nil {
+			writeErr(w, err)
+			return
+		}
+		out := make([]map[string]string, 0, len(entries))
+		for _, e := range entries {
+			out = append(out, map[string]string{"vm_id": e.VMID, "timestamp": e.At.Format("2006-01-02T15:04:05.000Z07:00"),
+				"action": e.Action, "caller": e.Caller, "detail": e.Detail})
+		}
+		writeJSON(w, http.StatusOK, out)
+	})
+}
+
 func (s *Server) load(r *http.Request) (*store.VM, *vmv1.VmConfig, error) {
 	row, err := s.vms.Get(r.Context(), r.PathValue("vm_id"))
 	if err != nil {

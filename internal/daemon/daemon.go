@@ -273,6 +273,7 @@ func New(ctx context.Context, opt Options) (d *Daemon, err error) {
 	path, h := srv.Handler()
 	d.mux.Handle(path, h)
 	srv.RegisterDebug(d.mux, d.counters)
+	srv.RegisterAudit(d.mux)
 	d.mux.HandleFunc("GET /healthz", func(w http.ResponseWriter, _ *http.Request) { w.Write([]byte("ok\n")) })
 	ipamhttp.New(d.ipam, ipamhttp.Options{VMState: d.vmState, Live: d.live, Grace: opt.LeakGrace}).Register(d.mux)
 	eventhttp.New(d.events).Register(d.mux)

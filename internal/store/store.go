@@ -80,6 +80,15 @@ type NICRef struct {
 	NIC
 }
 
+// AuditEntry records one change to a VM: what, when and by whom.
+type AuditEntry struct {
+	VMID   string
+	At     time.Time
+	Action string
+	Caller string
+	Detail string
+}
+
 // Store persists metald's state. Implementations are safe for concurrent use.
 type Store interface {
 	// CreateVM inserts a VM and its NICs; ErrConflict when the id or a host
@@ -99,6 +108,10 @@ type Store interface {
 	// NICsWithAddress returns every NIC whose address (any prefix length)
 	// is addr, given in canonical form.
 	NICsWithAddress(ctx context.Context, addr string) ([]NICRef, error)
+	// AppendAudit records an audit entry.
+	AppendAudit(ctx context.Context, e AuditEntry) error
+	// ListAudit returns a VM's audit entries, oldest first ("" lists all).
+	ListAudit(ctx context.Context, vmID string) ([]AuditEntry, error)
 	// CountVMsByState returns the number of VMs in each state.
 	CountVMsByState(ctx context.Context) (map[string]int, error)
 	// Close releases the database.

@@ -340,6 +340,7 @@ func (m *Manager) Create(ctx context.Context, req *vmv1.CreateVmRequest) (*store
 		return fail(fmt.Errorf("persist vm: %w", err))
 	}
 	m.opt.Step("create:done")
+	m.audit(ctx, row, "CreateVm", string(raw))
 	m.log.Info("vm created", "vm_id", id, "tenant_id", tenant, "nics", len(row.NICs))
 	return row, nil
 }
@@ -559,6 +560,7 @@ func (m *Manager) transition(ctx context.Context, id, opName string, allowed []s
 	if err := m.opt.Store.UpdateVM(ctx, vm); err != nil {
 		return nil, fmt.Errorf("persist vm state: %w", err)
 	}
+	m.audit(ctx, vm, opName, state)
 	m.log.Info("vm state changed", "vm_id", id, "op", opName, "state", state)
 	return vm, nil
 }
@@ -657,6 +659,7 @@ func (m *Manager) Delete(ctx context.Context, id string) error {
 	}
 	ctx, cancel := m.detached(ctx)
 	defer cancel()
+	m.audit(ctx, vm, "DeleteVm", "")
 	// Intent first: a crash from here on is finished by the next start.
 	vm.State, vm.UpdatedAt = store.StateDeleting, m.opt.Now().UTC()
 	if err := m.opt.Store.UpdateVM(ctx, vm); err != nil {

@@ -155,6 +155,7 @@ func (m *Manager) applyConfig(ctx context.Context, row *store.VM, cfg *vmv1.VmCo
 		return nil, fmt.Errorf("persist vm: %w", err)
 	}
 	m.log.Info("vm configuration updated", "vm_id", row.ID, "field", to)
+	m.audit(ctx, &next, "Update "+to, string(raw))
 	return &next, nil
 }
 
@@ -283,6 +284,11 @@ func (m *Manager) setIsolation(ctx context.Context, id, reason string, on bool) 
 	if err := m.opt.Store.UpdateVM(ctx, &next); err != nil {
 		m.installPolicy(ctx, row, cfg)
 		return nil, fmt.Errorf("persist vm: %w", err)
+	}
+	if on {
+		m.audit(ctx, &next, "IsolateVm", reason)
+	} else {
+		m.audit(ctx, &next, "ReleaseVm", "")
 	}
 	if on {
 		m.log.Warn("vm isolated", "vm_id", id, "reason", reason)

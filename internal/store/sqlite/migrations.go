@@ -112,4 +112,15 @@ var migrations = []string{
 	// 6: quarantine (IsolateVm): why and since when.
 	`ALTER TABLE vms ADD COLUMN isolated_reason TEXT NOT NULL DEFAULT '';
 	ALTER TABLE vms ADD COLUMN isolated_at INTEGER NOT NULL DEFAULT 0;`,
+	// 7: the audit log of VMs whose compliance asks for it. Entries
+	// outlive their VM.
+	`CREATE TABLE audit (
+		id     INTEGER PRIMARY KEY AUTOINCREMENT,
+		vm_id  TEXT NOT NULL,
+		at     INTEGER NOT NULL,
+		action TEXT NOT NULL,
+		caller TEXT NOT NULL DEFAULT '',
+		detail TEXT NOT NULL DEFAULT ''
+	);
+	CREATE INDEX audit_vm ON audit (vm_id, id);`,
 }

@@ -307,3 +307,32 @@ func (s *Store) CountVMsByState(ctx context.Context) (map[string]int, error) {
 	}
 	return out, rows.Err()
 }
+
+// AppendAudit implements store.Store.
+func (s *Store) AppendAudit(ctx context.Context, e store.AuditEntry) error {
+	if _, err := s.db.ExecContext(ctx, `INSERT INTO audit (vm_id, at, action, caller, detail) VALUES (?, ?, ?, ?, ?)`,
+		e.VMID, ts(e.At), e.Action, e.Caller, e.Detail); err != nil {
+		return fmt.Errorf("append audit: %w", err)
+	}
+	return nil
+}
+
+// ListAudit implements store.Store.
+func (s *Store) ListAudit(ctx context.Context, vmID string) ([]store.AuditEntry, error) {
+	rows, err := s.db.QueryContext(ctx, `SELECT vm_id, at, action, caller, detail FROM audit WHERE ? = '' OR vm_id = ? ORDER BY id`, vmID, vmID)
+	if err != nil {
+		return nil, fmt.Errorf("list audit: %w", err)
+	}
+	defer rows.Close()
+	var out []store.AuditEntry
+	for rows.Next() {
+		var e store.AuditEntry
+		var at int64
+		if err := rows.Scan(&e.VMID, &at, &e.Action, &e.Caller, &e.Detail); err != nil {
+			return nil, fmt.Errorf("scan audit: %w", err)
+		}
+		e.At = fromTS(at)
+		out = append(out, e)
+	}
+	return out, rows.Err()
+}

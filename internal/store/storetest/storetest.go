@@ -131,6 +131,23 @@ func Run(t *testing.T, open func(t *testing.T) store.Store) {
 		}
 	})
 
+	t.Run("Audit", func(t *testing.T) {
+		s := open(t)
+		for i, a := range []string{"create", "boot", "delete"} {
+			if err := s.AppendAudit(ctx, store.AuditEntry{VMID: "vm-a", At: now.Add(time.Duration(i) * time.Second), Action: a, Caller: "127.0.0.1:1 curl", Detail: "{}"}); err != nil {
+				t.Fatal(err)
+			}
+		}
+		s.AppendAudit(ctx, store.AuditEntry{VMID: "vm-b", At: now, Action: "create"})
+		got, err := s.ListAudit(ctx, "vm-a")
+		if err != nil || len(got) != 3 || got[0].Action != "create" || got[2].Action != "delete" || got[1].Caller != "127.0.0.1:1 curl" || !got[1].At.Equal(now.Add(time.Second)) {
+			t.Fatalf("audit: %v %+v", err, got)
+		}
+		if all, _ := s.ListAudit(ctx, ""); len(all) != 4 {
+			t.Fatalf("all audit entries: %d", len(all))
+		}
+	})
+
 	t.Run("ConcurrentCreates", func(t *testing.T) {
 		s := open(t)
 		var wg sync.WaitGroup
