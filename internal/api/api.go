@@ -36,8 +36,9 @@ type NICStatuser interface {
 
 // Server implements VmService over the VM manager.
 type Server struct {
-	vms    *vm.Manager
-	status NICStatuser // may be nil
+	vms      *vm.Manager
+	status   NICStatuser // may be nil
+	bridgeL3 func(bridge string) (bool, string)
 }
 
 var _ vmprovisionerv1connect.VmServiceHandler = (*Server)(nil)
@@ -249,6 +250,7 @@ func (s *Server) describe(row *store.VM) (*vmv1.GetVmResponse, error) {
 		if i < len(cfg.GetNetwork()) {
 			st.EffectiveSecurity = vm.EffectiveSecurity(cfg, cfg.GetNetwork()[i])
 			st.Controls = vm.ControlStatuses(st.EffectiveSecurity, n, s.vms.Caps())
+			st.PolicyControls = append(policyStatus(cfg.GetNetwork()[i].GetSecurityPolicy(), cfg, s.vms.Caps()), s.bridgeStatus(n.Bridge))
 			st.BridgeName = cfg.GetNetwork()[i].GetBridgeName()
 			st.DnsServers = canonicalAddrs(cfg.GetNetwork()[i].GetIpv6().GetDnsServers())
 		}

@@ -131,7 +131,11 @@ func (s *Server) RegisterDebug(mux *http.ServeMux, counters CounterReader) {
 			entry["ingress_default"] = def(p.GetIngressRules())
 			entry["egress_default"] = def(p.GetEgressRules())
 			entry["security_profile"] = cfg.GetSecurityProfile().GetProfileName()
-			entry["enforcement"] = policyStatus(p, cfg, s.vms.Caps())
+			controls := policyStatus(p, cfg, s.vms.Caps())
+			if i < len(row.NICs) {
+				controls = append(controls, s.bridgeStatus(row.NICs[i].Bridge))
+			}
+			entry["enforcement"] = statusJSON(controls)
 			nics = append(nics, entry)
 		}
 		out := map[string]any{"vm_id": row.ID, "tenant_id": row.TenantID, "interfaces": nics}
@@ -187,24 +191,24 @@ func statusJSON(cs []*vmv1.ControlStatus) []json.RawMessage {
 // does not apply it yet. Nothing claims a protection it does not give.
 const notApplied = "bandwidth and packet-rate limits are not yet applied by this daemon"
 
-func policyStatus(p *vmv1.SecurityPolicy, cfg *vmv1.VmConfig, caps vm.Capabilities) []map[string]string {
+func policyStatus(p *vmv1.SecurityPolicy, cfg *vmv1.VmConfig, caps vm.Capabilities) []*vmv1.ControlStatus {
 	enforced := caps.Policy
 	limits := notApplied
 	if caps.Limits {
 		limits = ""
 	}
-	st := func(control string, configured bool, reason string) map[string]string {
+	st := func(control string, configured bool, reason string) *vmv1.ControlStatus {
 		switch {
 		case !configured:
-			return map[string]string{"control": control, "status": "off"}
+			return &vmv1.ControlStatus{Control: control, Status: "off", Scope: "port"}
 		case reason == "" && enforced:
-			return map[string]string{"control": control, "status": "enforced"}
+			return &vmv1.ControlStatus{Control: control, Status: "enforced", Scope: "port"}
 		case reason == "":
 			reason = "this daemon programs no security policies"
 		}
-		return map[string]string{"control": control, "status": "not_enforced", "reason": reason}
+		return &vmv1.ControlStatus{Control: control, Status: "not_enforced", Reason: reason, Scope: "port"}
 	}
-	return []map[string]string{
+	return []*vmv1.ControlStatus{
 		st("ingress_rules", len(p.GetIngressRules()) > 0, ""),
 		st("egress_rules", len(p.GetEgressRules()) > 0, ""),
 		st("allowed_destinations", len(p.GetAllowedDestinations()) > 0, ""),
@@ -217,3 +221,21 @@ func policyStatus(p *vmv1.SecurityPolicy, cfg *vmv1.VmConfig, caps vm.Capabiliti
 		st("require_encrypted_traffic", cfg.GetSecurityProfile().GetRequireEncryptedTraffic(), "encrypted-traffic enforcement is not implemented"),
 	}
 }
+
+// bridgeStatus reports whether the host's ip6 hooks see a bridge's traffic.
+func (s *Server) bridgeStatus(bridge string) *vmv1.ControlStatus {
+	st := &vmv1.ControlStatus{Control: "bridged_traffic_at_l3", Scope: "bridge", Status: "not_enforced", Reason: "unknown"}
+	if s.bridgeL3 == nil {
+		return st
+	}
+	if ok, reason := s.bridgeL3(bridge); ok {
+		st.Status, st.Reason = "enforced", ""
+	} else {
+		st.Reason = reason
+	}
+	return st
+}
+
+// SetBridgeL3 sets how the server learns whether the host's ip6 hooks see
+// a bridge's traffic (br_netfilter).
+func (s *Server) SetBridgeL3(f func(bridge string) (visible bool, reason string)) { s.bridgeL3 = f }

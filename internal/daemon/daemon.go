@@ -272,6 +272,13 @@ func New(ctx context.Context, opt Options) (d *Daemon, err error) {
 	srv := api.NewServer(d.vms, status)
 	path, h := srv.Handler()
 	d.mux.Handle(path, h)
+	srv.SetBridgeL3(func(bridge string) (bool, string) {
+		st, err := secpolicy.BridgeNetfilterStatus(int(d.hostNS.Fd()), bridge)
+		if err != nil {
+			return false, err.Error()
+		}
+		return st.Visible, st.Reason
+	})
 	srv.RegisterDebug(d.mux, d.counters)
 	srv.RegisterAudit(d.mux)
 	d.mux.HandleFunc("GET /healthz", func(w http.ResponseWriter, _ *http.Request) { w.Write([]byte("ok\n")) })

@@ -100,8 +100,16 @@ func TestPolicyThroughDaemon(t *testing.T) {
 	}
 	// The policy endpoint says the rules are enforced.
 	out := e.shell(t, `curl -s http://localhost:8080/debug/vm/vm-srv/security-policy | jq -c '[.enforcement[] | select(.status == "enforced") | .control]'`)
-	if strings.TrimSpace(out) != `["ingress_rules","egress_rules","tenant_isolation_level"]` {
+	if strings.TrimSpace(out) != `["ingress_rules","egress_rules","tenant_isolation_level","bridged_traffic_at_l3"]` {
 		t.Fatalf("enforcement: %s", out)
+	}
+	// GetVm says the same per NIC.
+	enforced := map[string]string{}
+	for _, c := range list(obj(list(e.getVM("vm-srv")["networkStatus"])[0])["policyControls"]) {
+		enforced[str(c, "control")] = str(c, "status")
+	}
+	if enforced["ingress_rules"] != "enforced" || enforced["bridged_traffic_at_l3"] != "enforced" || enforced["bandwidth_limit_mbps"] != "off" {
+		t.Fatalf("GetVm policy controls: %v", enforced)
 	}
 
 	// blocked_sources, by the operator with the nft CLI: the client is cut

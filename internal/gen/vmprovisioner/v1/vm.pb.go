@@ -1369,6 +1369,10 @@ type NetworkInterfaceStatus struct {
 	VlanMode string `protobuf:"bytes,16,opt,name=vlan_mode,json=vlanMode,proto3" json:"vlan_mode,omitempty"`
 	// guest_link_local is the guest's link-local address as bound to the port.
 	GuestLinkLocal string `protobuf:"bytes,17,opt,name=guest_link_local,json=guestLinkLocal,proto3" json:"guest_link_local,omitempty"`
+	// policy_controls says, per security_policy control, whether it is
+	// enforced; "bridged_traffic_at_l3" says whether the host's ip6 hooks see
+	// this bridge's traffic (br_netfilter), which the policy relies on.
+	PolicyControls []*ControlStatus `protobuf:"bytes,18,rep,name=policy_controls,json=policyControls,proto3" json:"policy_controls,omitempty"`
 	unknownFields  protoimpl.UnknownFields
 	sizeCache      protoimpl.SizeCache
 }
@@ -1520,6 +1524,13 @@ func (x *NetworkInterfaceStatus) GetGuestLinkLocal() string {
 		return x.GuestLinkLocal
 	}
 	return ""
+}
+
+func (x *NetworkInterfaceStatus) GetPolicyControls() []*ControlStatus {
+	if x != nil {
+		return x.PolicyControls
+	}
+	return nil
 }
 
 // ControlStatus is the enforcement state of one security control.
@@ -2886,7 +2897,7 @@ const file_vmprovisioner_v1_vm_proto_rawDesc = "" +
 	"\tIsolation\x12\x1a\n" +
 	"\bisolated\x18\x01 \x01(\bR\bisolated\x12\x16\n" +
 	"\x06reason\x18\x02 \x01(\tR\x06reason\x120\n" +
-	"\x05since\x18\x03 \x01(\v2\x1a.google.protobuf.TimestampR\x05since\"\x8e\x05\n" +
+	"\x05since\x18\x03 \x01(\v2\x1a.google.protobuf.TimestampR\x05since\"\xd8\x05\n" +
 	"\x16NetworkInterfaceStatus\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x12\x1f\n" +
 	"\vhost_device\x18\x02 \x01(\tR\n" +
@@ -2910,7 +2921,8 @@ const file_vmprovisioner_v1_vm_proto_rawDesc = "" +
 	"\x12effective_security\x18\x0e \x01(\v2\x1e.vmprovisioner.v1.Ipv6SecurityR\x11effectiveSecurity\x12;\n" +
 	"\bcontrols\x18\x0f \x03(\v2\x1f.vmprovisioner.v1.ControlStatusR\bcontrols\x12\x1b\n" +
 	"\tvlan_mode\x18\x10 \x01(\tR\bvlanMode\x12(\n" +
-	"\x10guest_link_local\x18\x11 \x01(\tR\x0eguestLinkLocal\"o\n" +
+	"\x10guest_link_local\x18\x11 \x01(\tR\x0eguestLinkLocal\x12H\n" +
+	"\x0fpolicy_controls\x18\x12 \x03(\v2\x1f.vmprovisioner.v1.ControlStatusR\x0epolicyControls\"o\n" +
 	"\rControlStatus\x12\x18\n" +
 	"\acontrol\x18\x01 \x01(\tR\acontrol\x12\x16\n" +
 	"\x06status\x18\x02 \x01(\tR\x06status\x12\x16\n" +
@@ -3090,52 +3102,53 @@ var file_vmprovisioner_v1_vm_proto_depIdxs = []int32{
 	45, // 22: vmprovisioner.v1.Isolation.since:type_name -> google.protobuf.Timestamp
 	8,  // 23: vmprovisioner.v1.NetworkInterfaceStatus.effective_security:type_name -> vmprovisioner.v1.Ipv6Security
 	18, // 24: vmprovisioner.v1.NetworkInterfaceStatus.controls:type_name -> vmprovisioner.v1.ControlStatus
-	44, // 25: vmprovisioner.v1.BackendInfo.details:type_name -> vmprovisioner.v1.BackendInfo.DetailsEntry
-	0,  // 26: vmprovisioner.v1.VmInfo.state:type_name -> vmprovisioner.v1.VmState
-	45, // 27: vmprovisioner.v1.VmInfo.created_at:type_name -> google.protobuf.Timestamp
-	45, // 28: vmprovisioner.v1.VmInfo.updated_at:type_name -> google.protobuf.Timestamp
-	21, // 29: vmprovisioner.v1.ListVmsResponse.vms:type_name -> vmprovisioner.v1.VmInfo
-	0,  // 30: vmprovisioner.v1.BootVmResponse.state:type_name -> vmprovisioner.v1.VmState
-	0,  // 31: vmprovisioner.v1.ShutdownVmResponse.state:type_name -> vmprovisioner.v1.VmState
-	0,  // 32: vmprovisioner.v1.PauseVmResponse.state:type_name -> vmprovisioner.v1.VmState
-	0,  // 33: vmprovisioner.v1.ResumeVmResponse.state:type_name -> vmprovisioner.v1.VmState
-	0,  // 34: vmprovisioner.v1.RebootVmResponse.state:type_name -> vmprovisioner.v1.VmState
-	9,  // 35: vmprovisioner.v1.UpdateSecurityPolicyRequest.security_policy:type_name -> vmprovisioner.v1.SecurityPolicy
-	6,  // 36: vmprovisioner.v1.UpdateSecurityPolicyResponse.network:type_name -> vmprovisioner.v1.NetworkInterface
-	7,  // 37: vmprovisioner.v1.UpdateVmNetworkRequest.ipv6:type_name -> vmprovisioner.v1.Ipv6Config
-	6,  // 38: vmprovisioner.v1.UpdateVmNetworkResponse.network:type_name -> vmprovisioner.v1.NetworkInterface
-	16, // 39: vmprovisioner.v1.IsolateVmResponse.isolation:type_name -> vmprovisioner.v1.Isolation
-	12, // 40: vmprovisioner.v1.VmService.CreateVm:input_type -> vmprovisioner.v1.CreateVmRequest
-	14, // 41: vmprovisioner.v1.VmService.GetVm:input_type -> vmprovisioner.v1.GetVmRequest
-	20, // 42: vmprovisioner.v1.VmService.ListVms:input_type -> vmprovisioner.v1.ListVmsRequest
-	23, // 43: vmprovisioner.v1.VmService.BootVm:input_type -> vmprovisioner.v1.BootVmRequest
-	25, // 44: vmprovisioner.v1.VmService.ShutdownVm:input_type -> vmprovisioner.v1.ShutdownVmRequest
-	27, // 45: vmprovisioner.v1.VmService.DeleteVm:input_type -> vmprovisioner.v1.DeleteVmRequest
-	29, // 46: vmprovisioner.v1.VmService.PauseVm:input_type -> vmprovisioner.v1.PauseVmRequest
-	31, // 47: vmprovisioner.v1.VmService.ResumeVm:input_type -> vmprovisioner.v1.ResumeVmRequest
-	33, // 48: vmprovisioner.v1.VmService.RebootVm:input_type -> vmprovisioner.v1.RebootVmRequest
-	35, // 49: vmprovisioner.v1.VmService.UpdateSecurityPolicy:input_type -> vmprovisioner.v1.UpdateSecurityPolicyRequest
-	37, // 50: vmprovisioner.v1.VmService.UpdateVmNetwork:input_type -> vmprovisioner.v1.UpdateVmNetworkRequest
-	39, // 51: vmprovisioner.v1.VmService.IsolateVm:input_type -> vmprovisioner.v1.IsolateVmRequest
-	41, // 52: vmprovisioner.v1.VmService.ReleaseVm:input_type -> vmprovisioner.v1.ReleaseVmRequest
-	13, // 53: vmprovisioner.v1.VmService.CreateVm:output_type -> vmprovisioner.v1.CreateVmResponse
-	15, // 54: vmprovisioner.v1.VmService.GetVm:output_type -> vmprovisioner.v1.GetVmResponse
-	22, // 55: vmprovisioner.v1.VmService.ListVms:output_type -> vmprovisioner.v1.ListVmsResponse
-	24, // 56: vmprovisioner.v1.VmService.BootVm:output_type -> vmprovisioner.v1.BootVmResponse
-	26, // 57: vmprovisioner.v1.VmService.ShutdownVm:output_type -> vmprovisioner.v1.ShutdownVmResponse
-	28, // 58: vmprovisioner.v1.VmService.DeleteVm:output_type -> vmprovisioner.v1.DeleteVmResponse
-	30, // 59: vmprovisioner.v1.VmService.PauseVm:output_type -> vmprovisioner.v1.PauseVmResponse
-	32, // 60: vmprovisioner.v1.VmService.ResumeVm:output_type -> vmprovisioner.v1.ResumeVmResponse
-	34, // 61: vmprovisioner.v1.VmService.RebootVm:output_type -> vmprovisioner.v1.RebootVmResponse
-	36, // 62: vmprovisioner.v1.VmService.UpdateSecurityPolicy:output_type -> vmprovisioner.v1.UpdateSecurityPolicyResponse
-	38, // 63: vmprovisioner.v1.VmService.UpdateVmNetwork:output_type -> vmprovisioner.v1.UpdateVmNetworkResponse
-	40, // 64: vmprovisioner.v1.VmService.IsolateVm:output_type -> vmprovisioner.v1.IsolateVmResponse
-	42, // 65: vmprovisioner.v1.VmService.ReleaseVm:output_type -> vmprovisioner.v1.ReleaseVmResponse
-	53, // [53:66] is the sub-list for method output_type
-	40, // [40:53] is the sub-list for method input_type
-	40, // [40:40] is the sub-list for extension type_name
-	40, // [40:40] is the sub-list for extension extendee
-	0,  // [0:40] is the sub-list for field type_name
+	18, // 25: vmprovisioner.v1.NetworkInterfaceStatus.policy_controls:type_name -> vmprovisioner.v1.ControlStatus
+	44, // 26: vmprovisioner.v1.BackendInfo.details:type_name -> vmprovisioner.v1.BackendInfo.DetailsEntry
+	0,  // 27: vmprovisioner.v1.VmInfo.state:type_name -> vmprovisioner.v1.VmState
+	45, // 28: vmprovisioner.v1.VmInfo.created_at:type_name -> google.protobuf.Timestamp
+	45, // 29: vmprovisioner.v1.VmInfo.updated_at:type_name -> google.protobuf.Timestamp
+	21, // 30: vmprovisioner.v1.ListVmsResponse.vms:type_name -> vmprovisioner.v1.VmInfo
+	0,  // 31: vmprovisioner.v1.BootVmResponse.state:type_name -> vmprovisioner.v1.VmState
+	0,  // 32: vmprovisioner.v1.ShutdownVmResponse.state:type_name -> vmprovisioner.v1.VmState
+	0,  // 33: vmprovisioner.v1.PauseVmResponse.state:type_name -> vmprovisioner.v1.VmState
+	0,  // 34: vmprovisioner.v1.ResumeVmResponse.state:type_name -> vmprovisioner.v1.VmState
+	0,  // 35: vmprovisioner.v1.RebootVmResponse.state:type_name -> vmprovisioner.v1.VmState
+	9,  // 36: vmprovisioner.v1.UpdateSecurityPolicyRequest.security_policy:type_name -> vmprovisioner.v1.SecurityPolicy
+	6,  // 37: vmprovisioner.v1.UpdateSecurityPolicyResponse.network:type_name -> vmprovisioner.v1.NetworkInterface
+	7,  // 38: vmprovisioner.v1.UpdateVmNetworkRequest.ipv6:type_name -> vmprovisioner.v1.Ipv6Config
+	6,  // 39: vmprovisioner.v1.UpdateVmNetworkResponse.network:type_name -> vmprovisioner.v1.NetworkInterface
+	16, // 40: vmprovisioner.v1.IsolateVmResponse.isolation:type_name -> vmprovisioner.v1.Isolation
+	12, // 41: vmprovisioner.v1.VmService.CreateVm:input_type -> vmprovisioner.v1.CreateVmRequest
+	14, // 42: vmprovisioner.v1.VmService.GetVm:input_type -> vmprovisioner.v1.GetVmRequest
+	20, // 43: vmprovisioner.v1.VmService.ListVms:input_type -> vmprovisioner.v1.ListVmsRequest
+	23, // 44: vmprovisioner.v1.VmService.BootVm:input_type -> vmprovisioner.v1.BootVmRequest
+	25, // 45: vmprovisioner.v1.VmService.ShutdownVm:input_type -> vmprovisioner.v1.ShutdownVmRequest
+	27, // 46: vmprovisioner.v1.VmService.DeleteVm:input_type -> vmprovisioner.v1.DeleteVmRequest
+	29, // 47: vmprovisioner.v1.VmService.PauseVm:input_type -> vmprovisioner.v1.PauseVmRequest
+	31, // 48: vmprovisioner.v1.VmService.ResumeVm:input_type -> vmprovisioner.v1.ResumeVmRequest
+	33, // 49: vmprovisioner.v1.VmService.RebootVm:input_type -> vmprovisioner.v1.RebootVmRequest
+	35, // 50: vmprovisioner.v1.VmService.UpdateSecurityPolicy:input_type -> vmprovisioner.v1.UpdateSecurityPolicyRequest
+	37, // 51: vmprovisioner.v1.VmService.UpdateVmNetwork:input_type -> vmprovisioner.v1.UpdateVmNetworkRequest
+	39, // 52: vmprovisioner.v1.VmService.IsolateVm:input_type -> vmprovisioner.v1.IsolateVmRequest
+	41, // 53: vmprovisioner.v1.VmService.ReleaseVm:input_type -> vmprovisioner.v1.ReleaseVmRequest
+	13, // 54: vmprovisioner.v1.VmService.CreateVm:output_type -> vmprovisioner.v1.CreateVmResponse
+	15, // 55: vmprovisioner.v1.VmService.GetVm:output_type -> vmprovisioner.v1.GetVmResponse
+	22, // 56: vmprovisioner.v1.VmService.ListVms:output_type -> vmprovisioner.v1.ListVmsResponse
+	24, // 57: vmprovisioner.v1.VmService.BootVm:output_type -> vmprovisioner.v1.BootVmResponse
+	26, // 58: vmprovisioner.v1.VmService.ShutdownVm:output_type -> vmprovisioner.v1.ShutdownVmResponse
+	28, // 59: vmprovisioner.v1.VmService.DeleteVm:output_type -> vmprovisioner.v1.DeleteVmResponse
+	30, // 60: vmprovisioner.v1.VmService.PauseVm:output_type -> vmprovisioner.v1.PauseVmResponse
+	32, // 61: vmprovisioner.v1.VmService.ResumeVm:output_type -> vmprovisioner.v1.ResumeVmResponse
+	34, // 62: vmprovisioner.v1.VmService.RebootVm:output_type -> vmprovisioner.v1.RebootVmResponse
+	36, // 63: vmprovisioner.v1.VmService.UpdateSecurityPolicy:output_type -> vmprovisioner.v1.UpdateSecurityPolicyResponse
+	38, // 64: vmprovisioner.v1.VmService.UpdateVmNetwork:output_type -> vmprovisioner.v1.UpdateVmNetworkResponse
+	40, // 65: vmprovisioner.v1.VmService.IsolateVm:output_type -> vmprovisioner.v1.IsolateVmResponse
+	42, // 66: vmprovisioner.v1.VmService.ReleaseVm:output_type -> vmprovisioner.v1.ReleaseVmResponse
+	54, // [54:67] is the sub-list for method output_type
+	41, // [41:54] is the sub-list for method input_type
+	41, // [41:41] is the sub-list for extension type_name
+	41, // [41:41] is the sub-list for extension extendee
+	0,  // [0:41] is the sub-list for field type_name
 }
 
 func init() { file_vmprovisioner_v1_vm_proto_init() }
