@@ -48,7 +48,8 @@ bench: deps
 	@mkdir -p build
 	{ $(GO) test -run '^$$' -bench 'BenchmarkCreateBootLatency' -benchtime 1x -timeout 30m ./internal/daemon/ && \
 	  $(GO) test -run '^$$' -bench 'BenchmarkReserve100k' -benchtime 3s -count 3 -timeout 30m ./internal/store/sqlite/ && \
-	  $(GO) test -run '^$$' -bench 'BenchmarkCreateToNetworkUp' -benchtime 3x -timeout 30m ./internal/backend/qemu/ ; } | tee build/bench.txt
+	  $(GO) test -run '^$$' -bench 'BenchmarkCreateToNetworkUp' -benchtime 3x -timeout 30m ./internal/backend/qemu/ && \
+	  $(GO) test -run '^$$' -bench . -benchtime 1x -timeout 30m ./internal/network/nft/ ./internal/network/secpolicy/ ; } | tee build/bench.txt
 
 clean:
 	rm -rf build
