@@ -243,7 +243,7 @@ func New(ctx context.Context, opt Options) (d *Daemon, err error) {
 	parsePrefix, parseAddr := d.ipam.PrefixParser(bg), d.ipam.AddrParser(bg)
 	hostPorts := ports{m: d.links, hostFd: int(d.hostNS.Fd()), netfiltered: &sync.Map{}}
 	d.vms = vm.NewManager(vm.Options{Store: d.store, Backend: d.backend, Ports: hostPorts, Policy: d.pol, Shaper: hostPorts, Region: opt.Region,
-		Addresses: addresses{d.ipam}, Firewall: firewall{f: d.fw, obs: func(t time.Duration) { d.events.ObserveProcessing(secevent.StageRules, t) }}, Router: router{d.hostH}, Logger: d.log,
+		Addresses: addresses{d.ipam}, Firewall: firewall{f: d.fw, obs: func(t time.Duration) { d.events.ObserveProcessing(secevent.StageRules, t) }}, Router: newRouter(d.hostH), Logger: d.log,
 		// VLANs are separated by nftables port marks whatever the kernel's
 		// bridge VLAN filtering (which metald does not program).
 		Emit: func(typ, sev string, row *store.VM, reason string) {

@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"net"
 	"net/netip"
+	"sync"
 	"time"
 
 	"github.com/vishvananda/netlink"
@@ -45,10 +46,39 @@ func (w firewall) Reconcile(ctx context.Context, desired []network.NICPlan) ([]s
 	return []string{rep.String()}, err
 }
 
-// router reads a bridge's MAC and link-local address in the host namespace.
-type router struct{ h *netlink.Handle }
+// router reads a bridge's MAC and link-local address in the host namespace,
+// remembering each bridge's answer briefly: a reconcile pass asks once per
+// NIC, and the answer only changes when the bridge is recreated.
+type router struct {
+	h     *netlink.Handle
+	mu    *sync.Mutex
+	cache map[string]routerInfo
+}
+
+type routerInfo struct {
+	mac net.HardwareAddr
+	ll  netip.Addr
+	at  time.Time
+}
+
+func newRouter(h *netlink.Handle) router {
+	return router{h: h, mu: &sync.Mutex{}, cache: map[string]routerInfo{}}
+}
 
 func (r router) BridgeRouter(bridge string) (net.HardwareAddr, netip.Addr, error) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if c, ok := r.cache[bridge]; ok && time.Since(c.at) < 2*time.Second {
+		return c.mac, c.ll, nil
+	}
+	mac, ll, err := r.read(bridge)
+	if err == nil {
+		r.cache[bridge] = routerInfo{mac: mac, ll: ll, at: time.Now()}
+	}
+	return mac, ll, err
+}
+
+func (r router) read(bridge string) (net.HardwareAddr, netip.Addr, error) {
 	l, err := r.h.LinkByName(bridge)
 	if err != nil {
 		return nil, netip.Addr{}, fmt.Errorf("bridge %s: %w", bridge, err)

@@ -177,8 +177,12 @@ func (m *Manager) learnLinkLocal(row *store.VM) bool {
 		if err != nil || !ll.IsValid() {
 			continue
 		}
-		if s := ll.String(); s != n.LinkLocal {
-			n.LinkLocal, changed = s, true
+		// Rules need reprogramming only when the address differs from the
+		// one already bound (derived from the MAC when none was learned).
+		bound := m.linkLocal(*n)
+		n.LinkLocal = ll.String()
+		if ll != bound {
+			changed = true
 		}
 	}
 	return changed

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"net/netip"
 	"slices"
+	"strings"
 
 	vmv1 "github.com/metald/metald/internal/gen/vmprovisioner/v1"
 	"github.com/metald/metald/internal/network"
@@ -159,9 +160,14 @@ func (m *Manager) installPolicy(ctx context.Context, row *store.VM, cfg *vmv1.Vm
 	if m.opt.Policy == nil {
 		return nil
 	}
-	groups, err := m.groupMembers(ctx)
-	if err != nil {
-		return err
+	// Group membership needs every VM's config: only read it when this VM
+	// names a group (sg: rules) or belongs to one, not on every CreateVm.
+	var groups map[string][]netip.Addr
+	if usesGroups(cfg) {
+		var err error
+		if groups, err = m.groupMembers(ctx); err != nil {
+			return err
+		}
 	}
 	plans, err := m.Policies(ctx, row, cfg, groups)
 	if err != nil {
@@ -281,4 +287,20 @@ func (m *Manager) removeLimits(nics []store.NIC) error {
 		}
 	}
 	return errors.Join(errs...)
+}
+
+// usesGroups reports whether a config names security groups, in its
+// profile or in sg: rule endpoints.
+func usesGroups(cfg *vmv1.VmConfig) bool {
+	if len(cfg.GetSecurityProfile().GetSecurityGroups()) > 0 {
+		return true
+	}
+	for _, n := range cfg.GetNetwork() {
+		for _, r := range append(slices.Clone(n.GetSecurityPolicy().GetIngressRules()), n.GetSecurityPolicy().GetEgressRules()...) {
+			if strings.Contains(r, "sg:") {
+				return true
+			}
+		}
+	}
+	return false
 }
