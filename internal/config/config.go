@@ -80,6 +80,27 @@ type Config struct {
 	QEMU QEMUConfig `yaml:"qemu"`
 	// Firecracker configures the firecracker backend.
 	Firecracker FirecrackerConfig `yaml:"firecracker"`
+	// Isolation configures quarantine (IsolateVm).
+	Isolation IsolationConfig `yaml:"isolation"`
+}
+
+// IsolationConfig configures quarantine (IsolateVm). Only the operator
+// sets it: no API request can add an exception to a quarantine.
+type IsolationConfig struct {
+	// ManagementAccess lists the flows that still pass while a VM is
+	// isolated, as allow rules in metald's rule language, each written
+	// from the management host's or the VM's point of view: "allow tcp
+	// from 2001:db8:ffff::/48 to any port 22" lets the management network
+	// open SSH connections to an isolated VM (replies pass, being part of
+	// the allowed connection), "allow udp from any to 2001:db8:ffff::10
+	// port 514" lets the VM send syslog to a collector. Every rule applies
+	// to both directions of each isolated NIC; "any" stands for the VM.
+	// Each rule must be an allow rule that names the management side by
+	// a literal IPv6 prefix other than ::/0 (not "any", not "sg:", whose
+	// membership tenants choose, not a symbolic subnet name). Everything
+	// else to and from an isolated VM is dropped, except the ND/MLD
+	// exchange with its gateway. Default none: isolation is total.
+	ManagementAccess []string `yaml:"management_access"`
 }
 
 // QEMUConfig configures the qemu backend (real VMs under QEMU).
@@ -220,7 +241,8 @@ func Default() *Config {
 		Metrics: MetricsConfig{
 			PerVMLabels: false,
 		},
-		QEMU: QEMUConfig{Binary: "qemu-system-x86_64", Accelerator: "auto"},
+		QEMU:      QEMUConfig{Binary: "qemu-system-x86_64", Accelerator: "auto"},
+		Isolation: IsolationConfig{ManagementAccess: []string{}},
 		IPAM: IPAMConfig{
 			AutoSubnetNames: true,
 			CleanupInterval: Duration(10 * time.Minute),
@@ -269,7 +291,8 @@ func (c *Config) SlogLevel() slog.Level {
 // firecracker are rejected as not available in this build; log_level is
 // debug, info, warn or error; netns.guest_command is non-empty and its
 // program is non-empty; vm.shutdown_timeout and vm.reconcile_interval are
-// greater than zero; store.driver is sqlite.
+// greater than zero; store.driver is sqlite; every
+// isolation.management_access rule is one ParseManagementAccess accepts.
 func (c *Config) Validate() error {
 	var errs []error
 	add := func(key, format string, args ...any) {
@@ -370,6 +393,10 @@ func (c *Config) Validate() error {
 	}
 	if c.QEMU.Binary == "" {
 		add("qemu.binary", "must name a program")
+	}
+
+	if _, err := ParseManagementAccess("isolation.management_access", c.Isolation.ManagementAccess); err != nil {
+		errs = append(errs, err)
 	}
 
 	if c.Store.Driver != "sqlite" {

@@ -45,6 +45,7 @@ func TestConfigDefault(t *testing.T) {
 		Store:         StoreConfig{Driver: "sqlite"},
 		IPAM:          IPAMConfig{AutoSubnetNames: true, CleanupInterval: Duration(10 * time.Minute), CleanupGrace: Duration(time.Hour)},
 		QEMU:          QEMUConfig{Binary: "qemu-system-x86_64", Accelerator: "auto"},
+		Isolation:     IsolationConfig{ManagementAccess: []string{}},
 	}
 	if !reflect.DeepEqual(c, want) {
 		t.Errorf("Default() = %+v\nwant %+v", c, want)
@@ -184,7 +185,7 @@ func TestConfigFieldDocs(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	structs := map[string]bool{"Config": true, "NetnsConfig": true, "VMConfig": true, "StoreConfig": true, "MetricsConfig": true}
+	structs := map[string]bool{"Config": true, "NetnsConfig": true, "VMConfig": true, "StoreConfig": true, "MetricsConfig": true, "IsolationConfig": true}
 	ast.Inspect(f, func(n ast.Node) bool {
 		ts, ok := n.(*ast.TypeSpec)
 		if !ok || !structs[ts.Name.Name] {
