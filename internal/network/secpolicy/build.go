@@ -284,6 +284,70 @@ func peerCheck(name, ctl string, peerOff uint32, sets []string, prefixes []netip
 	return chainSpec{name: name, rules: b.rules}
 }
 
+// Strict tenant isolation across tenants. A rule's peer is the endpoint on
+// the far side of the NIC (the source of an ingress rule, the destination of
+// an egress rule). Under strict isolation a peer that is not a VM of the
+// NIC's tenant, one of its gateways or in its allowed destinations (another
+// tenant's VM, or any host beyond the gateway) passes only through an allow
+// rule that names the peer explicitly: a prefix other than ::/0 or an sg:
+// group. `any` covers the tenant's own peers only. Each side enforces its
+// own level, so between two strict VMs of different tenants the sender's
+// egress rule and the receiver's ingress rule must both name the other.
+
+// namesPeer reports whether r names its peer explicitly.
+func namesPeer(r policy.Rule, dir string) bool {
+	e := r.Dst
+	if dir == dirIn {
+		e = r.Src
+	}
+	switch e.Kind {
+	case policy.EndpointGroup:
+		return true
+	case policy.EndpointPrefix:
+		return e.Prefix.IsValid() && e.Prefix.Bits() > 0
+	}
+	return false
+}
+
+// strictOutsider returns the match of a peer outside the tenant, the
+// gateways and the allowed destinations (one rule: every condition
+// negated); ok is false when no peer can be outside (an allowed destination
+// of ::/0).
+func strictOutsider(p *NICPolicy, peerOff uint32) ([]expr.Any, bool) {
+	cond := inNamed(peerOff, tenantSet(p.Tenant), true)
+	for _, pf := range append(addrPrefixes(p.Gateways), p.AllowedDestinations...) {
+		m := prefixMatch(peerOff, pf)
+		if len(m) == 0 {
+			return nil, false
+		}
+		// prefixMatch ends in an equality compare: negate it.
+		last := *m[len(m)-1].(*expr.Cmp)
+		last.Op = expr.CmpOpNeq
+		m[len(m)-1] = &last
+		cond = append(cond, m...)
+	}
+	return cond, true
+}
+
+// strictChain is the chain an outside peer is decided by: the NIC's rules
+// in order without the allow rules that do not name the peer, then drop.
+func strictChain(p *NICPolicy, name, listName string, peerOff uint32, rules []policy.Rule, logAll bool) chainSpec {
+	dir := dirOut
+	if peerOff == offSaddr {
+		dir = dirIn
+	}
+	b := &builder{}
+	for i, r := range rules {
+		allow := r.Action == policy.ActionAllow
+		if allow && !namesPeer(r, dir) {
+			continue
+		}
+		b.decide(fmt.Sprintf("%s[%d]: %s", listName, i, r.String()), allow, r.Log || (logAll && !allow), alternatives(r))
+	}
+	b.decide(ctlStrict, false, logAll, [][]expr.Any{nil})
+	return chainSpec{name: name, rules: b.rules}
+}
+
 // buildChain builds the chains for one direction of p. peerOff is the
 // offset of the remote address (daddr for egress, saddr for ingress).
 func buildChain(p *NICPolicy, dir string, name string) nicChains {
@@ -317,8 +381,13 @@ func buildChain(p *NICPolicy, dir string, name string) nicChains {
 		jump(peerCheck(name+"-dst", ctlAllowedDst, offDaddr, nil, p.AllowedDestinations, logAll))
 	}
 	if p.TenantIsolation == IsolationStrict {
-		peers := append(addrPrefixes(p.Gateways), p.AllowedDestinations...)
-		jump(peerCheck(name+"-strict", ctlStrict, peerOff, []string{tenantSet(p.Tenant)}, peers, logAll))
+		// A peer outside the tenant, the gateways and the allowed
+		// destinations is decided by the -strict chain (goto: its verdict
+		// is the NIC's), which keeps only the allow rules naming the peer.
+		if cond, ok := strictOutsider(p, peerOff); ok {
+			out.helpers = append(out.helpers, strictChain(p, name+"-strict", listName, peerOff, rules, logAll))
+			b.add("check "+name+"-strict", cond, []expr.Any{&expr.Verdict{Kind: expr.VerdictGoto, Chain: name + "-strict"}})
+		}
 	}
 	for i, r := range rules {
 		allow := r.Action == policy.ActionAllow

@@ -28,8 +28,15 @@
 //  1. quarantine (Isolated): management rules, then log + drop;
 //  2. allowed_destinations (egress): jump to helper chain <chain>-dst,
 //     which returns for a listed prefix and drops anything else;
-//  3. strict tenant isolation: jump to <chain>-strict, which returns for
-//     @tenant-<t>, the gateways and allowed_destinations and drops the rest;
+//  3. strict tenant isolation: a peer outside @tenant-<t>, the gateways
+//     and allowed_destinations (another tenant's VM, or a host beyond the
+//     gateway) goes (goto) to <chain>-strict, which holds the user's rules
+//     without the allow rules whose peer is `any` (the peer is the source
+//     of an ingress rule, the destination of an egress rule), then drops:
+//     across tenants only a rule naming the peer by prefix or sg: allows.
+//     Each side applies its own level, so between two strict VMs of
+//     different tenants the sender's egress rule and the receiver's
+//     ingress rule must both name the other (the guide's 3-tier example);
 //  4. the user's rules in order, first match wins; a port list or ICMPv6
 //     type list becomes one kernel rule per element (no anonymous sets:
 //     creating one costs the kernel a walk over all sets of the table). A

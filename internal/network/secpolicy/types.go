@@ -33,8 +33,10 @@ type Isolation string
 
 // Tenant isolation levels. The zero value means IsolationNone.
 const (
-	// IsolationStrict: the VM exchanges traffic only with VMs of its own
-	// tenant, its gateways and its allowed destinations.
+	// IsolationStrict: the VM exchanges traffic with VMs of its own
+	// tenant, its gateways and its allowed destinations; any other peer
+	// (another tenant's VM, a host beyond the gateway) only through an
+	// allow rule that names the peer by prefix or sg: (`any` does not).
 	IsolationStrict Isolation = "strict"
 	// IsolationModerate: traffic with a local VM of another tenant passes
 	// only where an explicit allow rule matches on each side (a default
