@@ -65,7 +65,7 @@ func run(args []string) error {
 		DataDir: cfg.DataDir, DBPath: cfg.StorePath(), LogDir: cfg.LogDir, Backend: cfg.ResolvedBackend(),
 		NetnsDir: cfg.Netns.Dir, EtcNetnsDir: cfg.Netns.EtcDir, GuestCommand: cfg.Netns.GuestCommand,
 		ShutdownTimeout: cfg.VM.ShutdownTimeout.Std(), WatchInterval: cfg.VM.ReconcileInterval.Std(), Logger: log,
-		Pools: cfg.IPAM.Pools, NoAutoSubnetNames: !cfg.IPAM.AutoSubnetNames, PerVMLabels: cfg.Metrics.PerVMLabels, Region: cfg.Region,
+		Pools: cfg.IPAM.Pools, NoAutoSubnetNames: !cfg.IPAM.AutoSubnetNames, PerVMLabels: cfg.Metrics.PerVMLabels, Region: cfg.Region, ManagementAccess: cfg.Isolation.ManagementAccess,
 		LeakInterval: cfg.IPAM.CleanupInterval.Std(), LeakGrace: cfg.IPAM.CleanupGrace.Std(),
 	})
 	if err != nil {

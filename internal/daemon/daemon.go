@@ -22,6 +22,7 @@ import (
 
 	"github.com/metald/metald/internal/api"
 	"github.com/metald/metald/internal/backend"
+	"github.com/metald/metald/internal/config"
 	"github.com/metald/metald/internal/ipam"
 	"github.com/metald/metald/internal/ipam/ipamhttp"
 	"github.com/metald/metald/internal/ipam/ipammetrics"
@@ -78,6 +79,9 @@ type Options struct {
 	EventWindow time.Duration
 	// Region is the host's region (compliance.data_residency).
 	Region string
+	// ManagementAccess are the quarantine exceptions
+	// (isolation.management_access, see config.ParseManagementAccess).
+	ManagementAccess []string
 	// PerVMLabels adds vm_id labels to per-VM metrics.
 	PerVMLabels bool
 	// QEMUBinary, QEMUAccelerator configure the qemu backend.
@@ -161,6 +165,10 @@ func New(ctx context.Context, opt Options) (d *Daemon, err error) {
 	if !opt.SkipRootCheck && os.Geteuid() != 0 {
 		return nil, fmt.Errorf("%w (running as uid %d)", ErrNotRoot, os.Geteuid())
 	}
+	mgmt, err := config.ParseManagementAccess("isolation.management_access", opt.ManagementAccess)
+	if err != nil {
+		return nil, err
+	}
 	d = &Daemon{opt: opt, log: opt.Logger, registry: opt.Registry}
 	defer func() {
 		if err != nil {
@@ -242,7 +250,7 @@ func New(ctx context.Context, opt Options) (d *Daemon, err error) {
 	bg := context.Background()
 	parsePrefix, parseAddr := d.ipam.PrefixParser(bg), d.ipam.AddrParser(bg)
 	hostPorts := ports{m: d.links, hostFd: int(d.hostNS.Fd()), netfiltered: &sync.Map{}}
-	d.vms = vm.NewManager(vm.Options{Store: d.store, Backend: d.backend, Ports: hostPorts, Policy: d.pol, Shaper: hostPorts, Region: opt.Region,
+	d.vms = vm.NewManager(vm.Options{Store: d.store, Backend: d.backend, Ports: hostPorts, Policy: d.pol, Shaper: hostPorts, Region: opt.Region, ManagementAccess: mgmt,
 		Addresses: addresses{d.ipam}, Firewall: firewall{f: d.fw, obs: func(t time.Duration) { d.events.ObserveProcessing(secevent.StageRules, t) }}, Router: newRouter(d.hostH), Logger: d.log,
 		// VLANs are separated by nftables port marks whatever the kernel's
 		// bridge VLAN filtering (which metald does not program).

@@ -15,6 +15,7 @@ import (
 
 	"github.com/metald/metald/internal/backend"
 	vmv1 "github.com/metald/metald/internal/gen/vmprovisioner/v1"
+	"github.com/metald/metald/internal/policy"
 	"github.com/metald/metald/internal/store"
 )
 
@@ -91,6 +92,10 @@ type Options struct {
 	// Region is the host's region, which compliance.data_residency must
 	// match.
 	Region string
+	// ManagementAccess are the flows that still pass while a VM is
+	// isolated (operator configuration; applied to both directions of
+	// every isolated NIC).
+	ManagementAccess []policy.Rule
 	// Emit records a security event metald itself raises (vm_isolated,
 	// vm_released); nil drops them.
 	Emit   func(eventType, severity string, vm *store.VM, reason string)

@@ -107,6 +107,9 @@ func (m *Manager) Policies(ctx context.Context, row *store.VM, cfg *vmv1.VmConfi
 			Isolated:          !row.IsolatedAt.IsZero(),
 			Microsegmentation: cfg.GetSecurityProfile().GetEnableNetworkMicrosegmentation(),
 			SecurityGroups:    cfg.GetSecurityProfile().GetSecurityGroups(), LogSecurityEvents: sp.GetLogSecurityEvents()}
+		if p.Isolated {
+			p.ManagementIngress, p.ManagementEgress = m.opt.ManagementAccess, m.opt.ManagementAccess
+		}
 		if a, err := netip.ParsePrefix(n.Address); err == nil {
 			p.Addrs = append(p.Addrs, a.Addr())
 		}
