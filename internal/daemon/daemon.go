@@ -114,6 +114,7 @@ type Daemon struct {
 	hostH    *netlink.Handle
 	labels   labelCache
 	events   *secevent.Service
+	evw      eventWiring
 	registry *prometheus.Registry
 	reg      *recordingRegisterer
 	mux      *http.ServeMux
@@ -233,8 +234,10 @@ func New(ctx context.Context, opt Options) (d *Daemon, err error) {
 	// Security events: counted drops log a rate-limited sample to NFLOG,
 	// read back, aggregated and stored; set before any NIC is programmed.
 	d.fw.SetLogGroup(secevent.DefaultGroup)
+	evMetrics := secevent.NewMetrics(d.reg)
 	if d.events, err = secevent.New(ctx, secevent.Config{Window: opt.EventWindow, LogDir: opt.LogDir}, secevent.Options{
-		Store: d.store.Events(), Resolve: d.resolveDevice, Metrics: secevent.NewMetrics(d.reg), Logger: d.log,
+		Store: d.store.Events(), Resolve: d.resolveDevice, Metrics: evMetrics, Logger: d.log,
+		FlowtableOffload: flowtableOffload,
 	}); err != nil {
 		return nil, fmt.Errorf("open security events: %w", err)
 	}
@@ -250,8 +253,14 @@ func New(ctx context.Context, opt Options) (d *Daemon, err error) {
 	bg := context.Background()
 	parsePrefix, parseAddr := d.ipam.PrefixParser(bg), d.ipam.AddrParser(bg)
 	hostPorts := ports{m: d.links, hostFd: int(d.hostNS.Fd()), netfiltered: &sync.Map{}}
-	d.vms = vm.NewManager(vm.Options{Store: d.store, Backend: d.backend, Ports: hostPorts, Policy: d.pol, Shaper: hostPorts, Region: opt.Region, ManagementAccess: mgmt,
-		Addresses: addresses{d.ipam}, Firewall: firewall{f: d.fw, obs: func(t time.Duration) { d.events.ObserveProcessing(secevent.StageRules, t) }}, Router: newRouter(d.hostH), Logger: d.log,
+	// Plans pass through the event wrappers (events.go): enhanced
+	// monitoring, policy drops logged to NFLOG, cache_policies.
+	d.evw = eventWiring{
+		fw:  newEventFirewall(firewall{f: d.fw, obs: func(t time.Duration) { d.events.ObserveProcessing(secevent.StageRules, t) }}, d.events, evMetrics),
+		pol: newEventPolicy(d.pol, d.events, evMetrics),
+	}
+	d.vms = vm.NewManager(vm.Options{Store: d.store, Backend: d.backend, Ports: hostPorts, Policy: d.evw.pol, Shaper: hostPorts, Region: opt.Region, ManagementAccess: mgmt,
+		Addresses: addresses{d.ipam}, Firewall: d.evw.fw, Router: newRouter(d.hostH), Logger: d.log,
 		// VLANs are separated by nftables port marks whatever the kernel's
 		// bridge VLAN filtering (which metald does not program).
 		Emit: func(typ, sev string, row *store.VM, reason string) {
@@ -274,6 +283,10 @@ func New(ctx context.Context, opt Options) (d *Daemon, err error) {
 			"rolled_back", len(rep.RolledBack), "deletes_finished", len(rep.DeletesFinished),
 			"orphan_sandboxes", len(rep.OrphanSandboxes), "orphan_ports", len(rep.OrphanPorts), "reattached", len(rep.Reattached))
 	}
+
+	// An enhanced-monitoring session that starts or ends re-programs its
+	// tenant's NICs.
+	d.events.OnChange(d.reprogramTenant)
 
 	d.mux = http.NewServeMux()
 	status, _ := d.backend.(api.NICStatuser)

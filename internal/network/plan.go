@@ -96,6 +96,10 @@ type NICPlan struct {
 	LinkLocal netip.Addr
 	Controls  Controls
 	VLAN      uint16
+	// Monitor: the NIC's tenant is under enhanced monitoring; counted
+	// drops log up to 1000 packets/s per rule instead of 10 (see
+	// nft.LogPrefix).
+	Monitor bool
 }
 
 // Plan is the desired state of every VM NIC on a host.

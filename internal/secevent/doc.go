@@ -23,8 +23,11 @@
 //     ("metald::blocked_source") is allowed for rules outside per-NIC chains:
 //     the packet's input port is used instead.
 //
-//   - <control> is the reason (no ':' or spaces). Known controls and the
-//     events they become (Classify):
+//   - <control> is the reason (no ':' or spaces), optionally followed by
+//     "/<rule>" naming the policy rule that decided
+//     ("policy_deny/egress_rules[2]", "tenant_isolation/ingress_strict");
+//     <rule> becomes details.rule (else details.rule is the control).
+//     Known controls and the events they become (Classify):
 //
 //     ra_guard                           ra_guard_block            high
 //     source_guard, mac_spoof, nd_strict source_guard_violation    high
@@ -38,6 +41,7 @@
 //     blocked_source                     blocked_source            high
 //     tenant_isolation                   tenant_isolation_block    medium
 //     monitor (logged, not dropped)      monitored_packet          low
+//     allow_sample (allowed, sampled)    policy_allow_sample       low (not a violation)
 //     anything else                      security_drop             low (details.rule)
 //
 //   - The whole prefix is at most 63 bytes (MaxPrefixLen).
@@ -46,7 +50,15 @@
 //     (`limit rate 100/second burst 20 packets log ...` in a separate
 //     rule, or the log's own group threshold) so a flood cannot drown the
 //     reader; exact counts are the rules' named counters, never the log.
-//     The reader stays bounded without one (see below).
+//     The reader stays bounded without one (see below). metald's rules log
+//     at most 10 packets/s per rule, and at most 1000/s per rule (every
+//     drop, short of a flood) for the VMs of a tenant under enhanced
+//     monitoring, which also log a sample (10/s per rule) of the packets
+//     their policy allows (allow_sample).
+//
+//   - For "metald::<control>" the reader attributes the packet to its input
+//     port when that is a VM's, else to its output port (a blocked source
+//     reaching a VM).
 //
 // # Events
 //
@@ -66,6 +78,13 @@
 // events go through a queue of Config.QueueSize. Whatever does not fit is
 // dropped and counted in metald_security_events_dropped_total. Kernel-side
 // losses (socket overruns) are counted in metald_security_nflog_overruns_total.
+//
+// # Batching
+//
+// With Settings.BatchProcessing off every event is stored in its own
+// transaction as soon as it is ready; on, the events of one flush window
+// (Config.Window/5, 10 ms to 1 s) go in one transaction (Stats.Transactions,
+// metald_security_event_store_transactions_total).
 //
 // # Storage and security.log
 //

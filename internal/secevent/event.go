@@ -32,13 +32,17 @@ const (
 	TypeVMReleased            EventType = "vm_released"
 	TypeFirewallDriftRepaired EventType = "firewall_drift_repaired"
 	TypeMonitoredPacket       EventType = "monitored_packet"
+	// TypePolicyAllowSample is a sample (at most 10 packets/s per rule) of
+	// the packets a VM's security policy allowed, recorded only while the
+	// VM's tenant is under enhanced monitoring.
+	TypePolicyAllowSample EventType = "policy_allow_sample"
 )
 
 // Violation reports whether events of this type are IPv6 security
 // violations (a packet dropped for a security reason).
 func (t EventType) Violation() bool {
 	switch t {
-	case TypeVMIsolated, TypeVMReleased, TypeFirewallDriftRepaired, TypeMonitoredPacket:
+	case TypeVMIsolated, TypeVMReleased, TypeFirewallDriftRepaired, TypeMonitoredPacket, TypePolicyAllowSample:
 		return false
 	}
 	return t != ""

@@ -14,6 +14,8 @@ const (
 	MetricLogRecords     = "metald_security_log_records_total"
 	MetricNFLOGOverruns  = "metald_security_nflog_overruns_total"
 	MetricPendingEvents  = "metald_security_events_pending"
+	MetricTransactions   = "metald_security_event_store_transactions_total"
+	MetricPolicyCache    = "metald_security_policy_cache_total"
 )
 
 // Processing stages observed in MetricProcessingTime.
@@ -31,6 +33,8 @@ type Metrics struct {
 	records    prometheus.Counter
 	overruns   prometheus.Counter
 	pending    prometheus.Gauge
+	txns       prometheus.Counter
+	cache      *prometheus.CounterVec
 }
 
 // NewMetrics creates the metrics and registers them on reg (nil: not
@@ -48,6 +52,13 @@ type Metrics struct {
 //   - metald_security_nflog_overruns_total: times the kernel reported that
 //     log records were lost because the reader's socket buffer was full.
 //   - metald_security_events_pending: events queued for writing.
+//   - metald_security_event_store_transactions_total: store transactions
+//     that wrote events (one per event, or one per flush window with
+//     batch_processing).
+//   - metald_security_policy_cache_total{table,result}: with
+//     cache_policies, kernel programming requests whose compiled plan
+//     equalled the one last programmed (result="hit": nothing sent to the
+//     kernel) or not ("miss"); table is "first_hop" or "policy".
 func NewMetrics(reg prometheus.Registerer) *Metrics {
 	m := &Metrics{
 		events: prometheus.NewCounterVec(prometheus.CounterOpts{
@@ -70,9 +81,15 @@ func NewMetrics(reg prometheus.Registerer) *Metrics {
 		pending: prometheus.NewGauge(prometheus.GaugeOpts{
 			Name: MetricPendingEvents, Help: "Security events queued for writing.",
 		}),
+		txns: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: MetricTransactions, Help: "Store transactions that wrote security events.",
+		}),
+		cache: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: MetricPolicyCache, Help: "Rule programming requests checked against the policy cache (cache_policies), by table and result.",
+		}, []string{"table", "result"}),
 	}
 	if reg != nil {
-		reg.MustRegister(m.events, m.dropped, m.processing, m.records, m.overruns, m.pending)
+		reg.MustRegister(m.events, m.dropped, m.processing, m.records, m.overruns, m.pending, m.txns, m.cache)
 	}
 	return m
 }
@@ -116,4 +133,23 @@ func (m *Metrics) setPending(n int) {
 	if m != nil {
 		m.pending.Set(float64(n))
 	}
+}
+
+func (m *Metrics) transaction() {
+	if m != nil {
+		m.txns.Inc()
+	}
+}
+
+// PolicyCache counts one cache_policies look-up for table ("first_hop" or
+// "policy"): hit when the programming was skipped.
+func (m *Metrics) PolicyCache(table string, hit bool) {
+	if m == nil {
+		return
+	}
+	r := "miss"
+	if hit {
+		r = "hit"
+	}
+	m.cache.WithLabelValues(table, r).Inc()
 }

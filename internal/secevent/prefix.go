@@ -102,7 +102,31 @@ const (
 	// CtlMonitor marks packets logged (not dropped) while a tenant is under
 	// enhanced monitoring.
 	CtlMonitor = "monitor"
+	// CtlAllowSample marks the sample of packets a VM's security policy
+	// allowed, logged while its tenant is under enhanced monitoring.
+	CtlAllowSample = "allow_sample"
 )
+
+// RuleSep separates a control from the policy rule that made the
+// decision in a log prefix: "metald:<dev>:policy_deny/egress_rules[2]".
+// The part after it becomes details.rule.
+const RuleSep = "/"
+
+// Control joins a control and the rule reference ("" for none) into the
+// control part of a prefix.
+func Control(control, rule string) string {
+	if rule == "" {
+		return control
+	}
+	return control + RuleSep + rule
+}
+
+// SplitControl splits the control part of a prefix into the control and
+// the rule reference ("" when there is none).
+func SplitControl(c string) (control, rule string) {
+	control, rule, _ = strings.Cut(c, RuleSep)
+	return control, rule
+}
 
 var classes = map[string]Classification{
 	CtlRAGuard:         {TypeRAGuardBlock, SeverityHigh, ""},
@@ -123,12 +147,14 @@ var classes = map[string]Classification{
 	CtlBlockedSource:   {TypeBlockedSource, SeverityHigh, ""},
 	CtlTenantIsolation: {TypeTenantIsolationBlock, SeverityMedium, ""},
 	CtlMonitor:         {TypeMonitoredPacket, SeverityLow, ""},
+	CtlAllowSample:     {TypePolicyAllowSample, SeverityLow, ""},
 }
 
 // Classify maps a control to its event type and severity. Unknown controls
 // (a rule newer than this reader) become security_drop/low so nothing is
 // silently lost; ok reports whether the control was known.
 func Classify(control string) (c Classification, ok bool) {
+	control, _ = SplitControl(control)
 	c, ok = classes[control]
 	if !ok {
 		return Classification{Type: TypeSecurityDrop, Severity: SeverityLow}, false

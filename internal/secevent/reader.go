@@ -184,6 +184,13 @@ func (r *Reader) handleRecord(a nflog.Attribute) {
 		if idx != nil {
 			rec.InDev = r.ifName(*idx)
 		}
+		idx = a.PhysOutDev
+		if idx == nil {
+			idx = a.OutDev
+		}
+		if idx != nil {
+			rec.OutDev = r.ifName(*idx)
+		}
 	}
 	r.s.Ingest(rec)
 }

@@ -28,7 +28,8 @@ type Config struct {
 	MaxSourcesPerKey int
 	// QueueSize bounds the queue of directly emitted events. Default 1024.
 	QueueSize int
-	// BatchSize is the most events written in one transaction. Default 256.
+	// BatchSize is the most events written in one transaction when
+	// batch_processing is on (Settings). Default 4096.
 	BatchSize int
 	// MaxAge and MaxEvents bound the stored events. Defaults 30 days and
 	// 100000 events.
@@ -55,7 +56,7 @@ func (c *Config) defaults() {
 	def(&c.MaxBuckets, 4096)
 	def(&c.MaxSourcesPerKey, 32)
 	def(&c.QueueSize, 1024)
-	def(&c.BatchSize, 256)
+	def(&c.BatchSize, 4096)
 	def(&c.MaxEvents, 100000)
 	if c.MaxAge <= 0 {
 		c.MaxAge = 30 * 24 * time.Hour
@@ -106,6 +107,7 @@ type Service struct {
 	dropped  atomic.Int64
 	ingested atomic.Int64
 	written  atomic.Int64
+	txns     atomic.Int64
 	queueHW  atomic.Int64
 	flushAll atomic.Bool
 
@@ -188,8 +190,10 @@ type LogRecord struct {
 	// Payload starts at the network header (or, with HwProtocol 0 and no
 	// IPv6 version nibble, at an Ethernet header).
 	Payload []byte
-	// InDev names the input port; used when the prefix names no device.
-	InDev string
+	// InDev and OutDev name the input and output ports (bridge ports when
+	// the packet was bridged); used when the prefix names no device: the
+	// input port when it is a VM's, else the output port.
+	InDev, OutDev string
 	// Time is when the packet was seen (zero: now).
 	Time time.Time
 }
@@ -206,6 +210,11 @@ func (s *Service) Ingest(r LogRecord) {
 	}
 	if dev == "" {
 		dev = r.InDev
+		if r.OutDev != "" && s.opts.Resolve != nil {
+			if _, _, _, ok := s.opts.Resolve(dev); !ok {
+				dev = r.OutDev
+			}
+		}
 	}
 	s.ingested.Add(1)
 	class, _ := Classify(ctl)
@@ -289,7 +298,11 @@ func details(pkt *Packet, etherType uint16, mac net.HardwareAddr, ctl, dev, head
 			d.Src = d.SrcMAC
 		}
 	}
-	d.Rule, d.HostDevice, d.Header = ctl, dev, header
+	d.HostDevice, d.Header = dev, header
+	d.Rule = ctl
+	if _, rule := SplitControl(ctl); rule != "" {
+		d.Rule = rule
+	}
 	return d
 }
 
@@ -332,6 +345,7 @@ func (s *Service) Flush() {
 type Stats struct {
 	Ingested       int64 // metald log records ingested
 	Written        int64 // events written
+	Transactions   int64 // store transactions (InsertEvents calls)
 	Dropped        int64 // events dropped by back-pressure
 	Buckets        int   // open aggregation buckets
 	MaxBucketsSeen int   // high-water mark of Buckets
@@ -344,7 +358,7 @@ func (s *Service) Stats() Stats {
 	s.mu.Lock()
 	n, m := len(s.buckets), s.maxSeen
 	s.mu.Unlock()
-	return Stats{Ingested: s.ingested.Load(), Written: s.written.Load(), Dropped: s.dropped.Load(),
+	return Stats{Ingested: s.ingested.Load(), Written: s.written.Load(), Transactions: s.txns.Load(), Dropped: s.dropped.Load(),
 		Buckets: n, MaxBucketsSeen: m, Queue: len(s.queue), QueueHighWater: s.queueHW.Load()}
 }
 
@@ -376,6 +390,13 @@ func (s *Service) expired(now time.Time, force bool) []Event {
 
 // Run writes events until ctx is cancelled, then flushes every open bucket
 // and queued event and returns. It also prunes stored events periodically.
+//
+// How events reach the store depends on Settings.BatchProcessing: off,
+// every event is written in its own transaction as soon as it is ready
+// (its aggregation window closed, or it was emitted); on, the events that
+// become ready within one flush window (Config.Window/5, between 10 ms and
+// 1 s) are written together in one transaction at the window's end (at
+// most Config.BatchSize per transaction).
 func (s *Service) Run(ctx context.Context) error {
 	defer s.closeFile()
 	tick := s.cfg.Window / 5
@@ -385,40 +406,58 @@ func (s *Service) Run(ctx context.Context) error {
 	prune := time.NewTicker(s.cfg.PruneInterval)
 	defer prune.Stop()
 	s.prune(ctx)
+	var pending []Event
+	// ready takes events that are ready to be written: at once, or at the
+	// end of the flush window when batching.
+	ready := func(ctx context.Context, evs []Event) {
+		if len(evs) == 0 {
+			return
+		}
+		if !s.Settings().BatchProcessing {
+			s.write(ctx, pending)
+			pending = nil
+			s.write(ctx, evs)
+			return
+		}
+		pending = append(pending, evs...)
+		if len(pending) >= s.cfg.BatchSize {
+			s.write(ctx, pending)
+			pending = nil
+		}
+	}
+	flushPending := func(ctx context.Context) {
+		s.write(ctx, pending)
+		pending = nil
+	}
 	for {
 		select {
 		case <-ctx.Done():
 			fctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 5*time.Second)
-			s.write(fctx, s.expired(s.now(), true))
-			s.drainQueue(fctx)
+			ready(fctx, s.expired(s.now(), true))
+			ready(fctx, s.takeQueue())
+			flushPending(fctx)
 			cancel()
 			return nil
 		case e := <-s.queue:
-			batch := []Event{e}
-			for len(batch) < s.cfg.BatchSize {
-				select {
-				case e := <-s.queue:
-					batch = append(batch, e)
-					continue
-				default:
-				}
-				break
-			}
-			s.write(ctx, batch)
+			ready(ctx, append([]Event{e}, s.takeQueue()...))
 		case <-s.wake:
-			s.write(ctx, s.expired(s.now(), s.flushAll.Swap(false)))
+			ready(ctx, s.expired(s.now(), s.flushAll.Swap(false)))
+			ready(ctx, s.takeQueue())
+			flushPending(ctx)
 		case <-sweep.C:
-			s.write(ctx, s.expired(s.now(), false))
+			ready(ctx, s.expired(s.now(), false))
+			flushPending(ctx)
 		case <-prune.C:
 			s.prune(ctx)
 		}
-		s.metrics.setPending(len(s.queue))
+		s.metrics.setPending(len(s.queue) + len(pending))
 	}
 }
 
-func (s *Service) drainQueue(ctx context.Context) {
+// takeQueue returns the events waiting in the queue (at most QueueSize).
+func (s *Service) takeQueue() []Event {
 	var batch []Event
-	for {
+	for len(batch) < s.cfg.QueueSize {
 		select {
 		case e := <-s.queue:
 			batch = append(batch, e)
@@ -427,13 +466,18 @@ func (s *Service) drainQueue(ctx context.Context) {
 		}
 		break
 	}
-	s.write(ctx, batch)
+	return batch
 }
 
-// write attributes, stores, logs and counts events in batches.
+// write attributes, stores, logs and counts events: in transactions of
+// up to BatchSize events when batch processing is on, else one per event.
 func (s *Service) write(ctx context.Context, events []Event) {
+	size := 1
+	if s.Settings().BatchProcessing {
+		size = s.cfg.BatchSize
+	}
 	for len(events) > 0 {
-		n := min(len(events), s.cfg.BatchSize)
+		n := min(len(events), size)
 		s.writeBatch(ctx, events[:n])
 		events = events[n:]
 	}
@@ -453,6 +497,8 @@ func (s *Service) writeBatch(ctx context.Context, batch []Event) {
 			}
 		}
 	}
+	s.txns.Add(1)
+	s.metrics.transaction()
 	if err := s.opts.Store.InsertEvents(ctx, batch); err != nil {
 		s.log.Error("store security events", "err", err, "count", len(batch))
 	}

@@ -197,10 +197,13 @@ type builder struct {
 
 // logRate bounds, per rule and in the kernel, how many dropped packets are
 // logged, so a flood cannot drown the event reader. Exact counts come from
-// the named counters, never from the log.
+// the named counters, never from the log. A NIC under enhanced monitoring
+// (NICPlan.Monitor) logs every drop up to the safety cap monitorLogRate.
 const (
-	logRate  = 10
-	logBurst = 20
+	logRate         = 10
+	logBurst        = 20
+	monitorLogRate  = 1000
+	monitorLogBurst = 100
 )
 
 // LogPrefix is the NFLOG prefix of a drop: "metald:<host device>:<control>"
@@ -258,8 +261,12 @@ func (b *builder) addLog(chain, control string, exprs []expr.Any) {
 		}
 		r.exprs = append(r.exprs, e)
 	}
+	rate, burst := uint64(logRate), uint32(logBurst)
+	if b.plan.Monitor {
+		rate, burst = monitorLogRate, monitorLogBurst
+	}
 	r.exprs = append(r.exprs,
-		&expr.Limit{Type: expr.LimitTypePkts, Rate: logRate, Unit: expr.LimitTimeSecond, Burst: logBurst},
+		&expr.Limit{Type: expr.LimitTypePkts, Rate: rate, Unit: expr.LimitTimeSecond, Burst: burst},
 		&expr.Log{Key: 1<<unix.NFTA_LOG_GROUP | 1<<unix.NFTA_LOG_PREFIX, Group: b.logGroup, Data: []byte(LogPrefix(b.plan.HostDevice, control))})
 	b.rules = append(b.rules, r)
 }

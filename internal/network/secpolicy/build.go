@@ -348,9 +348,15 @@ func strictChain(p *NICPolicy, name, listName string, peerOff uint32, rules []po
 	return chainSpec{name: name, rules: b.rules}
 }
 
-// buildChain builds the chains for one direction of p. peerOff is the
-// offset of the remote address (daddr for egress, saddr for ingress).
+// buildChain builds the chains for one direction of p, with the security
+// event log rules (eventlog.go).
 func buildChain(p *NICPolicy, dir string, name string) nicChains {
+	return withEventLogs(p, dir, buildPolicyChain(p, dir, name))
+}
+
+// buildPolicyChain builds the chains for one direction of p. peerOff is the
+// offset of the remote address (daddr for egress, saddr for ingress).
+func buildPolicyChain(p *NICPolicy, dir string, name string) nicChains {
 	b := &builder{}
 	var out nicChains
 	peerOff := uint32(offDaddr)
@@ -415,7 +421,9 @@ func baseRules(name string) []nrule {
 	raRedirect := []uint8{134, 137}
 	switch name {
 	case ChainForward:
+		b.rules = append(b.rules, blockedSourceLog(inNamed(offSaddr, BlockedSources, false)))
 		b.add("blocked source", inNamed(offSaddr, BlockedSources, false), []expr.Any{&expr.Counter{}, verdict(expr.VerdictDrop)})
+		b.rules = append(b.rules, blockedSourceLog(inNamed(offDaddr, BlockedSources, false)))
 		b.add("blocked destination", inNamed(offDaddr, BlockedSources, false), []expr.Any{&expr.Counter{}, verdict(expr.VerdictDrop)})
 	case ChainInput:
 		b.add("blocked source", inNamed(offSaddr, VMAddrsSet, false), inNamed(offSaddr, BlockedSources, false), []expr.Any{&expr.Counter{}, verdict(expr.VerdictDrop)})

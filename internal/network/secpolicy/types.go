@@ -88,6 +88,16 @@ type NICPolicy struct {
 	// policy.
 	Isolated                            bool
 	ManagementIngress, ManagementEgress []policy.Rule
+
+	// EventLogGroup, when not 0, makes every counted drop also log a
+	// kernel-rate-limited sample to this NFLOG group, attributed to the
+	// NIC (HostDevice) and the rule (see eventlog.go).
+	EventLogGroup uint16
+	// Monitor (enhanced monitoring of the tenant, with EventLogGroup):
+	// drops are logged up to MonitorLogRate per rule instead of
+	// EventLogRate, and a sample of allowed packets (AllowSampleRate per
+	// rule) is logged too.
+	Monitor bool
 }
 
 // Key identifies a NIC: "<vm>.<nic>" with both parts sanitised.

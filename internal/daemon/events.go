@@ -1,0 +1,231 @@
+package daemon
+
+import (
+	"bytes"
+	"context"
+	"net/netip"
+	"reflect"
+	"sync"
+	"time"
+
+	"github.com/metald/metald/internal/network"
+	"github.com/metald/metald/internal/network/secpolicy"
+	"github.com/metald/metald/internal/secevent"
+	"github.com/metald/metald/internal/store"
+	"github.com/metald/metald/internal/vm"
+)
+
+// Security-event wiring between the event service and the rule owners.
+//
+// Every NIC plan the VM manager programs passes through eventFirewall
+// (first-hop table) and eventPolicy (policy table), which
+//
+//   - mark the plan for enhanced monitoring when its tenant has an active
+//     session (network.NICPlan.Monitor, secpolicy.NICPolicy.Monitor), and
+//     make policy drops log to metald's NFLOG group;
+//   - with the cache_policies setting, skip programming a NIC whose
+//     compiled plan equals the one last programmed (the kernel already holds
+//     it); metald_security_policy_cache_total counts hits and misses.
+//
+// A monitoring session that starts or ends re-programs the tenant's NICs
+// (reprogramTenant).
+
+// bridgedOffloadReason is why hardware_acceleration is refused.
+const bridgedOffloadReason = "VM traffic is bridged (VM ports are bridge ports): nftables flowtables offload only routed flows " +
+	"(flow add in an ip/ip6/inet forward chain); bridged traffic cannot use a flowtable, so there is nothing to accelerate"
+
+// flowtableOffload reports that hardware acceleration cannot be enabled.
+func flowtableOffload() (bool, string) { return false, bridgedOffloadReason }
+
+// Policy cache table labels.
+const (
+	cacheFirstHop = "first_hop"
+	cachePolicy   = "policy"
+)
+
+type eventFirewall struct {
+	inner   vm.Firewall
+	ev      *secevent.Service
+	metrics *secevent.Metrics
+
+	mu   sync.Mutex
+	last map[string]network.NICPlan // host device → plan in the kernel
+}
+
+func newEventFirewall(inner vm.Firewall, ev *secevent.Service, m *secevent.Metrics) *eventFirewall {
+	return &eventFirewall{inner: inner, ev: ev, metrics: m, last: map[string]network.NICPlan{}}
+}
+
+func (w *eventFirewall) mark(p network.NICPlan) network.NICPlan {
+	p.Monitor = p.TenantID != "" && w.ev.MonitoringActive(p.TenantID)
+	return p
+}
+
+func (w *eventFirewall) AddNIC(p network.NICPlan) error {
+	p = w.mark(p)
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	if w.ev.Settings().CachePolicies {
+		old, ok := w.last[p.HostDevice]
+		hit := ok && reflect.DeepEqual(old, p)
+		w.metrics.PolicyCache(cacheFirstHop, hit)
+		if hit {
+			return nil
+		}
+	}
+	if err := w.inner.AddNIC(p); err != nil {
+		delete(w.last, p.HostDevice)
+		return err
+	}
+	w.last[p.HostDevice] = p
+	return nil
+}
+
+func (w *eventFirewall) RemoveNIC(hostDev string) error {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	delete(w.last, hostDev)
+	return w.inner.RemoveNIC(hostDev)
+}
+
+func (w *eventFirewall) Reconcile(ctx context.Context, desired []network.NICPlan) ([]string, error) {
+	marked := make([]network.NICPlan, len(desired))
+	for i, p := range desired {
+		marked[i] = w.mark(p)
+	}
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	rep, err := w.inner.Reconcile(ctx, marked)
+	clear(w.last)
+	if err == nil {
+		for _, p := range marked {
+			w.last[p.HostDevice] = p
+		}
+	}
+	return rep, err
+}
+
+type eventPolicy struct {
+	inner   vm.PolicyEnforcer
+	ev      *secevent.Service
+	metrics *secevent.Metrics
+
+	mu   sync.Mutex
+	last map[string]secpolicy.NICPolicy // secpolicy.Key → policy in the kernel
+}
+
+func newEventPolicy(inner vm.PolicyEnforcer, ev *secevent.Service, m *secevent.Metrics) *eventPolicy {
+	return &eventPolicy{inner: inner, ev: ev, metrics: m, last: map[string]secpolicy.NICPolicy{}}
+}
+
+func (w *eventPolicy) mark(p secpolicy.NICPolicy) secpolicy.NICPolicy {
+	p.EventLogGroup = secevent.DefaultGroup
+	p.Monitor = p.Tenant != "" && w.ev.MonitoringActive(p.Tenant)
+	return p
+}
+
+func (w *eventPolicy) Upsert(ctx context.Context, p secpolicy.NICPolicy) error {
+	p = w.mark(p)
+	k := secpolicy.Key(p.VMID, p.NIC)
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	if w.ev.Settings().CachePolicies {
+		old, ok := w.last[k]
+		hit := ok && reflect.DeepEqual(old, p)
+		w.metrics.PolicyCache(cachePolicy, hit)
+		if hit {
+			return nil
+		}
+	}
+	if err := w.inner.Upsert(ctx, p); err != nil {
+		delete(w.last, k)
+		return err
+	}
+	w.last[k] = p
+	return nil
+}
+
+func (w *eventPolicy) Remove(ctx context.Context, vmID, nic string) error {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	delete(w.last, secpolicy.Key(vmID, nic))
+	return w.inner.Remove(ctx, vmID, nic)
+}
+
+func (w *eventPolicy) Apply(ctx context.Context, all []secpolicy.NICPolicy) error {
+	marked := make([]secpolicy.NICPolicy, len(all))
+	for i, p := range all {
+		marked[i] = w.mark(p)
+	}
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	err := w.inner.Apply(ctx, marked)
+	clear(w.last)
+	if err == nil {
+		for _, p := range marked {
+			w.last[secpolicy.Key(p.VMID, p.NIC)] = p
+		}
+	}
+	return err
+}
+
+func (w *eventPolicy) SetGroupMembers(ctx context.Context, group string, addrs []netip.Addr) error {
+	return w.inner.SetGroupMembers(ctx, group, addrs)
+}
+
+// reprogramTenant re-programs the first-hop rules and policies of every
+// NIC of tenant's VMs, so an enhanced-monitoring session that started or
+// ended takes effect (the wrappers read the session state).
+func (d *Daemon) reprogramTenant(tenant string, active bool) {
+	start := time.Now()
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	rows, err := d.store.ListVMs(ctx)
+	if err != nil {
+		d.log.Error("enhanced monitoring: list vms", "tenant_id", tenant, "err", err)
+		return
+	}
+	n := 0
+	for _, row := range rows {
+		if row.TenantID != tenant || row.State == store.StateCreating || row.State == store.StateDeleting {
+			continue
+		}
+		d.reprogramVM(ctx, row)
+		n++
+	}
+	d.log.Info("enhanced monitoring: rules re-programmed", "tenant_id", tenant, "active", active, "vms", n, "took", time.Since(start))
+}
+
+// reprogramVM programs one VM's NICs from its row. An update of the VM
+// that ran meanwhile (its row changed) is programmed again from the new
+// row, so this never leaves an older config in the kernel.
+func (d *Daemon) reprogramVM(ctx context.Context, row *store.VM) {
+	for range 3 {
+		if plans, err := d.vms.Plans(row, nil); err == nil {
+			for _, p := range plans {
+				if err := d.evw.fw.AddNIC(p); err != nil {
+					d.log.Error("enhanced monitoring: program first-hop rules", "vm_id", row.ID, "host_device", p.HostDevice, "err", err)
+				}
+			}
+		}
+		if pols, err := d.vms.Policies(ctx, row, nil, nil); err == nil {
+			for _, p := range pols {
+				if err := d.evw.pol.Upsert(ctx, p); err != nil {
+					d.log.Error("enhanced monitoring: program security policy", "vm_id", row.ID, "nic", p.NIC, "err", err)
+				}
+			}
+		}
+		cur, err := d.store.GetVM(ctx, row.ID)
+		if err != nil || cur.State == store.StateDeleting ||
+			(bytes.Equal(cur.Config, row.Config) && cur.IsolatedAt.Equal(row.IsolatedAt) && cur.UpdatedAt.Equal(row.UpdatedAt)) {
+			return
+		}
+		row = cur
+	}
+}
+
+// eventWiring holds the wrappers.
+type eventWiring struct {
+	fw  *eventFirewall
+	pol *eventPolicy
+}
