@@ -153,7 +153,7 @@ func TestEventsPolicyDenyThroughDaemon(t *testing.T) {
 	}
 	// The exact count is the rule's counter (GetVm / debug endpoint read it
 	// from nftables): at least the SYNs the client sent.
-	if n := e.policyCounter(t, "ingress[1]"); n < 1 {
+	if n := e.policyCounter(t, "vm-vm-pd.eth0-in-", "ingress[1]"); n < 1 {
 		t.Fatalf("deny rule counter: %d", n)
 	}
 
@@ -200,9 +200,9 @@ func (e *env) metric0(series string) float64 {
 	return 0
 }
 
-// policyCounter sums the counters of the policy-table rules whose comment
-// starts with prefix.
-func (e *env) policyCounter(t *testing.T, prefix string) uint64 {
+// policyCounter sums the counters of the policy-table rules of chains named
+// chain* whose comment starts with prefix.
+func (e *env) policyCounter(t *testing.T, chain, prefix string) uint64 {
 	t.Helper()
 	out, err := e.host.Run("nft", "-j", "list", "table", "ip6", "metald_security")
 	if err != nil {
@@ -211,6 +211,7 @@ func (e *env) policyCounter(t *testing.T, prefix string) uint64 {
 	var doc struct {
 		Nftables []struct {
 			Rule *struct {
+				Chain   string           `json:"chain"`
 				Comment string           `json:"comment"`
 				Expr    []map[string]any `json:"expr"`
 			} `json:"rule"`
@@ -221,7 +222,7 @@ func (e *env) policyCounter(t *testing.T, prefix string) uint64 {
 	}
 	var n uint64
 	for _, o := range doc.Nftables {
-		if o.Rule == nil || !strings.HasPrefix(o.Rule.Comment, prefix) {
+		if o.Rule == nil || !strings.HasPrefix(o.Rule.Chain, chain) || !strings.HasPrefix(o.Rule.Comment, prefix) {
 			continue
 		}
 		for _, x := range o.Rule.Expr {
