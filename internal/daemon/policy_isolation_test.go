@@ -2,10 +2,14 @@ package daemon_test
 
 import (
 	"context"
+	"io"
+	"os"
 	"os/exec"
+	"path/filepath"
 	"strings"
 	"syscall"
 	"testing"
+	"time"
 
 	"github.com/metald/metald/internal/daemon"
 	"github.com/metald/metald/internal/network/ns"
@@ -57,7 +61,7 @@ func TestIsolateManagementAccessThroughDaemon(t *testing.T) {
 	for _, id := range ids {
 		e.waitDAD(id)
 	}
-	e.startListener(t, "vm-q", "22", "80")
+	e.startEchoServer(t, "vm-q", "tcp:22", "tcp:80")
 	e.startListener(t, "vm-qpeer", "22", "80")
 	e.startListener(t, "vm-mgmt", "22")
 
@@ -68,7 +72,11 @@ func TestIsolateManagementAccessThroughDaemon(t *testing.T) {
 	check := func(when string, want map[probe]bool) {
 		t.Helper()
 		for p, w := range want {
-			if got := e.tcpConnect(t, p.from, p.to, p.port); got != w {
+			connect := e.tcpConnect
+			if p.to == q {
+				connect = e.tcpConnectEcho
+			}
+			if got := connect(t, p.from, p.to, p.port); got != w {
 				t.Errorf("%s: %s -> %s port %s: connected=%v, want %v", when, p.from, p.to, p.port, got, w)
 			}
 		}
@@ -77,9 +85,15 @@ func TestIsolateManagementAccessThroughDaemon(t *testing.T) {
 		{"vm-mgmt", q, "22"}: true, {"vm-qpeer", q, "22"}: true, {"vm-qpeer", q, "80"}: true, {"vm-q", peer, "80"}: true,
 	})
 
+	// A connection the peer opened before the quarantine is cut by it.
+	held := e.holdConnection(t, "vm-qpeer", q, "80")
+
 	e.shell(t, `VM_ID="vm-q"
 curl -sf -X POST http://localhost:8080/vmprovisioner.v1.VmService/IsolateVm \
   -d "{\"vm_id\":\"$VM_ID\", \"reason\":\"Security violation investigation\"}"`)
+	if got := held(); !strings.HasPrefix(got, "cut") {
+		t.Errorf("a connection established before IsolateVm still works: %q", got)
+	}
 	check("isolated", map[probe]bool{
 		{"vm-mgmt", q, "22"}:  true,  // management access, replies included
 		{"vm-mgmt", q, "80"}:  false, // not management access
@@ -101,4 +115,70 @@ curl -sf -X POST http://localhost:8080/vmprovisioner.v1.VmService/IsolateVm \
 	check("released", map[probe]bool{
 		{"vm-mgmt", q, "22"}: true, {"vm-qpeer", q, "22"}: true, {"vm-qpeer", q, "80"}: true, {"vm-q", peer, "80"}: true,
 	})
+}
+
+// startEchoServer runs echoServerScript in a VM.
+func (e *env) startEchoServer(t *testing.T, id string, specs ...string) {
+	t.Helper()
+	srv := exec.Command("python3", append([]string{"-c", echoServerScript}, specs...)...)
+	stdout, _ := srv.StdoutPipe()
+	if err := ns.Start(int(e.vmNS(id).Fd()), srv); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { srv.Process.Signal(syscall.SIGKILL); srv.Wait() })
+	go io.Copy(io.Discard, stdout)
+	for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(50 * time.Millisecond) {
+		if e.tcpConnectEcho(t, id, "::1", strings.Split(specs[0], ":")[1]) {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("echo server in %s did not start", id)
+		}
+	}
+}
+
+const holdScript = `
+import os, socket, sys, time
+c = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=3)
+def echo():
+    c.sendall(b"ab"); d = b""
+    while len(d) < 2:
+        r = c.recv(2 - len(d))
+        if not r: raise EOFError("closed")
+        d += r
+echo(); print("up", flush=True)
+while not os.path.exists(sys.argv[3]): time.sleep(0.05)
+try:
+    echo(); print("still", flush=True)
+except Exception as e:
+    print("cut", e, flush=True)
+`
+
+// holdConnection opens a TCP connection from a VM to an echo server and
+// keeps it; the returned function echoes once more over it and returns
+// "still" when that works, "cut ..." when not.
+func (e *env) holdConnection(t *testing.T, from, addr, port string) func() string {
+	t.Helper()
+	dir := t.TempDir()
+	out, err := os.Create(filepath.Join(dir, "out"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	cmd := exec.Command("python3", "-c", holdScript, addr, port, filepath.Join(dir, "go"))
+	cmd.Stdout, cmd.Stderr = out, out
+	if err := ns.Start(int(e.vmNS(from).Fd()), cmd); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { cmd.Process.Signal(syscall.SIGKILL); cmd.Wait() })
+	read := func() string { b, _ := os.ReadFile(out.Name()); return string(b) }
+	for deadline := time.Now().Add(10 * time.Second); !strings.Contains(read(), "up"); time.Sleep(20 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatalf("connection %s -> %s port %s: %s", from, addr, port, read())
+		}
+	}
+	return func() string {
+		os.WriteFile(filepath.Join(dir, "go"), nil, 0o644)
+		cmd.Wait()
+		return strings.TrimSpace(strings.TrimPrefix(read(), "up\n"))
+	}
 }

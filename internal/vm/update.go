@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"net/netip"
 	"strings"
 	"time"
 
@@ -281,6 +282,12 @@ func (m *Manager) setIsolation(ctx context.Context, id, reason string, on bool) 
 		m.installPolicy(ctx, row, cfg) // put the kernel back
 		return nil, err
 	}
+	if on {
+		if err := m.cutFlows(row); err != nil {
+			m.installPolicy(ctx, row, cfg)
+			return nil, err
+		}
+	}
 	next.UpdatedAt = now
 	if err := m.opt.Store.UpdateVM(ctx, &next); err != nil {
 		m.installPolicy(ctx, row, cfg)
@@ -299,4 +306,35 @@ func (m *Manager) setIsolation(ctx context.Context, id, reason string, on bool) 
 		m.opt.Emit("vm_released", "medium", &next, "")
 	}
 	return &next, nil
+}
+
+// FlowCutter forgets the host's connection tracking of flows to and from
+// addresses, so that their next packets are judged by the rules in force
+// (an established flow otherwise passes on its conntrack state). The
+// manager's Ports implement it where they can.
+type FlowCutter interface {
+	CutFlows(addrs []netip.Addr) error
+}
+
+// cutFlows makes the quarantine apply to connections the VM already had:
+// their next packets are new to conntrack, so the isolated NIC's chains
+// judge them (management access passes again, everything else is dropped).
+func (m *Manager) cutFlows(row *store.VM) error {
+	fc, ok := m.opt.Ports.(FlowCutter)
+	if !ok {
+		return nil
+	}
+	var addrs []netip.Addr
+	for _, n := range row.NICs {
+		if p, err := netip.ParsePrefix(n.Address); err == nil {
+			addrs = append(addrs, p.Addr())
+		}
+		if ll := m.linkLocal(n); ll.IsValid() {
+			addrs = append(addrs, ll)
+		}
+	}
+	if err := fc.CutFlows(addrs); err != nil {
+		return fmt.Errorf("cut the established flows of %s: %w", row.ID, err)
+	}
+	return nil
 }
