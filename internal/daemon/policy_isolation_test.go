@@ -85,14 +85,19 @@ func TestIsolateManagementAccessThroughDaemon(t *testing.T) {
 		{"vm-mgmt", q, "22"}: true, {"vm-qpeer", q, "22"}: true, {"vm-qpeer", q, "80"}: true, {"vm-q", peer, "80"}: true,
 	})
 
-	// A connection the peer opened before the quarantine is cut by it.
+	// A connection the peer opened before the quarantine is cut by it; a
+	// management connection opened before it carries on.
 	held := e.holdConnection(t, "vm-qpeer", q, "80")
+	heldMgmt := e.holdConnection(t, "vm-mgmt", q, "22")
 
 	e.shell(t, `VM_ID="vm-q"
 curl -sf -X POST http://localhost:8080/vmprovisioner.v1.VmService/IsolateVm \
   -d "{\"vm_id\":\"$VM_ID\", \"reason\":\"Security violation investigation\"}"`)
 	if got := held(); !strings.HasPrefix(got, "cut") {
 		t.Errorf("a connection established before IsolateVm still works: %q", got)
+	}
+	if got := heldMgmt(); got != "still" {
+		t.Errorf("a management connection established before IsolateVm: %q", got)
 	}
 	check("isolated", map[probe]bool{
 		{"vm-mgmt", q, "22"}:  true,  // management access, replies included
