@@ -98,8 +98,8 @@ type IsolationConfig struct {
 	// Each rule must be an allow rule that names the management side by
 	// a literal IPv6 prefix other than ::/0 (not "any", not "sg:", whose
 	// membership tenants choose, not a symbolic subnet name). Everything
-	// else to and from an isolated VM is dropped, except the ND/MLD
-	// exchange with its gateway. Default none: isolation is total.
+	// else to and from an isolated VM is dropped, except ND/MLD (RFC
+	// 4890). Default none: isolation is total.
 	ManagementAccess []string `yaml:"management_access"`
 }
 

@@ -239,7 +239,7 @@ func (m *Manager) UpdateVmNetwork(ctx context.Context, id, nicID string, patch *
 }
 
 // Isolate quarantines a VM: its policies drop everything to and from it
-// (ND with its gateway excepted) but the operator's management access
+// (ND/MLD excepted) but the operator's management access
 // (Options.ManagementAccess, from isolation.management_access; no request
 // can add to it) until Release; policy updates meanwhile are stored and
 // take effect on release. Isolating an isolated VM updates the reason.
