@@ -2,8 +2,8 @@ package daemon_test
 
 import (
 	"bytes"
-	"fmt"
 	"encoding/json"
+	"fmt"
 	"net/http"
 	"regexp"
 	"runtime"
