@@ -413,6 +413,9 @@ func (d *Daemon) Close() error {
 	if d.pol != nil {
 		d.pol.Close()
 	}
+	if d.fw != nil {
+		d.fw.Close()
+	}
 	var err error
 	if d.store != nil {
 		err = d.store.Close()

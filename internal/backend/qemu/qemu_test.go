@@ -507,6 +507,7 @@ func TestRogueRAFromGuest(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	t.Cleanup(func() { fw.Close() })
 	open := spec("open", "qt-open-0", 0x30, "2001:db8:1::30/64")
 	guarded := spec("guarded", "qt-guard-0", 0x31, "2001:db8:1::31/64")
 	// Both guests boot at once to keep the test short.

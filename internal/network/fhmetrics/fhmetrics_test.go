@@ -55,6 +55,7 @@ func newEnv(t *testing.T, perVM bool) *env {
 	if err != nil {
 		t.Fatal(err)
 	}
+	t.Cleanup(func() { fw.Close() })
 	e.fw = fw
 	e.plans = []network.NICPlan{plan(1), plan(2), plan(3)}
 	if err := fw.Apply(context.Background(), e.plans); err != nil {

@@ -50,6 +50,7 @@ func newFW(t *testing.T) (*netnstest.NS, *Firewall) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	t.Cleanup(func() { fw.Close() })
 	return n, fw
 }
 

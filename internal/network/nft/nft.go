@@ -15,6 +15,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/metald/metald/internal/network"
+	"github.com/metald/metald/internal/network/setname"
 )
 
 // ErrNotFound reports a NIC that has no state in the table.
@@ -37,6 +38,8 @@ type Firewall struct {
 	// or full comparison; Reconcile skips the comparison while the kernel
 	// still reports it.
 	gen uint32
+	// names names anonymous sets explicitly (see package setname).
+	names *setname.Namer
 }
 
 // New returns a Firewall for the network namespace open at nsFd (or the
@@ -45,7 +48,12 @@ func New(nsFd int) (*Firewall, error) {
 	// A NIC is a few hundred netlink messages, each acknowledged; the
 	// default receive buffer overflows (ENOBUFS) on the acks of a batch
 	// that programs several NICs.
-	opts := []nftables.ConnOption{nftables.WithSockOptions(bigReceiveBuffer)}
+	//
+	// The connection is lasting: a connection per batch closes its socket
+	// after each commit, and closing a netfilter socket waits for the
+	// previous commit's deferred release (an RCU grace period, 8-24 ms
+	// here) whenever that commit replaced or deleted a chain.
+	opts := []nftables.ConnOption{nftables.AsLasting(), nftables.WithSockOptions(bigReceiveBuffer)}
 	if nsFd >= 0 {
 		opts = append(opts, nftables.WithNetNSFd(nsFd))
 	}
@@ -53,7 +61,7 @@ func New(nsFd int) (*Firewall, error) {
 	if err != nil {
 		return nil, fmt.Errorf("open nftables connection: %w", err)
 	}
-	return &Firewall{conn: c}, nil
+	return &Firewall{conn: c, names: setname.New()}, nil
 }
 
 const receiveBuffer = 16 << 20
@@ -75,8 +83,15 @@ func bigReceiveBuffer(c *netlink.Conn) error {
 	return nil
 }
 
+// Close releases the netlink connection; the table stays.
+func (f *Firewall) Close() error {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return f.conn.CloseLasting()
+}
+
 // NewWithConn wraps an existing connection.
-func NewWithConn(c *nftables.Conn) *Firewall { return &Firewall{conn: c} }
+func NewWithConn(c *nftables.Conn) *Firewall { return &Firewall{conn: c, names: setname.New()} }
 
 // SetLogGroup makes every counted drop of NICs programmed from now on also
 // log a rate-limited sample (at most 10 packets per second per rule) to
@@ -202,6 +217,7 @@ func (f *Firewall) queueNIC(p network.NICPlan) error {
 	for _, r := range spec.rules {
 		for _, a := range r.anons {
 			set := &nftables.Set{Table: table(), Anonymous: true, Constant: true, KeyType: a.keyType}
+			f.names.Name(set)
 			var el []nftables.SetElement
 			for _, e := range a.elems {
 				el = append(el, nftables.SetElement{Key: e})

@@ -178,6 +178,7 @@ func BenchmarkAddNICLatency(b *testing.B) {
 		if err != nil {
 			b.Fatal(err)
 		}
+		b.Cleanup(func() { fw.Close() })
 		tp := &topo{host: n, fw: fw}
 		p50 := func() time.Duration {
 			var ds []time.Duration

@@ -12,6 +12,7 @@ import (
 	"github.com/google/nftables/expr"
 
 	"github.com/metald/metald/internal/network"
+	"github.com/metald/metald/internal/network/setname"
 )
 
 // Repairs says what Reconcile found drifted and rewrote, for logging and
@@ -309,7 +310,7 @@ func fingerprint(exprs []expr.Any) ([]byte, error) {
 	for _, e := range exprs {
 		switch l := e.(type) {
 		case *expr.Lookup:
-			if l.SetName == "" || strings.HasPrefix(l.SetName, "__set") {
+			if l.SetName == "" || setname.Anonymous(l.SetName) {
 				c := *l
 				c.SetName, c.SetID = "", 0
 				e = &c

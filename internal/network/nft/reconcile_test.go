@@ -27,6 +27,7 @@ func TestReconcileNoChange(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	t.Cleanup(func() { fw2.Close() })
 	r, err := fw2.Reconcile(context.Background(), tp.plans[:])
 	if err != nil {
 		t.Fatal(err)

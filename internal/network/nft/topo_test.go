@@ -55,6 +55,7 @@ func newTopo(t testing.TB, c network.Controls) *topo {
 	if err != nil {
 		t.Fatal(err)
 	}
+	t.Cleanup(func() { fw.Close() })
 	tp.fw = fw
 	tp.plans = [2]network.NICPlan{vmPlan(1, c), vmPlan(2, c)}
 	// The NIC's chains go in before its port exists.

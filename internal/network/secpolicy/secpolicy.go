@@ -16,6 +16,7 @@ import (
 	"github.com/mdlayher/netlink"
 	"golang.org/x/sys/unix"
 
+	"github.com/metald/metald/internal/network/setname"
 	"github.com/metald/metald/internal/policy"
 )
 
@@ -63,6 +64,8 @@ type Manager struct {
 	owners map[string]map[netip.Addr]map[string]struct{} // set → addr → owning NIC keys ("" = explicit)
 	byAddr map[netip.Addr]string                         // addr → NIC key
 	groups map[string][]netip.Addr                       // explicit group members
+	// names names anonymous sets explicitly (see package setname).
+	names *setname.Namer
 }
 
 // New returns a Manager for the network namespace open at nsFd (the
@@ -77,7 +80,7 @@ func New(nsFd int) (*Manager, error) {
 	if err != nil {
 		return nil, fmt.Errorf("open nftables connection: %w", err)
 	}
-	m := &Manager{conn: c, opts: opts}
+	m := &Manager{conn: c, opts: opts, names: setname.New()}
 	if err := m.load(); err != nil {
 		c.CloseLasting()
 		return nil, err
@@ -379,6 +382,7 @@ func (m *Manager) queueRules(ch *nftables.Chain, rules []nrule) error {
 	for _, r := range rules {
 		for _, a := range r.anons {
 			set := &nftables.Set{Table: table(), Anonymous: true, Constant: true, Interval: a.interval, KeyType: a.keyType}
+			m.names.Name(set)
 			if err := c.AddSet(set, a.elems); err != nil {
 				return fmt.Errorf("add anonymous set: %w", err)
 			}
