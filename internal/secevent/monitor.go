@@ -11,9 +11,12 @@ import (
 )
 
 // Session is an enhanced-monitoring session for one tenant: while it is
-// active the firewall owner logs every dropped and a sample of allowed
-// packets of the tenant's VMs (see OnChange). It ends by itself at
-// ExpiresAt.
+// active the firewall owner logs every dropped packet of the tenant's VMs
+// (up to a safety cap of 1000/s per rule instead of 10/s) and a sample of
+// allowed ones (policy_allow_sample, 10/s per rule); the daemon re-programs
+// the tenant's NICs when a session starts and ends (OnChange). It ends by
+// itself at ExpiresAt. LogLevel is recorded and shown; it does not change
+// what is logged.
 type Session struct {
 	TenantID  string    `json:"tenant_id"`
 	LogLevel  string    `json:"log_level"`
@@ -184,11 +187,18 @@ func (s *Service) OnChange(fn func(tenant string, active bool)) {
 	}
 }
 
-// Settings are the /debug/security/optimize switches. The firewall owner
-// reads them (Settings, OnSettingsChange) and applies them:
-// BatchProcessing batches kernel rule updates, CachePolicies caches
-// compiled policies as nftables sets, HardwareAcceleration adds a
-// flowtable with hardware offload.
+// Settings are the /debug/security/optimize switches:
+//
+//   - BatchProcessing: the event writer stores the events of one flush
+//     window in one transaction instead of one transaction per event (see
+//     Run).
+//   - CachePolicies: the rule owners (the daemon's wrappers around the
+//     first-hop and policy tables) skip programming a NIC whose compiled
+//     plan equals the one they last programmed.
+//   - HardwareAcceleration: refused (ErrUnsupported) unless the
+//     FlowtableOffload capability reports support; metald's VM traffic is
+//     bridged and flowtables only offload routed flows, so the daemon
+//     always refuses it.
 type Settings struct {
 	BatchProcessing      bool `json:"batch_processing"`
 	HardwareAcceleration bool `json:"hardware_acceleration"`
