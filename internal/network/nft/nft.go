@@ -15,7 +15,6 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/metald/metald/internal/network"
-	"github.com/metald/metald/internal/network/setname"
 )
 
 // ErrNotFound reports a NIC that has no state in the table.
@@ -38,8 +37,12 @@ type Firewall struct {
 	// or full comparison; Reconcile skips the comparison while the kernel
 	// still reports it.
 	gen uint32
-	// names names anonymous sets explicitly (see package setname).
-	names *setname.Namer
+	// shared are the shared constant sets known to exist; pendingShared
+	// those queued in the batch being built (name -> batch id).
+	shared        map[string]bool
+	pendingShared map[string]uint32
+	// opts re-open the connection (abort); nil for NewWithConn.
+	opts []nftables.ConnOption
 }
 
 // New returns a Firewall for the network namespace open at nsFd (or the
@@ -61,7 +64,9 @@ func New(nsFd int) (*Firewall, error) {
 	if err != nil {
 		return nil, fmt.Errorf("open nftables connection: %w", err)
 	}
-	return &Firewall{conn: c, names: setname.New()}, nil
+	f := newFirewall(c)
+	f.opts = opts
+	return f, nil
 }
 
 const receiveBuffer = 16 << 20
@@ -91,7 +96,11 @@ func (f *Firewall) Close() error {
 }
 
 // NewWithConn wraps an existing connection.
-func NewWithConn(c *nftables.Conn) *Firewall { return &Firewall{conn: c, names: setname.New()} }
+func NewWithConn(c *nftables.Conn) *Firewall { return newFirewall(c) }
+
+func newFirewall(c *nftables.Conn) *Firewall {
+	return &Firewall{conn: c, shared: map[string]bool{}, pendingShared: map[string]uint32{}}
+}
 
 // SetLogGroup makes every counted drop of NICs programmed from now on also
 // log a rate-limited sample (at most 10 packets per second per rule) to
@@ -216,16 +225,11 @@ func (f *Firewall) queueNIC(p network.NICPlan) error {
 	}
 	for _, r := range spec.rules {
 		for _, a := range r.anons {
-			set := &nftables.Set{Table: table(), Anonymous: true, Constant: true, KeyType: a.keyType}
-			f.names.Name(set)
-			var el []nftables.SetElement
-			for _, e := range a.elems {
-				el = append(el, nftables.SetElement{Key: e})
+			id, err := f.ensureShared(a)
+			if err != nil {
+				return err
 			}
-			if err := c.AddSet(set, el); err != nil {
-				return fmt.Errorf("add anonymous set: %w", err)
-			}
-			a.lookup.SetID, a.lookup.SetName = set.ID, set.Name
+			a.lookup.SetID = id
 		}
 		c.AddRule(&nftables.Rule{Table: table(), Chain: chains[r.chain], Exprs: r.exprs, UserData: commentData(r.comment)})
 	}
@@ -268,6 +272,8 @@ func (f *Firewall) readState() (kernelState, error) {
 			st.exists = true
 		}
 	}
+	// The shared sets known to exist are re-learnt from every read.
+	f.shared = map[string]bool{}
 	if !st.exists {
 		return st, nil
 	}
@@ -286,6 +292,7 @@ func (f *Firewall) readState() (kernelState, error) {
 	}
 	for _, s := range sets {
 		st.sets[s.Name] = true
+		f.shared[s.Name] = true
 		if s.Name == FromVMMap || s.Name == ToVMMap {
 			els, err := f.conn.GetSetElements(s)
 			if err != nil {
@@ -389,9 +396,61 @@ func (f *Firewall) queueRemove(st kernelState, hostDev string) error {
 	return nil
 }
 
+// ensureShared queues the creation of the shared constant set a rule looks
+// up unless it exists (known from an earlier batch, asked of the kernel
+// once, or queued in this batch). It returns the batch id of a set queued
+// now, 0 for one that exists.
+func (f *Firewall) ensureShared(a anonSet) (uint32, error) {
+	if id, ok := f.pendingShared[a.name]; ok {
+		return id, nil
+	}
+	if f.shared[a.name] {
+		return 0, nil
+	}
+	if _, err := f.conn.GetSetByName(table(), a.name); err == nil {
+		f.shared[a.name] = true
+		return 0, nil
+	} else if !errors.Is(err, unix.ENOENT) {
+		return 0, fmt.Errorf("look up set %s: %w", a.name, err)
+	}
+	set := &nftables.Set{Table: table(), Name: a.name, KeyType: a.keyType, Constant: true}
+	var el []nftables.SetElement
+	for _, e := range a.elems {
+		el = append(el, nftables.SetElement{Key: e})
+	}
+	if err := f.conn.AddSet(set, el); err != nil {
+		return 0, fmt.Errorf("add set %s: %w", a.name, err)
+	}
+	f.pendingShared[a.name] = set.ID
+	return set.ID, nil
+}
+
+// abort discards the batch being built after a build error: queued
+// messages cannot be taken back, so the connection is replaced.
+func (f *Firewall) abort(err error) error {
+	f.pendingShared = map[string]uint32{}
+	if f.opts == nil {
+		return err
+	}
+	c, cerr := nftables.New(f.opts...)
+	if cerr != nil {
+		return errors.Join(err, cerr)
+	}
+	f.conn.CloseLasting()
+	f.conn = c
+	return err
+}
+
 func (f *Firewall) flush(what string) error {
+	pending := f.pendingShared
+	f.pendingShared = map[string]uint32{}
 	if err := f.conn.Flush(); err != nil {
+		// What exists is unknown now: ask the kernel again next time.
+		f.shared = map[string]bool{}
 		return fmt.Errorf("%s: %w", what, err)
+	}
+	for name := range pending {
+		f.shared[name] = true
 	}
 	return nil
 }
@@ -401,13 +460,26 @@ func (f *Firewall) flush(what string) error {
 func (f *Firewall) AddNIC(p network.NICPlan) error {
 	f.mu.Lock()
 	defer f.unlock()
+	cached := len(f.shared) > 0
 	if err := f.queueBase(); err != nil {
-		return err
+		return f.abort(err)
 	}
 	if err := f.queueNIC(p); err != nil {
-		return err
+		return f.abort(err)
 	}
-	return f.flush("add nic " + p.HostDevice)
+	err := f.flush("add nic " + p.HostDevice)
+	if err != nil && cached {
+		// A shared set this batch relied on may have gone with the table:
+		// build again, asking the kernel.
+		if err := f.queueBase(); err != nil {
+			return f.abort(err)
+		}
+		if err := f.queueNIC(p); err != nil {
+			return f.abort(err)
+		}
+		return f.flush("add nic " + p.HostDevice)
+	}
+	return err
 }
 
 // UpdateNIC replaces one NIC's rules and sets in one batch; its counters
@@ -427,7 +499,7 @@ func (f *Firewall) RemoveNIC(hostDev string) error {
 		return nil
 	}
 	if err := f.queueRemove(st, hostDev); err != nil {
-		return err
+		return f.abort(err)
 	}
 	if err := f.flush("remove nic " + hostDev); err != nil {
 		return err
@@ -461,17 +533,17 @@ func (f *Firewall) Apply(ctx context.Context, desired []network.NICPlan) error {
 	for _, dev := range st.nics() {
 		if !want[dev] {
 			if err := f.queueRemove(st, dev); err != nil {
-				return err
+				return f.abort(err)
 			}
 			gone = append(gone, dev)
 		}
 	}
 	if err := f.queueBase(); err != nil {
-		return err
+		return f.abort(err)
 	}
 	for _, p := range (network.Plan{NICs: desired}).Sorted() {
 		if err := f.queueNIC(p); err != nil {
-			return err
+			return f.abort(err)
 		}
 	}
 	if err := f.flush("apply firewall"); err != nil {

@@ -128,7 +128,7 @@ func (f *Firewall) Reconcile(ctx context.Context, desired []network.NICPlan) (Re
 		for _, dev := range st.nics() {
 			if !want[dev] {
 				if err := f.queueRemove(st, dev); err != nil {
-					return r, err
+					return r, f.abort(err)
 				}
 				gone = append(gone, dev)
 				r.Removed = append(r.Removed, dev)
@@ -151,12 +151,12 @@ func (f *Firewall) Reconcile(ctx context.Context, desired []network.NICPlan) (Re
 		return r, nil
 	}
 	if err := f.queueBase(); err != nil {
-		return r, err
+		return r, f.abort(err)
 	}
 	for _, p := range (network.Plan{NICs: desired}).Sorted() {
 		if _, ok := r.NICs[p.HostDevice]; ok {
 			if err := f.queueNIC(p); err != nil {
-				return r, err
+				return r, f.abort(err)
 			}
 		}
 	}
@@ -310,11 +310,12 @@ func fingerprint(exprs []expr.Any) ([]byte, error) {
 	for _, e := range exprs {
 		switch l := e.(type) {
 		case *expr.Lookup:
-			if l.SetName == "" || setname.Anonymous(l.SetName) {
-				c := *l
-				c.SetName, c.SetID = "", 0
-				e = &c
+			c := *l
+			c.SetID = 0
+			if setname.Anonymous(c.SetName) {
+				c.SetName = ""
 			}
+			e = &c
 		case *expr.Dynset:
 			c := *l
 			c.SetID = 0

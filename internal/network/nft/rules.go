@@ -57,10 +57,13 @@
 package nft
 
 import (
+	"crypto/sha256"
 	"encoding/binary"
+	"encoding/hex"
 	"fmt"
 	"net"
 	"net/netip"
+	"strings"
 	"time"
 
 	"github.com/google/nftables"
@@ -122,12 +125,55 @@ func table() *nftables.Table {
 	return &nftables.Table{Name: TableName, Family: nftables.TableFamilyBridge}
 }
 
-// anonSet is an anonymous constant set a rule looks up; it is added to the
-// batch right before its rule and the lookup is patched with its id.
+// anonSet is a constant set a rule looks up. Rules share one named set
+// per content (SharedSetName), created the first time a rule needs it: a
+// set per rule would make every NIC add about ten sets, and the kernel
+// walks the table's whole set list for each set it adds and each lookup
+// by name it resolves, so per-NIC sets make programming a NIC cost more
+// the more NICs there are.
 type anonSet struct {
+	name    string
 	keyType nftables.SetDatatype
 	elems   [][]byte
 	lookup  *expr.Lookup
+}
+
+// icmpv6Names are nft's names of the ICMPv6 types the rules list.
+var icmpv6Names = map[byte]string{
+	icmpMLDQuery: "mld-listener-query", icmpMLDReport: "mld-listener-report", icmpMLDDone: "mld-listener-done",
+	icmpRS: "nd-router-solicit", icmpRA: "nd-router-advert", icmpNS: "nd-neighbor-solicit",
+	icmpNA: "nd-neighbor-advert", icmpRedirect: "nd-redirect", icmpMLD2Report: "mld2-listener-report",
+}
+
+// SharedSetName is the name of the constant set holding elems of type kt:
+// for ICMPv6 types "icmpv6_" and nft's type names (so listings read
+// `icmpv6 type @icmpv6_nd-router-advert_nd-redirect`), otherwise "k<type>_"
+// and the elements in hex, or a digest of them when long.
+func SharedSetName(kt nftables.SetDatatype, elems [][]byte) string {
+	if kt.Name == nftables.TypeICMP6Type.Name {
+		var names []string
+		for _, e := range elems {
+			n, ok := icmpv6Names[e[0]]
+			if !ok || len(e) != 1 {
+				names = nil
+				break
+			}
+			names = append(names, n)
+		}
+		if names != nil {
+			return "icmpv6_" + strings.Join(names, "_")
+		}
+	}
+	parts := make([]string, len(elems))
+	for i, e := range elems {
+		parts[i] = hex.EncodeToString(e)
+	}
+	name := fmt.Sprintf("k%d_%s", kt.GetNFTMagic(), strings.Join(parts, "_"))
+	if len(name) > 128 {
+		sum := sha256.Sum256([]byte(name))
+		name = fmt.Sprintf("k%d_h%x", kt.GetNFTMagic(), sum[:12])
+	}
+	return name
 }
 
 // rule is one rule of a NIC's chains, before it is bound to a connection.
@@ -248,7 +294,7 @@ func (b *builder) addLog(chain, control string, exprs []expr.Any) {
 	}
 	r := rule{chain: chain, comment: fmt.Sprintf("vm=%s nic=%s control=%s log", b.plan.VMID, b.plan.NICID, control)}
 	for _, e := range exprs[:n-2] {
-		// An anonymous set is bound to one rule: give the copy its own.
+		// The copy gets its own lookup (its set id is patched per rule).
 		if l, ok := e.(*expr.Lookup); ok {
 			if a, ok := b.anon[l]; ok {
 				lc := *l
@@ -317,8 +363,9 @@ func (b *builder) inAnon(load expr.Any, kt nftables.SetDatatype, elems ...[]byte
 	if len(elems) == 1 {
 		return []expr.Any{load, eq(elems[0])}
 	}
-	l := &expr.Lookup{SourceRegister: 1}
-	b.anon[l] = anonSet{keyType: kt, elems: elems, lookup: l}
+	name := SharedSetName(kt, elems)
+	l := &expr.Lookup{SourceRegister: 1, SetName: name}
+	b.anon[l] = anonSet{name: name, keyType: kt, elems: elems, lookup: l}
 	return []expr.Any{load, l}
 }
 
