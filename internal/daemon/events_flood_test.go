@@ -182,6 +182,33 @@ func TestEventsSpoofFloodThroughDaemon(t *testing.T) {
 		t.Errorf("%d events for one flood: spoofed sources not folded", len(folded))
 	}
 
+	// Under enhanced monitoring the tenant's drops are logged up to the
+	// 1000/s per rule safety cap: the reader takes far more records, the
+	// counts stay exact and memory bounded.
+	e.shell(t, `curl -sf -X POST http://localhost:8080/debug/security/enhance-monitoring -d '{"tenant_id":"tf","duration":"1m"}'`)
+	counterBefore, metricBefore = e.counter(t, counter), e.metric(series)
+	recordsBefore := e.metric("metald_security_log_records_total")
+	t1 := time.Now()
+	out, err = ns.Command(int(f.Fd()), pyCmd(strings.ReplaceAll(floodScript, "int(sys.argv[1])", strconv.Itoa(frames))))
+	took := time.Since(t1)
+	m = regexp.MustCompile(`sent (\d+)`).FindStringSubmatch(string(out))
+	if err != nil || m == nil {
+		t.Fatalf("monitored flood: %v\n%s", err, out)
+	}
+	sent, _ = strconv.ParseUint(m[1], 10, 64)
+	if d := e.counter(t, counter) - counterBefore; d != sent {
+		t.Errorf("monitored: source_guard counter moved by %d, sent %d", d, sent)
+	}
+	if d := e.metric(series) - metricBefore; d != float64(sent) {
+		t.Errorf("monitored: %s moved by %.0f, sent %d", series, d, sent)
+	}
+	time.Sleep(500 * time.Millisecond) // the reader's last batch
+	records := e.metric("metald_security_log_records_total") - recordsBefore
+	t.Logf("monitored flood: %d frames in %s; %.0f log records read (cap 1000/s + burst 100)", sent, took, records)
+	if records < 200 || records > 1000*took.Seconds()+100+200 {
+		t.Errorf("monitored flood: %.0f log records in %s, want more than the unmonitored sample and at most the 1000/s cap", records, took)
+	}
+
 	dropped := e.metric("metald_security_events_dropped_total") - droppedBefore
 	heapAfter := heapAlloc()
 	growth := int64(heapAfter) - int64(heapBefore)
