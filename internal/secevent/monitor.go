@@ -96,6 +96,18 @@ func (s *Service) expireSession(tenant string, gen uint64) {
 	}
 }
 
+// stopTimers disarms every session's expiry (the service stopped; a new
+// service on the same store re-arms them from the stored sessions).
+func (s *Service) stopTimers() {
+	s.mon.mu.Lock()
+	defer s.mon.mu.Unlock()
+	for t, tm := range s.mon.timers {
+		tm.Stop()
+		delete(s.mon.timers, t)
+		delete(s.mon.gens, t)
+	}
+}
+
 // StartMonitoring starts (or extends/replaces) the enhanced-monitoring
 // session of tenant for duration at logLevel (DEBUG, INFO, WARN, ERROR;
 // default DEBUG). The session persists across restarts until it expires.

@@ -399,6 +399,9 @@ func (s *Service) expired(now time.Time, force bool) []Event {
 // most Config.BatchSize per transaction).
 func (s *Service) Run(ctx context.Context) error {
 	defer s.closeFile()
+	// Session expiries call back into the firewall owner, which is going
+	// away with the service.
+	defer s.stopTimers()
 	tick := s.cfg.Window / 5
 	tick = min(max(tick, 10*time.Millisecond), time.Second)
 	sweep := time.NewTicker(tick)
