@@ -50,7 +50,10 @@
 //  6. the default verdict.
 //
 // Every verdict rule carries a counter; RuleCounters reads them (summed per
-// policy rule).
+// policy rule). With NICPolicy.EventLogGroup each counted drop is preceded
+// by a rule with the same match that logs a rate-limited sample to NFLOG,
+// attributed to device and rule, for internal/secevent (eventlog.go);
+// blocked_sources drops in the forward chain are sampled the same way.
 //
 // Named sets: blocked_sources (operator-owned: created if absent, never
 // flushed, never deleted), vm_addrs (every local VM address), tenant-<t>,
