@@ -30,6 +30,7 @@ import (
 	"github.com/metald/metald/internal/network/fhmetrics"
 	"github.com/metald/metald/internal/network/link"
 	"github.com/metald/metald/internal/network/nft"
+	"github.com/metald/metald/internal/network/nftgen"
 	"github.com/metald/metald/internal/network/secpolicy"
 	"github.com/metald/metald/internal/policy"
 	"github.com/metald/metald/internal/secevent"
@@ -110,6 +111,7 @@ type Daemon struct {
 	vms      *vm.Manager
 	ipam     *ipam.Manager
 	fw       *nft.Firewall
+	gens     *nftgen.Tracker
 	pol      *secpolicy.Manager
 	hostH    *netlink.Handle
 	labels   labelCache
@@ -227,6 +229,13 @@ func New(ctx context.Context, opt Options) (d *Daemon, err error) {
 	if d.pol, err = secpolicy.New(int(d.hostNS.Fd())); err != nil {
 		return nil, fmt.Errorf("open security policy table: %w", err)
 	}
+	// Both tables' commits are noted, so the first-hop drift check compares
+	// the table only after a commit that was not metald's.
+	if d.gens, err = nftgen.New(int(d.hostNS.Fd())); err != nil {
+		return nil, fmt.Errorf("open nftables generation: %w", err)
+	}
+	d.fw.SetGenTracker(d.gens)
+	d.pol.SetGenTracker(d.gens)
 	if d.hostH, err = link.HandleAt(int(d.hostNS.Fd())); err != nil {
 		return nil, fmt.Errorf("open netlink: %w", err)
 	}
@@ -415,6 +424,9 @@ func (d *Daemon) Close() error {
 	}
 	if d.fw != nil {
 		d.fw.Close()
+	}
+	if d.gens != nil {
+		d.gens.Close()
 	}
 	var err error
 	if d.store != nil {

@@ -88,19 +88,23 @@ func (w *eventFirewall) RemoveNIC(hostDev string) error {
 	return w.inner.RemoveNIC(hostDev)
 }
 
-func (w *eventFirewall) Reconcile(ctx context.Context, desired []network.NICPlan) ([]string, error) {
-	marked := make([]network.NICPlan, len(desired))
-	for i, p := range desired {
-		marked[i] = w.mark(p)
-	}
-	w.mu.Lock()
-	defer w.mu.Unlock()
-	rep, err := w.inner.Reconcile(ctx, marked)
-	clear(w.last)
-	if err == nil {
-		for _, p := range marked {
-			w.last[p.HostDevice] = p
+// Reconcile marks the listed plans for monitoring. It does not hold w.mu
+// while the inner firewall compares (AddNIC must not wait for a pass);
+// plans it repaired are forgotten from the cache, so the next AddNIC of
+// those NICs programs them again.
+func (w *eventFirewall) Reconcile(ctx context.Context, list func(context.Context) ([]network.NICPlan, error)) ([]string, error) {
+	marked := func(ctx context.Context) ([]network.NICPlan, error) {
+		desired, err := list(ctx)
+		for i, p := range desired {
+			desired[i] = w.mark(p)
 		}
+		return desired, err
+	}
+	rep, err := w.inner.Reconcile(ctx, marked)
+	if len(rep) > 0 || err != nil {
+		w.mu.Lock()
+		clear(w.last)
+		w.mu.Unlock()
 	}
 	return rep, err
 }

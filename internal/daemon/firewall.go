@@ -37,9 +37,13 @@ func (w firewall) RemoveNIC(hostDev string) error {
 	return w.f.RemoveNIC(hostDev)
 }
 
-func (w firewall) Reconcile(ctx context.Context, desired []network.NICPlan) ([]string, error) {
-	defer w.timed(time.Now())
-	rep, err := w.f.Reconcile(ctx, desired)
+func (w firewall) Reconcile(ctx context.Context, list func(context.Context) ([]network.NICPlan, error)) ([]string, error) {
+	rep, err := w.f.ReconcileFunc(ctx, list)
+	if !rep.Empty() {
+		// Rule programming time: only passes that repaired something
+		// programmed rules.
+		defer w.timed(time.Now())
+	}
 	if rep.Empty() {
 		return nil, err
 	}

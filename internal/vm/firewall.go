@@ -25,9 +25,11 @@ type Firewall interface {
 	AddNIC(plan network.NICPlan) error
 	// RemoveNIC removes one NIC's rules; absent is not an error.
 	RemoveNIC(hostDev string) error
-	// Reconcile makes the kernel match the desired NICs, removing rules of
-	// NICs not listed, and reports what it had to repair.
-	Reconcile(ctx context.Context, desired []network.NICPlan) (repaired []string, err error)
+	// Reconcile makes the kernel match the desired NICs (from list, called
+	// only when a comparison is needed), removing rules of NICs not listed,
+	// and reports what it had to repair. It must not remove or rewrite a
+	// NIC programmed after list was called.
+	Reconcile(ctx context.Context, list func(context.Context) ([]network.NICPlan, error)) (repaired []string, err error)
 }
 
 // Router tells which link-local address and MAC a bridge uses when it acts
@@ -195,23 +197,26 @@ func (m *Manager) ReconcileFirewall(ctx context.Context) error {
 	if m.opt.Firewall == nil {
 		return nil
 	}
-	all, err := m.opt.Store.ListVMs(ctx)
-	if err != nil {
-		return err
-	}
-	var desired []network.NICPlan
-	for _, row := range all {
-		if row.State == store.StateDeleting {
-			continue // its rules go with it
-		}
-		plans, err := m.Plans(row, nil)
+	list := func(ctx context.Context) ([]network.NICPlan, error) {
+		all, err := m.opt.Store.ListVMs(ctx)
 		if err != nil {
-			m.log.Error("build first-hop plan", "vm_id", row.ID, "err", err)
-			continue
+			return nil, err
 		}
-		desired = append(desired, plans...)
+		var desired []network.NICPlan
+		for _, row := range all {
+			if row.State == store.StateDeleting {
+				continue // its rules go with it
+			}
+			plans, err := m.Plans(row, nil)
+			if err != nil {
+				m.log.Error("build first-hop plan", "vm_id", row.ID, "err", err)
+				continue
+			}
+			desired = append(desired, plans...)
+		}
+		return desired, nil
 	}
-	repaired, err := m.opt.Firewall.Reconcile(ctx, desired)
+	repaired, err := m.opt.Firewall.Reconcile(ctx, list)
 	if len(repaired) > 0 {
 		m.log.Warn("repaired first-hop firewall drift", "repairs", repaired)
 	}

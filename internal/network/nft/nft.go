@@ -15,6 +15,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/metald/metald/internal/network"
+	"github.com/metald/metald/internal/network/nftgen"
 )
 
 // ErrNotFound reports a NIC that has no state in the table.
@@ -43,6 +44,62 @@ type Firewall struct {
 	pendingShared map[string]uint32
 	// opts re-open the connection (abort); nil for NewWithConn.
 	opts []nftables.ConnOption
+
+	// seq counts metald's writes; lastWrite is the seq of the last write of
+	// each host device (see ReconcileFunc).
+	seq       uint64
+	lastWrite map[string]uint64
+	// recMu serializes reconciles; rd is their read connection, opened on
+	// first use (nil with NewWithConn: they read on conn under mu).
+	recMu sync.Mutex
+	rd    *nftables.Conn
+	gens  *nftgen.Tracker
+}
+
+// SetGenTracker makes every commit note the ruleset generation, and lets
+// Reconcile skip comparing while only metald has committed (see package
+// nftgen). Call it before using the Firewall.
+func (f *Firewall) SetGenTracker(t *nftgen.Tracker) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.gens = t
+}
+
+// wrote records a write of devs. The caller holds mu.
+func (f *Firewall) wrote(devs ...string) {
+	f.seq++
+	for _, d := range devs {
+		f.lastWrite[d] = f.seq
+	}
+}
+
+// pruneWrites forgets writes a finished comparison has covered.
+func (f *Firewall) pruneWrites(mark uint64) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	for d, s := range f.lastWrite {
+		if s <= mark {
+			delete(f.lastWrite, d)
+		}
+	}
+}
+
+// reader returns the connection a reconcile reads the kernel on, and a
+// release function (idempotent). The caller holds recMu.
+func (f *Firewall) reader() (*nftables.Conn, func(), error) {
+	if f.opts == nil {
+		f.mu.Lock()
+		var once sync.Once
+		return f.conn, func() { once.Do(f.mu.Unlock) }, nil
+	}
+	if f.rd == nil {
+		c, err := nftables.New(f.opts...)
+		if err != nil {
+			return nil, nil, fmt.Errorf("open nftables connection: %w", err)
+		}
+		f.rd = c
+	}
+	return f.rd, func() {}, nil
 }
 
 // New returns a Firewall for the network namespace open at nsFd (or the
@@ -90,8 +147,14 @@ func bigReceiveBuffer(c *netlink.Conn) error {
 
 // Close releases the netlink connection; the table stays.
 func (f *Firewall) Close() error {
+	f.recMu.Lock()
+	defer f.recMu.Unlock()
 	f.mu.Lock()
 	defer f.mu.Unlock()
+	if f.rd != nil {
+		f.rd.CloseLasting()
+		f.rd = nil
+	}
 	return f.conn.CloseLasting()
 }
 
@@ -99,7 +162,7 @@ func (f *Firewall) Close() error {
 func NewWithConn(c *nftables.Conn) *Firewall { return newFirewall(c) }
 
 func newFirewall(c *nftables.Conn) *Firewall {
-	return &Firewall{conn: c, shared: map[string]bool{}, pendingShared: map[string]uint32{}}
+	return &Firewall{conn: c, shared: map[string]bool{}, pendingShared: map[string]uint32{}, lastWrite: map[string]uint64{}}
 }
 
 // SetLogGroup makes every counted drop of NICs programmed from now on also
@@ -259,11 +322,23 @@ type kernelState struct {
 	toTarget   map[string]string
 }
 
+// readState reads the kernel on the batch connection and re-learns which
+// shared sets exist. The caller holds mu.
 func (f *Firewall) readState() (kernelState, error) {
+	st, err := readKernel(f.conn)
+	f.shared = map[string]bool{}
+	for name := range st.sets {
+		f.shared[name] = true
+	}
+	return st, err
+}
+
+// readKernel reads what the table holds on connection c.
+func readKernel(c *nftables.Conn) (kernelState, error) {
 	st := kernelState{chains: map[string]bool{}, sets: map[string]bool{}, counters: map[string]bool{},
 		packets: map[string]uint64{}, fromKeys: map[string]bool{}, toKeys: map[string]bool{},
 		fromTarget: map[string]string{}, toTarget: map[string]string{}}
-	tables, err := f.conn.ListTablesOfFamily(nftables.TableFamilyBridge)
+	tables, err := c.ListTablesOfFamily(nftables.TableFamilyBridge)
 	if err != nil {
 		return st, fmt.Errorf("list tables: %w", err)
 	}
@@ -272,12 +347,10 @@ func (f *Firewall) readState() (kernelState, error) {
 			st.exists = true
 		}
 	}
-	// The shared sets known to exist are re-learnt from every read.
-	f.shared = map[string]bool{}
 	if !st.exists {
 		return st, nil
 	}
-	chains, err := f.conn.ListChainsOfTableFamily(nftables.TableFamilyBridge)
+	chains, err := c.ListChainsOfTableFamily(nftables.TableFamilyBridge)
 	if err != nil {
 		return st, fmt.Errorf("list chains: %w", err)
 	}
@@ -286,15 +359,14 @@ func (f *Firewall) readState() (kernelState, error) {
 			st.chains[ch.Name] = true
 		}
 	}
-	sets, err := f.conn.GetSets(table())
+	sets, err := c.GetSets(table())
 	if err != nil {
 		return st, fmt.Errorf("list sets: %w", err)
 	}
 	for _, s := range sets {
 		st.sets[s.Name] = true
-		f.shared[s.Name] = true
 		if s.Name == FromVMMap || s.Name == ToVMMap {
-			els, err := f.conn.GetSetElements(s)
+			els, err := c.GetSetElements(s)
 			if err != nil {
 				return st, fmt.Errorf("list %s: %w", s.Name, err)
 			}
@@ -316,7 +388,7 @@ func (f *Firewall) readState() (kernelState, error) {
 			}
 		}
 	}
-	objs, err := f.conn.GetNamedObjects(table())
+	objs, err := c.GetNamedObjects(table())
 	if err != nil {
 		return st, fmt.Errorf("list objects: %w", err)
 	}
@@ -449,6 +521,9 @@ func (f *Firewall) flush(what string) error {
 		f.shared = map[string]bool{}
 		return fmt.Errorf("%s: %w", what, err)
 	}
+	if f.gens != nil {
+		f.gens.Note()
+	}
 	for name := range pending {
 		f.shared[name] = true
 	}
@@ -460,6 +535,7 @@ func (f *Firewall) flush(what string) error {
 func (f *Firewall) AddNIC(p network.NICPlan) error {
 	f.mu.Lock()
 	defer f.unlock()
+	f.wrote(p.HostDevice)
 	cached := len(f.shared) > 0
 	if err := f.queueBase(); err != nil {
 		return f.abort(err)
@@ -491,6 +567,7 @@ func (f *Firewall) UpdateNIC(p network.NICPlan) error { return f.AddNIC(p) }
 func (f *Firewall) RemoveNIC(hostDev string) error {
 	f.mu.Lock()
 	defer f.unlock()
+	f.wrote(hostDev)
 	st, err := f.readState()
 	if err != nil {
 		return err
@@ -524,6 +601,10 @@ func (f *Firewall) Apply(ctx context.Context, desired []network.NICPlan) error {
 	st, err := f.readState()
 	if err != nil {
 		return err
+	}
+	f.wrote(st.nics()...)
+	for _, p := range desired {
+		f.wrote(p.HostDevice)
 	}
 	want := map[string]bool{}
 	for _, p := range desired {

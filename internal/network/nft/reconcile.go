@@ -7,6 +7,7 @@ import (
 	"slices"
 	"sort"
 	"strings"
+	"time"
 
 	"github.com/google/nftables"
 	"github.com/google/nftables/expr"
@@ -86,26 +87,70 @@ func (r Repairs) String() string {
 // and counter values stay as they are.
 //
 // Rules are compared expression by expression (netlink encoding, with the
-// ids of anonymous sets blanked) together with their comments. Anonymous
-// constant sets are compared by reference only: the kernel refuses changes
-// to a constant set, so they cannot drift without their rule being
-// replaced. Dynamic sets (learned privacy addresses) are not compared:
-// their contents are packet-path state.
+// ids of sets blanked) together with their comments. Shared constant sets
+// are compared by reference only: the kernel refuses changes to a constant
+// set, so they cannot drift without their rule being replaced. Dynamic
+// sets (learned privacy addresses) are not compared: their contents are
+// packet-path state.
 //
 // Cost: one rule dump per NIC chain and one element dump per NIC set, a
 // few milliseconds per NIC; a repaired NIC is rewritten whole (its
 // counters keep their values).
 func (f *Firewall) Reconcile(ctx context.Context, desired []network.NICPlan) (Repairs, error) {
+	return f.ReconcileFunc(ctx, func(context.Context) ([]network.NICPlan, error) { return desired, nil })
+}
+
+// fullCompareEvery bounds how long a foreign change can hide behind
+// metald's own commits (see package nftgen).
+const fullCompareEvery = time.Minute
+
+// ReconcileFunc is Reconcile with the desired NICs listed by list, which is
+// called only when a comparison is needed. It is built for a daemon that
+// programs NICs while it reconciles:
+//
+//   - With a generation tracker (SetGenTracker), the comparison is skipped
+//     when every commit since the last one was metald's own, except once a
+//     minute.
+//   - The comparison reads the kernel on its own connection without
+//     holding the lock AddNIC and RemoveNIC take, so programming a NIC never
+//     waits for a comparison of the whole table.
+//   - A NIC that metald programmed or removed after list was called is
+//     left alone (list may predate it); the next pass looks at it.
+func (f *Firewall) ReconcileFunc(ctx context.Context, list func(context.Context) ([]network.NICPlan, error)) (Repairs, error) {
 	r := Repairs{NICs: map[string][]string{}}
+	f.recMu.Lock()
+	defer f.recMu.Unlock()
+	if f.gens != nil && !f.gens.Due(fullCompareEvery) && f.gens.Unchanged() {
+		return Repairs{}, nil
+	}
+	f.mu.Lock()
+	mark := f.seq
+	f.mu.Unlock()
+	desired, err := list(ctx)
+	if err != nil {
+		return r, err
+	}
 	if err := (network.Plan{NICs: desired}).Validate(); err != nil {
 		return r, err
 	}
 	if err := ctx.Err(); err != nil {
 		return r, err
 	}
-	f.mu.Lock()
-	defer f.unlock()
-	st, err := f.readState()
+	rd, release, err := f.reader()
+	if err != nil {
+		return r, err
+	}
+	defer release()
+	if f.gens != nil {
+		f.gens.BeginCompare()
+	}
+	compared := false
+	defer func() {
+		if !compared && f.gens != nil {
+			f.gens.Abandon()
+		}
+	}()
+	st, err := readKernel(rd)
 	if err != nil {
 		return r, err
 	}
@@ -113,24 +158,19 @@ func (f *Firewall) Reconcile(ctx context.Context, desired []network.NICPlan) (Re
 	for _, p := range desired {
 		want[p.HostDevice] = true
 	}
-	var gone []string
 	if !st.exists {
 		r.Table = true
 		for _, p := range desired {
 			r.NICs[p.HostDevice] = []string{"table missing"}
 		}
 	} else {
-		base, err := f.baseDrift(st)
+		base, err := f.baseDrift(rd, st)
 		if err != nil {
 			return r, err
 		}
 		r.Base = base
 		for _, dev := range st.nics() {
 			if !want[dev] {
-				if err := f.queueRemove(st, dev); err != nil {
-					return r, f.abort(err)
-				}
-				gone = append(gone, dev)
 				r.Removed = append(r.Removed, dev)
 			}
 		}
@@ -138,7 +178,7 @@ func (f *Firewall) Reconcile(ctx context.Context, desired []network.NICPlan) (Re
 			if err := ctx.Err(); err != nil {
 				return r, err
 			}
-			d, err := f.nicDrift(st, p)
+			d, err := f.nicDrift(rd, st, p)
 			if err != nil {
 				return r, err
 			}
@@ -147,8 +187,41 @@ func (f *Firewall) Reconcile(ctx context.Context, desired []network.NICPlan) (Re
 			}
 		}
 	}
+	release()
 	if r.Empty() {
-		return r, nil
+		compared = true
+		f.pruneWrites(mark)
+		return Repairs{}, nil
+	}
+
+	f.mu.Lock()
+	defer f.unlock()
+	// Leave NICs metald wrote since list to the next pass.
+	for dev := range r.NICs {
+		if f.lastWrite[dev] > mark {
+			delete(r.NICs, dev)
+		}
+	}
+	r.Removed = slices.DeleteFunc(r.Removed, func(dev string) bool { return f.lastWrite[dev] > mark })
+	if r.Empty() {
+		compared = true
+		return Repairs{}, nil
+	}
+	// Repair from the kernel as it is now.
+	st, err = f.readState()
+	if err != nil {
+		return r, err
+	}
+	var gone []string
+	if st.exists {
+		for _, dev := range r.Removed {
+			if err := f.queueRemove(st, dev); err != nil {
+				return r, f.abort(err)
+			}
+			gone = append(gone, dev)
+		}
+	} else {
+		r.Table, r.Removed = true, nil
 	}
 	if err := f.queueBase(); err != nil {
 		return r, f.abort(err)
@@ -166,6 +239,7 @@ func (f *Firewall) Reconcile(ctx context.Context, desired []network.NICPlan) (Re
 	if err := f.flush("reconcile firewall"); err != nil {
 		return r, err
 	}
+	compared = true
 	for _, dev := range gone {
 		f.notifyRemoved(st, dev)
 	}
@@ -178,7 +252,7 @@ func (f *Firewall) Reconcile(ctx context.Context, desired []network.NICPlan) (Re
 }
 
 // baseDrift lists drifted shared objects.
-func (f *Firewall) baseDrift(st kernelState) ([]string, error) {
+func (f *Firewall) baseDrift(c *nftables.Conn, st kernelState) ([]string, error) {
 	var out []string
 	for _, m := range []string{FromVMMap, ToVMMap} {
 		if !st.sets[m] {
@@ -193,7 +267,7 @@ func (f *Firewall) baseDrift(st kernelState) ([]string, error) {
 			out = append(out, "chain "+b.name+" missing")
 			continue
 		}
-		ok, err := f.chainMatches(b.name, b.rules)
+		ok, err := chainMatches(c, b.name, b.rules)
 		if err != nil {
 			return nil, err
 		}
@@ -205,7 +279,7 @@ func (f *Firewall) baseDrift(st kernelState) ([]string, error) {
 }
 
 // nicDrift lists what of p's objects differs from the kernel.
-func (f *Firewall) nicDrift(st kernelState, p network.NICPlan) ([]string, error) {
+func (f *Firewall) nicDrift(c *nftables.Conn, st kernelState, p network.NICPlan) ([]string, error) {
 	spec := buildNIC(p, f.logGroup)
 	var out []string
 	byChain := map[string][]rule{}
@@ -217,7 +291,7 @@ func (f *Firewall) nicDrift(st kernelState, p network.NICPlan) ([]string, error)
 			out = append(out, "chain "+name+" missing")
 			continue
 		}
-		ok, err := f.chainMatches(name, byChain[name])
+		ok, err := chainMatches(c, name, byChain[name])
 		if err != nil {
 			return nil, err
 		}
@@ -233,7 +307,7 @@ func (f *Firewall) nicDrift(st kernelState, p network.NICPlan) ([]string, error)
 		if s.dynamic {
 			continue
 		}
-		els, err := f.conn.GetSetElements(&nftables.Set{Table: table(), Name: s.name, KeyType: s.keyType})
+		els, err := c.GetSetElements(&nftables.Set{Table: table(), Name: s.name, KeyType: s.keyType})
 		if err != nil {
 			return nil, fmt.Errorf("list set %s: %w", s.name, err)
 		}
@@ -275,8 +349,8 @@ func sameElems(a, b [][]byte) bool {
 }
 
 // chainMatches reports whether chain holds exactly the rules want.
-func (f *Firewall) chainMatches(chain string, want []rule) (bool, error) {
-	got, err := f.conn.GetRules(table(), &nftables.Chain{Name: chain, Table: table()})
+func chainMatches(c *nftables.Conn, chain string, want []rule) (bool, error) {
+	got, err := c.GetRules(table(), &nftables.Chain{Name: chain, Table: table()})
 	if err != nil {
 		return false, fmt.Errorf("list rules of %s: %w", chain, err)
 	}

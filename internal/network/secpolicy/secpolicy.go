@@ -16,6 +16,7 @@ import (
 	"github.com/mdlayher/netlink"
 	"golang.org/x/sys/unix"
 
+	"github.com/metald/metald/internal/network/nftgen"
 	"github.com/metald/metald/internal/network/setname"
 	"github.com/metald/metald/internal/policy"
 )
@@ -66,6 +67,17 @@ type Manager struct {
 	groups map[string][]netip.Addr                       // explicit group members
 	// names names anonymous sets explicitly (see package setname).
 	names *setname.Namer
+	// gens, when set, notes the ruleset generation after each commit
+	// (package nftgen), so other tables' drift checks know it was metald.
+	gens *nftgen.Tracker
+}
+
+// SetGenTracker makes every commit note the ruleset generation. Call it
+// before using the Manager.
+func (m *Manager) SetGenTracker(t *nftgen.Tracker) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	m.gens = t
 }
 
 // New returns a Manager for the network namespace open at nsFd (the
@@ -594,6 +606,9 @@ func (m *Manager) commit(what string) error {
 		return fmt.Errorf("%s: %w", what, err)
 	}
 	m.based = true
+	if m.gens != nil {
+		m.gens.Note()
+	}
 	return nil
 }
 
