@@ -7,9 +7,9 @@ import (
 
 // TestThreeTier is the seed's Example 2 with hex prefixes: web
 // 2001:db8:1::/64 (dmz, br0), app 2001:db8:2::/64 (br1), db
-// 2001:db8:3::/64 (br2), mgmt 2001:db8:4::/64. All three are one tenant
-// here: under strict isolation the seed's three tenant ids would forbid the
-// very flows the example allows.
+// 2001:db8:3::/64 (br2), mgmt 2001:db8:4::/64, all in one tenant (the
+// seed's own three strict tenants are TestStrictAcrossTenants here and
+// TestThreeTierTenantsThroughDaemon through the API).
 func TestThreeTier(t *testing.T) {
 	tp := newTopo(t, 3)
 	web, app, db := tp.addVM("web", 0, 0x100), tp.addVM("app", 1, 0x100), tp.addVM("db", 2, 0x100)
