@@ -20,11 +20,25 @@
 //
 // # CreateVm and DeleteVm
 //
-// Validation parses every address through m.PrefixParser(ctx) and
-// m.AddrParser(ctx) (hooks for vm.ValidateOptions), which resolve subnet
-// names. CreateVm then reserves all NICs at once with ReserveBatch (or one
+// Each request that validates content opens a name transaction,
+// tx := m.BeginNames(ctx), and parses every address through
+// tx.PrefixParser() and tx.AddrParser() (hooks for vm.ValidateOptions),
+// which resolve subnet names. A name the request is the first to use is
+// assigned and persisted at once but stays tentative: tx.Finish(true)
+// (Commit) keeps it, tx.Finish(false) (Rollback) deletes it from the store
+// and then from memory, so a failed request leaves no name behind. A
+// tentative name anyone else uses meanwhile (another transaction, plain
+// resolution, DeclareSubnetName, an allocation in its subnet outside the
+// transaction) is pinned and survives the rollback. tx.Bind(ctx) carries
+// the transaction into the Manager's own methods, so the reservation step
+// resolves and allocates as part of the same request.
+//
+// CreateVm then reserves all NICs at once with ReserveBatch (or one
 // Reserve per NIC), passing the resolved ipv6.address (invalid prefix for
 // automatic allocation), gateway and bridge; on any later failure it calls
-// Release(ctx, vmID). DeleteVm calls Release(ctx, vmID). Reserve is
-// idempotent per (VM, NIC), so crash recovery may simply repeat it.
+// Release(ctx, vmID) before rolling the names back (a name whose subnet
+// still holds an allocation is kept). DeleteVm calls Release(ctx, vmID).
+// Reserve is idempotent per (VM, NIC), so crash recovery may simply repeat
+// it. Rule plans of VMs whose requests already resolved their names use
+// PlanPrefixParser and PlanAddrParser, which never pin.
 package ipam

@@ -130,8 +130,11 @@ type Manager struct {
 	subnets map[netip.Prefix]*subnet
 	names   map[netip.Prefix]map[string]SubnetName
 	values  map[netip.Prefix]map[uint16]string
-	rate    map[rateKey][]time.Time // sorted; trailing hour only
-	hour    []time.Time             // every allocation in the trailing hour
+	// tentative holds the names a NameTx declared and has not finished,
+	// with their transaction; a name leaves it when it is pinned.
+	tentative map[nameKey]*NameTx
+	rate      map[rateKey][]time.Time // sorted; trailing hour only
+	hour      []time.Time             // every allocation in the trailing hour
 }
 
 type poolState struct {
@@ -213,6 +216,8 @@ func Open(ctx context.Context, st Store, pools []PoolConfig, opts Options) (*Man
 		names:   map[netip.Prefix]map[string]SubnetName{},
 		values:  map[netip.Prefix]map[uint16]string{},
 		rate:    map[rateKey][]time.Time{},
+
+		tentative: map[nameKey]*NameTx{},
 	}
 	now := opts.Now()
 	snap, err := st.Load(ctx, now.Add(-time.Hour))
@@ -497,6 +502,12 @@ func (m *Manager) ReserveBatch(ctx context.Context, reqs []Request) ([]Allocatio
 			undo()
 			m.failed(err)
 			return nil, fmt.Errorf("store allocation: %w", err)
+		}
+	}
+	if len(m.tentative) > 0 {
+		tx := m.txFrom(ctx)
+		for _, a := range allocs {
+			m.pinSubnetLocked(a.Address, tx)
 		}
 	}
 	out := make([]Allocation, len(plans))

@@ -14,6 +14,15 @@ func groupValue(a netip.Addr, pos int) uint16 {
 	return uint16(b[2*pos])<<8 | uint16(b[2*pos+1])
 }
 
+func (m *Manager) removeName(n SubnetName) {
+	delete(m.names[n.Parent], n.Name)
+	delete(m.values[n.Parent], n.Value)
+	if len(m.names[n.Parent]) == 0 {
+		delete(m.names, n.Parent)
+		delete(m.values, n.Parent)
+	}
+}
+
 func (m *Manager) addName(n SubnetName) {
 	if m.names[n.Parent] == nil {
 		m.names[n.Parent] = map[string]SubnetName{}
@@ -82,19 +91,41 @@ func checkParent(parent netip.Prefix) error {
 }
 
 // SubnetValue returns the value of name under parent, assigning the lowest
-// free one (from 1) on first use when automatic names are on.
+// free one (from 1) on first use when automatic names are on. When ctx
+// carries a NameTx of m (NameTx.Bind), the name is resolved through it;
+// otherwise this is plain resolution, which pins a tentative name.
 func (m *Manager) SubnetValue(ctx context.Context, parent netip.Prefix, name string) (uint16, error) {
-	name = strings.ToLower(name)
 	m.mu.Lock()
 	defer m.mu.Unlock()
+	return m.subnetValueLocked(ctx, parent, strings.ToLower(name), m.txFrom(ctx), true)
+}
+
+// subnetValueLocked resolves name under parent for tx (nil: plain
+// resolution). A name tx declares is tentative until tx finishes; pin
+// pins a tentative name of another transaction.
+func (m *Manager) subnetValueLocked(ctx context.Context, parent netip.Prefix, name string, tx *NameTx, pin bool) (uint16, error) {
+	if tx != nil && tx.done {
+		tx = nil // a finished transaction resolves plainly
+	}
+	k := nameKey{parent, name}
 	if n, ok := m.names[parent][name]; ok {
+		if owner := m.tentative[k]; owner != nil && owner != tx && pin {
+			m.pinLocked(k)
+		}
 		return n.Value, nil
 	}
 	if !m.opts.AutoSubnetNames {
 		return 0, &UnknownSubnetNameError{Name: name, Parent: parent}
 	}
 	n, err := m.declareLocked(ctx, parent, name, nil)
-	return n.Value, err
+	if err != nil {
+		return 0, err
+	}
+	if tx != nil {
+		m.tentative[k] = tx
+		tx.declared = append(tx.declared, k)
+	}
+	return n.Value, nil
 }
 
 // DeclareSubnetName declares name under parent with value, or the lowest
@@ -114,6 +145,10 @@ func (m *Manager) DeclareSubnetName(ctx context.Context, parent netip.Prefix, na
 	if n, ok := m.names[parent][name]; ok {
 		if value != nil && *value != n.Value {
 			return SubnetName{}, fmt.Errorf("subnet name %q under %s is %#04x: %w", name, parent, n.Value, ErrSubnetNameTaken)
+		}
+		// An explicit declaration keeps a name a request only tried.
+		if m.tentative[nameKey{parent, name}] != nil {
+			m.pinLocked(nameKey{parent, name})
 		}
 		return n, nil
 	}

@@ -112,6 +112,10 @@ type Store interface {
 	// PutSubnetName inserts a name; ErrSubnetNameTaken when the name or the
 	// value is already used under the parent.
 	PutSubnetName(ctx context.Context, n SubnetName) error
+	// DeleteSubnetName removes the name under parent, freeing its value;
+	// ErrNotFound when absent. (A failed request's names are removed
+	// again: see NameTx.)
+	DeleteSubnetName(ctx context.Context, parent netip.Prefix, name string) error
 	// PruneRateStamps deletes rate stamps older than before.
 	PruneRateStamps(ctx context.Context, before time.Time) error
 }
@@ -245,6 +249,21 @@ func (s *MemStore) PutSubnetName(ctx context.Context, n SubnetName) error {
 		}
 	}
 	s.names = append(s.names, n)
+	return nil
+}
+
+// DeleteSubnetName implements Store.
+func (s *MemStore) DeleteSubnetName(ctx context.Context, parent netip.Prefix, name string) error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.Fail != nil {
+		return s.Fail
+	}
+	i := slices.IndexFunc(s.names, func(o SubnetName) bool { return o.Parent == parent && o.Name == name })
+	if i < 0 {
+		return ErrNotFound
+	}
+	s.names = slices.Delete(s.names, i, i+1)
 	return nil
 }
 

@@ -329,6 +329,20 @@ func (s *IPAMStore) PutSubnetName(ctx context.Context, n ipam.SubnetName) error 
 	return nil
 }
 
+// DeleteSubnetName implements ipam.Store.
+func (s *IPAMStore) DeleteSubnetName(ctx context.Context, parent netip.Prefix, name string) error {
+	res, err := s.db.ExecContext(ctx, `DELETE FROM ipam_subnet_names WHERE parent = ? AND name = ?`, parent.String(), name)
+	if err != nil {
+		return fmt.Errorf("delete subnet name: %w", err)
+	}
+	if n, err := res.RowsAffected(); err != nil {
+		return fmt.Errorf("delete subnet name: %w", err)
+	} else if n == 0 {
+		return ipam.ErrNotFound
+	}
+	return nil
+}
+
 // PruneRateStamps implements ipam.Store.
 func (s *IPAMStore) PruneRateStamps(ctx context.Context, before time.Time) error {
 	if _, err := s.db.ExecContext(ctx, `DELETE FROM ipam_rate_stamps WHERE at < ?`, ts(before)); err != nil {

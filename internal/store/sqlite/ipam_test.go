@@ -11,6 +11,7 @@ import (
 	"time"
 
 	"github.com/metald/metald/internal/ipam"
+	"github.com/metald/metald/internal/store/storetest"
 )
 
 func openIPAM(t testing.TB, path string, pools []ipam.PoolConfig) (*ipam.Manager, *Store) {
@@ -204,4 +205,53 @@ func benchSetup(b *testing.B) (*ipam.Manager, *Store) {
 		}
 	}
 	return m, s
+}
+
+func TestIPAMConformance(t *testing.T) {
+	storetest.RunIPAM(t, func(t *testing.T) ipam.Store {
+		s, err := Open(context.Background(), filepath.Join(t.TempDir(), "metald.db"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { s.Close() })
+		st, err := s.IPAM(context.Background())
+		if err != nil {
+			t.Fatal(err)
+		}
+		return st
+	})
+}
+
+// A name a failed request assigned is gone from the database too: a
+// restart does not bring it back, and its value goes to the next new name.
+func TestIPAMNameRollbackDurable(t *testing.T) {
+	ctx := context.Background()
+	path := filepath.Join(t.TempDir(), "metald.db")
+	pools := []ipam.PoolConfig{{ID: "dmz", Prefixes: []string{"2600:BEEF:1000::/48"}}}
+	m, s := openIPAM(t, path, pools)
+	kept := m.BeginNames(ctx)
+	if _, err := kept.ResolvePrefix("2600:BEEF:1000:web::10/64"); err != nil {
+		t.Fatal(err)
+	}
+	kept.Commit()
+	failed := m.BeginNames(ctx)
+	p, err := failed.ResolvePrefix("2600:BEEF:1000:dmz::100/64")
+	if err != nil || p != netip.MustParsePrefix("2600:beef:1000:2::100/64") {
+		t.Fatalf("dmz resolved to %v, %v", p, err)
+	}
+	failed.Rollback()
+	s.Close()
+
+	m, s = openIPAM(t, path, pools)
+	defer s.Close()
+	var got []string
+	for _, n := range m.SubnetNames() {
+		got = append(got, fmt.Sprint(n.Name, "=", n.Value))
+	}
+	if fmt.Sprint(got) != "[web=1]" {
+		t.Fatalf("names after restart: %v, want [web=1]", got)
+	}
+	if p, err := m.ResolvePrefix(ctx, "2600:BEEF:1000:app::/64"); err != nil || p != netip.MustParsePrefix("2600:beef:1000:2::/64") {
+		t.Fatalf("next new name got %v, %v; want the freed value 2", p, err)
+	}
 }
