@@ -11,87 +11,8 @@ import (
 	"time"
 
 	"github.com/metald/metald/internal/network/ns"
+	"github.com/metald/metald/internal/testpy"
 )
-
-// echoServerScript accepts TCP on the given ports and echoes; UDP
-// datagrams are counted. Every accepted connection or datagram prints
-// "hit <port> <peer>".
-const echoServerScript = `
-import socket, sys, threading
-def echo(c):
-    try:
-        while True:
-            d = c.recv(4096)
-            if not d: break
-            c.sendall(d)
-    except Exception: pass
-def tcp(p):
-    s = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
-    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    s.bind(("::", p)); s.listen(128)
-    while True:
-        c, a = s.accept()
-        print("hit", p, a[0], flush=True)
-        threading.Thread(target=echo, args=(c,), daemon=True).start()
-def udp(p):
-    s = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
-    s.bind(("::", p))
-    while True:
-        d, a = s.recvfrom(2048)
-        print("hit", p, a[0], flush=True)
-for a in sys.argv[1:]:
-    kind, p = a.split(":")
-    threading.Thread(target=tcp if kind == "tcp" else udp, args=(int(p),), daemon=True).start()
-print("ready", flush=True)
-threading.Event().wait()
-`
-
-// atomicProberScript holds one TCP connection to port 80 open (an echo
-// every 2 ms) and sends SYNs to 7000 and UDP datagrams to 7001 until the
-// stop file appears; then it reports its counts and whether the
-// connection still echoes.
-const atomicProberScript = `
-import os, socket, sys, threading, time
-dst, stop = sys.argv[1], sys.argv[2]
-st = {"echo": 0, "echofail": 0, "syn": 0, "udp": 0}
-c = socket.create_connection((dst, 80), timeout=5)
-def est():
-    while not os.path.exists(stop):
-        try:
-            c.sendall(b"abcd")
-            d = b""
-            while len(d) < 4:
-                r = c.recv(4 - len(d))
-                if not r: raise EOFError("closed")
-                d += r
-            st["echo"] += 1
-        except Exception as e:
-            st["echofail"] += 1
-            return
-        time.sleep(0.002)
-def syn():
-    while not os.path.exists(stop):
-        s = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
-        s.setblocking(False)
-        try: s.connect((dst, 7000))
-        except Exception: pass
-        st["syn"] += 1
-        time.sleep(0.001)
-        s.close()
-def udp():
-    u = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
-    while not os.path.exists(stop):
-        u.sendto(b"x", (dst, 7001)); st["udp"] += 1
-        time.sleep(0.0005)
-ts = [threading.Thread(target=f) for f in (est, syn, udp)]
-for t in ts: t.start()
-for t in ts: t.join()
-ok = False
-try:
-    c.sendall(b"done"); ok = c.recv(4) == b"done"
-except Exception: pass
-print("echo", st["echo"], "echofail", st["echofail"], "syn", st["syn"], "udp", st["udp"], "final", ok, flush=True)
-`
 
 // UpdateSecurityPolicy is atomic as seen by packets: 100 updates over HTTP
 // alternate between two policies while probe traffic runs. Probes that
@@ -120,7 +41,7 @@ func TestAtomicUpdatesThroughDaemon(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	srv := exec.Command("python3", "-c", echoServerScript, "tcp:80", "tcp:7000", "udp:7001", "tcp:8080", "tcp:9090")
+	srv := exec.Command("python3", "-c", testpy.EchoServer, "tcp:80", "tcp:7000", "udp:7001", "tcp:8080", "tcp:9090")
 	srv.Stdout, srv.Stderr = srvOut, srvOut
 	if err := ns.Start(int(e.vmNS("vm-at-srv").Fd()), srv); err != nil {
 		t.Fatal(err)
@@ -139,7 +60,7 @@ func TestAtomicUpdatesThroughDaemon(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	prober := exec.Command("python3", "-c", atomicProberScript, "2001:db8:76::10", stop)
+	prober := exec.Command("python3", "-c", testpy.AtomicProber, "2001:db8:76::10", stop)
 	prober.Stdout, prober.Stderr = probeOut, probeOut
 	if err := ns.Start(int(e.vmNS("vm-at-cli").Fd()), prober); err != nil {
 		t.Fatal(err)

@@ -13,6 +13,7 @@ import (
 
 	"github.com/metald/metald/internal/daemon"
 	"github.com/metald/metald/internal/network/ns"
+	"github.com/metald/metald/internal/testpy"
 )
 
 // startListener runs listenScript (greeting "hi" on each port) in a VM.
@@ -122,10 +123,10 @@ curl -sf -X POST http://localhost:8080/vmprovisioner.v1.VmService/IsolateVm \
 	})
 }
 
-// startEchoServer runs echoServerScript in a VM.
+// startEchoServer runs testpy.EchoServer in a VM.
 func (e *env) startEchoServer(t *testing.T, id string, specs ...string) {
 	t.Helper()
-	srv := exec.Command("python3", append([]string{"-c", echoServerScript}, specs...)...)
+	srv := exec.Command("python3", append([]string{"-c", testpy.EchoServer}, specs...)...)
 	stdout, _ := srv.StdoutPipe()
 	if err := ns.Start(int(e.vmNS(id).Fd()), srv); err != nil {
 		t.Fatal(err)

@@ -10,49 +10,8 @@ import (
 	"time"
 
 	"github.com/metald/metald/internal/network/ns"
+	"github.com/metald/metald/internal/testpy"
 )
-
-// proberScript holds one TCP connection to port 80 open (echo every 2 ms),
-// and floods SYNs to 7000 and UDP to 7001 until the stop file appears.
-const proberScript = `
-import os, socket, sys, threading, time
-dst, stop = sys.argv[1], sys.argv[2]
-st = {"echo": 0, "echofail": 0, "syn": 0, "udp": 0}
-c = socket.create_connection((dst, 80), timeout=2)
-def est():
-    while not os.path.exists(stop):
-        try:
-            c.sendall(b"abcd")
-            d = b""
-            while len(d) < 4:
-                d += c.recv(4 - len(d))
-            st["echo"] += 1
-        except Exception as e:
-            st["echofail"] += 1
-            return
-        time.sleep(0.002)
-def syn():
-    while not os.path.exists(stop):
-        s = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
-        s.setblocking(False)
-        try: s.connect((dst, 7000))
-        except BlockingIOError: pass
-        except Exception: pass
-        st["syn"] += 1
-        time.sleep(0.001)
-        s.close()
-def udp():
-    u = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
-    while not os.path.exists(stop):
-        u.sendto(b"x", (dst, 7001)); st["udp"] += 1
-        time.sleep(0.0005)
-ts = [threading.Thread(target=f) for f in (est, syn, udp)]
-for t in ts: t.start()
-for t in ts: t.join()
-# the connection still works after all updates
-c.sendall(b"done"); ok = c.recv(4) == b"done"
-print("echo", st["echo"], "echofail", st["echofail"], "syn", st["syn"], "udp", st["udp"], "final", ok, flush=True)
-`
 
 // TestAtomicUpdates: 100 updates alternating two policies while probe
 // traffic runs. Nothing both policies deny gets through, and an
@@ -73,7 +32,7 @@ func TestAtomicUpdates(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	cmd := exec.Command(py, "-c", proberScript, b.addr.String(), stop)
+	cmd := exec.Command(py, "-c", testpy.AtomicProber, b.addr.String(), stop)
 	cmd.Stdout, cmd.Stderr = out, out
 	if err := ns.Start(a.ns.Fd(), cmd); err != nil {
 		t.Fatal(err)

@@ -17,6 +17,7 @@ import (
 	"github.com/metald/metald/internal/netnstest"
 	"github.com/metald/metald/internal/network/ns"
 	"github.com/metald/metald/internal/policy"
+	"github.com/metald/metald/internal/testpy"
 )
 
 func TestMain(m *testing.M) { os.Exit(netnstest.Main(m)) }
@@ -129,51 +130,19 @@ func (tp *topo) upsert(p NICPolicy) {
 	}
 }
 
-// serverScript accepts TCP on the given ports and echoes; UDP datagrams
-// are counted. Every accepted connection or datagram prints "hit <port>".
-const serverScript = `
-import socket, sys, threading
-def echo(c):
-    try:
-        while True:
-            d = c.recv(4096)
-            if not d: break
-            c.sendall(d)
-    except Exception: pass
-def tcp(p):
-    s = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
-    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    s.bind(("::", p)); s.listen(128)
-    while True:
-        c, a = s.accept()
-        print("hit", p, a[0], flush=True)
-        threading.Thread(target=echo, args=(c,), daemon=True).start()
-def udp(p):
-    s = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
-    s.bind(("::", p))
-    while True:
-        d, a = s.recvfrom(2048)
-        print("hit", p, a[0], flush=True)
-for a in sys.argv[1:]:
-    kind, p = a.split(":")
-    threading.Thread(target=tcp if kind == "tcp" else udp, args=(int(p),), daemon=True).start()
-print("ready", flush=True)
-threading.Event().wait()
-`
-
 type server struct {
 	cmd *exec.Cmd
 	out *os.File
 }
 
-// serve starts serverScript in v; specs are "tcp:PORT" or "udp:PORT".
+// serve starts testpy.EchoServer in v; specs are "tcp:PORT" or "udp:PORT".
 func (v *vm) serve(t *testing.T, specs ...string) *server {
 	t.Helper()
 	f, err := os.CreateTemp(t.TempDir(), "srv")
 	if err != nil {
 		t.Fatal(err)
 	}
-	cmd := exec.Command(py, append([]string{"-c", serverScript}, specs...)...)
+	cmd := exec.Command(py, append([]string{"-c", testpy.EchoServer}, specs...)...)
 	cmd.Stdout, cmd.Stderr = f, f
 	if err := ns.Start(v.ns.Fd(), cmd); err != nil {
 		t.Fatal(err)
