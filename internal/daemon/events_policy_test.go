@@ -3,10 +3,8 @@ package daemon_test
 import (
 	"encoding/json"
 	"fmt"
-	"io"
 	"net/http"
 	"os/exec"
-	"strconv"
 	"strings"
 	"syscall"
 	"testing"
@@ -177,27 +175,6 @@ func TestEventsPolicyDenyThroughDaemon(t *testing.T) {
 		t.Fatalf("blocked_source: %+v", ev)
 	}
 	e.host.MustRun(t, "nft", "delete", "element", "ip6", "metald_security", "blocked_sources", "{ 2001:db8:72::11 }")
-}
-
-// metric0 is metric for a series that may not exist yet (0 then).
-func (e *env) metric0(series string) float64 {
-	e.t.Helper()
-	resp, err := http.Get(e.metrics)
-	if err != nil {
-		e.t.Fatal(err)
-	}
-	defer resp.Body.Close()
-	raw, _ := io.ReadAll(resp.Body)
-	for _, line := range strings.Split(string(raw), "\n") {
-		if rest, ok := strings.CutPrefix(line, series+" "); ok {
-			v, err := strconv.ParseFloat(strings.TrimSpace(rest), 64)
-			if err != nil {
-				e.t.Fatal(err)
-			}
-			return v
-		}
-	}
-	return 0
 }
 
 // policyCounter sums the counters of the policy-table rules of chains named

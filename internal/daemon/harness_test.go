@@ -326,8 +326,26 @@ func (e *env) waitDAD(id string) {
 	}
 }
 
-// metric returns the value of one series on the metrics endpoint.
+// metric returns the value of one series on the metrics endpoint; a series
+// that is not exported fails the test.
 func (e *env) metric(series string) float64 {
+	e.t.Helper()
+	v, ok := e.scrape(series)
+	if !ok {
+		e.t.Fatalf("series %s not exported", series)
+	}
+	return v
+}
+
+// metric0 is metric for a series that may not exist yet (0 then).
+func (e *env) metric0(series string) float64 {
+	e.t.Helper()
+	v, _ := e.scrape(series)
+	return v
+}
+
+// scrape reads one series from the metrics endpoint.
+func (e *env) scrape(series string) (float64, bool) {
 	e.t.Helper()
 	resp, err := http.Get(e.metrics)
 	if err != nil {
@@ -341,11 +359,10 @@ func (e *env) metric(series string) float64 {
 			if err != nil {
 				e.t.Fatal(err)
 			}
-			return v
+			return v, true
 		}
 	}
-	e.t.Fatalf("series %s not exported", series)
-	return 0
+	return 0, false
 }
 
 func list(v any) []any {
