@@ -68,7 +68,7 @@ func TestEventsEnhancedMonitoringThroughDaemon(t *testing.T) {
 	}
 	e.waitDAD("vm-mo")
 	e.waitDAD("vm-mc")
-	e.listen(t, "vm-mo", "80")
+	e.startListener(t, "vm-mo", "80")
 	isDefaultDeny := func(ev event) bool { return detail(ev, "rule") == "ingress_default" && detail(ev, "protocol") == "udp" }
 	isAllow := func(ev event) bool { return detail(ev, "rule") == "ingress_rules[0]" }
 	// burst sends n denied datagrams and returns how many packets the

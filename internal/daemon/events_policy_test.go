@@ -4,13 +4,9 @@ import (
 	"encoding/json"
 	"fmt"
 	"net/http"
-	"os/exec"
 	"strings"
-	"syscall"
 	"testing"
 	"time"
-
-	"github.com/metald/metald/internal/network/ns"
 )
 
 // event is the JSON form of a security event.
@@ -60,22 +56,6 @@ func (e *env) waitEvent(t *testing.T, query string, match func(event) bool) even
 	}
 }
 
-// listen starts TCP listeners on ports inside a VM.
-func (e *env) listen(t *testing.T, id string, ports ...string) {
-	t.Helper()
-	f := e.vmNS(id)
-	srv := exec.Command("python3", append([]string{"-c", listenScript}, ports...)...)
-	stdout, _ := srv.StdoutPipe()
-	if err := ns.Start(int(f.Fd()), srv); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { srv.Process.Signal(syscall.SIGKILL); srv.Wait() })
-	buf := make([]byte, 16)
-	if n, _ := stdout.Read(buf); !strings.Contains(string(buf[:n]), "ready") {
-		t.Fatalf("listener: %q", buf[:n])
-	}
-}
-
 func detail(ev event, k string) string {
 	v, ok := ev.Details[k]
 	if !ok {
@@ -105,7 +85,7 @@ func TestEventsPolicyDenyThroughDaemon(t *testing.T) {
 	for _, id := range []string{"vm-pd", "vm-pc", "vm-po"} {
 		e.waitDAD(id)
 	}
-	e.listen(t, "vm-pd", "80", "22")
+	e.startListener(t, "vm-pd", "80", "22")
 
 	// The rule logs to the kernel log (journalctl -k | grep
 	// metald-ipv6-deny) and, rate-limited, to metald's NFLOG group with a

@@ -63,17 +63,7 @@ func TestPolicyThroughDaemon(t *testing.T) {
 	for _, id := range []string{"vm-srv", "vm-cli", "vm-oth"} {
 		e.waitDAD(id)
 	}
-	f := e.vmNS("vm-srv")
-	srv := exec.Command("python3", "-c", listenScript, "80", "22")
-	stdout, _ := srv.StdoutPipe()
-	if err := ns.Start(int(f.Fd()), srv); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { srv.Process.Signal(syscall.SIGKILL); srv.Wait() })
-	buf := make([]byte, 16)
-	if n, _ := stdout.Read(buf); !strings.Contains(string(buf[:n]), "ready") {
-		t.Fatalf("listener: %q", buf[:n])
-	}
+	e.startListener(t, "vm-srv", "80", "22")
 
 	// Same tenant: port 80 is allowed, and its replies pass the server's
 	// `deny all` egress (stateful); port 22 and ping are denied.
