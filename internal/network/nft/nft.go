@@ -15,6 +15,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/metald/metald/internal/network"
+	"github.com/metald/metald/internal/network/nftconn"
 	"github.com/metald/metald/internal/network/nftgen"
 )
 
@@ -93,9 +94,9 @@ func (f *Firewall) reader() (*nftables.Conn, func(), error) {
 		return f.conn, func() { once.Do(f.mu.Unlock) }, nil
 	}
 	if f.rd == nil {
-		c, err := nftables.New(f.opts...)
+		c, err := nftconn.Open(f.opts)
 		if err != nil {
-			return nil, nil, fmt.Errorf("open nftables connection: %w", err)
+			return nil, nil, err
 		}
 		f.rd = c
 	}
@@ -105,44 +106,14 @@ func (f *Firewall) reader() (*nftables.Conn, func(), error) {
 // New returns a Firewall for the network namespace open at nsFd (or the
 // caller's namespace when nsFd < 0).
 func New(nsFd int) (*Firewall, error) {
-	// A NIC is a few hundred netlink messages, each acknowledged; the
-	// default receive buffer overflows (ENOBUFS) on the acks of a batch
-	// that programs several NICs.
-	//
-	// The connection is lasting: a connection per batch closes its socket
-	// after each commit, and closing a netfilter socket waits for the
-	// previous commit's deferred release (an RCU grace period, 8-24 ms
-	// here) whenever that commit replaced or deleted a chain.
-	opts := []nftables.ConnOption{nftables.AsLasting(), nftables.WithSockOptions(bigReceiveBuffer)}
-	if nsFd >= 0 {
-		opts = append(opts, nftables.WithNetNSFd(nsFd))
-	}
-	c, err := nftables.New(opts...)
+	opts := nftconn.Options(nsFd)
+	c, err := nftconn.Open(opts)
 	if err != nil {
-		return nil, fmt.Errorf("open nftables connection: %w", err)
+		return nil, err
 	}
 	f := newFirewall(c)
 	f.opts = opts
 	return f, nil
-}
-
-const receiveBuffer = 16 << 20
-
-func bigReceiveBuffer(c *netlink.Conn) error {
-	raw, err := c.SyscallConn()
-	if err != nil {
-		return err
-	}
-	var serr error
-	if err := raw.Control(func(fd uintptr) {
-		serr = unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_RCVBUFFORCE, receiveBuffer)
-	}); err != nil {
-		return err
-	}
-	if serr != nil {
-		return c.SetReadBuffer(receiveBuffer)
-	}
-	return nil
 }
 
 // Close releases the netlink connection; the table stays.
@@ -504,7 +475,7 @@ func (f *Firewall) abort(err error) error {
 	if f.opts == nil {
 		return err
 	}
-	c, cerr := nftables.New(f.opts...)
+	c, cerr := nftconn.Open(f.opts)
 	if cerr != nil {
 		return errors.Join(err, cerr)
 	}

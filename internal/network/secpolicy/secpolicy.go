@@ -16,6 +16,7 @@ import (
 	"github.com/mdlayher/netlink"
 	"golang.org/x/sys/unix"
 
+	"github.com/metald/metald/internal/network/nftconn"
 	"github.com/metald/metald/internal/network/nftgen"
 	"github.com/metald/metald/internal/network/setname"
 	"github.com/metald/metald/internal/policy"
@@ -84,13 +85,10 @@ func (m *Manager) SetGenTracker(t *nftgen.Tracker) {
 // caller's namespace when nsFd < 0). It reads what the table already holds,
 // so a restarted metald continues from the kernel state.
 func New(nsFd int) (*Manager, error) {
-	opts := []nftables.ConnOption{nftables.AsLasting(), nftables.WithSockOptions(bigReceiveBuffer)}
-	if nsFd >= 0 {
-		opts = append(opts, nftables.WithNetNSFd(nsFd))
-	}
-	c, err := nftables.New(opts...)
+	opts := nftconn.Options(nsFd)
+	c, err := nftconn.Open(opts)
 	if err != nil {
-		return nil, fmt.Errorf("open nftables connection: %w", err)
+		return nil, err
 	}
 	m := &Manager{conn: c, opts: opts, names: setname.New()}
 	if err := m.load(); err != nil {
@@ -102,29 +100,6 @@ func New(nsFd int) (*Manager, error) {
 
 // Close releases the netlink connection. The table stays.
 func (m *Manager) Close() error { return m.conn.CloseLasting() }
-
-const receiveBuffer = 16 << 20
-
-func bigReceiveBuffer(c *netlink.Conn) error {
-	raw, err := c.SyscallConn()
-	if err != nil {
-		return err
-	}
-	var serr error
-	if err := raw.Control(func(fd uintptr) {
-		serr = unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_RCVBUFFORCE, receiveBuffer)
-		if serr == nil {
-			// A batch is one sendmsg, bounded by the send buffer.
-			serr = unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_SNDBUFFORCE, receiveBuffer)
-		}
-	}); err != nil {
-		return err
-	}
-	if serr != nil {
-		return c.SetReadBuffer(receiveBuffer)
-	}
-	return nil
-}
 
 func isManagedSet(name string) bool {
 	return name == VMAddrsSet || strings.HasPrefix(name, "tenant-") || strings.HasPrefix(name, "bridge-") || strings.HasPrefix(name, "sg-")
@@ -615,7 +590,7 @@ func (m *Manager) commit(what string) error {
 // abort discards queued messages after a build error.
 func (m *Manager) abort(err error) error {
 	// Queued messages cannot be taken back: start a new connection.
-	if c, cerr := nftables.New(m.opts...); cerr == nil {
+	if c, cerr := nftconn.Open(m.opts); cerr == nil {
 		m.conn.CloseLasting()
 		m.conn = c
 	} else {
