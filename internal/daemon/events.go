@@ -1,7 +1,6 @@
 package daemon
 
 import (
-	"bytes"
 	"context"
 	"net/netip"
 	"reflect"
@@ -200,31 +199,11 @@ func (d *Daemon) reprogramTenant(tenant string, active bool) {
 	d.log.Info("enhanced monitoring: rules re-programmed", "tenant_id", tenant, "active", active, "vms", n, "took", time.Since(start))
 }
 
-// reprogramVM programs one VM's NICs from its row. An update of the VM
-// that ran meanwhile (its row changed) is programmed again from the new
-// row, so this never leaves an older config in the kernel.
+// reprogramVM programs one VM's NICs again from its current row, under
+// the VM's lock (vm.Manager.Reprogram).
 func (d *Daemon) reprogramVM(ctx context.Context, row *store.VM) {
-	for range 3 {
-		if plans, err := d.vms.Plans(row, nil); err == nil {
-			for _, p := range plans {
-				if err := d.evw.fw.AddNIC(p); err != nil {
-					d.log.Error("enhanced monitoring: program first-hop rules", "vm_id", row.ID, "host_device", p.HostDevice, "err", err)
-				}
-			}
-		}
-		if pols, err := d.vms.Policies(ctx, row, nil, nil); err == nil {
-			for _, p := range pols {
-				if err := d.evw.pol.Upsert(ctx, p); err != nil {
-					d.log.Error("enhanced monitoring: program security policy", "vm_id", row.ID, "nic", p.NIC, "err", err)
-				}
-			}
-		}
-		cur, err := d.store.GetVM(ctx, row.ID)
-		if err != nil || cur.State == store.StateDeleting ||
-			(bytes.Equal(cur.Config, row.Config) && cur.IsolatedAt.Equal(row.IsolatedAt) && cur.UpdatedAt.Equal(row.UpdatedAt)) {
-			return
-		}
-		row = cur
+	if err := d.vms.Reprogram(ctx, row.ID); err != nil {
+		d.log.Error("enhanced monitoring: program rules", "vm_id", row.ID, "err", err)
 	}
 }
 

@@ -2,6 +2,7 @@ package vm
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"net"
 	"net/netip"
@@ -236,4 +237,32 @@ func (m *Manager) enableSnooping(row *store.VM, cfg *vmv1.VmConfig) error {
 		}
 	}
 	return nil
+}
+
+// Reprogram programs a VM's first-hop rules and security policy again from
+// its stored row, holding the VM's lock, so it never races an update or a
+// delete of the same VM. A VM being created or deleted (or already gone)
+// is left to that operation. Enhanced monitoring uses it when a session
+// starts or ends (the rule owners mark a monitored tenant's plans).
+func (m *Manager) Reprogram(ctx context.Context, id string) error {
+	unlock := m.lock(id)
+	defer unlock()
+	row, err := m.opt.Store.GetVM(ctx, id)
+	if errors.Is(err, store.ErrNotFound) {
+		return nil
+	}
+	if err != nil {
+		return err
+	}
+	if row.State == store.StateCreating || row.State == store.StateDeleting {
+		return nil
+	}
+	cfg, err := decodeConfig(row)
+	if err != nil {
+		return err
+	}
+	if err := m.installFirewall(row, cfg); err != nil {
+		return err
+	}
+	return m.installPolicy(ctx, row, cfg)
 }
