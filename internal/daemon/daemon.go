@@ -10,6 +10,7 @@ import (
 	"log/slog"
 	"net"
 	"net/http"
+	"net/netip"
 	"os"
 	"path/filepath"
 	"sync"
@@ -257,10 +258,11 @@ func New(ctx context.Context, opt Options) (d *Daemon, err error) {
 	}
 	d.fw.SetObserver(fh)
 
-	// Addresses in requests may use symbolic subnet names everywhere: the
-	// validator parses them through the address manager.
-	bg := context.Background()
-	parsePrefix, parseAddr := d.ipam.PrefixParser(bg), d.ipam.AddrParser(bg)
+	// Addresses in requests may use symbolic subnet names everywhere: each
+	// request's validator parses them through its own name transaction
+	// (new names are removed again when the request fails); rule plans of
+	// configs a request already resolved use the plan parsers, which leave
+	// that request's tentative names alone.
 	hostPorts := ports{m: d.links, hostFd: int(d.hostNS.Fd()), netfiltered: &sync.Map{}}
 	// Plans pass through the event wrappers (events.go): enhanced
 	// monitoring, policy drops logged to NFLOG, cache_policies.
@@ -277,8 +279,8 @@ func New(ctx context.Context, opt Options) (d *Daemon, err error) {
 				VMID: row.ID, TenantID: row.TenantID, Details: secevent.Details{Reason: reason}})
 		},
 		Caps: vm.Capabilities{Firewall: true, VLANMode: string(network.VLANModeNFTables), BridgeSnooping: true, Policy: true, Limits: true}, Snooper: hostPorts, ShutdownTimeout: opt.ShutdownTimeout, Step: opt.Step,
-		Validate: vm.ValidateOptions{ParsePrefix: parsePrefix, ParseAddr: parseAddr,
-			ParseRule: policy.ParseOptions{ParsePrefix: parsePrefix}.Check}})
+		Validate: validateOptions(d.ipam.PlanPrefixParser(), d.ipam.PlanAddrParser()),
+		Names:    func(ctx context.Context) vm.NameTx { return requestNames{d.ipam.BeginNames(ctx)} }})
 
 	rep, err := d.vms.Recover(ctx)
 	d.Recovery = rep
@@ -436,4 +438,17 @@ func (d *Daemon) Close() error {
 		d.hostNS.Close()
 	}
 	return err
+}
+
+// requestNames adapts an IPAM name transaction to vm.NameTx.
+type requestNames struct{ *ipam.NameTx }
+
+func (t requestNames) Validate() vm.ValidateOptions {
+	return validateOptions(t.PrefixParser(), t.AddrParser())
+}
+
+// validateOptions parses addresses, and the prefixes inside rules, with
+// the given parsers.
+func validateOptions(parsePrefix func(string) (netip.Prefix, error), parseAddr func(string) (netip.Addr, error)) vm.ValidateOptions {
+	return vm.ValidateOptions{ParsePrefix: parsePrefix, ParseAddr: parseAddr, ParseRule: policy.ParseOptions{ParsePrefix: parsePrefix}.Check}
 }

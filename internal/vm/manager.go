@@ -105,8 +105,15 @@ type Options struct {
 	// OpTimeout bounds the kernel work of one operation once it has begun,
 	// independent of the caller's context (default 60 s).
 	OpTimeout time.Duration
-	// Validate configures request validation.
+	// Validate configures request validation, and its parsers also serve
+	// building the rule plans of stored configs.
 	Validate ValidateOptions
+	// Names, when set, opens a NameTx for each request that validates
+	// content (CreateVm, UpdateSecurityPolicy, UpdateVmNetwork): its
+	// parsers replace Validate's for that request, and it is committed
+	// when the request succeeds and rolled back on every failure. Nil
+	// validates with Validate alone.
+	Names func(ctx context.Context) NameTx
 	// Now returns the current time (default time.Now).
 	Now func() time.Time
 	// Step, when set, is called after each durable step of CreateVm
@@ -117,6 +124,48 @@ type Options struct {
 	// "delete:addresses"). Crash tests use it to kill the daemon at every
 	// point; production leaves it nil.
 	Step func(step string)
+}
+
+// NameTx is one request's view of the symbolic subnet names its addresses
+// use (an ipam name transaction): names the request is the first to use
+// are assigned while it runs and removed again when it fails.
+type NameTx interface {
+	// Validate returns the validation options whose parsers resolve
+	// through the transaction; nil fields fall back to Options.Validate.
+	Validate() ValidateOptions
+	// Bind returns ctx carrying the transaction, so that the address
+	// reservation under it resolves as part of the same request.
+	Bind(ctx context.Context) context.Context
+	// Finish commits the transaction when ok and rolls it back otherwise.
+	Finish(ok bool)
+}
+
+// plainNames is the NameTx without Options.Names: Options.Validate's
+// parsers, nothing to finish.
+type plainNames struct{ opt ValidateOptions }
+
+func (p plainNames) Validate() ValidateOptions              { return p.opt }
+func (plainNames) Bind(ctx context.Context) context.Context { return ctx }
+func (plainNames) Finish(bool)                              {}
+
+// beginNames opens a request's name transaction and returns it with the
+// validation options to use under it.
+func (m *Manager) beginNames(ctx context.Context) (NameTx, ValidateOptions) {
+	var tx NameTx = plainNames{m.opt.Validate}
+	if m.opt.Names != nil {
+		tx = m.opt.Names(ctx)
+	}
+	o, base := tx.Validate(), m.opt.Validate
+	if o.ParsePrefix == nil {
+		o.ParsePrefix = base.ParsePrefix
+	}
+	if o.ParseAddr == nil {
+		o.ParseAddr = base.ParseAddr
+	}
+	if o.ParseRule == nil {
+		o.ParseRule = base.ParseRule
+	}
+	return tx, o
 }
 
 // Manager sequences VM lifecycles. It is safe for concurrent use; operations
@@ -192,9 +241,16 @@ func (m *Manager) detached(ctx context.Context) (context.Context, context.Cancel
 var configJSON = protojson.MarshalOptions{UseProtoNames: true}
 
 // Create validates req and builds the VM: its row, addresses, bridges, ports
-// and sandbox. On any error every step already taken is undone.
+// and sandbox. On any error every step already taken is undone, and the
+// subnet names the request was the first to use are removed again.
 func (m *Manager) Create(ctx context.Context, req *vmv1.CreateVmRequest) (*store.VM, error) {
-	if err := ValidateCreate(req, m.opt.Validate); err != nil {
+	names, vopt := m.beginNames(ctx)
+	created := false
+	// Deferred first, so it runs last: after the undo steps (the address
+	// release among them) on a failure.
+	defer func() { names.Finish(created) }()
+	ctx = names.Bind(ctx)
+	if err := ValidateCreate(req, vopt); err != nil {
 		return nil, err
 	}
 	cfg := req.GetConfig()
@@ -345,6 +401,7 @@ func (m *Manager) Create(ctx context.Context, req *vmv1.CreateVmRequest) (*store
 		return fail(fmt.Errorf("persist vm: %w", err))
 	}
 	m.opt.Step("create:done")
+	created = true
 	m.audit(ctx, row, "CreateVm", string(raw))
 	m.log.Info("vm created", "vm_id", id, "tenant_id", tenant, "nics", len(row.NICs))
 	return row, nil

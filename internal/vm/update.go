@@ -109,9 +109,14 @@ func renameFields(err error, from, to string) error {
 // applyConfig validates a changed config, programs it (first-hop rules and
 // policies, each NIC one kernel transaction) and persists it. On a
 // validation or kernel error nothing is persisted and the kernel is put
-// back to the stored config.
+// back to the stored config; subnet names the change was the first to use
+// are removed again.
 func (m *Manager) applyConfig(ctx context.Context, row *store.VM, cfg *vmv1.VmConfig, from, to string) (*store.VM, error) {
-	if err := ValidateCreate(&vmv1.CreateVmRequest{VmId: row.ID, Config: cfg}, m.opt.Validate); err != nil {
+	names, vopt := m.beginNames(ctx)
+	applied := false
+	defer func() { names.Finish(applied) }()
+	ctx = names.Bind(ctx)
+	if err := ValidateCreate(&vmv1.CreateVmRequest{VmId: row.ID, Config: cfg}, vopt); err != nil {
 		return nil, renameFields(err, from, to)
 	}
 	if err := checkProfile(cfg); err != nil {
@@ -155,6 +160,7 @@ func (m *Manager) applyConfig(ctx context.Context, row *store.VM, cfg *vmv1.VmCo
 		restore()
 		return nil, fmt.Errorf("persist vm: %w", err)
 	}
+	applied = true
 	m.log.Info("vm configuration updated", "vm_id", row.ID, "field", to)
 	m.audit(ctx, &next, "Update "+to, string(raw))
 	return &next, nil
