@@ -24,14 +24,24 @@
 // tx := m.BeginNames(ctx), and parses every address through
 // tx.PrefixParser() and tx.AddrParser() (hooks for vm.ValidateOptions),
 // which resolve subnet names. A name the request is the first to use is
-// assigned and persisted at once but stays tentative: tx.Finish(true)
-// (Commit) keeps it, tx.Finish(false) (Rollback) deletes it from the store
-// and then from memory, so a failed request leaves no name behind. A
-// tentative name anyone else uses meanwhile (another transaction, plain
-// resolution, DeclareSubnetName, an allocation in its subnet outside the
-// transaction) is pinned and survives the rollback. tx.Bind(ctx) carries
-// the transaction into the Manager's own methods, so the reservation step
+// assigned and persisted at once, marked tentative in the store:
+// tx.Finish(true) (Commit) confirms it, tx.Finish(false) (Rollback) deletes
+// it from the store and then from memory, so a failed request leaves no
+// name behind. A tentative name anyone else uses meanwhile (another
+// transaction, plain resolution, DeclareSubnetName, an allocation in its
+// subnet outside the transaction) is pinned: confirmed in the store, then
+// in memory, and it survives the rollback. tx.Bind(ctx) carries the
+// transaction into the Manager's own methods, so the reservation step
 // resolves and allocates as part of the same request.
+//
+// A crash mid-request (kill -9, power loss) is a failed request too: Open
+// finds the names still tentative in the store and removes each whose
+// subnet holds no allocation. One whose subnet does (in practice the
+// interrupted CreateVm's own addresses, which crash recovery releases
+// right after) stays tentative without a transaction, like a name whose
+// rollback found its subnet in use: it is removed with the last
+// allocation in its subnet (Release, Cleanup), unless something pins it
+// first. Each removal or keep is logged with its reason.
 //
 // CreateVm then reserves all NICs at once with ReserveBatch (or one
 // Reserve per NIC), passing the resolved ipv6.address (invalid prefix for

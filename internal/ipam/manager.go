@@ -133,8 +133,14 @@ type Manager struct {
 	// tentative holds the names a NameTx declared and has not finished,
 	// with their transaction; a name leaves it when it is pinned.
 	tentative map[nameKey]*NameTx
-	rate      map[rateKey][]time.Time // sorted; trailing hour only
-	hour      []time.Time             // every allocation in the trailing hour
+	// orphans owns, in tentative, the names of requests that failed or
+	// never finished (found tentative in the store at Open) and that could
+	// not be removed yet, mostly because their subnet held allocations:
+	// they go with the last allocation in their subnet unless something
+	// pins them first. It is never bound to a context.
+	orphans *NameTx
+	rate    map[rateKey][]time.Time // sorted; trailing hour only
+	hour    []time.Time             // every allocation in the trailing hour
 }
 
 type poolState struct {
@@ -219,6 +225,7 @@ func Open(ctx context.Context, st Store, pools []PoolConfig, opts Options) (*Man
 
 		tentative: map[nameKey]*NameTx{},
 	}
+	m.orphans = &NameTx{m: m, ctx: context.Background(), done: true}
 	now := opts.Now()
 	snap, err := st.Load(ctx, now.Add(-time.Hour))
 	if err != nil {
@@ -229,6 +236,9 @@ func Open(ctx context.Context, st Store, pools []PoolConfig, opts Options) (*Man
 	}
 	for _, n := range snap.SubnetNames {
 		m.addName(n)
+		if n.Tentative {
+			m.tentative[nameKey{n.Parent, n.Name}] = m.orphans
+		}
 	}
 	allocs := slices.Clone(snap.Allocations)
 	slices.SortStableFunc(allocs, func(a, b Allocation) int { return a.CreatedAt.Compare(b.CreatedAt) })
@@ -257,6 +267,7 @@ func Open(ctx context.Context, st Store, pools []PoolConfig, opts Options) (*Man
 	for k := range m.rate {
 		slices.SortFunc(m.rate[k], func(a, b time.Time) int { return a.Compare(b) })
 	}
+	m.settleUnfinishedNames(ctx)
 	for _, pc := range pools {
 		if err := m.applyConfig(ctx, pc); err != nil {
 			return nil, fmt.Errorf("configure pool %q: %w", pc.ID, err)
@@ -273,6 +284,25 @@ func Open(ctx context.Context, st Store, pools []PoolConfig, opts Options) (*Man
 		m.log.Info("created default IPv6 pool", logKeyPool, DefaultPoolID, logKeyPrefix, pfx)
 	}
 	return m, nil
+}
+
+// settleUnfinishedNames handles, at Open, the names still tentative in the
+// store: the requests that assigned them never finished (the daemon
+// stopped first), which makes them failed requests. A name whose subnet
+// holds no allocation is removed; one whose subnet does (in practice the
+// interrupted request's own addresses, which crash recovery releases next)
+// stays tentative, and goes with the last of them unless something pins
+// it first.
+func (m *Manager) settleUnfinishedNames(ctx context.Context) {
+	if len(m.tentative) == 0 {
+		return
+	}
+	m.dropOrphansLocked(ctx, "the request that assigned it never finished")
+	for k := range m.tentative {
+		n := m.names[k.parent][k.name]
+		m.log.Warn("kept tentative IPv6 subnet name of an unfinished request while its subnet holds allocations",
+			"parent", n.Parent, "name", n.Name, "subnet", n.Prefix())
+	}
 }
 
 // randomULA returns fdXX:XXXX:XXXX::/48 with 40 random bits (RFC 4193).
@@ -507,7 +537,7 @@ func (m *Manager) ReserveBatch(ctx context.Context, reqs []Request) ([]Allocatio
 	if len(m.tentative) > 0 {
 		tx := m.txFrom(ctx)
 		for _, a := range allocs {
-			m.pinSubnetLocked(a.Address, tx)
+			m.pinSubnetLocked(ctx, a.Address, tx)
 		}
 	}
 	out := make([]Allocation, len(plans))
@@ -786,6 +816,9 @@ func (m *Manager) release(ctx context.Context, es []*entry) ([]Allocation, error
 	}
 	for _, e := range es {
 		m.unindex(e)
+	}
+	if len(m.tentative) > 0 {
+		m.dropOrphansLocked(ctx, "its request failed or never finished, and the last allocation in its subnet is released")
 	}
 	return out, nil
 }

@@ -23,7 +23,10 @@ func (m *Manager) removeName(n SubnetName) {
 	}
 }
 
+// addName adds n to memory; whether it is tentative is m.tentative's
+// business.
 func (m *Manager) addName(n SubnetName) {
+	n.Tentative = false
 	if m.names[n.Parent] == nil {
 		m.names[n.Parent] = map[string]SubnetName{}
 		m.values[n.Parent] = map[uint16]string{}
@@ -110,14 +113,16 @@ func (m *Manager) subnetValueLocked(ctx context.Context, parent netip.Prefix, na
 	k := nameKey{parent, name}
 	if n, ok := m.names[parent][name]; ok {
 		if owner := m.tentative[k]; owner != nil && owner != tx && pin {
-			m.pinLocked(k)
+			if err := m.pinLocked(ctx, k); err != nil {
+				return 0, err
+			}
 		}
 		return n.Value, nil
 	}
 	if !m.opts.AutoSubnetNames {
 		return 0, &UnknownSubnetNameError{Name: name, Parent: parent}
 	}
-	n, err := m.declareLocked(ctx, parent, name, nil)
+	n, err := m.declareLocked(ctx, parent, name, nil, tx != nil)
 	if err != nil {
 		return 0, err
 	}
@@ -148,14 +153,18 @@ func (m *Manager) DeclareSubnetName(ctx context.Context, parent netip.Prefix, na
 		}
 		// An explicit declaration keeps a name a request only tried.
 		if m.tentative[nameKey{parent, name}] != nil {
-			m.pinLocked(nameKey{parent, name})
+			if err := m.pinLocked(ctx, nameKey{parent, name}); err != nil {
+				return SubnetName{}, err
+			}
 		}
 		return n, nil
 	}
-	return m.declareLocked(ctx, parent, name, value)
+	return m.declareLocked(ctx, parent, name, value, false)
 }
 
-func (m *Manager) declareLocked(ctx context.Context, parent netip.Prefix, name string, value *uint16) (SubnetName, error) {
+// declareLocked assigns name under parent and stores it, tentative (for a
+// NameTx, which records it) or not.
+func (m *Manager) declareLocked(ctx context.Context, parent netip.Prefix, name string, value *uint16, tentative bool) (SubnetName, error) {
 	if err := checkParent(parent); err != nil {
 		return SubnetName{}, err
 	}
@@ -178,7 +187,7 @@ func (m *Manager) declareLocked(ctx context.Context, parent netip.Prefix, name s
 			return SubnetName{}, fmt.Errorf("no free subnet value under %s for %q: %w", parent, name, ErrExhausted)
 		}
 	}
-	n := SubnetName{Parent: parent, Name: name, Value: v, CreatedAt: m.opts.Now().UTC()}
+	n := SubnetName{Parent: parent, Name: name, Value: v, CreatedAt: m.opts.Now().UTC(), Tentative: tentative}
 	if err := m.st.PutSubnetName(ctx, n); err != nil {
 		if errors.Is(err, ErrSubnetNameTaken) {
 			return SubnetName{}, fmt.Errorf("subnet name %q under %s: %w", name, parent, err)
@@ -186,7 +195,7 @@ func (m *Manager) declareLocked(ctx context.Context, parent netip.Prefix, name s
 		return SubnetName{}, fmt.Errorf("store subnet name: %w", err)
 	}
 	m.addName(n)
-	m.log.Info("assigned IPv6 subnet name", "parent", parent, "name", name, "subnet", n.Prefix())
+	m.log.Info("assigned IPv6 subnet name", "parent", parent, "name", name, "subnet", n.Prefix(), "tentative", tentative)
 	return n, nil
 }
 
@@ -236,13 +245,17 @@ func (m *Manager) usedValues(parent netip.Prefix) *[1024]uint64 {
 	return &used
 }
 
-// SubnetNames returns every declared name, ordered by parent then name.
+// SubnetNames returns every declared name, ordered by parent then name;
+// Tentative marks those a request assigned and has not finished with (or
+// that a failed or interrupted request left while their subnet holds
+// allocations).
 func (m *Manager) SubnetNames() []SubnetName {
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	var out []SubnetName
 	for _, ns := range m.names {
 		for _, n := range ns {
+			n.Tentative = m.tentative[nameKey{n.Parent, n.Name}] != nil
 			out = append(out, n)
 		}
 	}

@@ -3,6 +3,7 @@ package ipam
 import (
 	"context"
 	"errors"
+	"fmt"
 	"net/netip"
 	"strings"
 	"time"
@@ -20,16 +21,21 @@ type txKey struct{}
 
 // NameTx is one request's view of the subnet-name registry. A name the
 // request is the first to resolve is assigned (and persisted) at once, as
-// plain resolution does, but stays tentative until the transaction
-// finishes: Commit keeps it, Rollback removes it again (store row first,
-// then memory), so a request that fails leaves no name behind.
+// plain resolution does, but stays tentative, in memory and in the store,
+// until the transaction finishes: Commit confirms it, Rollback removes it
+// again (store row first, then memory), so a request that fails leaves no
+// name behind. A transaction that never finishes because the daemon died
+// is rolled back by the next Open, which finds its names still tentative
+// in the store.
 //
 // A tentative name that anyone else uses is pinned and survives the
 // rollback: another transaction resolving it, plain resolution
 // (ResolveAddr, ResolvePrefix, SubnetValue, the parsers), an explicit
 // DeclareSubnetName, or an allocation in its subnet made outside the
 // transaction (Reserve under a context that does not carry it). A name
-// whose subnet still holds allocations when the rollback runs is kept too.
+// whose subnet still holds allocations when the rollback runs is kept,
+// tentative, until the last of them is released. Pinning and committing
+// write the store before memory.
 //
 // A NameTx is meant for one request; its methods may be called from any
 // goroutine. Resolving through a finished transaction is plain resolution.
@@ -93,7 +99,9 @@ func (tx *NameTx) Declared() []SubnetName {
 	var out []SubnetName
 	for _, k := range tx.declared {
 		if m.tentative[k] == tx {
-			out = append(out, m.names[k.parent][k.name])
+			n := m.names[k.parent][k.name]
+			n.Tentative = true
+			out = append(out, n)
 		}
 	}
 	return out
@@ -108,8 +116,11 @@ func (tx *NameTx) Finish(ok bool) {
 	}
 }
 
-// Commit makes the transaction's names permanent. Finishing twice is a
-// no-op.
+// Commit makes the transaction's names permanent: each still tentative is
+// confirmed in the store, then in memory. A store error is logged and
+// leaves that name tentative, unowned (Manager.orphans): the next use
+// confirms it, and a start before that removes it unless its subnet holds
+// allocations. Finishing twice is a no-op.
 func (tx *NameTx) Commit() {
 	m := tx.m
 	m.mu.Lock()
@@ -118,17 +129,29 @@ func (tx *NameTx) Commit() {
 		return
 	}
 	tx.done = true
+	ctx, cancel := context.WithTimeout(context.WithoutCancel(tx.ctx), rollbackTimeout)
+	defer cancel()
 	for _, k := range tx.declared {
-		if m.tentative[k] == tx {
-			delete(m.tentative, k)
+		if m.tentative[k] != tx {
+			continue // pinned
 		}
+		if err := m.st.ConfirmSubnetName(ctx, k.parent, k.name); err != nil {
+			m.log.Error("confirm IPv6 subnet name of a succeeded request; it stays tentative until used again",
+				"parent", k.parent, "name", k.name, logKeyErr, err)
+			m.tentative[k] = m.orphans
+			continue
+		}
+		delete(m.tentative, k)
 	}
 }
 
 // Rollback removes the names the transaction assigned that are still
-// tentative, most recent first, freeing their values for the next new
-// name. A store error is logged and leaves that name in place (it is then
-// an ordinary name). Finishing twice is a no-op.
+// tentative, most recent first (store row first, then memory), freeing
+// their values for the next new name. A name whose subnet holds
+// allocations, or whose store delete fails (logged), stays tentative
+// without an owner (Manager.orphans): it goes with the last allocation
+// in its subnet, or at the next start, unless something uses it before.
+// Finishing twice is a no-op.
 func (tx *NameTx) Rollback() {
 	m := tx.m
 	m.mu.Lock()
@@ -144,40 +167,81 @@ func (tx *NameTx) Rollback() {
 		if m.tentative[k] != tx {
 			continue // pinned
 		}
-		delete(m.tentative, k)
 		n, ok := m.names[k.parent][k.name]
 		if !ok {
+			delete(m.tentative, k)
 			continue
 		}
 		if m.subnetInUseLocked(n.Prefix()) {
-			m.log.Warn("kept IPv6 subnet name of a failed request: its subnet holds allocations",
+			m.log.Warn("kept IPv6 subnet name of a failed request while its subnet holds allocations",
 				"parent", n.Parent, "name", n.Name, "subnet", n.Prefix())
+			m.tentative[k] = m.orphans
 			continue
 		}
 		if err := m.st.DeleteSubnetName(ctx, n.Parent, n.Name); err != nil && !errors.Is(err, ErrNotFound) {
-			m.log.Error("remove IPv6 subnet name of a failed request", "parent", n.Parent, "name", n.Name, logKeyErr, err)
+			m.log.Error("remove IPv6 subnet name of a failed request; it stays tentative until the next start or use",
+				"parent", n.Parent, "name", n.Name, logKeyErr, err)
+			m.tentative[k] = m.orphans
 			continue
 		}
+		delete(m.tentative, k)
 		m.removeName(n)
 		m.log.Info("removed IPv6 subnet name of a failed request", "parent", n.Parent, "name", n.Name, "subnet", n.Prefix())
 	}
 }
 
-// pinLocked makes a tentative name permanent whatever its transaction does.
-func (m *Manager) pinLocked(k nameKey) {
+// dropOrphansLocked removes the tentative names no transaction owns
+// (requests that failed, or never finished because the daemon stopped)
+// whose subnet holds no allocation, store row first. why is logged. A
+// store error is logged and leaves the name for a later attempt.
+func (m *Manager) dropOrphansLocked(ctx context.Context, why string) {
+	for k, owner := range m.tentative {
+		if owner != m.orphans {
+			continue
+		}
+		n, ok := m.names[k.parent][k.name]
+		if !ok {
+			delete(m.tentative, k)
+			continue
+		}
+		if m.subnetInUseLocked(n.Prefix()) {
+			continue
+		}
+		if err := m.st.DeleteSubnetName(ctx, n.Parent, n.Name); err != nil && !errors.Is(err, ErrNotFound) {
+			m.log.Error("remove tentative IPv6 subnet name", "parent", n.Parent, "name", n.Name, "reason", why, logKeyErr, err)
+			continue
+		}
+		delete(m.tentative, k)
+		m.removeName(n)
+		m.log.Info("removed tentative IPv6 subnet name", "parent", n.Parent, "name", n.Name, "subnet", n.Prefix(), "reason", why)
+	}
+}
+
+// pinLocked makes a tentative name permanent whatever its transaction
+// does: confirmed in the store first, then in memory. On a store error
+// the name stays tentative.
+func (m *Manager) pinLocked(ctx context.Context, k nameKey) error {
+	if err := m.st.ConfirmSubnetName(ctx, k.parent, k.name); err != nil {
+		return fmt.Errorf("confirm subnet name %q under %s: %w", k.name, k.parent, err)
+	}
 	delete(m.tentative, k)
 	m.log.Debug("pinned tentative IPv6 subnet name", "parent", k.parent, "name", k.name)
+	return nil
 }
 
 // pinSubnetLocked pins the tentative names of transactions other than tx
-// whose subnet holds a.
-func (m *Manager) pinSubnetLocked(a netip.Addr, tx *NameTx) {
+// (and those no transaction owns) whose subnet holds a. A store error is
+// logged and leaves the name tentative: the allocation still keeps it,
+// also across a restart, for as long as it lasts.
+func (m *Manager) pinSubnetLocked(ctx context.Context, a netip.Addr, tx *NameTx) {
 	for k, owner := range m.tentative {
 		if owner == tx {
 			continue
 		}
 		if n, ok := m.names[k.parent][k.name]; ok && n.Prefix().Contains(a) {
-			m.pinLocked(k)
+			if err := m.pinLocked(ctx, k); err != nil {
+				m.log.Warn("pin tentative IPv6 subnet name for an allocation in its subnet", "parent", k.parent, "name", k.name, logKeyAddress, a, logKeyErr, err)
+			}
 		}
 	}
 }

@@ -235,15 +235,18 @@ func TestNameTxRollbackStoreFailure(t *testing.T) {
 	st.Fail = errors.New("disk gone")
 	tx.Rollback() // logged, not fatal
 	st.Fail = nil
-	// Store and memory still agree: the name stays, now an ordinary one.
+	// Store and memory still agree: the name stays, tentative and owned by
+	// no transaction, so the next start removes it.
 	wantNames(t, m, "dmz=1")
-	if len(m.tentative) != 0 {
-		t.Fatalf("tentative left: %v", m.tentative)
+	if owner := m.tentative[nameKey{parent48, "dmz"}]; owner != m.orphans {
+		t.Fatalf("dmz after the failed delete: owner %p, want the orphans %p", owner, m.orphans)
 	}
+	wantStored(t, st, "dmz=1?")
 	// A finished transaction resolves plainly: its new names are permanent.
 	txPrefix(t, tx, "2600:beef:1000:late::/64")
 	tx.Rollback()
 	wantNames(t, m, "dmz=1", "late=2")
+	wantStored(t, st, "dmz=1?", "late=2")
 	// A cancelled request's context does not stop the rollback.
 	cctx, cancel := context.WithCancel(ctx)
 	tx = m.BeginNames(cctx)
@@ -251,6 +254,12 @@ func TestNameTxRollbackStoreFailure(t *testing.T) {
 	cancel()
 	tx.Rollback()
 	wantNames(t, m, "dmz=1", "late=2")
+	// A restart removes the name the rollback could not.
+	m, _ = newTestManager(t, st, namePools)
+	wantNames(t, m, "late=2")
+	if len(m.tentative) != 0 {
+		t.Fatalf("tentative left after the restart: %v", m.tentative)
+	}
 }
 
 func TestNameTxAutoNamesOff(t *testing.T) {

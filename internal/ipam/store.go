@@ -61,6 +61,12 @@ type SubnetName struct {
 	Name      string
 	Value     uint16
 	CreatedAt time.Time
+	// Tentative marks a name a request assigned and has not finished with
+	// (see NameTx). The Store records it so that a name whose request never
+	// finished (the daemon died) is not taken for a permanent one: Open
+	// removes it, or keeps it only while its subnet holds allocations.
+	// Manager.SubnetNames reports the current state.
+	Tentative bool
 }
 
 // Prefix is the subnet the name stands for (parent + value, 16 bits longer).
@@ -109,9 +115,14 @@ type Store interface {
 	// DeleteAllocations removes allocations by address in one transaction;
 	// absent addresses are ignored.
 	DeleteAllocations(ctx context.Context, addrs []netip.Addr) error
-	// PutSubnetName inserts a name; ErrSubnetNameTaken when the name or the
-	// value is already used under the parent.
+	// PutSubnetName inserts a name, tentative or not (n.Tentative);
+	// ErrSubnetNameTaken when the name or the value is already used under
+	// the parent.
 	PutSubnetName(ctx context.Context, n SubnetName) error
+	// ConfirmSubnetName clears the name's tentative mark (its request
+	// succeeded, or something else uses it); confirming a confirmed name
+	// is not an error. ErrNotFound when absent.
+	ConfirmSubnetName(ctx context.Context, parent netip.Prefix, name string) error
 	// DeleteSubnetName removes the name under parent, freeing its value;
 	// ErrNotFound when absent. (A failed request's names are removed
 	// again: see NameTx.)
@@ -249,6 +260,21 @@ func (s *MemStore) PutSubnetName(ctx context.Context, n SubnetName) error {
 		}
 	}
 	s.names = append(s.names, n)
+	return nil
+}
+
+// ConfirmSubnetName implements Store.
+func (s *MemStore) ConfirmSubnetName(ctx context.Context, parent netip.Prefix, name string) error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.Fail != nil {
+		return s.Fail
+	}
+	i := slices.IndexFunc(s.names, func(o SubnetName) bool { return o.Parent == parent && o.Name == name })
+	if i < 0 {
+		return ErrNotFound
+	}
+	s.names[i].Tentative = false
 	return nil
 }
 

@@ -134,10 +134,13 @@ type SubnetName struct {
 	ValueHex  string `json:"value_hex"`
 	Prefix    string `json:"prefix"`
 	CreatedAt string `json:"created_at,omitempty"`
+	// Tentative is set while the request that assigned the name has not
+	// finished (see ipam.NameTx).
+	Tentative bool `json:"tentative,omitempty"`
 }
 
 func subnetJSON(n ipam.SubnetName) SubnetName {
-	out := SubnetName{Parent: n.Parent.String(), Name: n.Name, Value: int(n.Value), ValueHex: fmt.Sprintf("%04x", n.Value), Prefix: n.Prefix().String()}
+	out := SubnetName{Parent: n.Parent.String(), Name: n.Name, Value: int(n.Value), ValueHex: fmt.Sprintf("%04x", n.Value), Prefix: n.Prefix().String(), Tentative: n.Tentative}
 	if !n.CreatedAt.IsZero() {
 		out.CreatedAt = n.CreatedAt.UTC().Format(time.RFC3339Nano)
 	}

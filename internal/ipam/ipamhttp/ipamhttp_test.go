@@ -169,7 +169,22 @@ func TestSeedPoolCommands(t *testing.T) {
 		t.Fatalf("redeclare: %d %s", code, body)
 	}
 	code, body = do(t, srv, "GET", "/debug/ipv6/subnets", "")
-	if code != 200 || strings.Count(body, `"name"`) != 2 {
+	if code != 200 || strings.Count(body, `"name"`) != 2 || strings.Contains(body, `"tentative"`) {
 		t.Fatalf("list: %d %s", code, body)
+	}
+	// A name of a request in flight is listed as tentative until the
+	// request finishes.
+	tx := m.BeginNames(ctx)
+	if _, err := tx.ResolvePrefix("2600:beef:1000:inflight::/64"); err != nil {
+		t.Fatal(err)
+	}
+	code, body = do(t, srv, "GET", "/debug/ipv6/subnets", "")
+	if code != 200 || strings.Count(body, `"tentative": true`) != 1 || !strings.Contains(body, `"name": "inflight"`) {
+		t.Fatalf("list with a request in flight: %d %s", code, body)
+	}
+	tx.Commit()
+	code, body = do(t, srv, "GET", "/debug/ipv6/subnets", "")
+	if code != 200 || strings.Count(body, `"name"`) != 3 || strings.Contains(body, `"tentative"`) {
+		t.Fatalf("list after the commit: %d %s", code, body)
 	}
 }

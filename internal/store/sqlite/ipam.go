@@ -144,7 +144,7 @@ func (s *IPAMStore) Load(ctx context.Context, since time.Time) (*ipam.Snapshot, 
 	if err := rows.Err(); err != nil {
 		return nil, fmt.Errorf("load allocations: %w", err)
 	}
-	rows, err = tx.QueryContext(ctx, `SELECT parent, name, value, created_at FROM ipam_subnet_names ORDER BY parent, name`)
+	rows, err = tx.QueryContext(ctx, `SELECT parent, name, value, created_at, tentative FROM ipam_subnet_names ORDER BY parent, name`)
 	if err != nil {
 		return nil, fmt.Errorf("load subnet names: %w", err)
 	}
@@ -152,7 +152,7 @@ func (s *IPAMStore) Load(ctx context.Context, since time.Time) (*ipam.Snapshot, 
 		var n ipam.SubnetName
 		var parent string
 		var value, created int64
-		if err := rows.Scan(&parent, &n.Name, &value, &created); err != nil {
+		if err := rows.Scan(&parent, &n.Name, &value, &created, &n.Tentative); err != nil {
 			rows.Close()
 			return nil, fmt.Errorf("load subnet names: %w", err)
 		}
@@ -318,13 +318,27 @@ func (s *IPAMStore) DeleteAllocations(ctx context.Context, addrs []netip.Addr) e
 
 // PutSubnetName implements ipam.Store.
 func (s *IPAMStore) PutSubnetName(ctx context.Context, n ipam.SubnetName) error {
-	_, err := s.db.ExecContext(ctx, `INSERT INTO ipam_subnet_names (parent, name, value, created_at) VALUES (?, ?, ?, ?)`,
-		n.Parent.String(), n.Name, int64(n.Value), ts(n.CreatedAt))
+	_, err := s.db.ExecContext(ctx, `INSERT INTO ipam_subnet_names (parent, name, value, created_at, tentative) VALUES (?, ?, ?, ?, ?)`,
+		n.Parent.String(), n.Name, int64(n.Value), ts(n.CreatedAt), n.Tentative)
 	if isUnique(err) {
 		return ipam.ErrSubnetNameTaken
 	}
 	if err != nil {
 		return fmt.Errorf("insert subnet name: %w", err)
+	}
+	return nil
+}
+
+// ConfirmSubnetName implements ipam.Store.
+func (s *IPAMStore) ConfirmSubnetName(ctx context.Context, parent netip.Prefix, name string) error {
+	res, err := s.db.ExecContext(ctx, `UPDATE ipam_subnet_names SET tentative = 0 WHERE parent = ? AND name = ?`, parent.String(), name)
+	if err != nil {
+		return fmt.Errorf("confirm subnet name: %w", err)
+	}
+	if n, err := res.RowsAffected(); err != nil {
+		return fmt.Errorf("confirm subnet name: %w", err)
+	} else if n == 0 {
+		return ipam.ErrNotFound
 	}
 	return nil
 }

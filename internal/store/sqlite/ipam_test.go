@@ -2,10 +2,13 @@ package sqlite
 
 import (
 	"context"
+	"database/sql"
 	"errors"
 	"fmt"
 	"net/netip"
 	"path/filepath"
+	"slices"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -253,5 +256,70 @@ func TestIPAMNameRollbackDurable(t *testing.T) {
 	}
 	if p, err := m.ResolvePrefix(ctx, "2600:BEEF:1000:app::/64"); err != nil || p != netip.MustParsePrefix("2600:beef:1000:2::/64") {
 		t.Fatalf("next new name got %v, %v; want the freed value 2", p, err)
+	}
+}
+
+// A database written before subnet names recorded tentativeness migrates
+// with every existing name confirmed: a restart on the new schema keeps
+// them all, and new rows record the mark.
+func TestIPAMMigrationConfirmsExistingNames(t *testing.T) {
+	ctx := context.Background()
+	path := filepath.Join(t.TempDir(), "metald.db")
+	before := slices.IndexFunc(migrations, func(m string) bool {
+		return strings.Contains(m, "ipam_subnet_names ADD COLUMN tentative")
+	})
+	if before < 0 {
+		t.Fatal("no migration adds ipam_subnet_names.tentative")
+	}
+	// The schema as it was before that migration, with names in it.
+	db, err := sql.Open("sqlite", "file:"+path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for i, m := range migrations[:before] {
+		if _, err := db.ExecContext(ctx, m); err != nil {
+			t.Fatalf("migration %d: %v", i+1, err)
+		}
+	}
+	if _, err := db.ExecContext(ctx, fmt.Sprintf("PRAGMA user_version = %d", before)); err != nil {
+		t.Fatal(err)
+	}
+	for i, n := range []string{"web", "dmz"} {
+		if _, err := db.ExecContext(ctx, `INSERT INTO ipam_subnet_names (parent, name, value, created_at) VALUES (?, ?, ?, ?)`,
+			"2600:beef:1000::/48", n, i+1, time.Now().UnixNano()); err != nil {
+			t.Fatal(err)
+		}
+	}
+	db.Close()
+
+	pools := []ipam.PoolConfig{{ID: "dmz", Prefixes: []string{"2600:BEEF:1000::/48"}}}
+	m, s := openIPAM(t, path, pools)
+	defer s.Close()
+	var v int
+	if err := s.DB().QueryRow("PRAGMA user_version").Scan(&v); err != nil || v != len(migrations) {
+		t.Fatalf("user_version %d (%v), want %d", v, err, len(migrations))
+	}
+	var got []string
+	for _, n := range m.SubnetNames() {
+		got = append(got, fmt.Sprint(n.Name, "=", n.Value, " tentative=", n.Tentative))
+	}
+	if want := "[dmz=2 tentative=false web=1 tentative=false]"; fmt.Sprint(got) != want {
+		t.Fatalf("names after the migration: %v, want %s", got, want)
+	}
+	var marked int
+	if err := s.DB().QueryRow(`SELECT count(*) FROM ipam_subnet_names WHERE tentative != 0`).Scan(&marked); err != nil || marked != 0 {
+		t.Fatalf("%d tentative rows after the migration (%v), want 0", marked, err)
+	}
+	// New rows record the mark.
+	tx := m.BeginNames(ctx)
+	if _, err := tx.ResolvePrefix("2600:beef:1000:app::/64"); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.DB().QueryRow(`SELECT tentative FROM ipam_subnet_names WHERE name = 'app'`).Scan(&marked); err != nil || marked != 1 {
+		t.Fatalf("app's tentative column %d (%v), want 1", marked, err)
+	}
+	tx.Commit()
+	if err := s.DB().QueryRow(`SELECT tentative FROM ipam_subnet_names WHERE name = 'app'`).Scan(&marked); err != nil || marked != 0 {
+		t.Fatalf("app's tentative column after commit %d (%v), want 0", marked, err)
 	}
 }

@@ -123,4 +123,8 @@ var migrations = []string{
 		detail TEXT NOT NULL DEFAULT ''
 	);
 	CREATE INDEX audit_vm ON audit (vm_id, id);`,
+	// 8: subnet names a request assigned and has not finished with
+	// (ipam.NameTx); ipam.Open removes those still tentative at start.
+	// Existing names are confirmed.
+	`ALTER TABLE ipam_subnet_names ADD COLUMN tentative INTEGER NOT NULL DEFAULT 0;`,
 }
