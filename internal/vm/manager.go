@@ -393,10 +393,14 @@ func (m *Manager) Create(ctx context.Context, req *vmv1.CreateVmRequest) (*store
 	}
 	m.opt.Step("create:attached")
 
-	// 7. Done: CREATED.
+	// 7. Done: CREATED. The request's subnet names are made permanent
+	// before the row that makes the VM durable: a crash in between leaves a
+	// name the rolled-back VM no longer uses (harmless), never a stored
+	// config naming a subnet that start-up removed as unfinished.
 	row.Instance, _ = json.Marshal(inst)
 	row.State = store.StateCreated
 	row.UpdatedAt = m.opt.Now().UTC()
+	names.Finish(true)
 	if err := m.opt.Store.UpdateVM(ctx, row); err != nil {
 		return fail(fmt.Errorf("persist vm: %w", err))
 	}

@@ -156,6 +156,9 @@ func (m *Manager) applyConfig(ctx context.Context, row *store.VM, cfg *vmv1.VmCo
 		return nil, err
 	}
 	next.UpdatedAt = m.opt.Now().UTC()
+	// Names become permanent before the config that uses them is stored
+	// (see Create).
+	names.Finish(true)
 	if err := m.opt.Store.UpdateVM(ctx, &next); err != nil {
 		restore()
 		return nil, fmt.Errorf("persist vm: %w", err)
