@@ -484,6 +484,20 @@ func (f *Firewall) abort(err error) error {
 	return err
 }
 
+// nicsPerBatch bounds how many NICs one batch of Apply or Reconcile
+// changes: the kernel acknowledges every message of a batch, and the acks
+// of a thousand NICs' objects overflow even a 16 MiB receive buffer.
+const nicsPerBatch = 50
+
+// chunk counts a NIC queued in a multi-NIC batch and commits the batch
+// when it holds nicsPerBatch NICs. Each NIC's change stays in one batch.
+func (f *Firewall) chunk(queued *int, what string) error {
+	if *queued++; *queued%nicsPerBatch != 0 {
+		return nil
+	}
+	return f.flush(what)
+}
+
 func (f *Firewall) flush(what string) error {
 	pending := f.pendingShared
 	f.pendingShared = map[string]uint32{}
@@ -556,8 +570,9 @@ func (f *Firewall) RemoveNIC(hostDev string) error {
 	return nil
 }
 
-// Apply makes the table hold exactly the desired NICs, in one batch: NICs
-// not desired are removed, desired ones are (re)written. Counters of NICs
+// Apply makes the table hold exactly the desired NICs: NICs not desired
+// are removed, desired ones are (re)written, in batches of at most
+// nicsPerBatch NICs (each NIC's change within one batch). Counters of NICs
 // that stay keep their values. Apply also repairs drift (flushed or deleted
 // chains, sets, map entries).
 func (f *Firewall) Apply(ctx context.Context, desired []network.NICPlan) error {
@@ -582,20 +597,27 @@ func (f *Firewall) Apply(ctx context.Context, desired []network.NICPlan) error {
 		want[p.HostDevice] = true
 	}
 	var gone []string
+	queued := 0
+	if err := f.queueBase(); err != nil {
+		return f.abort(err)
+	}
 	for _, dev := range st.nics() {
 		if !want[dev] {
 			if err := f.queueRemove(st, dev); err != nil {
 				return f.abort(err)
 			}
 			gone = append(gone, dev)
+			if err := f.chunk(&queued, "apply firewall"); err != nil {
+				return err
+			}
 		}
-	}
-	if err := f.queueBase(); err != nil {
-		return f.abort(err)
 	}
 	for _, p := range (network.Plan{NICs: desired}).Sorted() {
 		if err := f.queueNIC(p); err != nil {
 			return f.abort(err)
+		}
+		if err := f.chunk(&queued, "apply firewall"); err != nil {
+			return err
 		}
 	}
 	if err := f.flush("apply firewall"); err != nil {

@@ -79,7 +79,8 @@ func (r Repairs) String() string {
 }
 
 // Reconcile compares the kernel's table with the desired NICs and repairs
-// drift in one batch: a missing table, base chain, dispatch rule or map, a
+// drift (in batches of at most nicsPerBatch NICs, each NIC within one
+// batch): a missing table, base chain, dispatch rule or map, a
 // NIC chain whose rules differ from the plan (deleted, added or changed
 // rules), a NIC set whose elements differ, a missing counter, a missing or
 // wrong map entry, and NICs in the table that are not desired. When the
@@ -213,23 +214,30 @@ func (f *Firewall) ReconcileFunc(ctx context.Context, list func(context.Context)
 		return r, err
 	}
 	var gone []string
+	queued := 0
+	if err := f.queueBase(); err != nil {
+		return r, f.abort(err)
+	}
 	if st.exists {
 		for _, dev := range r.Removed {
 			if err := f.queueRemove(st, dev); err != nil {
 				return r, f.abort(err)
 			}
 			gone = append(gone, dev)
+			if err := f.chunk(&queued, "reconcile firewall"); err != nil {
+				return r, err
+			}
 		}
 	} else {
 		r.Table, r.Removed = true, nil
-	}
-	if err := f.queueBase(); err != nil {
-		return r, f.abort(err)
 	}
 	for _, p := range (network.Plan{NICs: desired}).Sorted() {
 		if _, ok := r.NICs[p.HostDevice]; ok {
 			if err := f.queueNIC(p); err != nil {
 				return r, f.abort(err)
+			}
+			if err := f.chunk(&queued, "reconcile firewall"); err != nil {
+				return r, err
 			}
 		}
 	}

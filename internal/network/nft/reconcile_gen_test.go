@@ -2,6 +2,7 @@ package nft
 
 import (
 	"context"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -106,4 +107,46 @@ func TestReconcileSparesNICsProgrammedAfterListing(t *testing.T) {
 	if err != nil || len(r.Removed) != 1 || r.Removed[0] != late.HostDevice {
 		t.Fatalf("pass without the NIC: %v %s", err, r)
 	}
+}
+
+// TestManyNICsAtOnce: Apply adds 1000 NICs in one call, and Reconcile
+// and Apply remove them in one call. One batch for all of them overflows
+// the socket's receive buffer with the kernel's acknowledgements (ENOBUFS);
+// they go in batches.
+func TestManyNICsAtOnce(t *testing.T) {
+	t.Parallel()
+	tp := newTopo(t, allOn())
+	all := append(tp.plans[:], otherPlans(1000)...)
+	add := func() {
+		if err := tp.fw.Apply(context.Background(), all); err != nil {
+			t.Fatal(err)
+		}
+		if nics, err := tp.fw.NICs(); err != nil || len(nics) != len(all) {
+			t.Fatalf("after adding: %d NICs (%v), want %d", len(nics), err, len(all))
+		}
+	}
+	want := []string{tp.plans[0].HostDevice, tp.plans[1].HostDevice}
+	check := func(what string) {
+		nics, err := tp.fw.NICs()
+		if err != nil {
+			t.Fatal(err)
+		}
+		if !slices.Equal(nics, want) {
+			t.Fatalf("after %s: table has %d NICs, want %v", what, len(nics), want)
+		}
+	}
+	add()
+	r, err := tp.fw.Reconcile(context.Background(), tp.plans[:])
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(r.Removed) != len(all)-2 {
+		t.Fatalf("reconcile removed %d NICs, want %d", len(r.Removed), len(all)-2)
+	}
+	check("reconcile")
+	add()
+	if err := tp.fw.Apply(context.Background(), tp.plans[:]); err != nil {
+		t.Fatal(err)
+	}
+	check("apply")
 }
