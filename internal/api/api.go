@@ -39,6 +39,7 @@ type Server struct {
 	vms      *vm.Manager
 	status   NICStatuser // may be nil
 	bridgeL3 func(bridge string) (bool, string)
+	ruleHits func(vmID, nic string) ([]RuleHit, error) // may be nil
 }
 
 var _ vmprovisionerv1connect.VmServiceHandler = (*Server)(nil)

@@ -4,6 +4,7 @@ import (
 	"encoding/json"
 	"errors"
 	"net/http"
+	"time"
 
 	"google.golang.org/protobuf/encoding/protojson"
 	"google.golang.org/protobuf/proto"
@@ -136,9 +137,29 @@ func (s *Server) RegisterDebug(mux *http.ServeMux, counters CounterReader) {
 				controls = append(controls, s.bridgeStatus(row.NICs[i].Bridge))
 			}
 			entry["enforcement"] = statusJSON(controls)
+			if s.ruleHits != nil {
+				hits, err := s.ruleHits(row.ID, nc.GetId())
+				if err != nil {
+					entry["rule_counters_error"] = err.Error()
+				}
+				if hits == nil {
+					hits = []RuleHit{}
+				}
+				entry["rule_counters"] = hits
+			}
 			nics = append(nics, entry)
 		}
-		out := map[string]any{"vm_id": row.ID, "tenant_id": row.TenantID, "interfaces": nics}
+		out := map[string]any{"vm_id": row.ID, "tenant_id": row.TenantID, "interfaces": nics, "isolated": !row.IsolatedAt.IsZero()}
+		if !row.IsolatedAt.IsZero() {
+			// Isolation wins over the policy: only management access passes.
+			out["isolation_reason"] = row.IsolatedReason
+			out["isolated_at"] = row.IsolatedAt.UTC().Format(time.RFC3339)
+			mgmt := []string{}
+			for _, r := range s.vms.ManagementAccess() {
+				mgmt = append(mgmt, r.String())
+			}
+			out["management_access"] = mgmt
+		}
 		if len(nics) > 0 {
 			for k, v := range nics[0] {
 				out[k] = v
@@ -235,6 +256,23 @@ func (s *Server) bridgeStatus(bridge string) *vmv1.ControlStatus {
 	}
 	return st
 }
+
+// RuleHit is the hit count of one rule (or control) of a NIC's policy in
+// the kernel.
+type RuleHit struct {
+	// Direction is "ingress" or "egress".
+	Direction string `json:"direction"`
+	// Rule is the rule as written, with its list index
+	// ("ingress[1]: deny tcp from any to any port 22"), or a control
+	// (default, tenant-strict, allowed-destinations, ...).
+	Rule    string `json:"rule"`
+	Packets uint64 `json:"packets"`
+	Bytes   uint64 `json:"bytes"`
+}
+
+// SetRuleCounters sets how the server reads a NIC's per-rule policy hit
+// counters for GET /debug/vm/{vm_id}/security-policy.
+func (s *Server) SetRuleCounters(f func(vmID, nic string) ([]RuleHit, error)) { s.ruleHits = f }
 
 // SetBridgeL3 sets how the server learns whether the host's ip6 hooks see
 // a bridge's traffic (br_netfilter).

@@ -311,6 +311,14 @@ func New(ctx context.Context, opt Options) (d *Daemon, err error) {
 		}
 		return st.Visible, st.Reason
 	})
+	srv.SetRuleCounters(func(vmID, nic string) ([]api.RuleHit, error) {
+		rc, err := d.pol.RuleCounters(vmID, nic)
+		out := make([]api.RuleHit, 0, len(rc))
+		for _, c := range rc {
+			out = append(out, api.RuleHit{Direction: c.Direction, Rule: c.Rule, Packets: c.Packets, Bytes: c.Bytes})
+		}
+		return out, err
+	})
 	srv.RegisterDebug(d.mux, d.counters)
 	srv.RegisterAudit(d.mux)
 	d.mux.HandleFunc("GET /healthz", func(w http.ResponseWriter, _ *http.Request) { w.Write([]byte("ok\n")) })

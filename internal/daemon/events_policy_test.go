@@ -4,6 +4,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"net/http"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -131,8 +132,19 @@ func TestEventsPolicyDenyThroughDaemon(t *testing.T) {
 	}
 	// The exact count is the rule's counter (GetVm / debug endpoint read it
 	// from nftables): at least the SYNs the client sent.
-	if n := e.policyCounter(t, "vm-vm-pd.eth0-in-", "ingress[1]"); n < 1 {
+	n := e.policyCounter(t, "vm-vm-pd.eth0-in-", "ingress[1]")
+	if n < 1 {
 		t.Fatalf("deny rule counter: %d", n)
+	}
+	// The policy endpoint's per-rule hit counters are the kernel's.
+	out := e.shell(t, `curl -s http://localhost:8080/debug/vm/vm-pd/security-policy | jq -c '[.rule_counters[] | select(.direction == "ingress" and (.rule | startswith("ingress[1]:"))) | .packets] | add'`)
+	v, err := strconv.ParseUint(strings.TrimSpace(out), 10, 64)
+	// A late retransmission may land between the reads: bracket it.
+	if n2 := e.policyCounter(t, "vm-vm-pd.eth0-in-", "ingress[1]"); err != nil || v < n || v > n2 {
+		t.Fatalf("security-policy rule_counters for ingress[1]: %s, the kernel counted %d then %d", out, n, n2)
+	}
+	if out := e.shell(t, `curl -s http://localhost:8080/debug/vm/vm-pd/security-policy | jq -c '[.isolated, (.rule_counters | length > 0), .rule_counters_error]'`); strings.TrimSpace(out) != "[false,true,null]" {
+		t.Fatalf("security-policy: %s", out)
 	}
 
 	// Strict tenant isolation: another tenant's attempt is attributed to

@@ -100,6 +100,11 @@ curl -sf -X POST http://localhost:8080/vmprovisioner.v1.VmService/IsolateVm \
 	if got := heldMgmt(); got != "still" {
 		t.Errorf("a management connection established before IsolateVm: %q", got)
 	}
+	// The policy endpoint says the VM is isolated and what still passes.
+	if out := e.shell(t, `curl -s http://localhost:8080/debug/vm/vm-q/security-policy | jq -c '[.isolated, .isolation_reason, .management_access]'`); strings.TrimSpace(out) !=
+		`[true,"Security violation investigation",["allow tcp from 2001:db8:75::/64 to any port 22"]]` {
+		t.Errorf("security-policy while isolated: %s", out)
+	}
 	check("isolated", map[probe]bool{
 		{"vm-mgmt", q, "22"}:  true,  // management access, replies included
 		{"vm-mgmt", q, "80"}:  false, // not management access

@@ -785,3 +785,7 @@ func (m *Manager) teardown(ctx context.Context, vm *store.VM) error {
 	}
 	return nil
 }
+
+// ManagementAccess returns the flows the daemon's configuration lets
+// through a quarantine (isolation.management_access).
+func (m *Manager) ManagementAccess() []policy.Rule { return m.opt.ManagementAccess }
