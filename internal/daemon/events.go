@@ -123,7 +123,10 @@ func newEventPolicy(inner vm.PolicyEnforcer, ev *secevent.Service, m *secevent.M
 
 func (w *eventPolicy) mark(p secpolicy.NICPolicy) secpolicy.NICPolicy {
 	p.EventLogGroup = secevent.DefaultGroup
-	p.Monitor = p.Tenant != "" && w.ev.MonitoringActive(p.Tenant)
+	if p.Tenant != "" {
+		lvl, ok := w.ev.MonitoringLevel(p.Tenant)
+		p.Monitor, p.SampleAllowed = ok, ok && lvl == "DEBUG"
+	}
 	return p
 }
 

@@ -174,4 +174,25 @@ curl -sf -X POST http://localhost:8080/debug/security/enhance-monitoring \
 	if evs := e.events(t, "vm_id=vm-mo&event_type=policy_allow_sample&since="+after); len(evs) != 0 {
 		t.Fatalf("allow samples after the session: %+v", evs)
 	}
+
+	// log_level INFO: every drop is logged, allowed packets are not
+	// sampled; raising the running session to DEBUG adds the samples; an
+	// operator's DELETE ends it.
+	policyRules := func() string {
+		table, _ := e.host.Run("nft", "list", "table", "ip6", "metald_security")
+		return table
+	}
+	e.shell(t, `curl -sf -X POST http://localhost:8080/debug/security/enhance-monitoring -d '{"tenant_id":"tm", "duration":"1m", "log_level":"INFO"}'`)
+	if table := policyRules(); !strings.Contains(table, `limit rate 1000/second burst 100 packets log prefix "metald:tap-vm-mo:policy_deny/ingress_default"`) ||
+		strings.Contains(table, "allow_sample") {
+		t.Fatalf("INFO session rules:\n%s", table)
+	}
+	e.shell(t, `curl -sf -X POST http://localhost:8080/debug/security/enhance-monitoring -d '{"tenant_id":"tm", "duration":"1m", "log_level":"DEBUG"}'`)
+	if table := policyRules(); !strings.Contains(table, "allow_sample/ingress_rules[0]") {
+		t.Fatalf("a session raised to DEBUG does not sample allowed packets:\n%s", table)
+	}
+	e.shell(t, `curl -sf -X DELETE http://localhost:8080/debug/security/enhance-monitoring/tm`)
+	if table := policyRules(); strings.Contains(table, "allow_sample") || strings.Contains(table, "1000/second") {
+		t.Fatalf("rules after DELETE:\n%s", table)
+	}
 }

@@ -12,11 +12,11 @@ import (
 
 // Session is an enhanced-monitoring session for one tenant: while it is
 // active the firewall owner logs every dropped packet of the tenant's VMs
-// (up to a safety cap of 1000/s per rule instead of 10/s) and a sample of
-// allowed ones (policy_allow_sample, 10/s per rule); the daemon re-programs
-// the tenant's NICs when a session starts and ends (OnChange). It ends by
-// itself at ExpiresAt. LogLevel is recorded and shown; it does not change
-// what is logged.
+// (up to a safety cap of 1000/s per rule instead of 10/s), and at LogLevel
+// DEBUG also a sample of allowed ones (policy_allow_sample, 10/s per rule;
+// INFO, WARN and ERROR log the drops only); the daemon re-programs the
+// tenant's NICs when a session starts, changes level and ends (OnChange).
+// It ends by itself at ExpiresAt.
 type Session struct {
 	TenantID  string    `json:"tenant_id"`
 	LogLevel  string    `json:"log_level"`
@@ -134,13 +134,14 @@ func (s *Service) StartMonitoring(ctx context.Context, tenant string, duration t
 		return Session{}, fmt.Errorf("save monitoring session: %w", err)
 	}
 	s.mon.mu.Lock()
-	_, was := s.mon.sessions[tenant]
+	prev, was := s.mon.sessions[tenant]
+	changed := !was || prev.LogLevel != se.LogLevel
 	s.mon.sessions[tenant] = &se
 	s.armLocked(tenant, duration)
 	cbs := slices.Clone(s.mon.callbacks)
 	s.mon.mu.Unlock()
 	s.log.Info("enhanced monitoring started", "tenant_id", tenant, "duration", duration, "log_level", lvl)
-	if !was {
+	if changed {
 		for _, cb := range cbs {
 			cb(tenant, true)
 		}
@@ -171,6 +172,18 @@ func (s *Service) ActiveSessions() []Session {
 	}
 	slices.SortFunc(out, func(a, b Session) int { return strings.Compare(a.TenantID, b.TenantID) })
 	return out
+}
+
+// MonitoringLevel returns the log level of tenant's active session; ok is
+// false when tenant is not under enhanced monitoring.
+func (s *Service) MonitoringLevel(tenant string) (level string, ok bool) {
+	s.mon.mu.Lock()
+	defer s.mon.mu.Unlock()
+	se := s.mon.sessions[tenant]
+	if se == nil || !se.ExpiresAt.After(s.now()) {
+		return "", false
+	}
+	return se.LogLevel, true
 }
 
 // MonitoringActive reports whether tenant is under enhanced monitoring.

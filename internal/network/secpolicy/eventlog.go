@@ -164,7 +164,7 @@ func eventLogRules(p *NICPolicy, dir string, rules []nrule) []nrule {
 	out := make([]nrule, 0, len(rules)*2)
 	for _, r := range rules {
 		match, allow, ok := decision(r)
-		if ok && (!allow || p.Monitor) {
+		if ok && (!allow || (p.Monitor && p.SampleAllowed)) {
 			if ctl, ref, ok := eventRef(r.comment, dir, allow); ok {
 				rate, burst := uint32(EventLogRate), uint32(eventLogBurst)
 				switch {

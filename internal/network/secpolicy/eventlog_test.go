@@ -64,10 +64,20 @@ func TestEventLogRules(t *testing.T) {
 	if out["metald:tap-vm-1234567:tenant_isolation/egress_moderate"] != EventLogRate {
 		t.Fatalf("egress log rules %v", out)
 	}
+	// A session below DEBUG logs every drop, and samples nothing allowed.
 	p.Monitor = true
 	in = logPrefixes(all(buildChain(p, dirIn, "x")))
-	if in["metald:tap-vm-1234567:policy_deny/ingress_rules[1]"] != MonitorLogRate || in["metald:tap-vm-1234567:allow_sample/ingress_rules[0]"] != AllowSampleRate {
+	if in["metald:tap-vm-1234567:policy_deny/ingress_rules[1]"] != MonitorLogRate {
 		t.Fatalf("monitored ingress log rules %v", in)
+	}
+	if _, ok := in["metald:tap-vm-1234567:allow_sample/ingress_rules[0]"]; ok {
+		t.Fatalf("allowed packets sampled without SampleAllowed: %v", in)
+	}
+	// DEBUG: allowed packets are sampled too.
+	p.SampleAllowed = true
+	in = logPrefixes(all(buildChain(p, dirIn, "x")))
+	if in["metald:tap-vm-1234567:policy_deny/ingress_rules[1]"] != MonitorLogRate || in["metald:tap-vm-1234567:allow_sample/ingress_rules[0]"] != AllowSampleRate {
+		t.Fatalf("monitored (DEBUG) ingress log rules %v", in)
 	}
 	for pf := range in {
 		dev, ctl, err := secevent.ParsePrefix(pf)

@@ -95,9 +95,11 @@ type NICPolicy struct {
 	EventLogGroup uint16
 	// Monitor (enhanced monitoring of the tenant, with EventLogGroup):
 	// drops are logged up to MonitorLogRate per rule instead of
-	// EventLogRate, and a sample of allowed packets (AllowSampleRate per
-	// rule) is logged too.
+	// EventLogRate.
 	Monitor bool
+	// SampleAllowed (with Monitor; a DEBUG session): a sample of allowed
+	// packets (AllowSampleRate per rule) is logged too.
+	SampleAllowed bool
 }
 
 // Key identifies a NIC: "<vm>.<nic>" with both parts sanitised.
