@@ -155,7 +155,13 @@ func rogueRA(cfg guestcfg.Config) {
 				logf("rogue-ra: %v", err)
 				continue
 			}
-			waitLinkLocal(l, 5*time.Second)
+			// An RA sent before DAD of the link-local ends leaves from ::,
+			// which the source guard (not RA Guard) stops: a slow guest
+			// would test the wrong control.
+			if !waitLinkLocal(l, time.Minute) {
+				logf("rogue-ra: no usable link-local address on %s", l.Attrs().Name)
+				continue
+			}
 			if err := sendRA(l.Attrs().Index, mac); err != nil {
 				logf("rogue-ra: %v", err)
 			} else {
@@ -166,18 +172,20 @@ func rogueRA(cfg guestcfg.Config) {
 	}
 }
 
-// waitLinkLocal waits until l has a non-tentative link-local address.
-func waitLinkLocal(l netlink.Link, d time.Duration) {
+// waitLinkLocal waits until l has a non-tentative link-local address and
+// reports whether it got one within d.
+func waitLinkLocal(l netlink.Link, d time.Duration) bool {
 	deadline := time.Now().Add(d)
 	for time.Now().Before(deadline) {
 		as, _ := netlink.AddrList(l, netlink.FAMILY_V6)
 		for _, a := range as {
-			if a.IP.IsLinkLocalUnicast() && a.Flags&unix.IFA_F_TENTATIVE == 0 {
-				return
+			if a.IP.IsLinkLocalUnicast() && a.Flags&(unix.IFA_F_TENTATIVE|unix.IFA_F_DADFAILED) == 0 {
+				return true
 			}
 		}
 		time.Sleep(50 * time.Millisecond)
 	}
+	return false
 }
 
 // RAMessage builds an ICMPv6 Router Advertisement (checksum left zero: the

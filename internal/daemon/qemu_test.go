@@ -116,7 +116,8 @@ func TestQEMUThroughDaemon(t *testing.T) {
 	e.waitConsole(t, "vm-q1", "rogue-ra: sent RA", 2, time.Minute)
 	time.Sleep(500 * time.Millisecond)
 	if n := e.counter(t, "tap-vm-q1-ra_guard"); n < 2 {
-		t.Fatalf("ra_guard counter of vm-q1's tap is %d after the guest sent RAs", n)
+		t.Fatalf("ra_guard counter of vm-q1's tap is %d after the guest sent RAs (source_guard %d)\nconsole:\n%s",
+			n, e.counter(t, "tap-vm-q1-source_guard"), e.console("vm-q1"))
 	}
 
 	// Lifecycle through QMP.
