@@ -89,20 +89,24 @@ func (e *env) counter(t *testing.T, name string) uint64 {
 	return n
 }
 
+// createHigh creates a "high"-profile VM of tenant t1 on bridge, with gw
+// its gateway and only allowed RA source.
+func (e *env) createHigh(id, bridge, addr, gw string) {
+	cfg := vmConfig("t1", map[string]any{"id": "eth0", "bridge_name": bridge, "ipv6": map[string]any{
+		"address": addr, "gateway": gw,
+		"security": map[string]any{"allowed_ra_sources": []any{gw}},
+	}})
+	cfg["security_profile"] = map[string]any{"profile_name": "high"}
+	e.mustCall("CreateVm", map[string]any{"vm_id": id, "config": cfg})
+}
+
 // The first-hop controls of a "high" profile VM, through the whole daemon:
 // the rules are in place when CreateVm returns, a rogue RA and a spoofed
 // source from the VM do not reach its neighbour and move the counters, the
 // gateway's own RA reaches the VM, and ND/ping keep working.
 func TestFirstHopThroughDaemon(t *testing.T) {
 	e := newEnv(t)
-	mk := func(id, addr string) {
-		cfg := vmConfig("t1", map[string]any{"id": "eth0", "bridge_name": "br-f", "ipv6": map[string]any{
-			"address": addr, "gateway": "2001:db8:f::1",
-			"security": map[string]any{"allowed_ra_sources": []any{"2001:db8:f::1"}},
-		}})
-		cfg["security_profile"] = map[string]any{"profile_name": "high"}
-		e.mustCall("CreateVm", map[string]any{"vm_id": id, "config": cfg})
-	}
+	mk := func(id, addr string) { e.createHigh(id, "br-f", addr, "2001:db8:f::1") }
 	mk("vm-f1", "2001:db8:f::10/64")
 	mk("vm-f2", "2001:db8:f::11/64")
 	// Weakening a control under "high" is refused, naming field and profile.

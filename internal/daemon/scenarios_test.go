@@ -43,12 +43,7 @@ func metricSum(t *testing.T, out, name string) float64 {
 func TestSeedAttackScenariosVerbatim(t *testing.T) {
 	e := newEnv(t)
 	mk := func(id, addr string) {
-		cfg := vmConfig("t1", map[string]any{"id": "eth0", "bridge_name": "br-prod", "ipv6": map[string]any{
-			"address": addr, "gateway": "2600:beef:1000::1",
-			"security": map[string]any{"allowed_ra_sources": []any{"2600:beef:1000::1"}},
-		}})
-		cfg["security_profile"] = map[string]any{"profile_name": "high"}
-		e.mustCall("CreateVm", map[string]any{"vm_id": id, "config": cfg})
+		e.createHigh(id, "br-prod", addr, "2600:beef:1000::1")
 		e.mustCall("BootVm", map[string]any{"vm_id": id})
 	}
 	mk("vm-atk", "2600:beef:1000::10/64")
