@@ -89,12 +89,12 @@ type Config struct {
 
 // Backend is the Firecracker backend.
 type Backend struct {
-	cfg      Config
-	hostNS   *os.File
-	links    *link.Manager
-	ownLinks bool
-	h        *netlink.Handle
-	log      *slog.Logger
+	cfg    Config
+	hostNS *os.File
+	links  *link.Manager
+	host   *link.Host // owns hostNS, h and (when it built it) links
+	h      *netlink.Handle
+	log    *slog.Logger
 }
 
 var _ backend.Backend = (*Backend)(nil)
@@ -117,23 +117,11 @@ func New(cfg Config) (*Backend, error) {
 	if b.log == nil {
 		b.log = slog.Default()
 	}
-	fd, err := unix.FcntlInt(cfg.HostNS.Fd(), unix.F_DUPFD_CLOEXEC, 0)
+	host, err := link.OpenHost(cfg.HostNS, cfg.Links)
 	if err != nil {
 		return nil, fmt.Errorf("create firecracker backend: %w", err)
 	}
-	b.hostNS = os.NewFile(uintptr(fd), cfg.HostNS.Name())
-	if b.h, err = link.HandleAt(fd); err != nil {
-		b.hostNS.Close()
-		return nil, fmt.Errorf("create firecracker backend: %w", err)
-	}
-	if b.links == nil {
-		if b.links, err = link.New(b.hostNS); err != nil {
-			b.h.Close()
-			b.hostNS.Close()
-			return nil, fmt.Errorf("create firecracker backend: %w", err)
-		}
-		b.ownLinks = true
-	}
+	b.host, b.hostNS, b.h, b.links = host, host.NS, host.H, host.Links
 	if err := os.MkdirAll(cfg.DataDir, 0o700); err != nil {
 		b.Close()
 		return nil, fmt.Errorf("create firecracker backend: %w", err)
@@ -143,11 +131,7 @@ func New(cfg Config) (*Backend, error) {
 
 // Close releases the backend's handles; VMs keep running.
 func (b *Backend) Close() {
-	if b.ownLinks {
-		b.links.Close()
-	}
-	b.h.Close()
-	b.hostNS.Close()
+	b.host.Close()
 }
 
 // Name returns "firecracker".

@@ -104,7 +104,7 @@ type Backend struct {
 	accelCfg string
 	hostNS   *os.File
 	links    *link.Manager
-	ownLinks bool
+	host     *link.Host // owns hostNS, h and (when it built it) links
 	h        *netlink.Handle
 	startTO  time.Duration
 	test     string
@@ -143,23 +143,11 @@ func New(cfg Config) (*Backend, error) {
 	if cfg.HostNS == nil {
 		return nil, errors.New("create qemu backend: need HostNS")
 	}
-	fd, err := unix.FcntlInt(cfg.HostNS.Fd(), unix.F_DUPFD_CLOEXEC, 0)
+	host, err := link.OpenHost(cfg.HostNS, cfg.Links)
 	if err != nil {
 		return nil, fmt.Errorf("create qemu backend: %w", err)
 	}
-	b.hostNS = os.NewFile(uintptr(fd), cfg.HostNS.Name())
-	if b.h, err = link.HandleAt(fd); err != nil {
-		b.hostNS.Close()
-		return nil, fmt.Errorf("create qemu backend: %w", err)
-	}
-	if b.links == nil {
-		if b.links, err = link.New(b.hostNS); err != nil {
-			b.h.Close()
-			b.hostNS.Close()
-			return nil, fmt.Errorf("create qemu backend: %w", err)
-		}
-		b.ownLinks = true
-	}
+	b.host, b.hostNS, b.h, b.links = host, host.NS, host.H, host.Links
 	if err := os.MkdirAll(b.dataDir, 0o700); err != nil {
 		b.Close()
 		return nil, fmt.Errorf("create qemu backend: %w", err)
@@ -170,11 +158,7 @@ func New(cfg Config) (*Backend, error) {
 // Close releases the backend's netlink handle, namespace file and the link
 // manager New built. Running VMs are not touched.
 func (b *Backend) Close() {
-	if b.ownLinks {
-		b.links.Close()
-	}
-	b.h.Close()
-	b.hostNS.Close()
+	b.host.Close()
 }
 
 // Name returns "qemu".

@@ -35,10 +35,6 @@ type Firewall struct {
 	// pending are removal notifications queued under mu and delivered
 	// after it is released (see notifyRemoved).
 	pending []removed
-	// gen is the ruleset generation after metald's last successful write
-	// or full comparison; Reconcile skips the comparison while the kernel
-	// still reports it.
-	gen uint32
 	// shared are the shared constant sets known to exist; pendingShared
 	// those queued in the batch being built (name -> batch id).
 	shared        map[string]bool

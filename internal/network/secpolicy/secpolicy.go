@@ -609,13 +609,11 @@ func (m *Manager) ensureLoaded() error {
 	return m.load()
 }
 
-// Upsert installs or replaces one NIC's policy in one batch: new chains,
-// switched map entries, deleted old chains, membership changes.
-func (m *Manager) Upsert(ctx context.Context, p NICPolicy) error {
+// change runs one single-batch change: it takes the lock, loads the model
+// when needed, queues the base objects and what queue adds, and commits
+// (a queue error discards the batch).
+func (m *Manager) change(ctx context.Context, what string, queue func(b *batch) error) error {
 	if err := ctx.Err(); err != nil {
-		return err
-	}
-	if err := p.Validate(); err != nil {
 		return err
 	}
 	m.mu.Lock()
@@ -627,31 +625,37 @@ func (m *Manager) Upsert(ctx context.Context, p NICPolicy) error {
 	if err := m.queueBase(); err != nil {
 		return m.abort(err)
 	}
-	if err := m.queueNIC(b, &p); err != nil {
+	if err := queue(b); err != nil {
 		return m.abort(err)
 	}
-	return m.commit("update security policy of " + p.key())
+	return m.commit(what)
+}
+
+// Upsert installs or replaces one NIC's policy in one batch: new chains,
+// switched map entries, deleted old chains, membership changes.
+func (m *Manager) Upsert(ctx context.Context, p NICPolicy) error {
+	if err := p.Validate(); err != nil {
+		return err
+	}
+	return m.change(ctx, "update security policy of "+p.key(), func(b *batch) error { return m.queueNIC(b, &p) })
 }
 
 // Remove deletes a NIC's chains, map entries and memberships. It returns
 // ErrNotFound when the NIC has no state.
 func (m *Manager) Remove(ctx context.Context, vmID, nic string) error {
-	if err := ctx.Err(); err != nil {
-		return err
-	}
-	m.mu.Lock()
-	defer m.mu.Unlock()
-	if err := m.ensureLoaded(); err != nil {
-		return err
-	}
 	k := Key(vmID, nic)
-	if _, ok := m.nics[k]; !ok {
+	// Answer "not found" without building (and discarding) a batch.
+	m.mu.Lock()
+	err := m.ensureLoaded()
+	_, ok := m.nics[k]
+	m.mu.Unlock()
+	if err != nil {
+		return err
+	}
+	if !ok {
 		return fmt.Errorf("%w: %s", ErrNotFound, k)
 	}
-	if err := m.queueRemove(m.newBatch(), k); err != nil {
-		return m.abort(err)
-	}
-	return m.commit("remove security policy of " + k)
+	return m.change(ctx, "remove security policy of "+k, func(b *batch) error { return m.queueRemove(b, k) })
 }
 
 // applyChunk is how many NICs Apply puts in one netlink batch.
@@ -726,35 +730,25 @@ func (m *Manager) Apply(ctx context.Context, desired []NICPolicy) error {
 // addition to the addresses of NICs that list the group). It changes set
 // elements only.
 func (m *Manager) SetGroupMembers(ctx context.Context, group string, addrs []netip.Addr) error {
-	if err := ctx.Err(); err != nil {
-		return err
-	}
-	m.mu.Lock()
-	defer m.mu.Unlock()
-	if err := m.ensureLoaded(); err != nil {
-		return err
-	}
-	b := m.newBatch()
-	if err := m.queueBase(); err != nil {
-		return m.abort(err)
-	}
-	s := groupSet(group)
-	if err := b.ensureSet(s); err != nil {
-		return m.abort(err)
-	}
-	for _, a := range m.groups[group] {
-		if !slices.Contains(addrs, a) {
-			b.setOwner(s, a, "", false)
+	return m.change(ctx, "set members of security group "+group, func(b *batch) error {
+		s := groupSet(group)
+		if err := b.ensureSet(s); err != nil {
+			return err
 		}
-	}
-	for _, a := range addrs {
-		b.setOwner(s, a, "", true)
-	}
-	if err := b.queueElements(); err != nil {
-		return m.abort(err)
-	}
-	m.groups[group] = slices.Clone(addrs)
-	return m.commit("set members of security group " + group)
+		for _, a := range m.groups[group] {
+			if !slices.Contains(addrs, a) {
+				b.setOwner(s, a, "", false)
+			}
+		}
+		for _, a := range addrs {
+			b.setOwner(s, a, "", true)
+		}
+		if err := b.queueElements(); err != nil {
+			return err
+		}
+		m.groups[group] = slices.Clone(addrs)
+		return nil
+	})
 }
 
 // RuleCounter is the hit count of one counted rule of a NIC chain.
