@@ -364,7 +364,7 @@ func (b *Backend) Boot(ctx context.Context, spec *backend.Spec, inst backend.Ins
 	if err := b.Validate(spec); err != nil {
 		return inst, fmt.Errorf("boot vm: %w", err)
 	}
-	if alive(inst.PID, inst.StartTime) {
+	if guestproc.Alive(inst.PID, inst.StartTime) {
 		return inst, nil
 	}
 	dir := b.vmDir(spec.VMID)
@@ -389,7 +389,7 @@ func (b *Backend) Boot(ctx context.Context, spec *backend.Spec, inst backend.Ins
 		return inst, fmt.Errorf("boot vm %s: start %s: %w", spec.VMID, cmd.Path, err)
 	}
 	pid := cmd.Process.Pid
-	st, _ := startTime(pid)
+	st, _ := guestproc.StartTime(pid)
 	go cmd.Wait()
 	fail := func(err error) (backend.Instance, error) {
 		b.kill(context.Background(), pid, st)
@@ -400,7 +400,7 @@ func (b *Backend) Boot(ctx context.Context, spec *backend.Spec, inst backend.Ins
 	for {
 		if _, err := c.info(ctx); err == nil {
 			break
-		} else if time.Now().After(deadline) || !alive(pid, st) {
+		} else if time.Now().After(deadline) || !guestproc.Alive(pid, st) {
 			return fail(fmt.Errorf("api socket not ready: %w", err))
 		}
 		time.Sleep(10 * time.Millisecond)
@@ -422,7 +422,7 @@ func (b *Backend) Boot(ctx context.Context, spec *backend.Spec, inst backend.Ins
 }
 
 func (b *Backend) api(inst backend.Instance) (*client, error) {
-	if !alive(inst.PID, inst.StartTime) {
+	if !guestproc.Alive(inst.PID, inst.StartTime) {
 		return nil, backend.ErrNotRunning
 	}
 	return newClient(inst.Details[DetailAPISocket]), nil
@@ -457,21 +457,21 @@ func (b *Backend) Resume(ctx context.Context, inst backend.Instance) error {
 func (b *Backend) Shutdown(ctx context.Context, inst backend.Instance, timeout time.Duration) (backend.Instance, error) {
 	out := inst
 	out.PID, out.StartTime = 0, 0
-	p, err := openProc(inst.PID, inst.StartTime)
-	if errors.Is(err, errProcGone) {
+	p, err := guestproc.Open(inst.PID, inst.StartTime)
+	if errors.Is(err, guestproc.ErrGone) {
 		return out, nil
 	}
 	if err != nil {
 		return inst, fmt.Errorf("shutdown vm: %w", err)
 	}
-	defer p.close()
+	defer p.Close()
 	c := newClient(inst.Details[DetailAPISocket])
 	if ii, err := c.info(ctx); err == nil && ii.State == "Paused" {
 		c.do(ctx, "PATCH", "/vm", vmState{State: stateResumed}, nil)
 	}
 	if err := c.put(ctx, "/actions", action{ActionType: actionSendCtrlAltDel}); err != nil {
 		b.log.Warn("SendCtrlAltDel", "pid", inst.PID, "err", err)
-	} else if gone, _ := p.wait(ctx, timeout); gone {
+	} else if gone, _ := p.Wait(ctx, timeout); gone {
 		return out, nil
 	}
 	if err := b.kill(ctx, inst.PID, inst.StartTime); err != nil {
@@ -504,7 +504,7 @@ func (b *Backend) Check(ctx context.Context, inst backend.Instance) backend.Heal
 	switch {
 	case inst.PID == 0:
 		reasons = append(reasons, "guest not started")
-	case !alive(inst.PID, inst.StartTime):
+	case !guestproc.Alive(inst.PID, inst.StartTime):
 		reasons = append(reasons, fmt.Sprintf("firecracker process %d is gone", inst.PID))
 	default:
 		h.Running = true

@@ -17,6 +17,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/metald/metald/internal/backend"
+	"github.com/metald/metald/internal/backend/guestproc"
 )
 
 // Boot applies the guest network configuration inside the VM namespace and
@@ -49,7 +50,7 @@ func (b *Backend) Boot(ctx context.Context, spec *backend.Spec, inst backend.Ins
 	defer f.Close()
 
 	running := false
-	if _, err := liveStat(inst.PID, inst.StartTime); err == nil {
+	if _, err := guestproc.LiveStat(inst.PID, inst.StartTime); err == nil {
 		running = true
 	}
 	var cmd *exec.Cmd
@@ -83,13 +84,13 @@ func (b *Backend) Boot(ctx context.Context, spec *backend.Spec, inst backend.Ins
 	}
 	// Read the start time before anything can reap the child.
 	pid := cmd.Process.Pid
-	st, serr := readStat(pid)
+	st, serr := guestproc.ReadStat(pid)
 	if serr != nil {
 		cmd.Process.Kill()
-		reap(cmd.Process)
+		guestproc.Reap(cmd.Process)
 		return inst, fmt.Errorf("boot vm %s: guest exited at once: %w", spec.VMID, serr)
 	}
-	reap(cmd.Process)
+	guestproc.Reap(cmd.Process)
 	inst.PID = pid
 	inst.StartTime = st.StartTime
 	return inst, nil
@@ -180,31 +181,31 @@ func (b *Backend) Shutdown(ctx context.Context, inst backend.Instance, timeout t
 }
 
 func (b *Backend) stop(ctx context.Context, inst backend.Instance, timeout time.Duration) error {
-	p, err := openProc(inst.PID, inst.StartTime)
-	if errors.Is(err, errProcGone) {
+	p, err := guestproc.Open(inst.PID, inst.StartTime)
+	if errors.Is(err, guestproc.ErrGone) {
 		return nil
 	}
 	if err != nil {
 		return err
 	}
-	defer p.close()
+	defer p.Close()
 	for _, sig := range []unix.Signal{unix.SIGTERM, unix.SIGCONT} {
-		if err := p.signal(sig); errors.Is(err, errProcGone) {
+		if err := p.Signal(sig); errors.Is(err, guestproc.ErrGone) {
 			return nil
 		} else if err != nil {
 			return err
 		}
 	}
-	if gone, err := p.wait(ctx, timeout); err != nil || gone {
+	if gone, err := p.Wait(ctx, timeout); err != nil || gone {
 		return err
 	}
 	b.log.Info("guest ignored SIGTERM, killing it", "pid", inst.PID, "timeout", timeout)
-	if err := p.signal(unix.SIGKILL); errors.Is(err, errProcGone) {
+	if err := p.Signal(unix.SIGKILL); errors.Is(err, guestproc.ErrGone) {
 		return nil
 	} else if err != nil {
 		return err
 	}
-	gone, err := p.wait(ctx, 10*time.Second)
+	gone, err := p.Wait(ctx, 10*time.Second)
 	if err != nil {
 		return err
 	}
@@ -245,7 +246,7 @@ func (b *Backend) Pause(ctx context.Context, inst backend.Instance) error {
 	if err := b.sendTo(inst, unix.SIGSTOP); err != nil {
 		return fmt.Errorf("pause vm: %w", err)
 	}
-	if err := waitState(inst.PID, inst.StartTime, time.Second, func(s byte) bool { return s == 'T' }); err != nil {
+	if err := guestproc.WaitState(inst.PID, inst.StartTime, time.Second, func(s byte) bool { return s == 'T' }); err != nil {
 		return fmt.Errorf("pause vm: %w", err)
 	}
 	return nil
@@ -257,22 +258,22 @@ func (b *Backend) Resume(ctx context.Context, inst backend.Instance) error {
 	if err := b.sendTo(inst, unix.SIGCONT); err != nil {
 		return fmt.Errorf("resume vm: %w", err)
 	}
-	if err := waitState(inst.PID, inst.StartTime, time.Second, func(s byte) bool { return s != 'T' }); err != nil {
+	if err := guestproc.WaitState(inst.PID, inst.StartTime, time.Second, func(s byte) bool { return s != 'T' }); err != nil {
 		return fmt.Errorf("resume vm: %w", err)
 	}
 	return nil
 }
 
 func (b *Backend) sendTo(inst backend.Instance, sig unix.Signal) error {
-	p, err := openProc(inst.PID, inst.StartTime)
-	if errors.Is(err, errProcGone) {
+	p, err := guestproc.Open(inst.PID, inst.StartTime)
+	if errors.Is(err, guestproc.ErrGone) {
 		return backend.ErrNotRunning
 	}
 	if err != nil {
 		return err
 	}
-	defer p.close()
-	if err := p.signal(sig); errors.Is(err, errProcGone) {
+	defer p.Close()
+	if err := p.Signal(sig); errors.Is(err, guestproc.ErrGone) {
 		return backend.ErrNotRunning
 	} else if err != nil {
 		return err
@@ -285,7 +286,7 @@ func (b *Backend) sendTo(inst backend.Instance, sig unix.Signal) error {
 // re-applied (duplicate address detection runs again, as on a real
 // reboot). A guest that is not running is backend.ErrNotRunning.
 func (b *Backend) Reboot(ctx context.Context, spec *backend.Spec, inst backend.Instance) (backend.Instance, error) {
-	if _, err := liveStat(inst.PID, inst.StartTime); err != nil {
+	if _, err := guestproc.LiveStat(inst.PID, inst.StartTime); err != nil {
 		return inst, fmt.Errorf("reboot vm %s: %w", spec.VMID, backend.ErrNotRunning)
 	}
 	inst, err := b.Shutdown(ctx, inst, b.stopTimeout)

@@ -341,7 +341,7 @@ func (b *Backend) Check(ctx context.Context, inst backend.Instance) backend.Heal
 		f.Close()
 		h.SandboxOK = true
 	}
-	switch st, err := liveStat(inst.PID, inst.StartTime); {
+	switch st, err := guestproc.LiveStat(inst.PID, inst.StartTime); {
 	case inst.PID == 0:
 		reasons = append(reasons, "guest not started")
 	case err != nil:
@@ -403,13 +403,13 @@ func (b *Backend) Destroy(ctx context.Context, vmID string, inst backend.Instanc
 // killNetns kills every process left in the namespace with inode ino: a
 // guest started just before a crash, before its PID was persisted.
 func (b *Backend) killNetns(ctx context.Context, ino uint64) error {
-	pids, err := pidsInNetns(ino)
+	pids, err := guestproc.PIDsInNetns(ino)
 	if err != nil {
 		return err
 	}
 	var errs []error
 	for _, pid := range pids {
-		st, err := readStat(pid)
+		st, err := guestproc.ReadStat(pid)
 		if err != nil {
 			continue
 		}

@@ -479,7 +479,7 @@ func (b *Backend) Boot(ctx context.Context, spec *backend.Spec, inst backend.Ins
 	if err := b.Validate(spec); err != nil {
 		return inst, fmt.Errorf("boot vm: %w", err)
 	}
-	if alive(inst.PID, inst.StartTime) {
+	if guestproc.Alive(inst.PID, inst.StartTime) {
 		return inst, nil
 	}
 	dir := b.vmDir(spec.VMID)
@@ -509,8 +509,8 @@ func (b *Backend) Boot(ctx context.Context, spec *backend.Spec, inst backend.Ins
 		return inst, fmt.Errorf("boot vm %s: start %s: %w", spec.VMID, b.bin, err)
 	}
 	pid := cmd.Process.Pid
-	st, err := startTime(pid)
-	reap(cmd.Process)
+	st, err := guestproc.StartTime(pid)
+	guestproc.Reap(cmd.Process)
 	if err != nil {
 		return inst, fmt.Errorf("boot vm %s: qemu exited at once: %s", spec.VMID, tail(filepath.Join(dir, qemuLogFile)))
 	}
@@ -534,7 +534,7 @@ func (b *Backend) Boot(ctx context.Context, spec *backend.Spec, inst backend.Ins
 		if err == nil && status == "running" {
 			return out, nil
 		}
-		if !alive(pid, st) {
+		if !guestproc.Alive(pid, st) {
 			return inst, fmt.Errorf("boot vm %s: qemu exited: %s", spec.VMID, tail(filepath.Join(dir, qemuLogFile)))
 		}
 		if time.Now().After(deadline) || ctx.Err() != nil {
@@ -565,7 +565,7 @@ func (b *Backend) WaitNetworkUp(ctx context.Context, inst backend.Instance) erro
 		if data, err := os.ReadFile(path); err == nil && bytes.Contains(data, []byte("metald-init: network up")) {
 			return nil
 		}
-		if !alive(inst.PID, inst.StartTime) {
+		if !guestproc.Alive(inst.PID, inst.StartTime) {
 			return fmt.Errorf("wait for guest network: %w", backend.ErrNotRunning)
 		}
 		select {
@@ -578,7 +578,7 @@ func (b *Backend) WaitNetworkUp(ctx context.Context, inst backend.Instance) erro
 
 // qmp runs one QMP command on a live VM.
 func (b *Backend) qmp(ctx context.Context, inst backend.Instance, cmd string, args any) error {
-	if !alive(inst.PID, inst.StartTime) {
+	if !guestproc.Alive(inst.PID, inst.StartTime) {
 		return fmt.Errorf("%s: %w", cmd, backend.ErrNotRunning)
 	}
 	_, err := qmpDo(ctx, inst.Details[DetailQMPSocket], cmd, args)
@@ -619,14 +619,14 @@ func (b *Backend) Reboot(ctx context.Context, spec *backend.Spec, inst backend.I
 func (b *Backend) Shutdown(ctx context.Context, inst backend.Instance, timeout time.Duration) (backend.Instance, error) {
 	out := inst
 	out.PID, out.StartTime = 0, 0
-	p, err := openProc(inst.PID, inst.StartTime)
-	if errors.Is(err, errProcGone) {
+	p, err := guestproc.Open(inst.PID, inst.StartTime)
+	if errors.Is(err, guestproc.ErrGone) {
 		return out, nil
 	}
 	if err != nil {
 		return inst, fmt.Errorf("shutdown vm: %w", err)
 	}
-	defer p.close()
+	defer p.Close()
 	sock := inst.Details[DetailQMPSocket]
 	// A paused guest cannot see the button.
 	if st, err := qmpStatus(ctx, sock); err == nil && st == "paused" {
@@ -634,7 +634,7 @@ func (b *Backend) Shutdown(ctx context.Context, inst backend.Instance, timeout t
 	}
 	if _, err := qmpDo(ctx, sock, "system_powerdown", nil); err != nil {
 		b.log.Warn("system_powerdown", "pid", inst.PID, "err", err)
-	} else if gone, err := p.wait(ctx, timeout); err != nil {
+	} else if gone, err := p.Wait(ctx, timeout); err != nil {
 		return inst, fmt.Errorf("shutdown vm: %w", err)
 	} else if gone {
 		return out, nil
@@ -642,7 +642,7 @@ func (b *Backend) Shutdown(ctx context.Context, inst backend.Instance, timeout t
 	qctx, cancel := context.WithTimeout(ctx, 2*time.Second)
 	qmpDo(qctx, sock, "quit", nil)
 	cancel()
-	if gone, _ := p.wait(ctx, 2*time.Second); gone {
+	if gone, _ := p.Wait(ctx, 2*time.Second); gone {
 		return out, nil
 	}
 	if err := b.kill(ctx, inst.PID, inst.StartTime); err != nil {
@@ -679,7 +679,7 @@ func (b *Backend) Check(ctx context.Context, inst backend.Instance) backend.Heal
 	switch {
 	case inst.PID == 0:
 		reasons = append(reasons, "guest not started")
-	case !alive(inst.PID, inst.StartTime):
+	case !guestproc.Alive(inst.PID, inst.StartTime):
 		reasons = append(reasons, fmt.Sprintf("qemu process %d is gone", inst.PID))
 	default:
 		h.Running = true
@@ -757,7 +757,7 @@ func pidFromFile(dir string) (int, uint64, bool) {
 	if err != nil || !bytes.Contains(cl, []byte(filepath.Join(dir, qmpFile))) {
 		return 0, 0, false
 	}
-	st, err := startTime(pid)
+	st, err := guestproc.StartTime(pid)
 	if err != nil {
 		return 0, 0, false
 	}
