@@ -111,7 +111,11 @@ func BenchmarkPolicy(b *testing.B) {
 		}
 		b.Logf("apply %d+2 policies: %v", n, time.Since(start))
 	}
-	drop := func() { tp.host.Run("nft", "delete", "table", "ip6", TableName) }
+	drop := func() {
+		for _, name := range Tables() {
+			tp.host.Run("nft", "delete", "table", "ip6", name)
+		}
+	}
 	const rounds = 3
 	var plain, with10, with1000 []float64
 	for range rounds {

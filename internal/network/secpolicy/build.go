@@ -227,7 +227,7 @@ func portAlts(off uint32, ports []policy.PortRange) [][]expr.Any {
 }
 
 // Shared chains the NIC chains goto to log: they rate-limit (one budget per
-// table) and log, then end the NIC chain's evaluation: log_deny drops,
+// shard table) and log, then end the NIC chain's evaluation: log_deny drops,
 // log_allow returns to the base chain (a goto'd chain returns to the
 // caller of the chain that jumped).
 const (
@@ -414,11 +414,18 @@ func buildPolicyChain(p *NICPolicy, dir string, name string) nicChains {
 	return out
 }
 
-// baseRules returns the rules of the base chain hooked at name.
+// ndMLD are the ND and MLD types every base chain accepts (RFC 4890);
+// raRedirect are RA and redirect, dropped from a VM address.
+var (
+	ndMLD      = []uint8{130, 131, 132, 133, 135, 136, 143}
+	raRedirect = []uint8{134, 137}
+)
+
+// baseRules returns the rules of the main table's base chain hooked at
+// name: blocked sources, established, ND/MLD, RA/redirect from VMs,
+// invalid. The dispatch to NIC chains is the shards' (shardBaseRules).
 func baseRules(name string) []nrule {
 	b := &builder{}
-	ndMLD := []uint8{130, 131, 132, 133, 135, 136, 143}
-	raRedirect := []uint8{134, 137}
 	switch name {
 	case ChainForward:
 		b.rules = append(b.rules, blockedSourceLog(inNamed(offSaddr, BlockedSources, false)))
@@ -433,12 +440,28 @@ func baseRules(name string) []nrule {
 	b.add("established", ctState(expr.CtStateBitESTABLISHED|expr.CtStateBitRELATED), []expr.Any{verdict(expr.VerdictAccept)})
 	if name == ChainOutput {
 		// The host is the VMs' gateway: its ND, MLD, RA and redirects pass.
-		b.add("nd mld ra", b.icmpTypes(append(ndMLD, raRedirect...)), []expr.Any{verdict(expr.VerdictAccept)})
+		b.add("nd mld ra", b.icmpTypes(append(slices.Clone(ndMLD), raRedirect...)), []expr.Any{verdict(expr.VerdictAccept)})
 	} else {
 		b.add("nd mld", b.icmpTypes(ndMLD), []expr.Any{verdict(expr.VerdictAccept)})
 		b.add("ra redirect from vm", inNamed(offSaddr, VMAddrsSet, false), b.icmpTypes(raRedirect), []expr.Any{&expr.Counter{}, verdict(expr.VerdictDrop)})
 	}
 	b.add("invalid", ctState(expr.CtStateBitINVALID), []expr.Any{&expr.Counter{}, verdict(expr.VerdictDrop)})
+	return b.rules
+}
+
+// shardBaseRules returns the rules of a shard table's base chain hooked at
+// name. The main table's base chain ran before (its drops are final, but
+// its accepts do not stop this chain): established flows and ND/MLD are
+// accepted again first, so they are never judged by a NIC chain, then the
+// packet is dispatched to the shard's NIC chains.
+func shardBaseRules(name string) []nrule {
+	b := &builder{}
+	b.add("established", ctState(expr.CtStateBitESTABLISHED|expr.CtStateBitRELATED), []expr.Any{verdict(expr.VerdictAccept)})
+	if name == ChainOutput {
+		b.add("nd mld ra", b.icmpTypes(append(slices.Clone(ndMLD), raRedirect...)), []expr.Any{verdict(expr.VerdictAccept)})
+	} else {
+		b.add("nd mld", b.icmpTypes(ndMLD), []expr.Any{verdict(expr.VerdictAccept)})
+	}
 	if name != ChainOutput {
 		b.add("dispatch egress", []expr.Any{nh(offSaddr, 16), &expr.Lookup{SourceRegister: 1, SetName: EgressMap, DestRegister: 0, IsDestRegSet: true}})
 	}

@@ -22,20 +22,42 @@ import (
 	"github.com/metald/metald/internal/policy"
 )
 
-func table() *nftables.Table {
+func mainTable() *nftables.Table {
 	return &nftables.Table{Name: TableName, Family: nftables.TableFamilyIPv6}
 }
 
-func addrSet(name string) *nftables.Set {
-	return &nftables.Set{Table: table(), Name: name, KeyType: nftables.TypeIP6Addr}
+func shardTable(i int) *nftables.Table {
+	return &nftables.Table{Name: ShardTable(i), Family: nftables.TableFamilyIPv6}
 }
 
-func vmapSet(name string) *nftables.Set {
-	return &nftables.Set{Table: table(), Name: name, IsMap: true, KeyType: nftables.TypeIP6Addr, DataType: nftables.TypeVerdict}
+// nicTable is the shard table of NIC key k.
+func nicTable(k string) *nftables.Table { return shardTable(Shard(k)) }
+
+func addrSet(t *nftables.Table, name string) *nftables.Set {
+	return &nftables.Set{Table: t, Name: name, KeyType: nftables.TypeIP6Addr}
+}
+
+func vmapSet(t *nftables.Table, name string) *nftables.Set {
+	return &nftables.Set{Table: t, Name: name, IsMap: true, KeyType: nftables.TypeIP6Addr, DataType: nftables.TypeVerdict}
 }
 
 func blockedSet() *nftables.Set {
-	return &nftables.Set{Table: table(), Name: BlockedSources, KeyType: nftables.TypeIP6Addr, Interval: true}
+	return &nftables.Set{Table: mainTable(), Name: BlockedSources, KeyType: nftables.TypeIP6Addr, Interval: true}
+}
+
+// setTables returns the tables that hold a copy of managed set name: every
+// shard (a NIC chain of any shard may look it up), and for vm_addrs the
+// main table too (its base chains look it up). The copies have the same
+// elements.
+func setTables(name string) []*nftables.Table {
+	out := make([]*nftables.Table, 0, Shards+1)
+	if name == VMAddrsSet {
+		out = append(out, mainTable())
+	}
+	for i := range Shards {
+		out = append(out, shardTable(i))
+	}
+	return out
 }
 
 func key16(a netip.Addr) []byte { b := a.As16(); return b[:] }
@@ -52,7 +74,8 @@ type nicState struct {
 	tramp bool
 }
 
-// Manager programs `table ip6 metald_security` through one nftables
+// Manager programs the policy tables (the main `table ip6
+// metald_security` and its shards, see doc.go) through one nftables
 // connection. Each method is one netlink batch; methods are safe for
 // concurrent use.
 type Manager struct {
@@ -62,10 +85,19 @@ type Manager struct {
 	loaded bool
 	based  bool // base chains (re)written by this manager
 	nics   map[string]*nicState
-	sets   map[string]bool                               // managed named sets that exist
+	sets   map[string]bool                               // managed named sets that exist in every table of setTables
 	owners map[string]map[netip.Addr]map[string]struct{} // set → addr → owning NIC keys ("" = explicit)
 	byAddr map[netip.Addr]string                         // addr → NIC key
 	groups map[string][]netip.Addr                       // explicit group members
+	// present holds "<table>/<set>" for every set found or created.
+	present map[string]bool
+	// mainAddrs are the elements of the main table's vm_addrs as loaded;
+	// queueBase makes them equal to the shards' copy.
+	mainAddrs []netip.Addr
+	// legacyChains and legacySets are objects of the single-table layout
+	// (NIC chains, log chains, maps and managed sets in the main table);
+	// queueBase deletes them.
+	legacyChains, legacySets []string
 	// names names anonymous sets explicitly (see package setname).
 	names *setname.Namer
 	// gens, when set, notes the ruleset generation after each commit
@@ -82,7 +114,7 @@ func (m *Manager) SetGenTracker(t *nftgen.Tracker) {
 }
 
 // New returns a Manager for the network namespace open at nsFd (the
-// caller's namespace when nsFd < 0). It reads what the table already holds,
+// caller's namespace when nsFd < 0). It reads what the tables already hold,
 // so a restarted metald continues from the kernel state.
 func New(nsFd int) (*Manager, error) {
 	opts := nftconn.Options(nsFd)
@@ -98,12 +130,14 @@ func New(nsFd int) (*Manager, error) {
 	return m, nil
 }
 
-// Close releases the netlink connection. The table stays.
+// Close releases the netlink connection. The tables stay.
 func (m *Manager) Close() error { return m.conn.CloseLasting() }
 
 func isManagedSet(name string) bool {
 	return name == VMAddrsSet || strings.HasPrefix(name, "tenant-") || strings.HasPrefix(name, "bridge-") || strings.HasPrefix(name, "sg-")
 }
+
+func presentKey(t *nftables.Table, set string) string { return t.Name + "/" + set }
 
 // load rebuilds the in-memory model from the kernel.
 func (m *Manager) load() error {
@@ -111,6 +145,8 @@ func (m *Manager) load() error {
 	m.sets = map[string]bool{}
 	m.owners = map[string]map[netip.Addr]map[string]struct{}{}
 	m.byAddr = map[netip.Addr]string{}
+	m.present = map[string]bool{}
+	m.mainAddrs, m.legacyChains, m.legacySets = nil, nil, nil
 	if m.groups == nil {
 		m.groups = map[string][]netip.Addr{}
 	}
@@ -119,7 +155,17 @@ func (m *Manager) load() error {
 	if err != nil {
 		return fmt.Errorf("list tables: %w", err)
 	}
-	if !slices.ContainsFunc(tables, func(t *nftables.Table) bool { return t.Name == TableName }) {
+	hasMain := false
+	var shards []int
+	for _, t := range tables {
+		if t.Name == TableName {
+			hasMain = true
+		} else if i, ok := shardIndex(t.Name); ok {
+			shards = append(shards, i)
+		}
+	}
+	slices.Sort(shards)
+	if !hasMain && len(shards) == 0 {
 		m.loaded = true
 		return nil
 	}
@@ -128,7 +174,13 @@ func (m *Manager) load() error {
 		return fmt.Errorf("list chains: %w", err)
 	}
 	for _, ch := range chains {
-		if ch.Table.Name != TableName {
+		if ch.Table.Name == TableName {
+			if _, _, _, ok := parseChainName(ch.Name); ok || ch.Name == chainLogDeny || ch.Name == chainLogAllow {
+				m.legacyChains = append(m.legacyChains, ch.Name)
+			}
+			continue
+		}
+		if _, ok := shardIndex(ch.Table.Name); !ok {
 			continue
 		}
 		if k, _, gen, ok := parseChainName(ch.Name); ok && gen == 0 {
@@ -141,19 +193,52 @@ func (m *Manager) load() error {
 			if gen == st.gen {
 				st.chains = append(st.chains, ch.Name)
 			}
-		} else if ch.Name == chainLogDeny || ch.Name == chainLogAllow {
-			// present; queueBase rewrites them once
 		}
 	}
-	sets, err := m.conn.GetSets(table())
-	if err != nil {
-		return fmt.Errorf("list sets: %w", err)
+	if hasMain {
+		sets, err := m.conn.GetSets(mainTable())
+		if err != nil {
+			return fmt.Errorf("list sets of %s: %w", TableName, err)
+		}
+		for _, s := range sets {
+			m.present[presentKey(mainTable(), s.Name)] = true
+			switch {
+			case s.Name == VMAddrsSet:
+				els, err := m.conn.GetSetElements(s)
+				if err != nil {
+					return fmt.Errorf("list %s of %s: %w", s.Name, TableName, err)
+				}
+				for _, e := range els {
+					if a, ok := netip.AddrFromSlice(e.Key); ok {
+						m.mainAddrs = append(m.mainAddrs, a)
+					}
+				}
+			case s.Name == EgressMap || s.Name == IngressMap || isManagedSet(s.Name):
+				m.legacySets = append(m.legacySets, s.Name)
+			}
+		}
 	}
-	for _, s := range sets {
-		if s.Name == EgressMap {
+	// Managed sets: the copy of the first shard that has one (the copies
+	// are changed in one transaction, so they are equal).
+	count := map[string]int{}
+	first := map[string]*nftables.Set{}
+	for _, i := range shards {
+		sets, err := m.conn.GetSets(shardTable(i))
+		if err != nil {
+			return fmt.Errorf("list sets of %s: %w", ShardTable(i), err)
+		}
+		for _, s := range sets {
+			m.present[presentKey(shardTable(i), s.Name)] = true
+			count[s.Name]++
+			if first[s.Name] == nil {
+				first[s.Name] = s
+			}
+			if s.Name != EgressMap {
+				continue
+			}
 			els, err := m.conn.GetSetElements(s)
 			if err != nil {
-				return fmt.Errorf("list %s: %w", s.Name, err)
+				return fmt.Errorf("list %s of %s: %w", s.Name, ShardTable(i), err)
 			}
 			for _, e := range els {
 				a, ok := netip.AddrFromSlice(e.Key)
@@ -168,14 +253,14 @@ func (m *Manager) load() error {
 			}
 		}
 	}
-	for _, s := range sets {
-		m.sets[s.Name] = true
-		if !isManagedSet(s.Name) {
+	for name, s := range first {
+		if !isManagedSet(name) {
 			continue
 		}
+		m.sets[name] = count[name] == Shards && (name != VMAddrsSet || m.present[presentKey(mainTable(), name)])
 		els, err := m.conn.GetSetElements(s)
 		if err != nil {
-			return fmt.Errorf("list %s: %w", s.Name, err)
+			return fmt.Errorf("list %s: %w", name, err)
 		}
 		for _, e := range els {
 			a, ok := netip.AddrFromSlice(e.Key)
@@ -183,10 +268,10 @@ func (m *Manager) load() error {
 				continue
 			}
 			owner := m.byAddr[a]
-			m.own(s.Name, a, owner)
+			m.own(name, a, owner)
 			if owner != "" {
-				m.nics[owner].sets = append(m.nics[owner].sets, s.Name)
-			} else if g, ok := strings.CutPrefix(s.Name, "sg-"); ok {
+				m.nics[owner].sets = append(m.nics[owner].sets, name)
+			} else if g, ok := strings.CutPrefix(name, "sg-"); ok {
 				m.groups[g] = append(m.groups[g], a)
 			}
 		}
@@ -236,13 +321,29 @@ func (m *Manager) newBatch() *batch {
 	return &batch{m: m, adds: map[string][]netip.Addr{}, dels: map[string][]netip.Addr{}}
 }
 
-// ensureSet queues the creation of a managed address set.
+// addSet queues the creation of set s unless it is known to exist.
+func (m *Manager) addSet(s *nftables.Set) error {
+	k := presentKey(s.Table, s.Name)
+	if m.present[k] {
+		return nil
+	}
+	if err := m.conn.AddSet(s, nil); err != nil {
+		return fmt.Errorf("add set %s of %s: %w", s.Name, s.Table.Name, err)
+	}
+	m.present[k] = true
+	return nil
+}
+
+// ensureSet queues the creation of a managed address set in every table
+// of setTables.
 func (b *batch) ensureSet(name string) error {
 	if b.m.sets[name] {
 		return nil
 	}
-	if err := b.m.conn.AddSet(addrSet(name), nil); err != nil {
-		return fmt.Errorf("add set %s: %w", name, err)
+	for _, t := range setTables(name) {
+		if err := b.m.addSet(addrSet(t, name)); err != nil {
+			return err
+		}
 	}
 	b.m.sets[name] = true
 	b.newSets = append(b.newSets, name)
@@ -271,7 +372,8 @@ func (b *batch) setOwner(set string, a netip.Addr, owner string, member bool) {
 	}
 }
 
-// queueElements queues the collected element changes.
+// queueElements queues the collected element changes, to every copy of
+// each set.
 func (b *batch) queueElements() error {
 	c := b.m.conn
 	names := make([]string, 0, len(b.adds)+len(b.dels))
@@ -286,96 +388,154 @@ func (b *batch) queueElements() error {
 	for _, s := range names {
 		// An address both removed and re-added nets out to nothing.
 		add, del := b.adds[s], b.dels[s]
-		var els []nftables.SetElement
+		var dels, adds []nftables.SetElement
 		for _, a := range del {
 			if !slices.Contains(add, a) {
-				els = append(els, nftables.SetElement{Key: key16(a)})
+				dels = append(dels, nftables.SetElement{Key: key16(a)})
 			}
 		}
-		if len(els) > 0 {
-			if err := c.SetDeleteElements(addrSet(s), els); err != nil {
-				return fmt.Errorf("delete elements of %s: %w", s, err)
-			}
-		}
-		els = nil
 		for _, a := range add {
 			if !slices.Contains(del, a) {
-				els = append(els, nftables.SetElement{Key: key16(a)})
+				adds = append(adds, nftables.SetElement{Key: key16(a)})
 			}
 		}
-		if len(els) > 0 {
-			if err := c.SetAddElements(addrSet(s), els); err != nil {
-				return fmt.Errorf("add elements to %s: %w", s, err)
+		for _, t := range setTables(s) {
+			if len(dels) > 0 {
+				if err := c.SetDeleteElements(addrSet(t, s), dels); err != nil {
+					return fmt.Errorf("delete elements of %s of %s: %w", s, t.Name, err)
+				}
+			}
+			if len(adds) > 0 {
+				if err := c.SetAddElements(addrSet(t, s), adds); err != nil {
+					return fmt.Errorf("add elements to %s of %s: %w", s, t.Name, err)
+				}
 			}
 		}
 	}
 	return nil
 }
 
-// queueBase queues the table, the shared sets and maps, and (once per
-// manager) the base chains' rules. blocked_sources is created only when
-// absent and never flushed.
+type baseChain struct {
+	name string
+	hook *nftables.ChainHook
+}
+
+var baseChains = []baseChain{
+	{ChainForward, nftables.ChainHookForward},
+	{ChainInput, nftables.ChainHookInput},
+	{ChainOutput, nftables.ChainHookOutput},
+}
+
+// shardPriority is the priority of the shard tables' base chains: after
+// the main table's (filter, 0).
+var shardPriority = nftables.ChainPriorityRef(*nftables.ChainPriorityFilter + 1)
+
+// queueBase queues (once per manager) the main table with its base chains,
+// and every shard table with its maps, log chains and base chains.
+// blocked_sources is created only when absent and never flushed. Objects of
+// the single-table layout left in the main table are deleted.
 func (m *Manager) queueBase() error {
 	if m.based {
 		return nil
 	}
 	c := m.conn
-	c.AddTable(table())
-	if !m.sets[BlockedSources] {
-		if err := c.AddSet(blockedSet(), nil); err != nil {
-			return fmt.Errorf("add set %s: %w", BlockedSources, err)
+	main := mainTable()
+	c.AddTable(main)
+	if err := m.addSet(blockedSet()); err != nil {
+		return err
+	}
+	if err := m.addSet(addrSet(main, VMAddrsSet)); err != nil {
+		return err
+	}
+	accept := nftables.ChainPolicyAccept
+	for _, b := range baseChains {
+		ch := c.AddChain(&nftables.Chain{Name: b.name, Table: main, Type: nftables.ChainTypeFilter,
+			Hooknum: b.hook, Priority: nftables.ChainPriorityFilter, Policy: &accept})
+		c.FlushChain(ch)
+		if err := m.queueRules(main, ch, baseRules(b.name)); err != nil {
+			return err
 		}
 	}
-	if !m.sets[VMAddrsSet] {
-		if err := c.AddSet(addrSet(VMAddrsSet), nil); err != nil {
-			return fmt.Errorf("add set %s: %w", VMAddrsSet, err)
+	// The single-table layout: its dispatch rules are gone with the flush
+	// above; NIC chains jump to each other and the maps to them, so flush
+	// the chains, delete the sets and maps, then the chains.
+	for _, n := range m.legacyChains {
+		c.FlushChain(&nftables.Chain{Name: n, Table: main})
+	}
+	for _, s := range m.legacySets {
+		c.DelSet(&nftables.Set{Table: main, Name: s})
+		delete(m.present, presentKey(main, s))
+	}
+	for _, n := range m.legacyChains {
+		c.DelChain(&nftables.Chain{Name: n, Table: main})
+	}
+	// The main copy of vm_addrs follows the shards' (it differs after the
+	// single-table layout or when the main table was deleted).
+	var extra, missing []nftables.SetElement
+	want := m.owners[VMAddrsSet]
+	for _, a := range m.mainAddrs {
+		if len(want[a]) == 0 {
+			extra = append(extra, nftables.SetElement{Key: key16(a)})
 		}
 	}
-	for _, s := range []string{EgressMap, IngressMap} {
-		if !m.sets[s] {
-			if err := c.AddSet(vmapSet(s), nil); err != nil {
-				return fmt.Errorf("add map %s: %w", s, err)
+	for a := range want {
+		if !slices.Contains(m.mainAddrs, a) {
+			missing = append(missing, nftables.SetElement{Key: key16(a)})
+		}
+	}
+	if len(extra) > 0 {
+		if err := c.SetDeleteElements(addrSet(main, VMAddrsSet), extra); err != nil {
+			return fmt.Errorf("delete elements of %s: %w", VMAddrsSet, err)
+		}
+	}
+	if len(missing) > 0 {
+		if err := c.SetAddElements(addrSet(main, VMAddrsSet), missing); err != nil {
+			return fmt.Errorf("add elements to %s: %w", VMAddrsSet, err)
+		}
+	}
+	for i := range Shards {
+		t := shardTable(i)
+		c.AddTable(t)
+		if err := m.addSet(addrSet(t, VMAddrsSet)); err != nil {
+			return err
+		}
+		for _, s := range []string{EgressMap, IngressMap} {
+			if err := m.addSet(vmapSet(t, s)); err != nil {
+				return err
+			}
+		}
+		for _, cs := range logChains() {
+			ch := c.AddChain(&nftables.Chain{Name: cs.name, Table: t})
+			c.FlushChain(ch)
+			if err := m.queueRules(t, ch, cs.rules); err != nil {
+				return err
+			}
+		}
+		for _, b := range baseChains {
+			ch := c.AddChain(&nftables.Chain{Name: b.name, Table: t, Type: nftables.ChainTypeFilter,
+				Hooknum: b.hook, Priority: shardPriority, Policy: &accept})
+			c.FlushChain(ch)
+			if err := m.queueRules(t, ch, shardBaseRules(b.name)); err != nil {
+				return err
 			}
 		}
 	}
-	for _, cs := range logChains() {
-		ch := c.AddChain(&nftables.Chain{Name: cs.name, Table: table()})
-		c.FlushChain(ch)
-		if err := m.queueRules(ch, cs.rules); err != nil {
-			return err
-		}
-	}
-	accept := nftables.ChainPolicyAccept
-	for _, b := range []struct {
-		name string
-		hook *nftables.ChainHook
-	}{
-		{ChainForward, nftables.ChainHookForward},
-		{ChainInput, nftables.ChainHookInput},
-		{ChainOutput, nftables.ChainHookOutput},
-	} {
-		ch := c.AddChain(&nftables.Chain{Name: b.name, Table: table(), Type: nftables.ChainTypeFilter,
-			Hooknum: b.hook, Priority: nftables.ChainPriorityFilter, Policy: &accept})
-		c.FlushChain(ch)
-		if err := m.queueRules(ch, baseRules(b.name)); err != nil {
-			return err
-		}
-	}
+	m.sets[VMAddrsSet] = true
 	return nil
 }
 
-func (m *Manager) queueRules(ch *nftables.Chain, rules []nrule) error {
+func (m *Manager) queueRules(t *nftables.Table, ch *nftables.Chain, rules []nrule) error {
 	c := m.conn
 	for _, r := range rules {
 		for _, a := range r.anons {
-			set := &nftables.Set{Table: table(), Anonymous: true, Constant: true, Interval: a.interval, KeyType: a.keyType}
+			set := &nftables.Set{Table: t, Anonymous: true, Constant: true, Interval: a.interval, KeyType: a.keyType}
 			m.names.Name(set)
 			if err := c.AddSet(set, a.elems); err != nil {
 				return fmt.Errorf("add anonymous set: %w", err)
 			}
 			a.lookup.SetID, a.lookup.SetName = set.ID, set.Name
 		}
-		c.AddRule(&nftables.Rule{Table: table(), Chain: ch, Exprs: r.exprs, UserData: commentData(r.comment)})
+		c.AddRule(&nftables.Rule{Table: t, Chain: ch, Exprs: r.exprs, UserData: commentData(r.comment)})
 	}
 	return nil
 }
@@ -424,6 +584,7 @@ func (m *Manager) queueNIC(b *batch, p *NICPolicy) error {
 		}
 	}
 	c := m.conn
+	t := nicTable(k)
 	st := m.nic(k)
 	oldGen, hadChains := st.gen, st.gen > 0
 	for _, s := range referencedSets(p) {
@@ -454,8 +615,8 @@ func (m *Manager) queueNIC(b *batch, p *NICPolicy) error {
 	in, out := buildChain(p, dirIn, chainName(k, dirIn, gen)), buildChain(p, dirOut, chainName(k, dirOut, gen))
 	var names []string
 	for _, cs := range append(in.all(), out.all()...) {
-		ch := c.AddChain(&nftables.Chain{Name: cs.name, Table: table()})
-		if err := m.queueRules(ch, cs.rules); err != nil {
+		ch := c.AddChain(&nftables.Chain{Name: cs.name, Table: t})
+		if err := m.queueRules(t, ch, cs.rules); err != nil {
 			return err
 		}
 		names = append(names, cs.name)
@@ -469,10 +630,10 @@ func (m *Manager) queueNIC(b *batch, p *NICPolicy) error {
 	// element of a key in the same transaction leaves an instant where a
 	// lookup misses and the packet falls through the dispatch.
 	tin, tout := chainName(k, dirIn, 0), chainName(k, dirOut, 0)
-	for _, t := range []struct{ name, target string }{{tin, in.main.name}, {tout, out.main.name}} {
-		ch := c.AddChain(&nftables.Chain{Name: t.name, Table: table()})
+	for _, tr := range []struct{ name, target string }{{tin, in.main.name}, {tout, out.main.name}} {
+		ch := c.AddChain(&nftables.Chain{Name: tr.name, Table: t})
 		c.FlushChain(ch)
-		c.AddRule(&nftables.Rule{Table: table(), Chain: ch, Exprs: []expr.Any{&expr.Verdict{Kind: expr.VerdictJump, Chain: t.target}},
+		c.AddRule(&nftables.Rule{Table: t, Chain: ch, Exprs: []expr.Any{&expr.Verdict{Kind: expr.VerdictJump, Chain: tr.target}},
 			UserData: commentData("generation")})
 	}
 	var gone []nftables.SetElement
@@ -482,10 +643,10 @@ func (m *Manager) queueNIC(b *batch, p *NICPolicy) error {
 		}
 	}
 	if len(gone) > 0 {
-		if err := c.SetDeleteElements(vmapSet(EgressMap), gone); err != nil {
+		if err := c.SetDeleteElements(vmapSet(t, EgressMap), gone); err != nil {
 			return err
 		}
-		if err := c.SetDeleteElements(vmapSet(IngressMap), gone); err != nil {
+		if err := c.SetDeleteElements(vmapSet(t, IngressMap), gone); err != nil {
 			return err
 		}
 	}
@@ -498,16 +659,16 @@ func (m *Manager) queueNIC(b *batch, p *NICPolicy) error {
 		ig = append(ig, nftables.SetElement{Key: key16(a), VerdictData: &expr.Verdict{Kind: expr.VerdictJump, Chain: tin}})
 	}
 	if len(eg) > 0 {
-		if err := c.SetAddElements(vmapSet(EgressMap), eg); err != nil {
+		if err := c.SetAddElements(vmapSet(t, EgressMap), eg); err != nil {
 			return err
 		}
-		if err := c.SetAddElements(vmapSet(IngressMap), ig); err != nil {
+		if err := c.SetAddElements(vmapSet(t, IngressMap), ig); err != nil {
 			return err
 		}
 	}
 	st.tramp = true
 	if hadChains {
-		m.queueDelChains(st.chains)
+		m.queueDelChains(t, st.chains)
 	}
 	for _, a := range st.addrs {
 		delete(m.byAddr, a)
@@ -520,14 +681,14 @@ func (m *Manager) queueNIC(b *batch, p *NICPolicy) error {
 	return nil
 }
 
-// queueDelChains flushes every chain first (dropping the jumps between
-// them), then deletes them.
-func (m *Manager) queueDelChains(names []string) {
+// queueDelChains flushes every chain of t first (dropping the jumps
+// between them), then deletes them.
+func (m *Manager) queueDelChains(t *nftables.Table, names []string) {
 	for _, n := range names {
-		m.conn.FlushChain(&nftables.Chain{Name: n, Table: table()})
+		m.conn.FlushChain(&nftables.Chain{Name: n, Table: t})
 	}
 	for _, n := range names {
-		m.conn.DelChain(&nftables.Chain{Name: n, Table: table()})
+		m.conn.DelChain(&nftables.Chain{Name: n, Table: t})
 	}
 }
 
@@ -538,15 +699,16 @@ func (m *Manager) queueRemove(b *batch, k string) error {
 		return fmt.Errorf("%w: %s", ErrNotFound, k)
 	}
 	c := m.conn
+	t := nicTable(k)
 	if len(st.addrs) > 0 {
 		var els []nftables.SetElement
 		for _, a := range st.addrs {
 			els = append(els, nftables.SetElement{Key: key16(a)})
 		}
-		if err := c.SetDeleteElements(vmapSet(EgressMap), els); err != nil {
+		if err := c.SetDeleteElements(vmapSet(t, EgressMap), els); err != nil {
 			return err
 		}
-		if err := c.SetDeleteElements(vmapSet(IngressMap), els); err != nil {
+		if err := c.SetDeleteElements(vmapSet(t, IngressMap), els); err != nil {
 			return err
 		}
 	}
@@ -563,7 +725,7 @@ func (m *Manager) queueRemove(b *batch, k string) error {
 	if st.tramp {
 		chains = append(chains, chainName(k, dirIn, 0), chainName(k, dirOut, 0))
 	}
-	m.queueDelChains(chains)
+	m.queueDelChains(t, chains)
 	for _, a := range st.addrs {
 		delete(m.byAddr, a)
 	}
@@ -661,7 +823,7 @@ func (m *Manager) Remove(ctx context.Context, vmID, nic string) error {
 // applyChunk is how many NICs Apply puts in one netlink batch.
 const applyChunk = 100
 
-// Apply makes the table hold exactly the given NICs' policies. NICs whose
+// Apply makes the tables hold exactly the given NICs' policies. NICs whose
 // policy is unchanged are not rewritten. Every NIC's change is atomic; a
 // large Apply is committed in batches of applyChunk NICs (a netlink batch is
 // one sendmsg), so a failure part way leaves earlier NICs updated, later
@@ -790,7 +952,8 @@ func (m *Manager) RuleCounters(vmID, nic string) ([]RuleCounter, error) {
 		if dir == dirIn {
 			direction = "ingress"
 		}
-		rules, err := m.conn.GetRules(table(), &nftables.Chain{Name: name, Table: table()})
+		t := nicTable(k)
+		rules, err := m.conn.GetRules(t, &nftables.Chain{Name: name, Table: t})
 		if err != nil {
 			return nil, fmt.Errorf("list rules of %s: %w", k, err)
 		}
@@ -817,7 +980,7 @@ func (m *Manager) RuleCounters(vmID, nic string) ([]RuleCounter, error) {
 	return out, nil
 }
 
-// NICs returns the keys (see Key) of the NICs with state in the table.
+// NICs returns the keys (see Key) of the NICs with state in the tables.
 func (m *Manager) NICs() []string {
 	m.mu.Lock()
 	defer m.mu.Unlock()

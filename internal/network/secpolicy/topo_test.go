@@ -232,7 +232,12 @@ func expectFlows(t *testing.T, flows ...flow) {
 	}
 }
 
+// listTable lists every policy table (the main table and the shards).
 func listTable(t testing.TB, n *netnstest.NS) string {
 	t.Helper()
-	return n.MustRun(t, "nft", "list", "table", "ip6", TableName)
+	var b strings.Builder
+	for _, name := range Tables() {
+		b.WriteString(n.MustRun(t, "nft", "list", "table", "ip6", name))
+	}
+	return b.String()
 }

@@ -3,6 +3,7 @@ package secpolicy
 import (
 	"errors"
 	"fmt"
+	"hash/fnv"
 	"net/netip"
 	"strings"
 
@@ -11,7 +12,14 @@ import (
 
 // Table and object names in the kernel.
 const (
-	TableName      = "metald_security"
+	// TableName is the main table: blocked_sources and the shared base
+	// chain rules. The NIC chains live in the shard tables (ShardTable).
+	TableName = "metald_security"
+	// ShardTablePrefix + "0" .. "7" are the shard tables.
+	ShardTablePrefix = "metald_security_"
+	// Shards is the number of shard tables.
+	Shards = 8
+
 	BlockedSources = "blocked_sources"
 	EgressMap      = "egress_by_src"
 	IngressMap     = "ingress_by_dst"
@@ -119,6 +127,44 @@ func sanitize(s string) string {
 }
 
 func (p *NICPolicy) key() string { return Key(p.VMID, p.NIC) }
+
+// ShardTable returns the name of shard table i.
+func ShardTable(i int) string { return fmt.Sprintf("%s%d", ShardTablePrefix, i) }
+
+// Shard returns the shard of NIC key k (see Key): FNV-1a of the key
+// modulo Shards.
+func Shard(k string) int {
+	h := fnv.New32a()
+	h.Write([]byte(k))
+	return int(h.Sum32() % Shards)
+}
+
+// NICTable returns the name of the table that holds a NIC's chains.
+func NICTable(vmID, nic string) string { return ShardTable(Shard(Key(vmID, nic))) }
+
+// Tables returns the names of every policy table: the main table first,
+// then the shards.
+func Tables() []string {
+	out := []string{TableName}
+	for i := range Shards {
+		out = append(out, ShardTable(i))
+	}
+	return out
+}
+
+// shardIndex returns i for the name of shard table i.
+func shardIndex(table string) (int, bool) {
+	rest, ok := strings.CutPrefix(table, ShardTablePrefix)
+	if !ok {
+		return 0, false
+	}
+	for i := range Shards {
+		if rest == fmt.Sprint(i) {
+			return i, true
+		}
+	}
+	return 0, false
+}
 
 func chainName(key, dir string, gen uint64) string {
 	return fmt.Sprintf("vm-%s-%s-g%d", key, dir, gen)
