@@ -33,6 +33,7 @@ import (
 	"github.com/metald/metald/internal/network/nft"
 	"github.com/metald/metald/internal/network/nftgen"
 	"github.com/metald/metald/internal/network/secpolicy"
+	"github.com/metald/metald/internal/network/shape"
 	"github.com/metald/metald/internal/policy"
 	"github.com/metald/metald/internal/secevent"
 	"github.com/metald/metald/internal/secevent/eventhttp"
@@ -113,6 +114,7 @@ type Daemon struct {
 	ipam     *ipam.Manager
 	fw       *nft.Firewall
 	gens     *nftgen.Tracker
+	shaper   *shape.Shaper
 	pol      *secpolicy.Manager
 	hostH    *netlink.Handle
 	labels   labelCache
@@ -263,7 +265,11 @@ func New(ctx context.Context, opt Options) (d *Daemon, err error) {
 	// (new names are removed again when the request fails); rule plans of
 	// configs a request already resolved use the plan parsers, which leave
 	// that request's tentative names alone.
-	hostPorts := ports{m: d.links, hostFd: int(d.hostNS.Fd()), netfiltered: &sync.Map{}}
+	if d.shaper, err = shape.New(int(d.hostNS.Fd())); err != nil {
+		return nil, fmt.Errorf("open shaper: %w", err)
+	}
+	d.shaper.OnCommit(d.gens.Note)
+	hostPorts := ports{m: d.links, hostFd: int(d.hostNS.Fd()), netfiltered: &sync.Map{}, shaper: d.shaper}
 	// Plans pass through the event wrappers (events.go): enhanced
 	// monitoring, policy drops logged to NFLOG, cache_policies.
 	d.evw = eventWiring{
@@ -434,6 +440,9 @@ func (d *Daemon) Close() error {
 	}
 	if d.fw != nil {
 		d.fw.Close()
+	}
+	if d.shaper != nil {
+		d.shaper.Close()
 	}
 	if d.gens != nil {
 		d.gens.Close()

@@ -20,6 +20,8 @@ type ports struct {
 	// netfiltered remembers bridges already switched to the ip6 hooks in
 	// this process (the hot path of CreateVm need not ask again).
 	netfiltered *sync.Map
+	// shaper applies bandwidth and packet-rate limits.
+	shaper *shape.Shaper
 }
 
 func (p ports) EnsureBridge(name string) error {
@@ -98,10 +100,10 @@ func (p ports) EnableSnooping(bridge, port string) error {
 // for traffic from the VM; packet rate by nftables).
 func (p ports) ApplyLimits(dev string, mbps, pps uint32) error {
 	if mbps == 0 && pps == 0 {
-		return shape.Remove(p.hostFd, dev)
+		return p.shaper.Remove(dev)
 	}
-	return shape.Apply(p.hostFd, dev, shape.Limits{Mbps: mbps, PPS: pps})
+	return p.shaper.Apply(dev, shape.Limits{Mbps: mbps, PPS: pps})
 }
 
 // RemoveLimits removes a port's limits.
-func (p ports) RemoveLimits(dev string) error { return shape.Remove(p.hostFd, dev) }
+func (p ports) RemoveLimits(dev string) error { return p.shaper.Remove(dev) }

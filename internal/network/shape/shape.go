@@ -24,6 +24,7 @@ import (
 	"fmt"
 	"hash/fnv"
 	"slices"
+	"sync"
 
 	"github.com/google/nftables"
 	"github.com/google/nftables/binaryutil"
@@ -32,6 +33,8 @@ import (
 	"github.com/vishvananda/netlink/nl"
 	"github.com/vishvananda/netns"
 	"golang.org/x/sys/unix"
+
+	"github.com/metald/metald/internal/network/nftconn"
 )
 
 // Limits are a NIC's limits; zero means unlimited.
@@ -61,22 +64,54 @@ func IFBName(hostDev string) string {
 	return fmt.Sprintf("ifb%08x", h.Sum32())
 }
 
-func handle(hostNS int) (*netlink.Handle, error) {
+// Shaper applies limits in one network namespace. It keeps one netlink
+// handle and one lasting nftables connection: CreateVm removes limits from
+// every new port, and a connection per call would close a netfilter socket
+// each time, which waits for the previous commit's deferred release (an
+// RCU grace period, 8-24 ms) whenever that commit deleted a chain. Methods
+// are safe for concurrent use.
+type Shaper struct {
+	mu   sync.Mutex
+	h    *netlink.Handle
+	nft  *nftables.Conn
+	opts []nftables.ConnOption
+	// gen, when set, is called after each nftables commit (see nftgen).
+	gen func()
+}
+
+// New opens a Shaper for the namespace open at hostNS.
+func New(hostNS int) (*Shaper, error) {
 	h, err := netlink.NewHandleAt(netns.NsHandle(hostNS))
 	if err != nil {
 		return nil, fmt.Errorf("netlink handle: %w", err)
 	}
-	return h, nil
+	opts := nftconn.Options(hostNS)
+	c, err := nftconn.Open(opts)
+	if err != nil {
+		h.Close()
+		return nil, err
+	}
+	return &Shaper{h: h, nft: c, opts: opts}, nil
 }
 
-// Apply sets hostDev's limits in the namespace open at hostNS, replacing
-// earlier ones; a zero field removes that limit.
-func Apply(hostNS int, hostDev string, l Limits) error {
-	h, err := handle(hostNS)
-	if err != nil {
-		return err
-	}
-	defer h.Close()
+// OnCommit sets a function called after every nftables commit (the
+// daemon's ruleset generation tracker). Call it before using the Shaper.
+func (s *Shaper) OnCommit(f func()) { s.gen = f }
+
+// Close releases the handle and the connection; limits stay.
+func (s *Shaper) Close() error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.h.Close()
+	return s.nft.CloseLasting()
+}
+
+// Apply sets hostDev's limits, replacing earlier ones; a zero field
+// removes that limit.
+func (s *Shaper) Apply(hostDev string, l Limits) error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	h := s.h
 	port, err := h.LinkByName(hostDev)
 	if err != nil {
 		return fmt.Errorf("find port %s: %w", hostDev, err)
@@ -93,23 +128,21 @@ func Apply(hostNS int, hostDev string, l Limits) error {
 			return fmt.Errorf("shape from vm on %s: %w", hostDev, err)
 		}
 	}
-	return applyPPS(hostNS, hostDev, l.PPS)
+	return s.applyPPS(hostDev, l.PPS)
 }
 
 // Remove deletes every limit of hostDev. Missing pieces are not errors.
-func Remove(hostNS int, hostDev string) error {
-	h, err := handle(hostNS)
-	if err != nil {
-		return err
-	}
-	defer h.Close()
+func (s *Shaper) Remove(hostDev string) error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	h := s.h
 	var errs []error
 	if port, err := h.LinkByName(hostDev); err == nil {
 		errs = append(errs, removeBandwidth(h, port))
 	} else if ifb, err := h.LinkByName(IFBName(hostDev)); err == nil {
 		errs = append(errs, h.LinkDel(ifb))
 	}
-	errs = append(errs, applyPPS(hostNS, hostDev, 0))
+	errs = append(errs, s.applyPPS(hostDev, 0))
 	return errors.Join(errs...)
 }
 
@@ -215,12 +248,22 @@ func ifname(n string) []byte {
 }
 
 // applyPPS sets (pps > 0) or removes the packet-rate chains of hostDev in
-// one batch.
-func applyPPS(hostNS int, hostDev string, pps uint32) error {
-	c, err := nftables.New(nftables.WithNetNSFd(hostNS))
+// one batch. The caller holds mu. After an error the connection is
+// replaced: messages queued for a batch that was never sent cannot be
+// taken back.
+func (s *Shaper) applyPPS(hostDev string, pps uint32) error {
+	err := s.queuePPS(hostDev, pps)
 	if err != nil {
-		return fmt.Errorf("open nftables connection: %w", err)
+		if c, oerr := nftconn.Open(s.opts); oerr == nil {
+			s.nft.CloseLasting()
+			s.nft = c
+		}
 	}
+	return err
+}
+
+func (s *Shaper) queuePPS(hostDev string, pps uint32) error {
+	c := s.nft
 	tables, err := c.ListTablesOfFamily(nftables.TableFamilyBridge)
 	if err != nil {
 		return fmt.Errorf("list tables: %w", err)
@@ -300,7 +343,14 @@ func applyPPS(hostNS int, hostDev string, pps uint32) error {
 			}
 		}
 	}
-	if err := c.Flush(); err != nil {
+	if pps == 0 && !have[fromVM] {
+		return nil // nothing queued
+	}
+	err = c.Flush()
+	if s.gen != nil {
+		s.gen()
+	}
+	if err != nil {
 		return fmt.Errorf("packet rate limit on %s: %w", hostDev, err)
 	}
 	return nil

@@ -21,6 +21,21 @@ func TestMain(m *testing.M) { os.Exit(netnstest.Main(m)) }
 
 type topo struct {
 	host, a, b *netnstest.NS
+	s          *Shaper
+}
+
+// shaper returns the topology's Shaper, opened on first use.
+func (tp *topo) shaper(t *testing.T) *Shaper {
+	t.Helper()
+	if tp.s == nil {
+		s, err := New(tp.host.Fd())
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { s.Close() })
+		tp.s = s
+	}
+	return tp.s
 }
 
 // newTopo: host ns with br0; VM namespaces a (2001:db8:1::10, port v-a)
@@ -92,10 +107,10 @@ func iperf(t *testing.T, tp *topo, reverse bool) float64 {
 func TestBandwidth(t *testing.T) {
 	tp := newTopo(t)
 	start(t, tp.b, "iperf3", "-s")
-	if err := Apply(tp.host.Fd(), "v-a", Limits{Mbps: 100}); err != nil {
+	if err := tp.shaper(t).Apply("v-a", Limits{Mbps: 100}); err != nil {
 		t.Fatal(err)
 	}
-	if err := Apply(tp.host.Fd(), "v-a", Limits{Mbps: 100}); err != nil { // idempotent
+	if err := tp.shaper(t).Apply("v-a", Limits{Mbps: 100}); err != nil { // idempotent
 		t.Fatal(err)
 	}
 	from, to := iperf(t, tp, false), iperf(t, tp, true)
@@ -105,7 +120,7 @@ func TestBandwidth(t *testing.T) {
 			t.Errorf("rate %.1f Mbit/s outside 100 ±10%%", v)
 		}
 	}
-	if err := Remove(tp.host.Fd(), "v-a"); err != nil {
+	if err := tp.shaper(t).Remove("v-a"); err != nil {
 		t.Fatal(err)
 	}
 	if free := iperf(t, tp, false); free < 300 {
@@ -178,7 +193,7 @@ func flood(t *testing.T, src, dst *netnstest.NS, dstAddr string, secs float64) (
 // 2000/s ±10%, both ways.
 func TestPacketRate(t *testing.T) {
 	tp := newTopo(t)
-	if err := Apply(tp.host.Fd(), "v-a", Limits{PPS: 2000}); err != nil {
+	if err := tp.shaper(t).Apply("v-a", Limits{PPS: 2000}); err != nil {
 		t.Fatal(err)
 	}
 	sent, rate := flood(t, tp.a, tp.b, "2001:db8:1::11", 2)
@@ -192,14 +207,14 @@ func TestPacketRate(t *testing.T) {
 		t.Errorf("toward VM: received %.0f/s, want 2000 ±10%% (sent %.0f/s)", rate, float64(sent)/2)
 	}
 	// Both limits together, then removal.
-	if err := Apply(tp.host.Fd(), "v-a", Limits{Mbps: 50, PPS: 2000}); err != nil {
+	if err := tp.shaper(t).Apply("v-a", Limits{Mbps: 50, PPS: 2000}); err != nil {
 		t.Fatal(err)
 	}
 	_, rate = flood(t, tp.a, tp.b, "2001:db8:1::11", 1)
 	if rate < 1800 || rate > 2200 {
 		t.Errorf("with IFB: from VM %.0f/s, want 2000 ±10%%", rate)
 	}
-	if err := Remove(tp.host.Fd(), "v-a"); err != nil {
+	if err := tp.shaper(t).Remove("v-a"); err != nil {
 		t.Fatal(err)
 	}
 	_, rate = flood(t, tp.a, tp.b, "2001:db8:1::11", 1)
