@@ -1,20 +1,43 @@
-// Package secpolicy owns the `table ip6 metald_security`: kernel enforcement
+// Package secpolicy owns `table ip6 metald_security` and its shard tables
+// metald_security_0..7: kernel enforcement
 // of each VM NIC's resolved security policy (policy.Rule lists), tenant
 // isolation, microsegmentation, allowed destinations, quarantine and the
 // operator's blocked_sources set.
 //
-// # Layout of the table
+// # Layout of the tables
 //
-// Three base chains (forward, input, output; filter priority 0, policy
-// accept) share one shape:
+// The policy is spread over a main table and Shards (8) shard tables, so
+// that an update costs the same however many VMs there are: a commit that
+// adds a rule with a verdict makes the kernel validate every chain
+// reachable from the base chains of each table the commit changed
+// (nft_table_validate), and an update changes one shard only.
+//
+// `table ip6 metald_security` (TableName), content fixed: the operator's
+// blocked_sources, a copy of vm_addrs, and three base chains (forward,
+// input, output; filter priority 0, policy accept):
 //
 //	blocked_sources drop (both directions; in input/output only for VM addresses)
 //	ct state established,related accept
 //	ND/MLD (130-133,135,136,143) accept            RFC 4890: never broken by a user's deny all
 //	RA/redirect (134,137) from a VM address drop   (output: the host is the gateway, they pass)
 //	ct state invalid drop
+//
+// `table ip6 metald_security_0` .. `_7` (ShardTable, NICTable): a NIC's
+// chains live in shard FNV-1a(Key(vm, nic)) mod 8 (Shard), with the
+// shard's verdict maps egress_by_src and ingress_by_dst, its log_deny and
+// log_allow chains, a copy of every managed set, and three base chains
+// (forward, input, output; priority filter+1, policy accept):
+//
+//	ct state established,related accept            an accept in the main table does not stop
+//	ND/MLD accept (output: ND/MLD/RA/redirect)     the later base chains: repeated here
 //	ip6 saddr vmap @egress_by_src                  (forward, input)
 //	ip6 daddr vmap @ingress_by_dst                 (forward, output)
+//
+// A packet passes the main table's base chain and then the 8 shards' for its
+// hook; a drop anywhere is final. Between two local VMs the sender's egress
+// chain runs in the sender's shard and the receiver's ingress chain in the
+// receiver's, in shard order (when the receiver's shard comes first its
+// ingress chain sees, and counts, a packet the sender's egress then drops).
 //
 // The verdict maps are keyed on every address of a VM (global and link-local);
 // the first-hop source guard in the bridge table makes a source address an
@@ -43,7 +66,7 @@
 //     logged verdict is `goto log_deny` (rate limit, log prefix
 //     "metald-ipv6-deny ", drop) or `goto log_allow` (prefix
 //     "metald-ipv6-allow ", then back to the base chain); the log rate
-//     limit is one budget per table;
+//     limit is one budget per shard table;
 //  5. when the default is allow: moderate isolation drops a peer that is a
 //     local VM of another tenant, and microsegmentation drops a peer of the
 //     same tenant on the same bridge (both need an explicit allow rule);
@@ -55,15 +78,22 @@
 // attributed to device and rule, for internal/secevent (eventlog.go);
 // blocked_sources drops in the forward chain are sampled the same way.
 //
-// Named sets: blocked_sources (operator-owned: created if absent, never
-// flushed, never deleted), vm_addrs (every local VM address), tenant-<t>,
-// bridge-<b>, and sg-<group> for security groups. Membership changes are
-// element additions and removals; rules are never rewritten for them.
+// Named sets: blocked_sources (main table; operator-owned: created if
+// absent, never flushed, never deleted), vm_addrs (every local VM address;
+// main table and every shard), tenant-<t>, bridge-<b>, and sg-<group> for
+// security groups (every shard). The copies of a set have the same
+// elements. Membership changes are element additions and removals in every
+// copy, in the change's one batch; rules are never rewritten for them.
+//
+// A main table of the former single-table layout (NIC chains, maps, log
+// chains and managed sets in metald_security) is cleaned up by the first
+// commit of a Manager; its NICs are not loaded and are enforced again when
+// they are next applied.
 //
 // # Updates
 //
-// A NIC's chains are named vm-<vm>.<nic>-{in,out}-g<N>[-dst|-strict]. An
-// update builds the chains of generation N+1, moves the NIC's map entries to them, and deletes
+// A NIC's chains are named vm-<vm>.<nic>-{in,out}-g<N>[-dst|-strict], in
+// its shard table. An update builds the chains of generation N+1, moves the NIC's map entries to them, and deletes
 // the generation-N chains, all in one netlink batch (one nf_tables
 // transaction): a failed update changes nothing, and no packet ever sees a
 // NIC without a chain.

@@ -271,3 +271,58 @@ func TestKernelLogPrefix(t *testing.T) {
 }
 
 var _ = sync.Mutex{}
+
+// TestSingleTableLayoutCleanedUp: a main table left by the single-table
+// layout (NIC chains, maps, log chains and managed sets in
+// metald_security) is cleaned up by the first commit: the operator's
+// blocked_sources and its elements stay, vm_addrs follows the NICs, and the
+// NICs are enforced from their shards.
+func TestSingleTableLayoutCleanedUp(t *testing.T) {
+	tp := newTopo(t, 1)
+	a, b := tp.addVM("a", 0, 0x10), tp.addVM("b", 0, 0x11)
+	old := `table ip6 metald_security {
+	set blocked_sources { type ipv6_addr; flags interval; elements = { 2001:db8:9::1 } }
+	set vm_addrs { type ipv6_addr; elements = { 2001:db8:1::10, 2001:db8:1::99 } }
+	set tenant-t1 { type ipv6_addr; elements = { 2001:db8:1::10 } }
+	chain log_deny { drop; }
+	chain vm-old.eth0-in-g1 { goto log_deny; }
+	chain vm-old.eth0-in-g0 { jump vm-old.eth0-in-g1; }
+	map egress_by_src { type ipv6_addr : verdict; elements = { 2001:db8:1::99 : jump vm-old.eth0-in-g0 } }
+	map ingress_by_dst { type ipv6_addr : verdict; }
+	chain forward { type filter hook forward priority 0; policy accept; ip6 saddr vmap @egress_by_src; }
+}
+`
+	f := t.TempDir() + "/old.nft"
+	if err := os.WriteFile(f, []byte(old), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	tp.host.MustRun(t, "nft", "-f", f)
+	m, err := New(tp.host.Fd())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer m.Close()
+	if n := m.NICs(); len(n) != 0 {
+		t.Fatalf("NICs of the old layout loaded: %v", n)
+	}
+	pb := b.plan("t1")
+	pb.Ingress = rules(t, "ingress", "allow tcp from any to any port 80", "deny all from any to any")
+	for _, p := range []NICPolicy{a.plan("t1"), pb} {
+		if err := m.Upsert(context.Background(), p); err != nil {
+			t.Fatal(err)
+		}
+	}
+	main := tp.host.MustRun(t, "nft", "list", "table", "ip6", TableName)
+	for _, gone := range []string{"vm-old", "egress_by_src", "ingress_by_dst", "tenant-t1", "log_deny", "2001:db8:1::99"} {
+		if strings.Contains(main, gone) {
+			t.Errorf("main table still has %s:\n%s", gone, main)
+		}
+	}
+	for _, kept := range []string{"2001:db8:9::1", a.addr.String(), b.addr.String()} {
+		if !strings.Contains(main, kept) {
+			t.Errorf("main table lacks %s:\n%s", kept, main)
+		}
+	}
+	b.serve(t, "tcp:80", "tcp:81")
+	expectFlows(t, flow{a, b, 80, true}, flow{a, b, 81, false})
+}
