@@ -6,23 +6,19 @@ import (
 	"strings"
 
 	"github.com/google/nftables"
-	"github.com/google/nftables/expr"
 	"golang.org/x/sys/unix"
 
 	"github.com/metald/metald/internal/network"
 )
 
 // AllCounters returns the packet count of every control counter of every
-// NIC in the table, keyed by host device, from one dump of the table's
-// named objects. A missing table yields an empty map.
+// NIC in the shard tables, keyed by host device, from one dump of each
+// shard table's named objects. No tables yield an empty map.
 func (f *Firewall) AllCounters() (map[string]map[network.Control]uint64, error) {
 	f.mu.Lock()
 	defer f.unlock()
-	objs, err := f.conn.GetNamedObjects(table())
+	tables, err := f.conn.ListTablesOfFamily(nftables.TableFamilyNetdev)
 	if err != nil {
-		if errors.Is(err, unix.ENOENT) {
-			return map[string]map[network.Control]uint64{}, nil
-		}
 		return nil, fmt.Errorf("read counters: %w", err)
 	}
 	known := map[string]network.Control{}
@@ -30,35 +26,34 @@ func (f *Firewall) AllCounters() (map[string]map[network.Control]uint64, error) 
 		known[string(c)] = c
 	}
 	out := map[string]map[network.Control]uint64{}
-	for _, o := range objs {
-		var name string
-		var packets uint64
-		switch co := o.(type) {
-		case *nftables.CounterObj:
-			name, packets = co.Name, co.Packets
-		case *nftables.NamedObj:
-			cnt, ok := co.Obj.(*expr.Counter)
-			if !ok {
-				continue
-			}
-			name, packets = co.Name, cnt.Packets
-		default:
-			continue
-		}
-		// Counter names are "<dev>-<control>" and controls contain no '-'.
-		i := strings.LastIndexByte(name, '-')
-		if i <= 0 {
-			continue
-		}
-		ctl, ok := known[name[i+1:]]
+	for _, t := range tables {
+		s, ok := parseShard(t.Name)
 		if !ok {
 			continue
 		}
-		dev := name[:i]
-		if out[dev] == nil {
-			out[dev] = map[network.Control]uint64{}
+		objs, err := f.conn.GetNamedObjects(shardTable(s))
+		if err != nil {
+			if errors.Is(err, unix.ENOENT) {
+				continue // deleted since the listing
+			}
+			return nil, fmt.Errorf("read counters: %w", err)
 		}
-		out[dev][ctl] = packets
+		for name, v := range countersIn(objs) {
+			// Counter names are "<dev>-<control>" and controls contain no '-'.
+			i := strings.LastIndexByte(name, '-')
+			if i <= 0 {
+				continue
+			}
+			ctl, ok := known[name[i+1:]]
+			if !ok {
+				continue
+			}
+			dev := name[:i]
+			if out[dev] == nil {
+				out[dev] = map[network.Control]uint64{}
+			}
+			out[dev][ctl] += v.packets
+		}
 	}
 	return out, nil
 }

@@ -20,27 +20,55 @@ var update = flag.Bool("update", false, "rewrite testdata/*.nft from the kernel'
 
 var counterValues = regexp.MustCompile(`packets \d+ bytes \d+`)
 
-// listTable returns `nft list table bridge metald` in n with counter values
-// zeroed.
-func listTable(t *testing.T, n *netnstest.NS) string {
+// listTable returns the listing of every metald table in n (`nft list
+// table bridge metald`, then each netdev shard table in name order) with
+// counter values zeroed.
+func listTable(t testing.TB, n *netnstest.NS) string {
 	t.Helper()
-	out := n.MustRun(t, "nft", "list", "table", "bridge", TableName)
-	return counterValues.ReplaceAllString(out, "packets 0 bytes 0")
+	return counterValues.ReplaceAllString(listTables(t, n), "packets 0 bytes 0")
 }
 
-// canonical sorts the top-level blocks of a listing: the kernel lists
-// objects in creation order, which depends on history, not on state.
+// listTables lists every metald table in n with extra nft flags.
+func listTables(t testing.TB, n *netnstest.NS, flags ...string) string {
+	t.Helper()
+	var names []string
+	for _, line := range strings.Split(n.MustRun(t, "nft", "list", "tables"), "\n") {
+		f := strings.Fields(line)
+		if len(f) != 3 || f[0] != "table" {
+			continue
+		}
+		if (f[1] == "bridge" && f[2] == TableName) || (f[1] == "netdev" && strings.HasPrefix(f[2], ShardPrefix)) {
+			names = append(names, f[1]+" "+f[2])
+		}
+	}
+	sort.Strings(names) // "bridge metald", then the shards in order
+	var out strings.Builder
+	for _, name := range names {
+		args := append(append([]string{}, flags...), "list", "table")
+		args = append(args, strings.Fields(name)...)
+		out.WriteString(n.MustRun(t, "nft", args...))
+	}
+	return out.String()
+}
+
+// canonical sorts the top-level blocks of each table of a listing: the
+// kernel lists objects in creation order, which depends on history, not
+// on state.
 func canonical(listing string) string {
-	lines := strings.Split(strings.TrimSpace(listing), "\n")
-	if len(lines) < 2 {
-		return listing
+	var out []string
+	for _, tbl := range strings.SplitAfter(strings.TrimSpace(listing), "\n}") {
+		lines := strings.Split(strings.TrimSpace(tbl), "\n")
+		if len(lines) < 2 {
+			continue
+		}
+		blocks := strings.Split(strings.Join(lines[1:len(lines)-1], "\n"), "\n\n")
+		for i := range blocks {
+			blocks[i] = strings.TrimSpace(blocks[i])
+		}
+		sort.Strings(blocks)
+		out = append(out, lines[0]+"\n"+strings.Join(blocks, "\n\n"))
 	}
-	blocks := strings.Split(strings.Join(lines[1:len(lines)-1], "\n"), "\n\n")
-	for i := range blocks {
-		blocks[i] = strings.TrimSpace(blocks[i])
-	}
-	sort.Strings(blocks)
-	return strings.Join(blocks, "\n\n")
+	return strings.Join(out, "\n\n")
 }
 
 func newFW(t *testing.T) (*netnstest.NS, *Firewall) {
@@ -112,7 +140,7 @@ func TestIdempotent(t *testing.T) {
 	if err := fw.Apply(ctx, plans); err != nil {
 		t.Fatal(err)
 	}
-	first := n.MustRun(t, "nft", "list", "table", "bridge", TableName)
+	first := listTables(t, n)
 	if err := fw.Apply(ctx, plans); err != nil {
 		t.Fatal(err)
 	}
@@ -121,7 +149,7 @@ func TestIdempotent(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	if second := n.MustRun(t, "nft", "list", "table", "bridge", TableName); second != first {
+	if second := listTables(t, n); second != first {
 		t.Errorf("re-apply changed the ruleset:\n--- first\n%s\n--- second\n%s", first, second)
 	}
 	if err := fw.RemoveNIC("no-such-dev"); err != nil {

@@ -4,14 +4,11 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"maps"
 	"slices"
-	"strings"
 	"sync"
 
 	"github.com/google/nftables"
-	"github.com/google/nftables/binaryutil"
-	"github.com/google/nftables/expr"
-	"github.com/mdlayher/netlink"
 	"golang.org/x/sys/unix"
 
 	"github.com/metald/metald/internal/network"
@@ -19,12 +16,12 @@ import (
 	"github.com/metald/metald/internal/network/nftgen"
 )
 
-// ErrNotFound reports a NIC that has no state in the table.
+// ErrNotFound reports a NIC that has no state in the tables.
 var ErrNotFound = errors.New("nic not programmed")
 
-// Firewall programs metald's bridge table through one nftables connection.
-// Every method is one netlink batch (one Conn.Flush); methods are safe for
-// concurrent use.
+// Firewall programs metald's tables (the bridge table and the netdev shard
+// tables) through one nftables connection. Every change is one netlink
+// batch (one Conn.Flush); methods are safe for concurrent use.
 type Firewall struct {
 	// logGroup, when not 0, makes counted drops log a rate-limited sample
 	// to this NFLOG group (SetLogGroup).
@@ -36,9 +33,21 @@ type Firewall struct {
 	// after it is released (see notifyRemoved).
 	pending []removed
 	// shared are the shared constant sets known to exist; pendingShared
-	// those queued in the batch being built (name -> batch id).
-	shared        map[string]bool
-	pendingShared map[string]uint32
+	// those queued in the batch being built (-> batch id). Sets are
+	// table-scoped: every shard has its own.
+	shared        map[setKey]bool
+	pendingShared map[setKey]uint32
+	// absent are shard tables known not to exist (none of their shared
+	// sets need asking about).
+	absent map[int]bool
+	// where maps each host device to the shard(s) holding its objects:
+	// loaded from the kernel by every full read (start-up, Apply,
+	// reconcile, NICs) and kept by metald's own commits. loaded is false
+	// until the first read and after a failed commit.
+	where  map[string][]int
+	loaded bool
+	// batch is what the batch being built changes (applied on success).
+	batch batchState
 	// opts re-open the connection (abort); nil for NewWithConn.
 	opts []nftables.ConnOption
 
@@ -112,7 +121,7 @@ func New(nsFd int) (*Firewall, error) {
 	return f, nil
 }
 
-// Close releases the netlink connection; the table stays.
+// Close releases the netlink connection; the tables stay.
 func (f *Firewall) Close() error {
 	f.recMu.Lock()
 	defer f.recMu.Unlock()
@@ -129,7 +138,10 @@ func (f *Firewall) Close() error {
 func NewWithConn(c *nftables.Conn) *Firewall { return newFirewall(c) }
 
 func newFirewall(c *nftables.Conn) *Firewall {
-	return &Firewall{conn: c, shared: map[string]bool{}, pendingShared: map[string]uint32{}, lastWrite: map[string]uint64{}}
+	f := &Firewall{conn: c, lastWrite: map[string]uint64{}}
+	f.forget()
+	f.batch = newBatch()
+	return f
 }
 
 // SetLogGroup makes every counted drop of NICs programmed from now on also
@@ -142,55 +154,96 @@ func (f *Firewall) SetLogGroup(g uint16) {
 	f.logGroup = g
 }
 
-func baseChain(name string, hook *nftables.ChainHook) *nftables.Chain {
-	accept := nftables.ChainPolicyAccept
-	return &nftables.Chain{
-		Name: name, Table: table(), Type: nftables.ChainTypeFilter,
-		Hooknum: hook, Priority: nftables.ChainPriorityRef(BasePriority), Policy: &accept,
-	}
+// setKey names a set in one table.
+type setKey struct{ table, name string }
+
+// batchState records what the batch being built does, to be learned once
+// it commits.
+type batchState struct {
+	shards  map[int]bool     // shard tables (re)declared
+	dropped map[int]bool     // shard tables deleted
+	where   map[string][]int // host device -> shards after the batch (nil: none)
+	queued  bool             // anything queued at all
 }
 
-func vmap(name string) *nftables.Set {
-	// ifname keys are strings: nft expects host byte order to print them.
-	return &nftables.Set{Table: table(), Name: name, IsMap: true, KeyType: nftables.TypeIFName,
-		DataType: nftables.TypeVerdict, KeyByteOrder: binaryutil.NativeEndian}
+func newBatch() batchState {
+	return batchState{shards: map[int]bool{}, dropped: map[int]bool{}, where: map[string][]int{}}
+}
+
+// forget drops everything learned about the kernel: the next operation
+// reads it again. The caller holds mu (or owns f).
+func (f *Firewall) forget() {
+	f.shared = map[setKey]bool{}
+	f.pendingShared = map[setKey]uint32{}
+	f.absent = map[int]bool{}
+	f.where = map[string][]int{}
+	f.loaded = false
+}
+
+// learn records what a full read of the kernel found. The caller holds mu.
+func (f *Firewall) learn(st kernelState) {
+	f.shared = map[setKey]bool{}
+	f.absent = map[int]bool{}
+	for i := range Shards {
+		ss := st.shards[i]
+		if ss == nil {
+			f.absent[i] = true
+			continue
+		}
+		for name := range ss.sets {
+			f.shared[setKey{ShardName(i), name}] = true
+		}
+	}
+	f.where = st.where()
+	f.loaded = true
+}
+
+// readState reads every metald table on the batch connection and learns
+// from it. The caller holds mu.
+func (f *Firewall) readState() (kernelState, error) {
+	st, err := readKernel(f.conn)
+	if err != nil {
+		f.forget()
+		return st, err
+	}
+	f.learn(st)
+	return st, nil
+}
+
+// load reads the kernel unless the Firewall already knows where every NIC
+// is. The caller holds mu.
+func (f *Firewall) load() error {
+	if f.loaded {
+		return nil
+	}
+	_, err := f.readState()
+	return err
 }
 
 // dynamicSet is an address set filled from the packet path, with
 // per-element timeouts.
-func dynamicSet(name string) *nftables.Set {
-	return &nftables.Set{Table: table(), Name: name, KeyType: nftables.TypeIP6Addr, Dynamic: true, HasTimeout: true}
+func dynamicSet(t *nftables.Table, name string) *nftables.Set {
+	return &nftables.Set{Table: t, Name: name, KeyType: nftables.TypeIP6Addr, Dynamic: true, HasTimeout: true}
 }
 
-func dispatch(key expr.MetaKey, set string) []expr.Any {
-	return []expr.Any{
-		&expr.Meta{Key: key, Register: 1},
-		&expr.Lookup{SourceRegister: 1, SetName: set, DestRegister: 0, IsDestRegSet: true},
-	}
-}
-
-// queueBase queues the table, base chains and dispatch maps. Re-adding
-// existing objects is a no-op, so every batch starts with it; the base
-// chains' single dispatch rule is rewritten each time.
-func (f *Firewall) queueBase() error {
+// queueBase queues the bridge table and its input chain. Re-adding
+// existing objects is a no-op, so every batch starts with it; the input
+// chain's single rule is rewritten each time.
+func (f *Firewall) queueBase() {
 	c := f.conn
-	c.AddTable(table())
-	for _, m := range []string{FromVMMap, ToVMMap} {
-		if err := c.AddSet(vmap(m), nil); err != nil {
-			return fmt.Errorf("add map %s: %w", m, err)
-		}
-	}
-	if err := c.AddSet(dynamicSet(PrivOwnedSet), nil); err != nil {
-		return fmt.Errorf("add set %s: %w", PrivOwnedSet, err)
-	}
+	c.AddTable(bridgeTable())
+	accept := nftables.ChainPolicyAccept
 	for _, b := range baseChains() {
-		ch := c.AddChain(baseChain(b.name, b.hook))
+		ch := c.AddChain(&nftables.Chain{
+			Name: b.name, Table: bridgeTable(), Type: nftables.ChainTypeFilter,
+			Hooknum: b.hook, Priority: nftables.ChainPriorityRef(BasePriority), Policy: &accept,
+		})
 		c.FlushChain(ch)
 		for _, r := range b.rules {
-			c.AddRule(&nftables.Rule{Table: table(), Chain: ch, Exprs: r.exprs, UserData: commentData(r.comment)})
+			c.AddRule(&nftables.Rule{Table: bridgeTable(), Chain: ch, Exprs: r.exprs, UserData: commentData(r.comment)})
 		}
 	}
-	return nil
+	f.batch.queued = true
 }
 
 type baseSpec struct {
@@ -199,43 +252,64 @@ type baseSpec struct {
 	rules []rule
 }
 
-// baseChains are the hooked chains and their fixed rules.
+// baseChains are the bridge table's chains and their fixed rules.
 func baseChains() []baseSpec {
-	d := func(key expr.MetaKey, set string) []rule {
-		return []rule{{exprs: dispatch(key, set), comment: "metald dispatch"}}
-	}
 	return []baseSpec{
-		{ChainPrerouting, nftables.ChainHookPrerouting, d(expr.MetaKeyIIFNAME, FromVMMap)},
-		{ChainForward, nftables.ChainHookForward, d(expr.MetaKeyOIFNAME, ToVMMap)},
-		{ChainOutput, nftables.ChainHookOutput, d(expr.MetaKeyOIFNAME, ToVMMap)},
 		// VLAN marks stay inside the bridge.
 		{ChainInput, nftables.ChainHookInput, []rule{{exprs: append(markTagged(), setMark(0)...), comment: "metald vlan mark clear"}}},
 	}
 }
 
-// queueNIC queues the complete state of one NIC, replacing what it had.
-// The port's map entries are added last, after its chains are complete.
-func (f *Firewall) queueNIC(p network.NICPlan) error {
+// queueShard queues shard table s and its priv_owned set (once a batch).
+func (f *Firewall) queueShard(s int) error {
+	if f.batch.shards[s] {
+		return nil
+	}
+	t := shardTable(s)
+	f.conn.AddTable(t)
+	if err := f.conn.AddSet(dynamicSet(t, PrivOwnedSet), nil); err != nil {
+		return fmt.Errorf("add set %s: %w", PrivOwnedSet, err)
+	}
+	f.batch.shards[s] = true
+	f.batch.queued = true
+	return nil
+}
+
+// queueDropShard queues the deletion of shard table s with everything in it.
+func (f *Firewall) queueDropShard(s int) {
+	f.conn.DelTable(shardTable(s))
+	f.batch.dropped[s] = true
+	delete(f.batch.shards, s)
+	f.batch.queued = true
+}
+
+// queueNIC queues the complete state of one NIC in shard s, replacing
+// what it had there. carry gives counters their starting values (a NIC
+// moving between shards keeps its counts); counters that exist keep theirs.
+func (f *Firewall) queueNIC(p network.NICPlan, s int, carry map[string]counterVal) error {
 	if err := p.Validate(); err != nil {
 		return err
 	}
+	if err := f.queueShard(s); err != nil {
+		return err
+	}
 	c := f.conn
+	t := shardTable(s)
 	spec := buildNIC(p, f.logGroup)
-	chains := map[string]*nftables.Chain{}
-	for _, name := range spec.chains {
-		ch := c.AddChain(&nftables.Chain{Name: name, Table: table()})
-		c.FlushChain(ch)
-		chains[name] = ch
+	// Counters first: rules refer to them.
+	for _, name := range countersOf(spec.names) {
+		v := carry[name]
+		c.AddObj(&nftables.CounterObj{Table: t, Name: name, Packets: v.packets, Bytes: v.bytes})
 	}
 	for _, s := range spec.sets {
-		set := &nftables.Set{Table: table(), Name: s.name, KeyType: s.keyType}
 		if s.dynamic {
 			// packet-path state: created once, never flushed
-			if err := c.AddSet(dynamicSet(s.name), nil); err != nil {
+			if err := c.AddSet(dynamicSet(t, s.name), nil); err != nil {
 				return fmt.Errorf("add set %s: %w", s.name, err)
 			}
 			continue
 		}
+		set := &nftables.Set{Table: t, Name: s.name, KeyType: s.keyType}
 		if err := c.AddSet(set, nil); err != nil {
 			return fmt.Errorf("add set %s: %w", s.name, err)
 		}
@@ -250,171 +324,48 @@ func (f *Firewall) queueNIC(p network.NICPlan) error {
 			}
 		}
 	}
-	for _, name := range countersOf(spec.names) {
-		c.AddObj(&nftables.CounterObj{Table: table(), Name: name})
+	// Helper chains first, the hooked chains last: a new NIC's hooks
+	// appear with their rules in the same commit either way.
+	chains := map[string]*nftables.Chain{}
+	from, to := spec.names.FromChain(), spec.names.ToChain()
+	for _, name := range spec.chains {
+		var ch *nftables.Chain
+		switch name {
+		case from:
+			ch = c.AddChain(nicBaseChain(t, name, nftables.ChainHookIngress, p.HostDevice))
+		case to:
+			ch = c.AddChain(nicBaseChain(t, name, nftables.ChainHookEgress, p.HostDevice))
+		default:
+			ch = c.AddChain(&nftables.Chain{Name: name, Table: t})
+		}
+		c.FlushChain(ch)
+		chains[name] = ch
 	}
 	for _, r := range spec.rules {
 		for _, a := range r.anons {
-			id, err := f.ensureShared(a)
+			id, err := f.ensureShared(s, a)
 			if err != nil {
 				return err
 			}
 			a.lookup.SetID = id
 		}
-		c.AddRule(&nftables.Rule{Table: table(), Chain: chains[r.chain], Exprs: r.exprs, UserData: commentData(r.comment)})
+		c.AddRule(&nftables.Rule{Table: t, Chain: chains[r.chain], Exprs: r.exprs, UserData: commentData(r.comment)})
 	}
-	key := ifnameKey(p.HostDevice)
-	if err := c.SetAddElements(vmap(FromVMMap), []nftables.SetElement{{Key: key,
-		VerdictData: &expr.Verdict{Kind: expr.VerdictGoto, Chain: spec.names.FromChain()}}}); err != nil {
-		return fmt.Errorf("add %s to %s: %w", p.HostDevice, FromVMMap, err)
-	}
-	if err := c.SetAddElements(vmap(ToVMMap), []nftables.SetElement{{Key: key,
-		VerdictData: &expr.Verdict{Kind: expr.VerdictGoto, Chain: spec.names.ToChain()}}}); err != nil {
-		return fmt.Errorf("add %s to %s: %w", p.HostDevice, ToVMMap, err)
-	}
+	f.batch.where[p.HostDevice] = []int{s}
+	f.batch.queued = true
 	return nil
 }
 
-// kernelState is what the table holds now, as far as removal needs it.
-type kernelState struct {
-	exists   bool
-	chains   map[string]bool
-	sets     map[string]bool
-	counters map[string]bool
-	packets  map[string]uint64 // counter name -> packets
-	fromKeys map[string]bool
-	toKeys   map[string]bool
-	// fromTarget and toTarget map a port to the chain its map entry jumps to.
-	fromTarget map[string]string
-	toTarget   map[string]string
-}
-
-// readState reads the kernel on the batch connection and re-learns which
-// shared sets exist. The caller holds mu.
-func (f *Firewall) readState() (kernelState, error) {
-	st, err := readKernel(f.conn)
-	f.shared = map[string]bool{}
-	for name := range st.sets {
-		f.shared[name] = true
-	}
-	return st, err
-}
-
-// readKernel reads what the table holds on connection c.
-func readKernel(c *nftables.Conn) (kernelState, error) {
-	st := kernelState{chains: map[string]bool{}, sets: map[string]bool{}, counters: map[string]bool{},
-		packets: map[string]uint64{}, fromKeys: map[string]bool{}, toKeys: map[string]bool{},
-		fromTarget: map[string]string{}, toTarget: map[string]string{}}
-	tables, err := c.ListTablesOfFamily(nftables.TableFamilyBridge)
-	if err != nil {
-		return st, fmt.Errorf("list tables: %w", err)
-	}
-	for _, t := range tables {
-		if t.Name == TableName {
-			st.exists = true
-		}
-	}
-	if !st.exists {
-		return st, nil
-	}
-	chains, err := c.ListChainsOfTableFamily(nftables.TableFamilyBridge)
-	if err != nil {
-		return st, fmt.Errorf("list chains: %w", err)
-	}
-	for _, ch := range chains {
-		if ch.Table.Name == TableName {
-			st.chains[ch.Name] = true
-		}
-	}
-	sets, err := c.GetSets(table())
-	if err != nil {
-		return st, fmt.Errorf("list sets: %w", err)
-	}
-	for _, s := range sets {
-		st.sets[s.Name] = true
-		if s.Name == FromVMMap || s.Name == ToVMMap {
-			els, err := c.GetSetElements(s)
-			if err != nil {
-				return st, fmt.Errorf("list %s: %w", s.Name, err)
-			}
-			for _, e := range els {
-				k := strings.TrimRight(string(e.Key), "\x00")
-				target := ""
-				if e.VerdictData != nil {
-					target = e.VerdictData.Chain
-				} else {
-					target = verdictChain(e.Val)
-				}
-				if s.Name == FromVMMap {
-					st.fromKeys[k] = true
-					st.fromTarget[k] = target
-				} else {
-					st.toKeys[k] = true
-					st.toTarget[k] = target
-				}
-			}
-		}
-	}
-	objs, err := c.GetNamedObjects(table())
-	if err != nil {
-		return st, fmt.Errorf("list objects: %w", err)
-	}
-	for _, o := range objs {
-		if co, ok := o.(*nftables.CounterObj); ok {
-			st.counters[co.Name] = true
-			st.packets[co.Name] = co.Packets
-		} else if no, ok := o.(*nftables.NamedObj); ok && no.Type == nftables.ObjTypeCounter {
-			st.counters[no.Name] = true
-			if cnt, ok := no.Obj.(*expr.Counter); ok {
-				st.packets[no.Name] = cnt.Packets
-			}
-		}
-	}
-	return st, nil
-}
-
-// nics returns the host devices with state in the table: every NIC owns a
-// "<dev>-addrs" set, and map entries point at NIC chains.
-func (st kernelState) nics() []string {
-	seen := map[string]bool{}
-	for s := range st.sets {
-		if dev, ok := strings.CutSuffix(s, "-addrs"); ok && network.ValidHostDevice(dev) {
-			seen[dev] = true
-		}
-	}
-	for k := range st.fromKeys {
-		seen[k] = true
-	}
-	for k := range st.toKeys {
-		seen[k] = true
-	}
-	out := make([]string, 0, len(seen))
-	for k := range seen {
-		out = append(out, k)
-	}
-	slices.Sort(out)
-	return out
-}
-
-// queueRemove queues the removal of everything hostDev owns that exists.
-func (f *Firewall) queueRemove(st kernelState, hostDev string) error {
+// queueRemove queues the removal of everything hostDev owns in shard s
+// that exists (chains: all of a NIC's chains unless ss lists them).
+func (f *Firewall) queueRemove(s int, ss *shardState, hostDev string) {
 	c := f.conn
+	t := shardTable(s)
 	n := network.NamesFor(hostDev)
-	key := ifnameKey(hostDev)
-	if st.fromKeys[hostDev] {
-		if err := c.SetDeleteElements(vmap(FromVMMap), []nftables.SetElement{{Key: key}}); err != nil {
-			return err
-		}
-	}
-	if st.toKeys[hostDev] {
-		if err := c.SetDeleteElements(vmap(ToVMMap), []nftables.SetElement{{Key: key}}); err != nil {
-			return err
-		}
-	}
 	var chs []*nftables.Chain
 	for _, name := range chainsOf(n) {
-		if st.chains[name] {
-			ch := &nftables.Chain{Name: name, Table: table()}
+		if !ss.chainsKnown || ss.chains[name] != nil {
+			ch := &nftables.Chain{Name: name, Table: t}
 			c.FlushChain(ch)
 			chs = append(chs, ch)
 		}
@@ -422,37 +373,46 @@ func (f *Firewall) queueRemove(st kernelState, hostDev string) error {
 	for _, ch := range chs {
 		c.DelChain(ch)
 	}
-	for _, s := range setsOf(n) {
-		if st.sets[s] {
-			c.DelSet(&nftables.Set{Table: table(), Name: s})
+	for _, name := range setsOf(n) {
+		if ss.sets[name] {
+			c.DelSet(&nftables.Set{Table: t, Name: name})
 		}
 	}
-	for _, o := range countersOf(n) {
-		if st.counters[o] {
-			c.DeleteObject(&nftables.CounterObj{Table: table(), Name: o})
+	for _, name := range countersOf(n) {
+		if _, ok := ss.counters[name]; ok {
+			c.DeleteObject(&nftables.CounterObj{Table: t, Name: name})
 		}
 	}
-	return nil
+	if _, ok := f.batch.where[hostDev]; !ok {
+		f.batch.where[hostDev] = slices.DeleteFunc(slices.Clone(f.where[hostDev]), func(x int) bool { return x == s })
+	} else {
+		f.batch.where[hostDev] = slices.DeleteFunc(f.batch.where[hostDev], func(x int) bool { return x == s })
+	}
+	f.batch.queued = true
 }
 
-// ensureShared queues the creation of the shared constant set a rule looks
-// up unless it exists (known from an earlier batch, asked of the kernel
-// once, or queued in this batch). It returns the batch id of a set queued
-// now, 0 for one that exists.
-func (f *Firewall) ensureShared(a anonSet) (uint32, error) {
-	if id, ok := f.pendingShared[a.name]; ok {
+// ensureShared queues the creation of the shared constant set a rule of
+// shard s looks up unless it exists (known from an earlier batch, asked of
+// the kernel once, or queued in this batch). It returns the batch id of a
+// set queued now, 0 for one that exists.
+func (f *Firewall) ensureShared(s int, a anonSet) (uint32, error) {
+	t := shardTable(s)
+	k := setKey{t.Name, a.name}
+	if id, ok := f.pendingShared[k]; ok {
 		return id, nil
 	}
-	if f.shared[a.name] {
-		return 0, nil
+	if !f.absent[s] && !f.batch.dropped[s] {
+		if f.shared[k] {
+			return 0, nil
+		}
+		if _, err := f.conn.GetSetByName(t, a.name); err == nil {
+			f.shared[k] = true
+			return 0, nil
+		} else if !errors.Is(err, unix.ENOENT) {
+			return 0, fmt.Errorf("look up set %s: %w", a.name, err)
+		}
 	}
-	if _, err := f.conn.GetSetByName(table(), a.name); err == nil {
-		f.shared[a.name] = true
-		return 0, nil
-	} else if !errors.Is(err, unix.ENOENT) {
-		return 0, fmt.Errorf("look up set %s: %w", a.name, err)
-	}
-	set := &nftables.Set{Table: table(), Name: a.name, KeyType: a.keyType, Constant: true}
+	set := &nftables.Set{Table: t, Name: a.name, KeyType: a.keyType, Constant: true}
 	var el []nftables.SetElement
 	for _, e := range a.elems {
 		el = append(el, nftables.SetElement{Key: e})
@@ -460,14 +420,15 @@ func (f *Firewall) ensureShared(a anonSet) (uint32, error) {
 	if err := f.conn.AddSet(set, el); err != nil {
 		return 0, fmt.Errorf("add set %s: %w", a.name, err)
 	}
-	f.pendingShared[a.name] = set.ID
+	f.pendingShared[k] = set.ID
 	return set.ID, nil
 }
 
 // abort discards the batch being built after a build error: queued
 // messages cannot be taken back, so the connection is replaced.
 func (f *Firewall) abort(err error) error {
-	f.pendingShared = map[string]uint32{}
+	f.pendingShared = map[setKey]uint32{}
+	f.batch = newBatch()
 	if f.opts == nil {
 		return err
 	}
@@ -494,83 +455,219 @@ func (f *Firewall) chunk(queued *int, what string) error {
 	return f.flush(what)
 }
 
+// flush commits the batch and learns what it did.
 func (f *Firewall) flush(what string) error {
-	pending := f.pendingShared
-	f.pendingShared = map[string]uint32{}
+	pending, b := f.pendingShared, f.batch
+	f.pendingShared, f.batch = map[setKey]uint32{}, newBatch()
+	if !b.queued {
+		return nil
+	}
 	if err := f.conn.Flush(); err != nil {
 		// What exists is unknown now: ask the kernel again next time.
-		f.shared = map[string]bool{}
+		f.forget()
 		return fmt.Errorf("%s: %w", what, err)
 	}
 	if f.gens != nil {
 		f.gens.Note()
 	}
-	for name := range pending {
-		f.shared[name] = true
+	for s := range b.dropped {
+		name := ShardName(s)
+		for k := range f.shared {
+			if k.table == name {
+				delete(f.shared, k)
+			}
+		}
+		f.absent[s] = true
+	}
+	for s := range b.shards {
+		delete(f.absent, s)
+	}
+	for k := range pending {
+		f.shared[k] = true
+	}
+	for dev, shards := range b.where {
+		if len(shards) == 0 {
+			delete(f.where, dev)
+		} else {
+			f.where[dev] = shards
+		}
 	}
 	return nil
 }
 
-// AddNIC installs (or replaces) the chains, sets, counters and map entries
-// of one NIC in one batch. It may run before the port exists.
+// AddNIC installs (or replaces) the chains, sets and counters of one NIC in
+// its shard table, in one batch; a NIC whose shard changed (its privacy
+// setting or first privacy prefix did) is deleted from the old shard in
+// the same batch and keeps its counter values. It may run before the port
+// exists: the hooked chains attach when the device appears.
 func (f *Firewall) AddNIC(p network.NICPlan) error {
+	if err := p.Validate(); err != nil {
+		return err
+	}
 	f.mu.Lock()
 	defer f.unlock()
 	f.wrote(p.HostDevice)
-	cached := len(f.shared) > 0
-	if err := f.queueBase(); err != nil {
-		return f.abort(err)
+	if err := f.load(); err != nil {
+		return err
 	}
-	if err := f.queueNIC(p); err != nil {
-		return f.abort(err)
-	}
-	err := f.flush("add nic " + p.HostDevice)
-	if err != nil && cached {
-		// A shared set this batch relied on may have gone with the table:
-		// build again, asking the kernel.
-		if err := f.queueBase(); err != nil {
-			return f.abort(err)
+	err := f.addNIC(p, nil)
+	if err != nil && errors.Is(err, errCommit) {
+		// What the batch relied on (a shared set, the old shard's objects,
+		// the kind of a chain) may have changed behind metald's back: read
+		// the kernel, build again.
+		st, rerr := f.readState()
+		if rerr != nil {
+			return rerr
 		}
-		if err := f.queueNIC(p); err != nil {
-			return f.abort(err)
-		}
-		return f.flush("add nic " + p.HostDevice)
+		err = f.addNIC(p, &st)
 	}
 	return err
+}
+
+// errCommit marks a failed commit (as opposed to a failure to build).
+var errCommit = errors.New("commit failed")
+
+// addNIC builds and commits AddNIC's batch, reading the shards p leaves
+// (or taking them from st, a full read, which also lets it replace chains
+// of the wrong kind).
+func (f *Firewall) addNIC(p network.NICPlan, st *kernelState) error {
+	dev := p.HostDevice
+	s := ShardOf(p)
+	carry := map[string]counterVal{}
+	type old struct {
+		s  int
+		ss *shardState
+	}
+	var olds []old
+	for _, o := range f.where[dev] {
+		if o == s {
+			continue
+		}
+		var ss *shardState
+		if st != nil {
+			ss = st.shards[o]
+		} else {
+			var err error
+			if ss, err = readShard(f.conn, o); err != nil {
+				return err
+			}
+		}
+		if ss == nil || !ss.exists {
+			continue
+		}
+		maps.Copy(carry, ss.countersOf(dev))
+		olds = append(olds, old{o, ss})
+	}
+	f.queueBase()
+	for _, o := range olds {
+		if others := slices.DeleteFunc(f.shardNICs(o.s, o.ss), func(d string) bool { return d == dev }); len(others) == 0 {
+			f.queueDropShard(o.s)
+			f.batch.where[dev] = nil
+		} else {
+			f.queueRemove(o.s, o.ss, dev)
+		}
+	}
+	if st != nil && st.shards[s] != nil {
+		f.queueFixHooks(s, st.shards[s], dev)
+	}
+	if err := f.queueNIC(p, s, carry); err != nil {
+		return f.abort(err)
+	}
+	if err := f.flush("add nic " + dev); err != nil {
+		return fmt.Errorf("%w (%w)", err, errCommit)
+	}
+	return nil
+}
+
+// shardNICs lists the NICs of shard s: those with objects in ss and those
+// the Firewall has put there.
+func (f *Firewall) shardNICs(s int, ss *shardState) []string {
+	out := ss.nics()
+	for dev, shards := range f.where {
+		if slices.Contains(shards, s) {
+			out = append(out, dev)
+		}
+	}
+	slices.Sort(out)
+	return slices.Compact(out)
 }
 
 // UpdateNIC replaces one NIC's rules and sets in one batch; its counters
 // keep their values.
 func (f *Firewall) UpdateNIC(p network.NICPlan) error { return f.AddNIC(p) }
 
-// RemoveNIC removes everything one NIC owns in one batch. Removing a NIC
-// that has no state is not an error.
+// RemoveNIC removes everything one NIC owns in one batch, reading only its
+// shard table; the shard table goes too when it holds no other NIC.
+// Removing a NIC that has no state is not an error.
 func (f *Firewall) RemoveNIC(hostDev string) error {
 	f.mu.Lock()
 	defer f.unlock()
 	f.wrote(hostDev)
-	st, err := f.readState()
-	if err != nil {
+	if err := f.load(); err != nil {
 		return err
 	}
-	if !st.exists {
+	err := f.removeNIC(hostDev, nil)
+	if err != nil && errors.Is(err, errCommit) {
+		// Some object assumed to exist did not: read everything, retry
+		// with exact knowledge.
+		st, rerr := f.readState()
+		if rerr != nil {
+			return rerr
+		}
+		err = f.removeNIC(hostDev, &st)
+	}
+	return err
+}
+
+// removeNIC removes hostDev from every shard holding it, reading each
+// (unless st, a full read, is given).
+func (f *Firewall) removeNIC(hostDev string, st *kernelState) error {
+	shards := slices.Clone(f.where[hostDev])
+	if len(shards) == 0 {
 		return nil
 	}
-	if err := f.queueRemove(st, hostDev); err != nil {
-		return f.abort(err)
+	final := map[network.Control]uint64{}
+	n := network.NamesFor(hostDev)
+	for _, s := range shards {
+		var ss *shardState
+		if st != nil {
+			ss = st.shards[s]
+		} else {
+			var err error
+			if ss, err = readShard(f.conn, s); err != nil {
+				return f.abort(err)
+			}
+		}
+		if ss == nil || !ss.exists {
+			continue
+		}
+		for _, c := range network.AllControls {
+			if v, ok := ss.counters[n.Counter(c)]; ok {
+				final[c] += v.packets
+			}
+		}
+		if others := slices.DeleteFunc(f.shardNICs(s, ss), func(d string) bool { return d == hostDev }); len(others) == 0 {
+			f.queueDropShard(s)
+		} else {
+			f.queueRemove(s, ss, hostDev)
+		}
 	}
+	f.batch.where[hostDev] = nil
+	f.batch.queued = true
 	if err := f.flush("remove nic " + hostDev); err != nil {
-		return err
+		return fmt.Errorf("%w (%w)", err, errCommit)
 	}
-	f.notifyRemoved(st, hostDev)
+	f.notifyRemoved(hostDev, final)
 	return nil
 }
 
-// Apply makes the table hold exactly the desired NICs: NICs not desired
-// are removed, desired ones are (re)written, in batches of at most
-// nicsPerBatch NICs (each NIC's change within one batch). Counters of NICs
-// that stay keep their values. Apply also repairs drift (flushed or deleted
-// chains, sets, map entries).
+// Apply makes the tables hold exactly the desired NICs: NICs not desired
+// are removed (shard tables left without NICs are deleted), desired ones
+// are (re)written, in batches of at most nicsPerBatch NICs (each NIC's
+// change, a move between shards included, within one batch). Counters of
+// NICs that stay keep their values. Apply also repairs drift (flushed or
+// deleted tables, chains, sets; objects of an older layout in the bridge
+// table).
 func (f *Firewall) Apply(ctx context.Context, desired []network.NICPlan) error {
 	if err := (network.Plan{NICs: desired}).Validate(); err != nil {
 		return err
@@ -585,31 +682,25 @@ func (f *Firewall) Apply(ctx context.Context, desired []network.NICPlan) error {
 		return err
 	}
 	f.wrote(st.nics()...)
+	want := map[string]int{}
+	wantShard := map[int]bool{}
 	for _, p := range desired {
 		f.wrote(p.HostDevice)
+		want[p.HostDevice] = ShardOf(p)
+		wantShard[want[p.HostDevice]] = true
 	}
-	want := map[string]bool{}
-	for _, p := range desired {
-		want[p.HostDevice] = true
-	}
-	var gone []string
+	var gone []removed
 	queued := 0
-	if err := f.queueBase(); err != nil {
-		return f.abort(err)
+	if len(st.bridgeExtra) > 0 {
+		f.conn.DelTable(bridgeTable())
 	}
-	for _, dev := range st.nics() {
-		if !want[dev] {
-			if err := f.queueRemove(st, dev); err != nil {
-				return f.abort(err)
-			}
-			gone = append(gone, dev)
-			if err := f.chunk(&queued, "apply firewall"); err != nil {
-				return err
-			}
-		}
+	f.queueBase()
+	gone, err = f.queueStale(st, want, wantShard, &queued, "apply firewall")
+	if err != nil {
+		return err
 	}
 	for _, p := range (network.Plan{NICs: desired}).Sorted() {
-		if err := f.queueNIC(p); err != nil {
+		if err := f.queueMove(st, p, want[p.HostDevice]); err != nil {
 			return f.abort(err)
 		}
 		if err := f.chunk(&queued, "apply firewall"); err != nil {
@@ -619,13 +710,120 @@ func (f *Firewall) Apply(ctx context.Context, desired []network.NICPlan) error {
 	if err := f.flush("apply firewall"); err != nil {
 		return err
 	}
-	for _, dev := range gone {
-		f.notifyRemoved(st, dev)
+	for _, g := range gone {
+		f.notifyRemoved(g.dev, g.final)
 	}
 	return nil
 }
 
-// NICs lists the host devices that have state in the table.
+// queueStale queues the removal of every NIC in st that is not desired
+// (want maps desired devices to their shards): a shard holding only such
+// NICs, and no desired one, is deleted whole. It returns the removed NICs
+// with their final counters.
+func (f *Firewall) queueStale(st kernelState, want map[string]int, wantShard map[int]bool, queued *int, what string) ([]removed, error) {
+	var gone []removed
+	for _, s := range st.shardList() {
+		ss := st.shards[s]
+		var stale []string
+		keep := false
+		for _, dev := range ss.nics() {
+			if _, ok := want[dev]; ok {
+				keep = true
+			} else {
+				stale = append(stale, dev)
+			}
+		}
+		for _, dev := range stale {
+			gone = append(gone, removed{dev: dev, final: finalCounters(ss, dev)})
+		}
+		if !keep && !wantShard[s] {
+			f.queueDropShard(s)
+			for _, dev := range stale {
+				f.batch.where[dev] = nil
+			}
+			if err := f.chunk(queued, what); err != nil {
+				return nil, err
+			}
+			continue
+		}
+		for _, dev := range stale {
+			f.queueRemove(s, ss, dev)
+			if err := f.chunk(queued, what); err != nil {
+				return nil, err
+			}
+		}
+	}
+	return gone, nil
+}
+
+// queueMove queues p in shard s, removing it from any other shard st shows
+// it in (carrying its counters over).
+func (f *Firewall) queueMove(st kernelState, p network.NICPlan, s int) error {
+	carry := map[string]counterVal{}
+	for _, o := range st.shardList() {
+		ss := st.shards[o]
+		if o == s || !slices.Contains(ss.nics(), p.HostDevice) {
+			continue
+		}
+		maps.Copy(carry, ss.countersOf(p.HostDevice))
+		f.queueRemove(o, ss, p.HostDevice)
+	}
+	if ss := st.shards[s]; ss != nil {
+		f.queueFixHooks(s, ss, p.HostDevice)
+	}
+	return f.queueNIC(p, s, carry)
+}
+
+// nicHooks maps every chain of a NIC to the hook it must have (nil: none).
+func nicHooks(n network.Names) map[string]*nftables.ChainHook {
+	out := map[string]*nftables.ChainHook{}
+	for _, name := range chainsOf(n) {
+		out[name] = nil
+	}
+	out[n.FromChain()] = nftables.ChainHookIngress
+	out[n.ToChain()] = nftables.ChainHookEgress
+	return out
+}
+
+// queueFixHooks queues the deletion of dev's chains in shard s that are
+// hooked other than queueNIC makes them (the kernel does not turn a
+// regular chain into a base chain or back), after flushing all of dev's
+// chains so no jump holds them. queueNIC then creates them afresh.
+func (f *Firewall) queueFixHooks(s int, ss *shardState, dev string) {
+	n := network.NamesFor(dev)
+	var bad []string
+	for name, hook := range nicHooks(n) {
+		if ch := ss.chains[name]; ch != nil && !hookMatches(ch, hook) {
+			bad = append(bad, name)
+		}
+	}
+	if len(bad) == 0 {
+		return
+	}
+	t := shardTable(s)
+	for _, name := range chainsOf(n) {
+		if ss.chains[name] != nil {
+			f.conn.FlushChain(&nftables.Chain{Name: name, Table: t})
+		}
+	}
+	for _, name := range bad {
+		f.conn.DelChain(&nftables.Chain{Name: name, Table: t})
+	}
+	f.batch.queued = true
+}
+
+func finalCounters(ss *shardState, dev string) map[network.Control]uint64 {
+	n := network.NamesFor(dev)
+	out := map[network.Control]uint64{}
+	for _, c := range network.AllControls {
+		if v, ok := ss.counters[n.Counter(c)]; ok {
+			out[c] = v.packets
+		}
+	}
+	return out
+}
+
+// NICs lists the host devices that have state in the tables.
 func (f *Firewall) NICs() ([]string, error) {
 	f.mu.Lock()
 	defer f.unlock()
@@ -636,28 +834,26 @@ func (f *Firewall) NICs() ([]string, error) {
 	return st.nics(), nil
 }
 
-// Counters returns the packet count of every control counter of hostDev.
+// Counters returns the packet count of every control counter of hostDev,
+// read from its shard table only.
 func (f *Firewall) Counters(hostDev string) (map[network.Control]uint64, error) {
 	f.mu.Lock()
 	defer f.unlock()
-	objs, err := f.conn.GetNamedObjects(table())
+	if err := f.load(); err != nil {
+		return nil, fmt.Errorf("read counters of %s: %w", hostDev, err)
+	}
+	shards := f.where[hostDev]
+	if len(shards) == 0 {
+		return nil, fmt.Errorf("read counters of %s: %w", hostDev, ErrNotFound)
+	}
+	objs, err := f.conn.GetNamedObjects(shardTable(shards[0]))
 	if err != nil {
 		if errors.Is(err, unix.ENOENT) {
 			return nil, fmt.Errorf("read counters of %s: %w", hostDev, ErrNotFound)
 		}
 		return nil, fmt.Errorf("read counters of %s: %w", hostDev, err)
 	}
-	byName := map[string]uint64{}
-	for _, o := range objs {
-		switch co := o.(type) {
-		case *nftables.CounterObj:
-			byName[co.Name] = co.Packets
-		case *nftables.NamedObj:
-			if cnt, ok := co.Obj.(*expr.Counter); ok {
-				byName[co.Name] = cnt.Packets
-			}
-		}
-	}
+	byName := countersIn(objs)
 	n := network.NamesFor(hostDev)
 	out := map[network.Control]uint64{}
 	for _, ctl := range network.AllControls {
@@ -665,22 +861,7 @@ func (f *Firewall) Counters(hostDev string) (map[network.Control]uint64, error) 
 		if !ok {
 			return nil, fmt.Errorf("read counters of %s: %w", hostDev, ErrNotFound)
 		}
-		out[ctl] = v
+		out[ctl] = v.packets
 	}
 	return out, nil
-}
-
-// verdictChain extracts the chain of a map element's verdict data as
-// google/nftables returns it (the NFTA_DATA_VERDICT attributes).
-func verdictChain(b []byte) string {
-	ad, err := netlink.NewAttributeDecoder(b)
-	if err != nil {
-		return ""
-	}
-	for ad.Next() {
-		if ad.Type() == unix.NFTA_VERDICT_CHAIN {
-			return strings.TrimRight(ad.String(), "\x00")
-		}
-	}
-	return ""
 }

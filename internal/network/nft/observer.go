@@ -29,16 +29,9 @@ func (f *Firewall) SetObserver(o Observer) {
 }
 
 // notifyRemoved queues a removal notification; called with f.mu held.
-func (f *Firewall) notifyRemoved(st kernelState, dev string) {
+func (f *Firewall) notifyRemoved(dev string, final map[network.Control]uint64) {
 	if f.obs == nil {
 		return
-	}
-	n := network.NamesFor(dev)
-	final := map[network.Control]uint64{}
-	for _, c := range network.AllControls {
-		if v, ok := st.packets[n.Counter(c)]; ok {
-			final[c] = v
-		}
 	}
 	f.pending = append(f.pending, removed{dev: dev, final: final})
 }

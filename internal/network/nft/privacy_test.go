@@ -49,7 +49,7 @@ func TestPrivacyAddressFCFS(t *testing.T) {
 		if cap2.count(0x7002) != 1 {
 			t.Error("VM1's traffic from its learned temporary address did not reach VM2")
 		}
-		if out := tp.host.MustRun(t, "nft", "list", "set", "bridge", TableName, "tap-vm1-temp"); !strings.Contains(out, temp) {
+		if out := tp.host.MustRun(t, "nft", "list", "set", "netdev", TableFor(tp.plans[0]), "tap-vm1-temp"); !strings.Contains(out, temp) {
 			t.Errorf("tap-vm1-temp lacks %s:\n%s", temp, out)
 		}
 	})
@@ -65,7 +65,7 @@ func TestPrivacyAddressFCFS(t *testing.T) {
 		if d := deltas(b, tp.counters(t, "tap-vm2")); d[network.CtlSourceGuard] != 1 || len(d) != 1 {
 			t.Errorf("tap-vm2 deltas %s, want source_guard+1", fmtDeltas(d))
 		}
-		if out := tp.host.MustRun(t, "nft", "list", "set", "bridge", TableName, "tap-vm2-temp"); strings.Contains(out, temp) {
+		if out := tp.host.MustRun(t, "nft", "list", "set", "netdev", TableFor(tp.plans[1]), "tap-vm2-temp"); strings.Contains(out, temp) {
 			t.Errorf("tap-vm2-temp learned an address VM1 holds:\n%s", out)
 		}
 	})

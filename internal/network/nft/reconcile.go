@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"fmt"
+	"maps"
 	"slices"
 	"sort"
 	"strings"
@@ -19,10 +20,12 @@ import (
 // Repairs says what Reconcile found drifted and rewrote, for logging and
 // for metald_firewall_repairs_total.
 type Repairs struct {
-	// Table is true when the table was missing and was recreated (every
-	// NIC is then rewritten too, and listed in NICs).
+	// Table is true when a table was missing and was recreated: the
+	// bridge table, or the shard table of NICs (each then rewritten and
+	// listed in NICs).
 	Table bool
-	// Base lists drifted shared objects (base chains, dispatch maps).
+	// Base lists drifted shared objects (the bridge table's chain and
+	// leftovers of an older layout in it, shards' priv_owned sets).
 	Base []string
 	// NICs maps each rewritten NIC's host device to what had drifted.
 	NICs map[string][]string
@@ -78,12 +81,14 @@ func (r Repairs) String() string {
 	return strings.Join(parts, "; ")
 }
 
-// Reconcile compares the kernel's table with the desired NICs and repairs
+// Reconcile compares the kernel's tables with the desired NICs and repairs
 // drift (in batches of at most nicsPerBatch NICs, each NIC within one
-// batch): a missing table, base chain, dispatch rule or map, a
-// NIC chain whose rules differ from the plan (deleted, added or changed
-// rules), a NIC set whose elements differ, a missing counter, a missing or
-// wrong map entry, and NICs in the table that are not desired. When the
+// batch): a missing table, the bridge table's input chain or leftovers of
+// the older bridge layout in it, a shard's priv_owned set, a NIC chain
+// missing, hooked differently or whose rules differ from the plan
+// (deleted, added or changed rules), a NIC set whose elements differ, a
+// missing counter, a NIC's objects in a shard other than its own, and
+// NICs in the tables that are not desired. When the
 // kernel already matches, Reconcile sends no change at all: rule handles
 // and counter values stay as they are.
 //
@@ -94,8 +99,9 @@ func (r Repairs) String() string {
 // sets (learned privacy addresses) are not compared: their contents are
 // packet-path state.
 //
-// Cost: one rule dump per NIC chain and one element dump per NIC set, a
-// few milliseconds per NIC; a repaired NIC is rewritten whole (its
+// Cost: a dump of every shard table's chains, sets and counters, one rule
+// dump per NIC chain and one element dump per NIC set, a few milliseconds
+// per NIC; a repaired NIC is rewritten whole (its
 // counters keep their values).
 func (f *Firewall) Reconcile(ctx context.Context, desired []network.NICPlan) (Repairs, error) {
 	return f.ReconcileFunc(ctx, func(context.Context) ([]network.NICPlan, error) { return desired, nil })
@@ -155,36 +161,35 @@ func (f *Firewall) ReconcileFunc(ctx context.Context, list func(context.Context)
 	if err != nil {
 		return r, err
 	}
-	want := map[string]bool{}
+	want := map[string]int{}
 	for _, p := range desired {
-		want[p.HostDevice] = true
+		want[p.HostDevice] = ShardOf(p)
 	}
-	if !st.exists {
+	base, err := f.baseDrift(rd, st)
+	if err != nil {
+		return r, err
+	}
+	r.Base = base
+	if !st.bridge {
 		r.Table = true
-		for _, p := range desired {
-			r.NICs[p.HostDevice] = []string{"table missing"}
+	}
+	for _, dev := range st.nics() {
+		if _, ok := want[dev]; !ok {
+			r.Removed = append(r.Removed, dev)
 		}
-	} else {
-		base, err := f.baseDrift(rd, st)
+	}
+	for _, p := range (network.Plan{NICs: desired}).Sorted() {
+		if err := ctx.Err(); err != nil {
+			return r, err
+		}
+		d, err := f.nicDrift(rd, st, p)
 		if err != nil {
 			return r, err
 		}
-		r.Base = base
-		for _, dev := range st.nics() {
-			if !want[dev] {
-				r.Removed = append(r.Removed, dev)
-			}
-		}
-		for _, p := range (network.Plan{NICs: desired}).Sorted() {
-			if err := ctx.Err(); err != nil {
-				return r, err
-			}
-			d, err := f.nicDrift(rd, st, p)
-			if err != nil {
-				return r, err
-			}
-			if len(d) > 0 {
-				r.NICs[p.HostDevice] = d
+		if len(d) > 0 {
+			r.NICs[p.HostDevice] = d
+			if st.shards[want[p.HostDevice]] == nil {
+				r.Table = true
 			}
 		}
 	}
@@ -213,27 +218,36 @@ func (f *Firewall) ReconcileFunc(ctx context.Context, list func(context.Context)
 	if err != nil {
 		return r, err
 	}
-	var gone []string
 	queued := 0
-	if err := f.queueBase(); err != nil {
-		return r, f.abort(err)
+	if len(st.bridgeExtra) > 0 {
+		f.conn.DelTable(bridgeTable())
 	}
-	if st.exists {
-		for _, dev := range r.Removed {
-			if err := f.queueRemove(st, dev); err != nil {
+	f.queueBase()
+	// Shards of desired NICs get their shared objects back (priv_owned).
+	wantShard := map[int]bool{}
+	for _, s := range want {
+		if !wantShard[s] {
+			wantShard[s] = true
+			if err := f.queueShard(s); err != nil {
 				return r, f.abort(err)
 			}
-			gone = append(gone, dev)
-			if err := f.chunk(&queued, "reconcile firewall"); err != nil {
-				return r, err
-			}
 		}
-	} else {
-		r.Table, r.Removed = true, nil
+	}
+	// Remove only what this pass found removable (a NIC written since
+	// list stays).
+	keep := maps.Clone(want)
+	for _, dev := range st.nics() {
+		if _, ok := want[dev]; !ok && !slices.Contains(r.Removed, dev) {
+			keep[dev] = -1
+		}
+	}
+	gone, err := f.queueStale(st, keep, wantShard, &queued, "reconcile firewall")
+	if err != nil {
+		return r, err
 	}
 	for _, p := range (network.Plan{NICs: desired}).Sorted() {
 		if _, ok := r.NICs[p.HostDevice]; ok {
-			if err := f.queueNIC(p); err != nil {
+			if err := f.queueMove(st, p, want[p.HostDevice]); err != nil {
 				return r, f.abort(err)
 			}
 			if err := f.chunk(&queued, "reconcile firewall"); err != nil {
@@ -248,8 +262,8 @@ func (f *Firewall) ReconcileFunc(ctx context.Context, list func(context.Context)
 		return r, err
 	}
 	compared = true
-	for _, dev := range gone {
-		f.notifyRemoved(st, dev)
+	for _, g := range gone {
+		f.notifyRemoved(g.dev, g.final)
 	}
 	if f.obs != nil {
 		o := f.obs
@@ -259,28 +273,34 @@ func (f *Firewall) ReconcileFunc(ctx context.Context, list func(context.Context)
 	return r, nil
 }
 
-// baseDrift lists drifted shared objects.
+// baseDrift lists drifted shared objects: the bridge table's chains,
+// objects of an older layout left in it, and shards of desired NICs that
+// lack priv_owned.
 func (f *Firewall) baseDrift(c *nftables.Conn, st kernelState) ([]string, error) {
 	var out []string
-	for _, m := range []string{FromVMMap, ToVMMap} {
-		if !st.sets[m] {
-			out = append(out, "map "+m+" missing")
+	if !st.bridge {
+		out = append(out, "table bridge "+TableName+" missing")
+	} else {
+		for _, b := range baseChains() {
+			if !st.bridgeChains[b.name] {
+				out = append(out, "chain "+b.name+" missing")
+				continue
+			}
+			ok, err := chainMatches(c, bridgeTable(), b.name, b.rules)
+			if err != nil {
+				return nil, err
+			}
+			if !ok {
+				out = append(out, "chain "+b.name+" rules differ")
+			}
+		}
+		for _, x := range st.bridgeExtra {
+			out = append(out, "bridge table holds "+x)
 		}
 	}
-	if !st.sets[PrivOwnedSet] {
-		out = append(out, "set "+PrivOwnedSet+" missing")
-	}
-	for _, b := range baseChains() {
-		if !st.chains[b.name] {
-			out = append(out, "chain "+b.name+" missing")
-			continue
-		}
-		ok, err := chainMatches(c, b.name, b.rules)
-		if err != nil {
-			return nil, err
-		}
-		if !ok {
-			out = append(out, "chain "+b.name+" rules differ")
+	for _, s := range st.shardList() {
+		if ss := st.shards[s]; len(ss.nics()) > 0 && !ss.sets[PrivOwnedSet] {
+			out = append(out, "set "+ShardName(s)+" "+PrivOwnedSet+" missing")
 		}
 	}
 	return out, nil
@@ -289,17 +309,33 @@ func (f *Firewall) baseDrift(c *nftables.Conn, st kernelState) ([]string, error)
 // nicDrift lists what of p's objects differs from the kernel.
 func (f *Firewall) nicDrift(c *nftables.Conn, st kernelState, p network.NICPlan) ([]string, error) {
 	spec := buildNIC(p, f.logGroup)
+	s := ShardOf(p)
 	var out []string
+	for _, o := range st.shardList() {
+		if o != s && slices.Contains(st.shards[o].nics(), p.HostDevice) {
+			out = append(out, "objects in "+ShardName(o)+", want "+ShardName(s))
+		}
+	}
+	ss := st.shards[s]
+	if ss == nil {
+		return append(out, "table "+ShardName(s)+" missing"), nil
+	}
+	t := shardTable(s)
 	byChain := map[string][]rule{}
 	for _, r := range spec.rules {
 		byChain[r.chain] = append(byChain[r.chain], r)
 	}
+	hooks := nicHooks(spec.names)
 	for _, name := range spec.chains {
-		if !st.chains[name] {
+		ch := ss.chains[name]
+		if ch == nil {
 			out = append(out, "chain "+name+" missing")
 			continue
 		}
-		ok, err := chainMatches(c, name, byChain[name])
+		if !hookMatches(ch, hooks[name]) {
+			out = append(out, "chain "+name+" hook differs")
+		}
+		ok, err := chainMatches(c, t, name, byChain[name])
 		if err != nil {
 			return nil, err
 		}
@@ -307,38 +343,44 @@ func (f *Firewall) nicDrift(c *nftables.Conn, st kernelState, p network.NICPlan)
 			out = append(out, "chain "+name+" rules differ")
 		}
 	}
-	for _, s := range spec.sets {
-		if !st.sets[s.name] {
-			out = append(out, "set "+s.name+" missing")
+	for _, set := range spec.sets {
+		if !ss.sets[set.name] {
+			out = append(out, "set "+set.name+" missing")
 			continue
 		}
-		if s.dynamic {
+		if set.dynamic {
 			continue
 		}
-		els, err := c.GetSetElements(&nftables.Set{Table: table(), Name: s.name, KeyType: s.keyType})
+		els, err := c.GetSetElements(&nftables.Set{Table: t, Name: set.name, KeyType: set.keyType})
 		if err != nil {
-			return nil, fmt.Errorf("list set %s: %w", s.name, err)
+			return nil, fmt.Errorf("list set %s: %w", set.name, err)
 		}
 		var got [][]byte
 		for _, e := range els {
 			got = append(got, e.Key)
 		}
-		if !sameElems(got, s.elems) {
-			out = append(out, "set "+s.name+" elements differ")
+		if !sameElems(got, set.elems) {
+			out = append(out, "set "+set.name+" elements differ")
 		}
 	}
 	for _, name := range countersOf(spec.names) {
-		if !st.counters[name] {
+		if _, ok := ss.counters[name]; !ok {
 			out = append(out, "counter "+name+" missing")
 		}
 	}
-	if st.fromTarget[p.HostDevice] != spec.names.FromChain() {
-		out = append(out, "map "+FromVMMap+" entry wrong or missing")
-	}
-	if st.toTarget[p.HostDevice] != spec.names.ToChain() {
-		out = append(out, "map "+ToVMMap+" entry wrong or missing")
-	}
 	return out, nil
+}
+
+// hookMatches reports whether chain ch is hooked as want says (nil: a
+// regular chain). The hook's device is not compared: google/nftables does
+// not decode it, and the chain's name fixes it for chains metald made.
+func hookMatches(ch *nftables.Chain, want *nftables.ChainHook) bool {
+	if want == nil {
+		return ch.Hooknum == nil
+	}
+	return ch.Hooknum != nil && *ch.Hooknum == *want && ch.Priority != nil &&
+		*ch.Priority == *nftables.ChainPriorityRef(NICPriority) && ch.Type == nftables.ChainTypeFilter &&
+		ch.Policy != nil && *ch.Policy == nftables.ChainPolicyAccept
 }
 
 func sameElems(a, b [][]byte) bool {
@@ -357,8 +399,8 @@ func sameElems(a, b [][]byte) bool {
 }
 
 // chainMatches reports whether chain holds exactly the rules want.
-func chainMatches(c *nftables.Conn, chain string, want []rule) (bool, error) {
-	got, err := c.GetRules(table(), &nftables.Chain{Name: chain, Table: table()})
+func chainMatches(c *nftables.Conn, t *nftables.Table, chain string, want []rule) (bool, error) {
+	got, err := c.GetRules(t, &nftables.Chain{Name: chain, Table: t})
 	if err != nil {
 		return false, fmt.Errorf("list rules of %s: %w", chain, err)
 	}
@@ -403,7 +445,7 @@ func fingerprint(exprs []expr.Any) ([]byte, error) {
 			c.SetID = 0
 			e = &c
 		}
-		b, err := expr.Marshal(byte(nftables.TableFamilyBridge), e)
+		b, err := expr.Marshal(byte(nftables.TableFamilyNetdev), e)
 		if err != nil {
 			return nil, fmt.Errorf("encode %T: %w", e, err)
 		}

@@ -49,7 +49,7 @@ func TestReconcileSkipsWhileOnlyMetaldCommitted(t *testing.T) {
 		t.Fatalf("reconcile after own commits compared (listed %d times)", listed)
 	}
 	// A foreign change: the next pass compares and repairs it.
-	tp.host.MustRun(t, "nft", "flush", "chain", "bridge", TableName, network.NamesFor(tp.plans[0].HostDevice).FromChain())
+	tp.host.MustRun(t, "nft", "flush", "chain", "netdev", TableFor(tp.plans[0]), network.NamesFor(tp.plans[0].HostDevice).FromChain())
 	r, err := tp.fw.ReconcileFunc(ctx, list)
 	if err != nil {
 		t.Fatal(err)

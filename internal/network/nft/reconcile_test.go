@@ -13,8 +13,7 @@ import (
 // handles lists the table with rule handles (`nft -a`), counters zeroed.
 func handles(t *testing.T, tp *topo) string {
 	t.Helper()
-	out := tp.host.MustRun(t, "nft", "-a", "list", "table", "bridge", TableName)
-	return counterValues.ReplaceAllString(out, "packets 0 bytes 0")
+	return counterValues.ReplaceAllString(listTables(t, tp.host, "-a"), "packets 0 bytes 0")
 }
 
 // TestReconcileNoChange: a restarted daemon (a new Firewall) reconciling
@@ -42,11 +41,11 @@ func TestReconcileNoChange(t *testing.T) {
 
 var handleRE = regexp.MustCompile(`# handle (\d+)`)
 
-// ruleHandle returns the handle of the first rule of chain whose line
-// contains all of want.
-func ruleHandle(t *testing.T, tp *topo, chain string, want ...string) string {
+// ruleHandle returns the handle of the first rule of chain (in table
+// netdev tbl) whose line contains all of want.
+func ruleHandle(t *testing.T, tp *topo, tbl, chain string, want ...string) string {
 	t.Helper()
-	out := tp.host.MustRun(t, "nft", "-a", "list", "chain", "bridge", TableName, chain)
+	out := tp.host.MustRun(t, "nft", "-a", "list", "chain", "netdev", tbl, chain)
 	for _, line := range strings.Split(out, "\n") {
 		ok := true
 		for _, w := range want {
@@ -68,29 +67,52 @@ func TestReconcileRepairsDrift(t *testing.T) {
 	tp := newTopo(t, allOn())
 	cap := startCapture(t, tp.vm2, "eth0")
 	nftCmd := func(args ...string) { tp.host.MustRun(t, "nft", args...) }
+	t1, t2 := TableFor(tp.plans[0]), TableFor(tp.plans[1])
 	drifts := []struct {
 		name  string
 		edit  func()
 		want  string // substring of Repairs.String()
 		leaks bool   // the rogue RA reaches VM2 while drifted
+		// opens says the edit stops VM1's from-VM RA guard from counting.
+		opens bool
 	}{
-		{"table flushed", func() { nftCmd("flush", "table", "bridge", TableName) }, "rules differ", true},
-		{"table deleted", func() { nftCmd("delete", "table", "bridge", TableName) }, "table recreated", true},
+		{"tables flushed", func() {
+			nftCmd("flush", "table", "netdev", t1)
+			if t2 != t1 {
+				nftCmd("flush", "table", "netdev", t2)
+			}
+		}, "rules differ", true, true},
+		{"tables deleted", func() {
+			nftCmd("delete", "table", "netdev", t1)
+			if t2 != t1 {
+				nftCmd("delete", "table", "netdev", t2)
+			}
+		}, "table recreated", true, true},
+		{"bridge table deleted", func() { nftCmd("delete", "table", "bridge", TableName) }, "table recreated", false, false},
 		{"NIC chain deleted", func() {
-			nftCmd("delete", "element", "bridge", TableName, FromVMMap, `{ "tap-vm1" }`)
-			nftCmd("flush", "chain", "bridge", TableName, "vm-tap-vm1-out")
-			nftCmd("delete", "chain", "bridge", TableName, "vm-tap-vm1-out")
-		}, "chain vm-tap-vm1-out missing", false},
+			nftCmd("flush", "chain", "netdev", t1, "vm-tap-vm1-out")
+			nftCmd("delete", "chain", "netdev", t1, "vm-tap-vm1-out")
+		}, "chain vm-tap-vm1-out missing", false, true},
 		{"rule deleted", func() {
-			h := ruleHandle(t, tp, "vm-tap-vm1-out_icmp", "control=ra_guard", "nd-router-advert")
-			nftCmd("delete", "rule", "bridge", TableName, "vm-tap-vm1-out_icmp", "handle", h)
-		}, "chain vm-tap-vm1-out_icmp rules differ", false},
-		{"vmap element removed", func() {
-			nftCmd("delete", "element", "bridge", TableName, FromVMMap, `{ "tap-vm1" }`)
-		}, "map from_vm entry wrong or missing", false},
+			h := ruleHandle(t, tp, t1, "vm-tap-vm1-out_icmp", "control=ra_guard", "nd-router-advert")
+			nftCmd("delete", "rule", "netdev", t1, "vm-tap-vm1-out_icmp", "handle", h)
+		}, "chain vm-tap-vm1-out_icmp rules differ", false, true},
+		{"rule inserted", func() {
+			nftCmd("insert", "rule", "netdev", t1, "vm-tap-vm1-out", "accept")
+		}, "chain vm-tap-vm1-out rules differ", false, true},
+		{"hook replaced by a regular chain", func() {
+			nftCmd("flush", "chain", "netdev", t1, "vm-tap-vm1-out")
+			nftCmd("delete", "chain", "netdev", t1, "vm-tap-vm1-out")
+			nftCmd("add", "chain", "netdev", t1, "vm-tap-vm1-out")
+		}, "chain vm-tap-vm1-out hook differs", false, true},
 		{"address set emptied", func() {
-			nftCmd("flush", "set", "bridge", TableName, "tap-vm1-addrs")
-		}, "set tap-vm1-addrs elements differ", false},
+			nftCmd("flush", "set", "netdev", t1, "tap-vm1-addrs")
+		}, "set tap-vm1-addrs elements differ", false, false},
+		{"old bridge layout left over", func() {
+			nftCmd("add", "chain", "bridge", TableName, "prerouting", "{ type filter hook prerouting priority -300; }")
+			nftCmd("add", "chain", "bridge", TableName, "vm-tap-vm1-out")
+			nftCmd("add", "rule", "bridge", TableName, "prerouting", "iifname tap-vm1 goto vm-tap-vm1-out")
+		}, "bridge table holds chain prerouting", false, false},
 	}
 	for i, d := range drifts {
 		t.Run(d.name, func(t *testing.T) {
@@ -101,7 +123,7 @@ func TestReconcileRepairsDrift(t *testing.T) {
 				if cap.count(fl) != 1 {
 					t.Fatalf("drift %q did not open the RA guard (test is vacuous)", d.name)
 				}
-			} else if d.want != "set tap-vm1-addrs elements differ" {
+			} else if d.opens {
 				// VM2's to-VM RA guard still stops the RA; VM1's from-VM
 				// guard no longer counts it.
 				b := tp.counters(t, "tap-vm1")

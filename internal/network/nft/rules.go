@@ -1,27 +1,45 @@
-// Package nft owns metald's nftables state: one `table bridge metald` that
-// enforces each VM NIC's IPv6 first-hop security (network.Controls) on its
-// bridge port, programmed with google/nftables, one netlink batch per change.
+// Package nft owns metald's nftables state, the IPv6 first-hop security
+// (network.Controls) of every VM NIC, programmed with google/nftables, one
+// netlink batch per change.
 //
 // # Layout
 //
+//	table netdev metald_00 ... metald_63 (shards, created when first needed,
+//	deleted when their last NIC goes)
+//	  per NIC <dev>:
+//	    chain vm-<dev>-out (filter, ingress device "<dev>", priority -500)
+//	    chain vm-<dev>-in  (filter, egress  device "<dev>", priority -500)
+//	    helper chains vm-<dev>-out_<part>, vm-<dev>-in_<part>
+//	    sets <dev>-addrs, <dev>-ra_src, <dev>-temp
+//	    counters <dev>-<control>
+//	  per shard: the shared constant sets (SharedSetName) and the dynamic
+//	  set priv_owned
 //	table bridge metald
-//	  chain prerouting  (filter, prerouting, priority -300): iifname vmap @from_vm
-//	  chain forward     (filter, forward,    priority -300): oifname vmap @to_vm
-//	  chain output      (filter, output,     priority -300): oifname vmap @to_vm
-//	  map from_vm, to_vm: ifname -> goto per-NIC chain
-//	  per NIC <dev>: chains vm-<dev>-out[_part], vm-<dev>-in[_part], sets
-//	  <dev>-addrs, <dev>-ra_src, <dev>-ra_mac, counters <dev>-<control>.
+//	  chain input (filter, input, priority -300): clears the VLAN mark
 //
-// Dispatch is keyed on the interface name, so a NIC's chains are installed
-// before its port exists and per-packet cost does not grow with the number
-// of VMs. Frames from unknown ports (uplinks, the bridge itself) are not
-// filtered by the from-VM side.
+// Each NIC's from-VM chain is hooked on its host device's ingress (before
+// the bridge, or anything else, sees the frame) and its to-VM chain on the
+// device's egress (frames the bridge forwards and frames the host sends).
+// The kernel dispatches by device, so per-packet cost does not grow with
+// the number of VMs. Hooks may name a device that does not exist yet: they
+// attach when it appears, so a NIC's chains go in before its port exists,
+// and a device deleted and created again with the same name is filtered
+// again without metald doing anything.
+//
+// A NIC's shard (ShardOf) is FNV-1a of its host device name mod 64, or for
+// a NIC with privacy extensions of its first privacy /64: NICs that can
+// contend for a temporary address must share a priv_owned set, and sets
+// are table-scoped. Spreading NICs over a fixed number of tables bounds
+// what one NIC's commit costs: the kernel re-validates every base chain
+// of each table a commit touches (about NICs/64 NICs here), and looks every
+// message's table up by name in the namespace's table list (65 tables).
 //
 // # Kernel behaviour this design relies on (checked on Linux 6.x)
 //
-//   - The bridge family sees raw frames: there is no defragmentation before
-//     these hooks, and none is wanted.
-//   - For IPv6 frames nft_do_chain_bridge fills pktinfo with ipv6_find_hdr(-1),
+//   - netdev ingress and egress see raw frames: there is no defragmentation
+//     before these hooks, and none is wanted.
+//   - For IPv6 frames (skb->protocol) nft_do_chain_netdev fills pktinfo with
+//     ipv6_find_hdr(-1), as the bridge family did,
 //     which walks hop-by-hop, routing, fragment, AH and destination options
 //     headers. `meta l4proto` is the first non-extension header (an unknown
 //     next header such as 253 counts as the upper layer: a receiver discards
@@ -77,21 +95,30 @@ import (
 
 // Names of metald's shared objects.
 const (
-	TableName       = "metald"
-	FromVMMap       = "from_vm"
-	ToVMMap         = "to_vm"
+	// TableName is the bridge table (`table bridge metald`) and the stem
+	// of the shard tables' names (ShardName).
+	TableName = "metald"
+	// FromVMMap and ToVMMap named the dispatch maps of the bridge table
+	// before NICs moved to netdev shards; no table holds them now.
+	FromVMMap = "from_vm"
+	ToVMMap   = "to_vm"
+	// ChainPrerouting, ChainForward and ChainOutput named the bridge
+	// table's dispatch chains before NICs moved to netdev shards.
 	ChainPrerouting = "prerouting"
 	ChainForward    = "forward"
 	ChainOutput     = "output"
-	ChainInput      = "input"
-	// PrivOwnedSet holds every learned temporary address of every port
-	// (with the same timeout as the port's own set): an address in it but
-	// not in a port's <dev>-temp set is held by another port.
+	// ChainInput is the bridge table's chain that clears VLAN marks.
+	ChainInput = "input"
+	// PrivOwnedSet holds every learned temporary address of every port of
+	// a shard (with the same timeout as the port's own set): an address in
+	// it but not in a port's <dev>-temp set is held by another port.
 	PrivOwnedSet = "priv_owned"
-	// BasePriority is the priority of the base chains: before the bridge's
-	// own filter (-200) and before anything at the default 0.
+	// BasePriority is the priority of the bridge table's input chain.
 	BasePriority = -300
-	limitBurst   = 5
+	// NICPriority is the priority of the NICs' ingress and egress chains:
+	// before anything at a default priority.
+	NICPriority = -500
+	limitBurst  = 5
 )
 
 // Helper chain suffixes, per direction.
@@ -120,10 +147,6 @@ const (
 	nhFragment     = 44
 	nhDestOpts     = 60
 )
-
-func table() *nftables.Table {
-	return &nftables.Table{Name: TableName, Family: nftables.TableFamilyBridge}
-}
 
 // anonSet is a constant set a rule looks up. Rules share one named set
 // per content (SharedSetName), created the first time a rule needs it: a
@@ -219,7 +242,7 @@ func chainsOf(n network.Names) []string {
 }
 
 func setsOf(n network.Names) []string {
-	return []string{n.AddrSet(), n.RASourceSet(), n.RAMACSet(), n.TempSet()}
+	return []string{n.AddrSet(), n.RASourceSet(), n.TempSet()}
 }
 
 func countersOf(n network.Names) []string {
@@ -401,14 +424,21 @@ func upperLayerReadable() []expr.Any {
 	return []expr.Any{th(0, 4), &expr.Range{Op: expr.CmpOpEq, Register: 1, FromData: make([]byte, 4), ToData: []byte{0xff, 0xff, 0xff, 0xff}}}
 }
 
-// Network-header matchers carry the `ether type ip6` dependency so that nft
-// lists them as ip6 fields.
-func saddr(a netip.Addr) []expr.Any {
-	s := a.As16()
-	return append(etherTypeIP6(), nh(8, 16), eq(s[:]))
+// Network-header matchers carry the `meta protocol ip6` dependency so that
+// nft lists them as ip6 fields (in the netdev family nft takes the network
+// protocol from meta protocol, not from the link layer). They only run in
+// chains entered after `ether type ip6` matched an untagged frame, whose
+// skb->protocol is IPv6 too, so the dependency never changes a verdict.
+func metaProtoIP6() []expr.Any {
+	return []expr.Any{&expr.Meta{Key: expr.MetaKeyPROTOCOL, Register: 1}, eq(u16(unix.ETH_P_IPV6))}
 }
 
-func saddrIn(set string) []expr.Any { return append(etherTypeIP6(), inSet(nh(8, 16), set)...) }
+func saddr(a netip.Addr) []expr.Any {
+	s := a.As16()
+	return append(metaProtoIP6(), nh(8, 16), eq(s[:]))
+}
+
+func saddrIn(set string) []expr.Any { return append(metaProtoIP6(), inSet(nh(8, 16), set)...) }
 
 // saddrLinkLocal matches ip6 saddr fe80::/10.
 func saddrLinkLocal() []expr.Any {
@@ -416,7 +446,7 @@ func saddrLinkLocal() []expr.Any {
 	mask[0], mask[1] = 0xff, 0xc0
 	want := make([]byte, 16)
 	want[0], want[1] = 0xfe, 0x80
-	return append(etherTypeIP6(), nh(8, 16), &expr.Bitwise{SourceRegister: 1, DestRegister: 1, Len: 16, Mask: mask, Xor: make([]byte, 16)}, eq(want))
+	return append(metaProtoIP6(), nh(8, 16), &expr.Bitwise{SourceRegister: 1, DestRegister: 1, Len: 16, Mask: mask, Xor: make([]byte, 16)}, eq(want))
 }
 func hopLimit(v byte) []expr.Any { return []expr.Any{nh(7, 1), eq([]byte{v})} }
 
@@ -448,7 +478,8 @@ var (
 func m(e ...expr.Any) []expr.Any { return e }
 
 // VLAN marks: a frame from a VM port carries meta mark vlanTag|VLAN
-// through the bridge; the mark is cleared (input chain) before a frame
+// (set at the port's ingress) through the bridge to the egress of the
+// port it leaves by; the mark is cleared (input chain) before a frame
 // enters the host's own stack so it never meets the host's policy routing.
 const (
 	vlanTag  = 0x6d6c0000 // "ml"
@@ -594,12 +625,18 @@ func buildNIC(p network.NICPlan, logGroup uint16) nicSpec {
 		if c.RAGuard {
 			b.add(ticmp, string(network.CtlRAGuard), exthdrExists(nhFragment),
 				b.icmpType(icmpRS, icmpRA, icmpNS, icmpNA, icmpRedirect), cnt(network.CtlRAGuard), drop)
-			allowed := m()
-			if len(c.AllowedRAMACs) > 0 {
-				allowed = inSet(ll(6, 6), n.RAMACSet())
+			// One rule per allowed MAC rather than an ether_addr set: in
+			// the netdev family nft 1.0.6 lists a link-layer load as raw
+			// (`@ll,48,48`) and cannot load a raw load against a typed set,
+			// which would make listings unloadable with nft -f.
+			if len(c.AllowedRAMACs) == 0 {
+				b.add(ticmp, string(network.CtlRAGuard), b.icmpType(icmpRA, icmpRedirect),
+					saddrIn(n.RASourceSet()), goTo(tra))
 			}
-			b.add(ticmp, string(network.CtlRAGuard), b.icmpType(icmpRA, icmpRedirect),
-				saddrIn(n.RASourceSet()), allowed, goTo(tra))
+			for _, mac := range c.AllowedRAMACs {
+				b.add(ticmp, string(network.CtlRAGuard), b.icmpType(icmpRA, icmpRedirect),
+					saddrIn(n.RASourceSet()), etherSrc(mac), goTo(tra))
+			}
 			b.add(ticmp, string(network.CtlRAGuard), b.icmpType(icmpRA, icmpRedirect), cnt(network.CtlRAGuard), drop)
 		} else {
 			b.add(ticmp, string(network.CtlRARate), b.icmpType(icmpRA), goTo(tra))
@@ -612,7 +649,7 @@ func buildNIC(p network.NICPlan, logGroup uint16) nicSpec {
 	b.add(tip6, "allow", accept)
 
 	spec := nicSpec{plan: p, names: n, chains: chainsOf(n), rules: b.rules}
-	var addrs, raSrc, raMAC [][]byte
+	var addrs, raSrc [][]byte
 	for _, a := range p.BoundAddresses() {
 		s := a.As16()
 		addrs = append(addrs, s[:])
@@ -621,13 +658,9 @@ func buildNIC(p network.NICPlan, logGroup uint16) nicSpec {
 		s := a.As16()
 		raSrc = append(raSrc, s[:])
 	}
-	for _, mc := range c.AllowedRAMACs {
-		raMAC = append(raMAC, []byte(mc))
-	}
 	spec.sets = []setSpec{
 		{name: n.AddrSet(), keyType: nftables.TypeIP6Addr, elems: addrs},
 		{name: n.RASourceSet(), keyType: nftables.TypeIP6Addr, elems: raSrc},
-		{name: n.RAMACSet(), keyType: nftables.TypeEtherAddr, elems: raMAC},
 		{name: n.TempSet(), keyType: nftables.TypeIP6Addr, dynamic: true},
 	}
 	return spec
@@ -684,13 +717,6 @@ func extBlocks(b *builder, chain, hbh string, c network.Controls, mld []byte) {
 	if c.BlockDestOpts {
 		b.add(chain, string(network.CtlExtDestOpts), exthdrExists(nhDestOpts), counter(n.Counter(network.CtlExtDestOpts)), drop)
 	}
-}
-
-// ifnameKey encodes an interface name as an nftables ifname set key.
-func ifnameKey(name string) []byte {
-	k := make([]byte, 16)
-	copy(k, name)
-	return k
 }
 
 func commentData(s string) []byte { return userdata.AppendString(nil, userdata.TypeComment, s) }
