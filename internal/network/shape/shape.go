@@ -146,25 +146,32 @@ func (s *Shaper) Remove(hostDev string) error {
 	return errors.Join(errs...)
 }
 
+// removeBandwidth removes the port's HTB root qdisc, its ingress redirect
+// and its IFB, whichever exist. It asks the kernel to delete them by handle
+// instead of listing qdiscs first: a qdisc listing dumps every device's,
+// which grows with the number of VMs, and CreateVm calls this for every
+// new port. (The redirect exists only with the IFB.)
 func removeBandwidth(h *netlink.Handle, port netlink.Link) error {
 	idx := port.Attrs().Index
-	qs, err := h.QdiscList(port)
+	gone := func(err error) bool {
+		// EINVAL: the root qdisc is not ours (another handle) or the
+		// port has no ingress qdisc.
+		return err == nil || errors.Is(err, unix.ENOENT) || errors.Is(err, unix.EINVAL)
+	}
+	root := netlink.NewHtb(netlink.QdiscAttrs{LinkIndex: idx, Parent: netlink.HANDLE_ROOT, Handle: htbHandle})
+	if err := h.QdiscDel(root); !gone(err) {
+		return fmt.Errorf("delete htb qdisc: %w", err)
+	}
+	ifb, err := h.LinkByName(IFBName(port.Attrs().Name))
 	if err != nil {
-		return fmt.Errorf("list qdiscs: %w", err)
+		return nil
 	}
-	for _, q := range qs {
-		a := q.Attrs()
-		if (a.Parent == netlink.HANDLE_ROOT && a.Handle == htbHandle && q.Type() == "htb") || a.Parent == netlink.HANDLE_INGRESS {
-			a.LinkIndex = idx
-			if err := h.QdiscDel(q); err != nil && !errors.Is(err, unix.ENOENT) {
-				return fmt.Errorf("delete qdisc: %w", err)
-			}
-		}
+	ing := &netlink.Ingress{QdiscAttrs: netlink.QdiscAttrs{LinkIndex: idx, Parent: netlink.HANDLE_INGRESS, Handle: netlink.MakeHandle(0xffff, 0)}}
+	if err := h.QdiscDel(ing); !gone(err) {
+		return fmt.Errorf("delete ingress qdisc: %w", err)
 	}
-	if ifb, err := h.LinkByName(IFBName(port.Attrs().Name)); err == nil {
-		if err := h.LinkDel(ifb); err != nil {
-			return fmt.Errorf("delete %s: %w", ifb.Attrs().Name, err)
-		}
+	if err := h.LinkDel(ifb); err != nil {
+		return fmt.Errorf("delete %s: %w", ifb.Attrs().Name, err)
 	}
 	return nil
 }

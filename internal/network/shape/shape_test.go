@@ -131,6 +131,13 @@ func TestBandwidth(t *testing.T) {
 	if _, err := tp.host.Handle(t).LinkByName(IFBName("v-a")); err == nil {
 		t.Error("ifb left behind")
 	}
+	if out := tp.host.MustRun(t, "tc", "qdisc", "show", "dev", "v-a"); strings.Contains(out, "htb") || strings.Contains(out, "ingress") {
+		t.Errorf("qdiscs left on v-a:\n%s", out)
+	}
+	// Removing again (nothing left) is not an error.
+	if err := tp.shaper(t).Remove("v-a"); err != nil {
+		t.Error(err)
+	}
 }
 
 const floodScript = `
