@@ -73,11 +73,11 @@ print("count", len(s.results or []), flush=True)
 	return n
 }
 
-// counter reads one named nftables counter of metald's bridge table in the
-// host namespace.
+// counter reads one named nftables counter of metald's first-hop tables in
+// the host namespace.
 func (e *env) counter(t *testing.T, name string) uint64 {
 	t.Helper()
-	out, err := e.host.Run("nft", "list", "counter", "bridge", "metald", name)
+	out, err := e.fhList(t, "counter", name)
 	if err != nil {
 		t.Fatalf("nft list counter %s: %v\n%s", name, err, out)
 	}
@@ -137,7 +137,7 @@ func TestFirstHopThroughDaemon(t *testing.T) {
 	if sec := obj(obj(st)["effectiveSecurity"]); sec["blockDestinationOptions"] != true || sec["ndRateLimit"] != float64(100) {
 		t.Errorf("effective security: %v", sec)
 	}
-	if out, err := e.host.Run("nft", "list", "chain", "bridge", "metald", "vm-tap-vm-f1-out"); err != nil {
+	if out, err := e.fhList(t, "chain", "vm-tap-vm-f1-out"); err != nil {
 		t.Fatalf("chain of vm-f1 missing before boot: %v\n%s", err, out)
 	}
 
@@ -259,16 +259,18 @@ sendp([p]*2, iface="br-f")`))
 		t.Fatalf("%d drift repairs on an untouched kernel", repairs)
 	}
 
-	// Deleting a VM removes its chains; a flushed table is repaired.
+	// Deleting a VM removes its chains; flushed tables are repaired.
 	e.mustCall("DeleteVm", map[string]any{"vm_id": "vm-f2"})
-	if out, err := e.host.Run("nft", "list", "chain", "bridge", "metald", "vm-tap-vm-f2-out"); err == nil {
+	if out, err := e.fhList(t, "chain", "vm-tap-vm-f2-out"); err == nil {
 		t.Fatalf("chain of a deleted VM left behind:\n%s", out)
 	}
-	e.host.MustRun(t, "nft", "flush", "table", "bridge", "metald")
+	for _, tbl := range e.fhTables(t) {
+		e.host.MustRun(t, "nft", "flush", "table", "netdev", tbl)
+	}
 	if err := e.d.Manager().ReconcileFirewall(t.Context()); err != nil {
 		t.Fatal(err)
 	}
-	if out, err := e.host.Run("nft", "list", "chain", "bridge", "metald", "vm-tap-vm-f1-out_icmp"); err != nil || !strings.Contains(out, "ra_guard") {
+	if out, err := e.fhList(t, "chain", "vm-tap-vm-f1-out_icmp"); err != nil || !strings.Contains(out, "ra_guard") {
 		t.Fatalf("flushed rules not repaired: %v\n%s", err, out)
 	}
 }

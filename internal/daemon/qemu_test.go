@@ -105,7 +105,7 @@ func TestQEMUThroughDaemon(t *testing.T) {
 	for !strings.Contains(e.console("vm-q2"), "metald-init: ping6 2600:beef:1000:1::10 ok") {
 		if time.Now().After(deadline) || strings.Contains(e.console("vm-q2"), "ping6 2600:beef:1000:1::10 failed") {
 			ev := e.shell(t, `curl -s http://localhost:8080/debug/security/events | jq -c '.[] | {vm_id, event_type, d: .details}'`)
-			sets, _ := e.host.Run("nft", "list", "set", "bridge", "metald", "tap-vm-q2-addrs")
+			sets, _ := e.fhList(t, "set", "tap-vm-q2-addrs")
 			t.Fatalf("vm-q2 cannot ping vm-q1\nevents:\n%s\nq2 addrs:\n%s\nconsole:\n%s", ev, sets, e.console("vm-q2"))
 		}
 		time.Sleep(500 * time.Millisecond)

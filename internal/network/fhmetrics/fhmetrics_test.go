@@ -184,10 +184,16 @@ func TestMetricsExactFromCounters(t *testing.T) {
 		t.Errorf("after re-add and 5 RAs: %v, want %v", v, before+5)
 	}
 
-	// An operator deletes the table: the counters vanish; Reconcile
-	// recreates it and counts the repair; totals stay.
+	// An operator deletes the NICs' tables: the counters vanish; Reconcile
+	// recreates them and counts the repair; totals stay.
 	before = raBlocks()
-	e.host.MustRun(t, "nft", "delete", "table", "bridge", nft.TableName)
+	deleted := map[string]bool{}
+	for _, p := range e.plans {
+		if tbl := nft.TableFor(p); !deleted[tbl] {
+			deleted[tbl] = true
+			e.host.MustRun(t, "nft", "delete", "table", "netdev", tbl)
+		}
+	}
 	if v := raBlocks(); v != before {
 		t.Errorf("after table deletion %v, want %v", v, before)
 	}
