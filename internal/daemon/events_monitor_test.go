@@ -88,7 +88,7 @@ func TestEventsEnhancedMonitoringThroughDaemon(t *testing.T) {
 
 	// Without a session: drops are sampled (burst 20), allowed packets are
 	// not logged at all.
-	table, _ := e.host.Run("nft", "list", "table", "ip6", "metald_security")
+	table := e.policyTables(t)
 	if strings.Contains(table, "allow_sample") {
 		t.Fatalf("allow samples logged without a session:\n%s", table)
 	}
@@ -108,14 +108,14 @@ curl -sf -X POST http://localhost:8080/debug/security/enhance-monitoring \
 		t.Fatalf("enhance-monitoring: %s", out)
 	}
 	sessionStart := time.Now()
-	table, _ = e.host.Run("nft", "list", "table", "ip6", "metald_security")
+	table = e.policyTables(t)
 	if !strings.Contains(table, `limit rate 10/second burst 10 packets log prefix "metald:tap-vm-mo:allow_sample/ingress_rules[0]" group 6420`) ||
 		!strings.Contains(table, `limit rate 1000/second burst 100 packets log prefix "metald:tap-vm-mo:policy_deny/ingress_default" group 6420`) {
 		t.Fatalf("monitoring rules not in the policy table:\n%s", table)
 	}
 	// The first-hop drops of the tenant's ports log up to 1000/s too, and
 	// only theirs.
-	if fh, _ := e.fhList(t, "chain", "vm-tap-vm-mo-out"); !strings.Contains(fh, "limit rate 1000/second") {
+	if fh, _ := e.host.Run("nft", "list", "chain", "bridge", "metald", "vm-tap-vm-mo-out"); !strings.Contains(fh, "limit rate 1000/second") {
 		t.Fatalf("first-hop log rate not raised:\n%s", fh)
 	}
 
@@ -153,8 +153,8 @@ curl -sf -X POST http://localhost:8080/debug/security/enhance-monitoring \
 	}
 	deadline = time.Now().Add(5 * time.Second)
 	for {
-		table, _ = e.host.Run("nft", "list", "table", "ip6", "metald_security")
-		fh, _ := e.fhList(t, "chain", "vm-tap-vm-mo-out")
+		table = e.policyTables(t)
+		fh, _ := e.host.Run("nft", "list", "chain", "bridge", "metald", "vm-tap-vm-mo-out")
 		if !strings.Contains(table, "allow_sample") && !strings.Contains(table, "1000/second") && !strings.Contains(fh, "1000/second") {
 			break
 		}
@@ -179,7 +179,7 @@ curl -sf -X POST http://localhost:8080/debug/security/enhance-monitoring \
 	// sampled; raising the running session to DEBUG adds the samples; an
 	// operator's DELETE ends it.
 	policyRules := func() string {
-		table, _ := e.host.Run("nft", "list", "table", "ip6", "metald_security")
+		table := e.policyTables(t)
 		return table
 	}
 	e.shell(t, `curl -sf -X POST http://localhost:8080/debug/security/enhance-monitoring -d '{"tenant_id":"tm", "duration":"1m", "log_level":"INFO"}'`)

@@ -13,10 +13,7 @@ import (
 // policyGen returns the generation of a NIC's current policy chains.
 func (e *env) policyGen(t *testing.T, key string) int {
 	t.Helper()
-	out, err := e.host.Run("nft", "list", "table", "ip6", "metald_security")
-	if err != nil {
-		t.Fatal(err)
-	}
+	out := e.policyTables(t)
 	gen := -1
 	for _, m := range regexp.MustCompile(`chain vm-`+regexp.QuoteMeta(key)+`-in-g(\d+) `).FindAllStringSubmatch(out, -1) {
 		if n, _ := strconv.Atoi(m[1]); n > gen {
@@ -148,7 +145,7 @@ func TestEventsOptimizeThroughDaemon(t *testing.T) {
 	if g := e.policyGen(t, "vm-op.eth0"); g != gen+1 {
 		t.Fatalf("cache on: generation %d after a real change from %d", g, gen)
 	}
-	if table, _ := e.host.Run("nft", "list", "table", "ip6", "metald_security"); !strings.Contains(table, "tcp dport 81") {
+	if table := e.policyTables(t); !strings.Contains(table, "tcp dport 81") {
 		t.Fatalf("changed policy not programmed:\n%s", table)
 	}
 	// Settings survive a restart.

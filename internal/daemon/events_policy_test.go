@@ -8,6 +8,8 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/metald/metald/internal/network/secpolicy"
 )
 
 // event is the JSON form of a security event.
@@ -91,10 +93,7 @@ func TestEventsPolicyDenyThroughDaemon(t *testing.T) {
 	// The rule logs to the kernel log (journalctl -k | grep
 	// metald-ipv6-deny) and, rate-limited, to metald's NFLOG group with a
 	// prefix naming device and rule.
-	table, err := e.host.Run("nft", "list", "table", "ip6", "metald_security")
-	if err != nil {
-		t.Fatal(err)
-	}
+	table := e.policyTables(t)
 	for _, want := range []string{`log prefix "metald-ipv6-deny "`,
 		`limit rate 10/second burst 20 packets log prefix "metald:tap-vm-pd:policy_deny/ingress_rules[1]" group 6420`,
 		`log prefix "metald:tap-vm-pd:tenant_isolation/ingress_strict" group 6420`} {
@@ -169,28 +168,49 @@ func TestEventsPolicyDenyThroughDaemon(t *testing.T) {
 	e.host.MustRun(t, "nft", "delete", "element", "ip6", "metald_security", "blocked_sources", "{ 2001:db8:72::11 }")
 }
 
+// policyTables lists the policy tables: the main table (base chains,
+// blocked_sources) and the shard tables holding the NIC chains
+// (secpolicy.Tables).
+func (e *env) policyTables(t *testing.T) string {
+	t.Helper()
+	var b strings.Builder
+	for _, name := range secpolicy.Tables() {
+		out, err := e.host.Run("nft", "list", "table", "ip6", name)
+		if err != nil {
+			t.Fatalf("nft list table %s: %v\n%s", name, err, out)
+		}
+		b.WriteString(out)
+	}
+	return b.String()
+}
+
 // policyCounter sums the counters of the policy-table rules of chains named
 // chain* whose comment starts with prefix.
 func (e *env) policyCounter(t *testing.T, chain, prefix string) uint64 {
 	t.Helper()
-	out, err := e.host.Run("nft", "-j", "list", "table", "ip6", "metald_security")
-	if err != nil {
-		t.Fatalf("nft -j list table: %v\n%s", err, out)
+	type ruleDoc struct {
+		Rule *struct {
+			Chain   string           `json:"chain"`
+			Comment string           `json:"comment"`
+			Expr    []map[string]any `json:"expr"`
+		} `json:"rule"`
 	}
-	var doc struct {
-		Nftables []struct {
-			Rule *struct {
-				Chain   string           `json:"chain"`
-				Comment string           `json:"comment"`
-				Expr    []map[string]any `json:"expr"`
-			} `json:"rule"`
-		} `json:"nftables"`
-	}
-	if err := json.Unmarshal([]byte(out), &doc); err != nil {
-		t.Fatal(err)
+	var all []ruleDoc
+	for _, name := range secpolicy.Tables() {
+		out, err := e.host.Run("nft", "-j", "list", "table", "ip6", name)
+		if err != nil {
+			t.Fatalf("nft -j list table %s: %v\n%s", name, err, out)
+		}
+		var doc struct {
+			Nftables []ruleDoc `json:"nftables"`
+		}
+		if err := json.Unmarshal([]byte(out), &doc); err != nil {
+			t.Fatal(err)
+		}
+		all = append(all, doc.Nftables...)
 	}
 	var n uint64
-	for _, o := range doc.Nftables {
+	for _, o := range all {
 		if o.Rule == nil || !strings.HasPrefix(o.Rule.Chain, chain) || !strings.HasPrefix(o.Rule.Comment, prefix) {
 			continue
 		}

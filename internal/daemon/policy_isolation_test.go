@@ -117,7 +117,7 @@ curl -sf -X POST http://localhost:8080/vmprovisioner.v1.VmService/IsolateVm \
 		t.Error("isolated: the VM pinged its gateway")
 	}
 	// The isolated NIC's chains count the management rule and the drops.
-	out := e.host.MustRun(t, "nft", "list", "table", "ip6", "metald_security")
+	out := e.policyTables(t)
 	if !strings.Contains(out, `management_ingress[0]: allow tcp from 2001:db8:75::/64 to any port 22`) {
 		t.Errorf("no management rule in the table:\n%s", out)
 	}

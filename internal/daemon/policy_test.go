@@ -123,7 +123,7 @@ func TestPolicyThroughDaemon(t *testing.T) {
 
 	// Deleting the VM removes its policy chains.
 	e.mustCall("DeleteVm", map[string]any{"vm_id": "vm-srv"})
-	if out, _ := e.host.Run("nft", "list", "table", "ip6", "metald_security"); strings.Contains(out, "vm-srv") {
+	if out := e.policyTables(t); strings.Contains(out, "vm-srv") {
 		t.Fatalf("policy of a deleted VM left behind:\n%s", out)
 	}
 }

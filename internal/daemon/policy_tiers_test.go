@@ -74,7 +74,7 @@ func TestThreeTierTenantsThroughDaemon(t *testing.T) {
 		"allow tcp from 2600:BEEF:1000:dmz::/64 to any port 8080", "allow tcp from any to any port 9000", "deny all from any to any"}}})
 	check("`any` under strict", probe{"web", "app", "9000", false}, probe{"web", "app", "8080", true})
 	// The drop is the strict check's: its counter on app's ingress counts.
-	out := e.host.MustRun(t, "nft", "list", "table", "ip6", "metald_security")
+	out := e.policyTables(t)
 	if !strings.Contains(out, `comment "tenant-strict"`) {
 		t.Errorf("no tenant-strict rule:\n%s", out)
 	}
