@@ -115,7 +115,7 @@ curl -sf -X POST http://localhost:8080/debug/security/enhance-monitoring \
 	}
 	// The first-hop drops of the tenant's ports log up to 1000/s too, and
 	// only theirs.
-	if fh, _ := e.host.Run("nft", "list", "chain", "bridge", "metald", "vm-tap-vm-mo-out"); !strings.Contains(fh, "limit rate 1000/second") {
+	if fh, _ := e.fhList(t, "chain", "vm-tap-vm-mo-out"); !strings.Contains(fh, "limit rate 1000/second") {
 		t.Fatalf("first-hop log rate not raised:\n%s", fh)
 	}
 
@@ -154,7 +154,7 @@ curl -sf -X POST http://localhost:8080/debug/security/enhance-monitoring \
 	deadline = time.Now().Add(5 * time.Second)
 	for {
 		table = e.policyTables(t)
-		fh, _ := e.host.Run("nft", "list", "chain", "bridge", "metald", "vm-tap-vm-mo-out")
+		fh, _ := e.fhList(t, "chain", "vm-tap-vm-mo-out")
 		if !strings.Contains(table, "allow_sample") && !strings.Contains(table, "1000/second") && !strings.Contains(fh, "1000/second") {
 			break
 		}
