@@ -1,15 +1,14 @@
 package secevent
 
 import (
+	"cmp"
 	"context"
 	"errors"
 	"fmt"
-	"net"
 	"strings"
 	"sync"
 	"time"
 
-	nflog "github.com/florianl/go-nflog/v2"
 	"github.com/mdlayher/netlink"
 	vnl "github.com/vishvananda/netlink"
 	"github.com/vishvananda/netns"
@@ -36,7 +35,7 @@ type ReaderConfig struct {
 // Reader reads metald's NFLOG group into a Service.
 type Reader struct {
 	s      *Service
-	nf     *nflog.Nflog
+	nf     *nflogSock
 	cancel context.CancelFunc
 	done   chan struct{}
 	err    error
@@ -51,13 +50,6 @@ type devName struct {
 	name string
 	at   time.Time
 }
-
-// quiet is go-nflog's logger: go-nflog reports the normal shutdown as an
-// error, and must never write to a logger that outlived its owner (tests).
-type quiet struct{}
-
-func (quiet) Debugf(string, ...any) {}
-func (quiet) Errorf(string, ...any) {}
 
 // StartReader binds the NFLOG group and feeds every record to Ingest until
 // ctx is cancelled or Close is called. The group is bound when it returns.
@@ -77,66 +69,52 @@ func (s *Service) StartReader(ctx context.Context, rc ReaderConfig) (*Reader, er
 	if rc.ReadBuffer == 0 {
 		rc.ReadBuffer = 4 << 20
 	}
-	nf, err := nflog.Open(&nflog.Config{
-		NetNS: rc.NetNS, Group: rc.Group, Copymode: nflog.CopyPacket, Bufsize: rc.CopyRange,
-		QThresh: rc.QThresh, Timeout: rc.Timeout, Logger: quiet{},
-	})
+	nf, err := openNflog(rc.NetNS, rc.Group, rc.CopyRange, rc.QThresh, rc.Timeout)
 	if err != nil {
 		return nil, fmt.Errorf("open nflog group %d: %w", rc.Group, err)
 	}
-	if err := nf.Con.SetReadBuffer(rc.ReadBuffer); err != nil {
+	if err := nf.setReadBuffer(rc.ReadBuffer); err != nil {
 		s.log.Warn("nflog read buffer", "err", err)
 	}
 	ctx, cancel := context.WithCancel(ctx)
 	r := &Reader{s: s, nf: nf, cancel: cancel, done: make(chan struct{}), nsfd: rc.NetNS, devs: map[uint32]devName{}}
-	stopped := make(chan struct{})
-	var once sync.Once
-	stop := func(err error) {
-		once.Do(func() {
-			r.err = err
-			close(stopped)
-		})
-	}
-	errfn := func(err error) int {
-		if ctx.Err() != nil || strings.Contains(err.Error(), "use of closed file") {
-			stop(nil) // shutdown, not a failure
-			return 1
-		}
-		if errors.Is(err, unix.ENOBUFS) {
-			s.metrics.overrun()
-			return 0
-		}
-		var op *netlink.OpError
-		if errors.As(err, &op) && (op.Timeout() || op.Temporary()) {
-			return 0
-		}
-		s.log.Error("nflog receive", "group", rc.Group, "err", err)
-		stop(fmt.Errorf("nflog receive: %w", err))
-		return 1
-	}
-	hook := func(a nflog.Attribute) int {
-		r.handleRecord(a)
-		return 0
-	}
-	if err := nf.RegisterWithErrorFunc(ctx, hook, errfn); err != nil {
-		cancel()
-		nf.Close()
-		return nil, fmt.Errorf("register nflog group %d: %w", rc.Group, err)
-	}
 	go func() {
-		select {
-		case <-ctx.Done():
-		case <-stopped:
+		<-ctx.Done()
+		nf.interrupt()
+	}()
+	go func() {
+		defer func() {
+			cancel()
+			nf.close()
+			r.devMu.Lock()
+			if r.nlh != nil {
+				r.nlh.Close()
+			}
+			r.devMu.Unlock()
+			close(r.done)
+		}()
+		for {
+			recs, err := nf.receive()
+			if ctx.Err() != nil {
+				return // shutdown, not a failure
+			}
+			if err != nil {
+				if errors.Is(err, unix.ENOBUFS) {
+					s.metrics.overrun()
+					continue
+				}
+				var op *netlink.OpError
+				if errors.As(err, &op) && (op.Timeout() || op.Temporary()) {
+					continue
+				}
+				s.log.Error("nflog receive", "group", rc.Group, "err", err)
+				r.err = fmt.Errorf("nflog receive: %w", err)
+				return
+			}
+			for _, rec := range recs {
+				r.handleRecord(rec)
+			}
 		}
-		cancel()
-		nf.Close()
-		stop(nil)
-		r.devMu.Lock()
-		if r.nlh != nil {
-			r.nlh.Close()
-		}
-		r.devMu.Unlock()
-		close(r.done)
 	}()
 	return r, nil
 }
@@ -155,41 +133,21 @@ func (r *Reader) Done() <-chan struct{} { return r.done }
 // Done is closed.
 func (r *Reader) Err() error { return r.err }
 
-func (r *Reader) handleRecord(a nflog.Attribute) {
-	var rec LogRecord
-	if a.Prefix != nil {
-		rec.Prefix = *a.Prefix
-	}
-	if !strings.HasPrefix(rec.Prefix, PrefixTag+":") {
+func (r *Reader) handleRecord(a nflogRecord) {
+	if !strings.HasPrefix(a.Prefix, PrefixTag+":") {
 		r.s.metrics.record()
 		return
 	}
-	if a.HwProtocol != nil {
-		rec.HwProtocol = *a.HwProtocol
-	}
-	if a.HwAddr != nil && len(*a.HwAddr) == 6 {
-		rec.HwAddr = net.HardwareAddr(*a.HwAddr)
-	}
-	if a.Payload != nil {
-		rec.Payload = *a.Payload
-	}
-	if a.Timestamp != nil {
-		rec.Time = *a.Timestamp
+	rec := LogRecord{Prefix: a.Prefix, HwProtocol: a.HwProtocol, Payload: a.Payload, Time: a.Time}
+	if len(a.HwAddr) == 6 {
+		rec.HwAddr = a.HwAddr
 	}
 	if strings.HasPrefix(rec.Prefix, PrefixTag+"::") {
-		idx := a.PhysInDev
-		if idx == nil {
-			idx = a.InDev
+		if idx := cmp.Or(a.PhysInDev, a.InDev); idx != 0 {
+			rec.InDev = r.ifName(idx)
 		}
-		if idx != nil {
-			rec.InDev = r.ifName(*idx)
-		}
-		idx = a.PhysOutDev
-		if idx == nil {
-			idx = a.OutDev
-		}
-		if idx != nil {
-			rec.OutDev = r.ifName(*idx)
+		if idx := cmp.Or(a.PhysOutDev, a.OutDev); idx != 0 {
+			rec.OutDev = r.ifName(idx)
 		}
 	}
 	r.s.Ingest(rec)
