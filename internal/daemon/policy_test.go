@@ -319,12 +319,16 @@ func TestLimitsThroughDaemon(t *testing.T) {
 	if v := rate(false); v < 45 || v > 55 {
 		t.Fatalf("after the update to 50: %.1f Mbit/s", v)
 	}
-	// Deleting the VM leaves no IFB or shaping behind (checked by the
-	// environment's cleanup too).
+	// Deleting the VM leaves no shaping behind: no IFB device (earlier
+	// versions' way), no policer (checked by the environment's cleanup
+	// too).
 	e.mustCall("DeleteVm", map[string]any{"vm_id": "vm-lim"})
 	for _, l := range e.links() {
 		if strings.HasPrefix(l, "ifb") {
 			t.Fatalf("%s left behind", l)
 		}
+	}
+	if out, _ := e.host.Run("nft", "list", "tables", "netdev"); strings.Contains(out, "metald_shape_bw") {
+		t.Fatalf("bandwidth policer table left behind:\n%s", out)
 	}
 }

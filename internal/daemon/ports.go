@@ -96,8 +96,9 @@ func (p ports) EnableSnooping(bridge, port string) error {
 	return p.m.SetPortMulticastMaxGroups(port, link.DefaultPortMaxGroups)
 }
 
-// ApplyLimits shapes a VM port in both directions (HTB on the port, IFB
-// for traffic from the VM; packet rate by nftables).
+// ApplyLimits limits a VM port in both directions (bandwidth: HTB on the
+// port toward the VM, an nftables policer on its ingress hook from the VM;
+// packet rate: nftables).
 func (p ports) ApplyLimits(dev string, mbps, pps uint32) error {
 	if mbps == 0 && pps == 0 {
 		return p.shaper.Remove(dev)

@@ -278,7 +278,7 @@ func (m *Manager) applyLimits(row *store.VM, cfg *vmv1.VmConfig) error {
 	return nil
 }
 
-// removeLimits removes every NIC's limits (and their IFB devices).
+// removeLimits removes every NIC's limits.
 func (m *Manager) removeLimits(nics []store.NIC) error {
 	if m.opt.Shaper == nil {
 		return nil

@@ -1,22 +1,29 @@
 // Package shape owns per-NIC bandwidth and packet-rate limits on a VM's
 // host port, in both directions.
 //
-// Bandwidth (tc, vishvananda/netlink):
+// Bandwidth:
 //   - toward the VM: an HTB root qdisc (1:) on the host port with one
-//     default class 1:1 whose rate and ceil are the limit;
-//   - from the VM: an ingress qdisc on the host port with a u32 match-everything filter (matchall is absent here)
-//     whose mirred action redirects every frame to an IFB device
-//     ("ifb" + 8 hex digits of a hash of the port name), shaped there by
-//     the same HTB.
+//     default class 1:1 whose rate and ceil are the limit (tc,
+//     vishvananda/netlink);
+//   - from the VM: a policer, `limit rate over <bytes>/second drop`, in
+//     a base chain `<port>-from-vm` of `table netdev metald_shape_bw`
+//     hooked on the port's ingress at priority 100, after the first-hop
+//     checks (priority -500), so frames those drop never use the VM's
+//     budget. The bucket holds one second of the rate (the kernel's
+//     byte-mode limit), so a transfer after an idle second starts with
+//     that much at line rate, then runs at the limit.
+//
+// Shaping traffic from the VM in a qdisc would need a tc ingress redirect
+// to an IFB device, and tc ingress runs before netfilter's netdev ingress
+// hook, which a redirected frame then skips when it comes back: the
+// first-hop checks would never see it. (Earlier versions did that;
+// Remove still deletes their IFB devices and ingress qdiscs.)
 //
 // Packet rate: this kernel has no act_police, so tc cannot drop by packet
 // rate. The limit is an nftables `limit rate over N/second drop` in
 // `table bridge metald_shape`, dispatched by port name (iifname for frames
 // from the VM at bridge prerouting, oifname for frames toward it at bridge
-// postrouting). The bridge hooks are used, not netdev ingress/egress:
-// frames redirected to an IFB skip the port's netdev ingress hook and the
-// IFB's netdev egress hook (nf_skip_egress), but they re-enter the bridge.
-// Packet-rate limits therefore apply to bridged ports only.
+// postrouting). Packet-rate limits therefore apply to bridged ports only.
 package shape
 
 import (
@@ -30,7 +37,6 @@ import (
 	"github.com/google/nftables/binaryutil"
 	"github.com/google/nftables/expr"
 	"github.com/vishvananda/netlink"
-	"github.com/vishvananda/netlink/nl"
 	"github.com/vishvananda/netns"
 	"golang.org/x/sys/unix"
 
@@ -48,6 +54,13 @@ type Limits struct {
 // Table is the nftables table holding packet-rate limits.
 const Table = "metald_shape"
 
+// BandwidthTable is the netdev table holding the from-VM bandwidth
+// policers; BandwidthPriority their hooks' priority.
+const (
+	BandwidthTable    = "metald_shape_bw"
+	BandwidthPriority = 100
+)
+
 const (
 	chainPre   = "prerouting"
 	chainPost  = "postrouting"
@@ -57,7 +70,8 @@ const (
 	htbDefault = 0x10001 // 1:1
 )
 
-// IFBName returns the IFB device shaping traffic from the VM on hostDev.
+// IFBName returns the IFB device earlier versions shaped traffic from the
+// VM on hostDev through.
 func IFBName(hostDev string) string {
 	h := fnv.New32a()
 	h.Write([]byte(hostDev))
@@ -124,9 +138,12 @@ func (s *Shaper) Apply(hostDev string, l Limits) error {
 		if err := htb(h, port.Attrs().Index, l.Mbps); err != nil {
 			return fmt.Errorf("shape toward vm on %s: %w", hostDev, err)
 		}
-		if err := ingressToIFB(h, port, l.Mbps); err != nil {
-			return fmt.Errorf("shape from vm on %s: %w", hostDev, err)
+		if err := removeIFB(h, port); err != nil {
+			return err
 		}
+	}
+	if err := s.police(hostDev, l.Mbps); err != nil {
+		return fmt.Errorf("police traffic from vm on %s: %w", hostDev, err)
 	}
 	return s.applyPPS(hostDev, l.PPS)
 }
@@ -142,32 +159,106 @@ func (s *Shaper) Remove(hostDev string) error {
 	} else if ifb, err := h.LinkByName(IFBName(hostDev)); err == nil {
 		errs = append(errs, h.LinkDel(ifb))
 	}
-	errs = append(errs, s.applyPPS(hostDev, 0))
+	errs = append(errs, s.police(hostDev, 0), s.applyPPS(hostDev, 0))
 	return errors.Join(errs...)
 }
 
-// removeBandwidth removes the port's HTB root qdisc, its ingress redirect
-// and its IFB, whichever exist. It asks the kernel to delete them by handle
-// instead of listing qdiscs first: a qdisc listing dumps every device's,
-// which grows with the number of VMs, and CreateVm calls this for every
-// new port. (The redirect exists only with the IFB.)
-func removeBandwidth(h *netlink.Handle, port netlink.Link) error {
-	idx := port.Attrs().Index
-	gone := func(err error) bool {
-		// EINVAL: the root qdisc is not ours (another handle) or the
-		// port has no ingress qdisc.
-		return err == nil || errors.Is(err, unix.ENOENT) || errors.Is(err, unix.EINVAL)
+// police sets (mbps > 0) or removes the from-VM bandwidth policer of
+// hostDev, in one batch. The caller holds mu.
+func (s *Shaper) police(hostDev string, mbps uint32) error {
+	err := s.queuePolice(hostDev, mbps)
+	if err != nil {
+		s.reopen()
 	}
-	root := netlink.NewHtb(netlink.QdiscAttrs{LinkIndex: idx, Parent: netlink.HANDLE_ROOT, Handle: htbHandle})
-	if err := h.QdiscDel(root); !gone(err) {
+	return err
+}
+
+func (s *Shaper) queuePolice(hostDev string, mbps uint32) error {
+	c := s.nft
+	t := &nftables.Table{Name: BandwidthTable, Family: nftables.TableFamilyNetdev}
+	name := hostDev + "-from-vm"
+	chains, err := c.ListChainsOfTableFamily(nftables.TableFamilyNetdev)
+	if err != nil {
+		return fmt.Errorf("list chains: %w", err)
+	}
+	exists, others := false, 0
+	for _, ch := range chains {
+		if ch.Table.Name != BandwidthTable {
+			continue
+		}
+		if ch.Name == name {
+			exists = true
+		} else {
+			others++
+		}
+	}
+	switch {
+	case mbps == 0 && !exists:
+		return nil
+	case mbps == 0 && others == 0:
+		c.DelTable(t) // the last policer goes with its table
+	case mbps == 0:
+		ch := &nftables.Chain{Name: name, Table: t}
+		c.FlushChain(ch)
+		c.DelChain(ch)
+	default:
+		c.AddTable(t)
+		accept := nftables.ChainPolicyAccept
+		ch := c.AddChain(&nftables.Chain{Name: name, Table: t, Type: nftables.ChainTypeFilter,
+			Hooknum: nftables.ChainHookIngress, Priority: nftables.ChainPriorityRef(BandwidthPriority),
+			Device: hostDev, Policy: &accept})
+		c.FlushChain(ch)
+		c.AddRule(&nftables.Rule{Table: t, Chain: ch, Exprs: []expr.Any{
+			&expr.Limit{Type: expr.LimitTypePktBytes, Rate: uint64(mbps) * 1_000_000 / 8, Unit: expr.LimitTimeSecond, Over: true},
+			&expr.Counter{},
+			&expr.Verdict{Kind: expr.VerdictDrop},
+		}})
+	}
+	err = c.Flush()
+	if s.gen != nil {
+		s.gen()
+	}
+	return err
+}
+
+// reopen replaces the connection after a failed batch: messages queued
+// for a batch that was never sent cannot be taken back.
+func (s *Shaper) reopen() {
+	if c, err := nftconn.Open(s.opts); err == nil {
+		s.nft.CloseLasting()
+		s.nft = c
+	}
+}
+
+// removeBandwidth removes the port's HTB root qdisc and what earlier
+// versions used for traffic from the VM (an ingress redirect to an IFB),
+// whichever exist. It asks the kernel to delete them by handle instead of
+// listing qdiscs first: a qdisc listing dumps every device's, which grows
+// with the number of VMs, and CreateVm calls this for every new port.
+func removeBandwidth(h *netlink.Handle, port netlink.Link) error {
+	root := netlink.NewHtb(netlink.QdiscAttrs{LinkIndex: port.Attrs().Index, Parent: netlink.HANDLE_ROOT, Handle: htbHandle})
+	if err := h.QdiscDel(root); !qdiscGone(err) {
 		return fmt.Errorf("delete htb qdisc: %w", err)
 	}
+	return removeIFB(h, port)
+}
+
+// qdiscGone: a delete failed because there was nothing (of ours) to
+// delete. EINVAL: the root qdisc has another handle, or there is no
+// ingress qdisc.
+func qdiscGone(err error) bool {
+	return err == nil || errors.Is(err, unix.ENOENT) || errors.Is(err, unix.EINVAL)
+}
+
+// removeIFB removes an earlier version's ingress redirect and IFB device
+// of port (the redirect existed only with the IFB).
+func removeIFB(h *netlink.Handle, port netlink.Link) error {
 	ifb, err := h.LinkByName(IFBName(port.Attrs().Name))
 	if err != nil {
 		return nil
 	}
-	ing := &netlink.Ingress{QdiscAttrs: netlink.QdiscAttrs{LinkIndex: idx, Parent: netlink.HANDLE_INGRESS, Handle: netlink.MakeHandle(0xffff, 0)}}
-	if err := h.QdiscDel(ing); !gone(err) {
+	ing := &netlink.Ingress{QdiscAttrs: netlink.QdiscAttrs{LinkIndex: port.Attrs().Index, Parent: netlink.HANDLE_INGRESS, Handle: netlink.MakeHandle(0xffff, 0)}}
+	if err := h.QdiscDel(ing); !qdiscGone(err) {
 		return fmt.Errorf("delete ingress qdisc: %w", err)
 	}
 	if err := h.LinkDel(ifb); err != nil {
@@ -203,47 +294,6 @@ func htb(h *netlink.Handle, idx int, mbps uint32) error {
 	return nil
 }
 
-// ingressToIFB redirects everything the port receives (what the VM sends)
-// to the port's IFB and shapes it there.
-func ingressToIFB(h *netlink.Handle, port netlink.Link, mbps uint32) error {
-	name := IFBName(port.Attrs().Name)
-	ifb, err := h.LinkByName(name)
-	if err != nil {
-		if err := h.LinkAdd(&netlink.Ifb{LinkAttrs: netlink.LinkAttrs{Name: name, TxQLen: 1000}}); err != nil && !errors.Is(err, unix.EEXIST) {
-			return fmt.Errorf("add %s: %w", name, err)
-		}
-		if ifb, err = h.LinkByName(name); err != nil {
-			return err
-		}
-	}
-	if err := h.LinkSetUp(ifb); err != nil {
-		return fmt.Errorf("up %s: %w", name, err)
-	}
-	if err := htb(h, ifb.Attrs().Index, mbps); err != nil {
-		return err
-	}
-	idx := port.Attrs().Index
-	ing := &netlink.Ingress{QdiscAttrs: netlink.QdiscAttrs{LinkIndex: idx, Parent: netlink.HANDLE_INGRESS, Handle: netlink.MakeHandle(0xffff, 0)}}
-	if ok, err := hasQdisc(h, idx, netlink.HANDLE_INGRESS, ing.Handle, "ingress"); err != nil {
-		return err
-	} else if !ok {
-		if err := h.QdiscAdd(ing); err != nil {
-			return fmt.Errorf("ingress qdisc: %w", err)
-		}
-	}
-	// matchall is not built into every kernel (not this one); a u32
-	// filter matching zero bits at offset 0 matches every frame.
-	f := &netlink.U32{
-		FilterAttrs: netlink.FilterAttrs{LinkIndex: idx, Parent: netlink.MakeHandle(0xffff, 0), Priority: 1, Protocol: unix.ETH_P_ALL},
-		Sel:         &netlink.TcU32Sel{Flags: nl.TC_U32_TERMINAL, Nkeys: 1, Keys: []netlink.TcU32Key{{Mask: 0, Val: 0, Off: 0}}},
-		Actions:     []netlink.Action{netlink.NewMirredAction(ifb.Attrs().Index)},
-	}
-	if err := h.FilterReplace(f); err != nil {
-		return fmt.Errorf("u32 redirect: %w", err)
-	}
-	return nil
-}
-
 func nftTable() *nftables.Table {
 	return &nftables.Table{Name: Table, Family: nftables.TableFamilyBridge}
 }
@@ -261,10 +311,7 @@ func ifname(n string) []byte {
 func (s *Shaper) applyPPS(hostDev string, pps uint32) error {
 	err := s.queuePPS(hostDev, pps)
 	if err != nil {
-		if c, oerr := nftconn.Open(s.opts); oerr == nil {
-			s.nft.CloseLasting()
-			s.nft = c
-		}
+		s.reopen()
 	}
 	return err
 }
