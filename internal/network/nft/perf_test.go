@@ -117,7 +117,7 @@ func otherPlans(n int) []network.NICPlan {
 
 // fill programs other NICs o0..o<n-1> (one AddNIC each: a single batch of
 // 1000 NICs exceeds the netlink message size).
-func fill(b *testing.B, tp *topo, n int) {
+func fill(b testing.TB, tp *topo, n int) {
 	b.Helper()
 	for _, p := range otherPlans(n) {
 		if err := tp.fw.AddNIC(p); err != nil {
