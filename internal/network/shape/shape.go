@@ -31,6 +31,7 @@ import (
 	"fmt"
 	"hash/fnv"
 	"slices"
+	"strings"
 	"sync"
 
 	"github.com/google/nftables"
@@ -91,6 +92,53 @@ type Shaper struct {
 	opts []nftables.ConnOption
 	// gen, when set, is called after each nftables commit (see nftgen).
 	gen func()
+	// st is what the Shaper's nftables tables hold, read from the kernel
+	// on first use and after a failed batch, then kept by its own
+	// commits: listing chains dumps every table's of the family (the
+	// first-hop shards' thousands), and CreateVm removes limits from
+	// every new port.
+	st *nftState
+}
+
+type nftState struct {
+	ppsTable, bwTable bool
+	pps, bw           map[string]bool // devices with packet-rate / policer chains
+}
+
+// state returns st, reading the kernel when it is unknown.
+func (s *Shaper) state() (*nftState, error) {
+	if s.st != nil {
+		return s.st, nil
+	}
+	st := &nftState{pps: map[string]bool{}, bw: map[string]bool{}}
+	for _, f := range []struct {
+		family nftables.TableFamily
+		table  string
+		exists *bool
+		devs   map[string]bool
+	}{{nftables.TableFamilyBridge, Table, &st.ppsTable, st.pps}, {nftables.TableFamilyNetdev, BandwidthTable, &st.bwTable, st.bw}} {
+		tables, err := s.nft.ListTablesOfFamily(f.family)
+		if err != nil {
+			return nil, fmt.Errorf("list tables: %w", err)
+		}
+		for _, t := range tables {
+			*f.exists = *f.exists || t.Name == f.table
+		}
+		if !*f.exists {
+			continue
+		}
+		chains, err := s.nft.ListChainsOfTableFamily(f.family)
+		if err != nil {
+			return nil, fmt.Errorf("list chains: %w", err)
+		}
+		for _, ch := range chains {
+			if dev, ok := strings.CutSuffix(ch.Name, "-from-vm"); ok && ch.Table.Name == f.table {
+				f.devs[dev] = true
+			}
+		}
+	}
+	s.st = st
+	return st, nil
 }
 
 // New opens a Shaper for the namespace open at hostNS.
@@ -168,34 +216,29 @@ func (s *Shaper) Remove(hostDev string) error {
 func (s *Shaper) police(hostDev string, mbps uint32) error {
 	err := s.queuePolice(hostDev, mbps)
 	if err != nil {
+		// The tables may have changed behind metald's back: read them
+		// again and retry once.
 		s.reopen()
+		if err = s.queuePolice(hostDev, mbps); err != nil {
+			s.reopen()
+		}
 	}
 	return err
 }
 
 func (s *Shaper) queuePolice(hostDev string, mbps uint32) error {
+	st, err := s.state()
+	if err != nil {
+		return err
+	}
 	c := s.nft
 	t := &nftables.Table{Name: BandwidthTable, Family: nftables.TableFamilyNetdev}
 	name := hostDev + "-from-vm"
-	chains, err := c.ListChainsOfTableFamily(nftables.TableFamilyNetdev)
-	if err != nil {
-		return fmt.Errorf("list chains: %w", err)
-	}
-	exists, others := false, 0
-	for _, ch := range chains {
-		if ch.Table.Name != BandwidthTable {
-			continue
-		}
-		if ch.Name == name {
-			exists = true
-		} else {
-			others++
-		}
-	}
+	exists := st.bw[hostDev]
 	switch {
 	case mbps == 0 && !exists:
 		return nil
-	case mbps == 0 && others == 0:
+	case mbps == 0 && len(st.bw) == 1:
 		c.DelTable(t) // the last policer goes with its table
 	case mbps == 0:
 		ch := &nftables.Chain{Name: name, Table: t}
@@ -214,7 +257,21 @@ func (s *Shaper) queuePolice(hostDev string, mbps uint32) error {
 			&expr.Verdict{Kind: expr.VerdictDrop},
 		}})
 	}
-	err = c.Flush()
+	if err := s.commit(); err != nil {
+		return err
+	}
+	if mbps == 0 {
+		delete(st.bw, hostDev)
+	} else {
+		st.bw[hostDev] = true
+	}
+	st.bwTable = len(st.bw) > 0
+	return nil
+}
+
+// commit flushes the batch and notes the commit.
+func (s *Shaper) commit() error {
+	err := s.nft.Flush()
 	if s.gen != nil {
 		s.gen()
 	}
@@ -222,8 +279,10 @@ func (s *Shaper) queuePolice(hostDev string, mbps uint32) error {
 }
 
 // reopen replaces the connection after a failed batch: messages queued
-// for a batch that was never sent cannot be taken back.
+// for a batch that was never sent cannot be taken back. What the tables
+// hold is read again.
 func (s *Shaper) reopen() {
+	s.st = nil
 	if c, err := nftconn.Open(s.opts); err == nil {
 		s.nft.CloseLasting()
 		s.nft = c
@@ -312,20 +371,20 @@ func (s *Shaper) applyPPS(hostDev string, pps uint32) error {
 	err := s.queuePPS(hostDev, pps)
 	if err != nil {
 		s.reopen()
+		if err = s.queuePPS(hostDev, pps); err != nil {
+			s.reopen()
+		}
 	}
 	return err
 }
 
 func (s *Shaper) queuePPS(hostDev string, pps uint32) error {
-	c := s.nft
-	tables, err := c.ListTablesOfFamily(nftables.TableFamilyBridge)
+	st, err := s.state()
 	if err != nil {
-		return fmt.Errorf("list tables: %w", err)
+		return err
 	}
-	exists := false
-	for _, t := range tables {
-		exists = exists || t.Name == Table
-	}
+	c := s.nft
+	exists := st.ppsTable
 	if !exists && pps == 0 {
 		return nil
 	}
@@ -334,18 +393,8 @@ func (s *Shaper) queuePPS(hostDev string, pps uint32) error {
 	vmap := func(name string) *nftables.Set {
 		return &nftables.Set{Table: t, Name: name, IsMap: true, KeyType: nftables.TypeIFName, DataType: nftables.TypeVerdict, KeyByteOrder: binaryutil.NativeEndian}
 	}
-	have := map[string]bool{}
-	if exists {
-		chains, err := c.ListChainsOfTableFamily(nftables.TableFamilyBridge)
-		if err != nil {
-			return fmt.Errorf("list chains: %w", err)
-		}
-		for _, ch := range chains {
-			if ch.Table.Name == Table {
-				have[ch.Name] = true
-			}
-		}
-	} else {
+	have := map[string]bool{fromVM: st.pps[hostDev], toVM: st.pps[hostDev]}
+	if !exists {
 		c.AddTable(t)
 		accept := nftables.ChainPolicyAccept
 		for _, m := range []string{mapFromVM, mapToVM} {
@@ -400,12 +449,14 @@ func (s *Shaper) queuePPS(hostDev string, pps uint32) error {
 	if pps == 0 && !have[fromVM] {
 		return nil // nothing queued
 	}
-	err = c.Flush()
-	if s.gen != nil {
-		s.gen()
-	}
-	if err != nil {
+	if err := s.commit(); err != nil {
 		return fmt.Errorf("packet rate limit on %s: %w", hostDev, err)
+	}
+	st.ppsTable = true
+	if pps == 0 {
+		delete(st.pps, hostDev)
+	} else {
+		st.pps[hostDev] = true
 	}
 	return nil
 }

@@ -243,3 +243,29 @@ func TestPacketRate(t *testing.T) {
 		t.Errorf("v-a left in table:\n%s", out)
 	}
 }
+
+// The Shaper remembers what its tables hold; an operator deleting them
+// behind its back costs one retry, not an error.
+func TestTablesDeletedBehindItsBack(t *testing.T) {
+	tp := newTopo(t)
+	s := tp.shaper(t)
+	if err := s.Apply("v-a", Limits{Mbps: 100, PPS: 2000}); err != nil {
+		t.Fatal(err)
+	}
+	tp.host.MustRun(t, "nft", "delete", "table", "netdev", BandwidthTable)
+	tp.host.MustRun(t, "nft", "delete", "table", "bridge", Table)
+	if err := s.Apply("v-b", Limits{Mbps: 50, PPS: 1000}); err != nil {
+		t.Fatal(err)
+	}
+	for _, c := range [][]string{{"netdev", BandwidthTable, "v-b-from-vm"}, {"bridge", Table, "v-b-from-vm"}} {
+		if _, err := tp.host.Run("nft", "list", "chain", c[0], c[1], c[2]); err != nil {
+			t.Errorf("%v missing: %v", c, err)
+		}
+	}
+	if err := s.Remove("v-b"); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.Remove("v-a"); err != nil {
+		t.Fatal(err)
+	}
+}
