@@ -351,24 +351,48 @@ func (f *Firewall) queueNIC(p network.NICPlan, s int, carry map[string]counterVa
 		}
 		c.AddRule(&nftables.Rule{Table: t, Chain: chains[r.chain], Exprs: r.exprs, UserData: commentData(r.comment)})
 	}
+	if slices.Contains(f.where[p.HostDevice], s) {
+		// An update: helper chains the NIC no longer uses go. Each is
+		// created if missing (a no-op otherwise) so the delete cannot
+		// fail, and all are emptied before any is deleted (one may jump
+		// to another; the used chains that jumped to them were flushed
+		// above).
+		var unused []*nftables.Chain
+		for _, name := range chainsOf(spec.names) {
+			if chains[name] == nil {
+				ch := c.AddChain(&nftables.Chain{Name: name, Table: t})
+				c.FlushChain(ch)
+				unused = append(unused, ch)
+			}
+		}
+		for _, ch := range unused {
+			c.DelChain(ch)
+		}
+	}
 	f.batch.where[p.HostDevice] = []int{s}
 	f.batch.queued = true
 	return nil
 }
 
 // queueRemove queues the removal of everything hostDev owns in shard s
-// that exists (chains: all of a NIC's chains unless ss lists them).
+// that exists. Unless ss lists the table's chains, a helper chain the NIC
+// may not have is created first (a no-op when it exists), so its delete
+// cannot fail; the hooked chains always exist.
 func (f *Firewall) queueRemove(s int, ss *shardState, hostDev string) {
 	c := f.conn
 	t := shardTable(s)
 	n := network.NamesFor(hostDev)
 	var chs []*nftables.Chain
 	for _, name := range chainsOf(n) {
-		if !ss.chainsKnown || ss.chains[name] != nil {
-			ch := &nftables.Chain{Name: name, Table: t}
-			c.FlushChain(ch)
-			chs = append(chs, ch)
+		ch := &nftables.Chain{Name: name, Table: t}
+		switch {
+		case ss.chainsKnown && ss.chains[name] == nil:
+			continue
+		case !ss.chainsKnown && name != n.FromChain() && name != n.ToChain():
+			ch = c.AddChain(ch)
 		}
+		c.FlushChain(ch)
+		chs = append(chs, ch)
 	}
 	for _, ch := range chs {
 		c.DelChain(ch)

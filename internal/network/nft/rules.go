@@ -226,9 +226,9 @@ type setSpec struct {
 	timeout time.Duration
 }
 
-// chainsOf lists every chain a NIC owns, in a fixed order. All exist for
-// every NIC (unused ones stay empty), so a NIC's shape never depends on its
-// controls and transitions cannot leave stale chains behind.
+// chainsOf lists every chain a NIC may own, in a fixed order. Only those
+// with rules exist (usedChains): every chain of the namespace costs every
+// nf_tables commit a step, and a NIC with few controls needs few chains.
 func chainsOf(n network.Names) []string {
 	out := []string{n.FromChain()}
 	for _, p := range fromParts {
@@ -237,6 +237,27 @@ func chainsOf(n network.Names) []string {
 	out = append(out, n.ToChain())
 	for _, p := range toParts {
 		out = append(out, n.ToSub(p))
+	}
+	return out
+}
+
+// usedChains lists, in chainsOf's order, the chains rules are added to or
+// jump to, and always the two hooked chains.
+func usedChains(n network.Names, rules []rule) []string {
+	used := map[string]bool{n.FromChain(): true, n.ToChain(): true}
+	for _, r := range rules {
+		used[r.chain] = true
+		for _, e := range r.exprs {
+			if v, ok := e.(*expr.Verdict); ok && v.Chain != "" {
+				used[v.Chain] = true
+			}
+		}
+	}
+	var out []string
+	for _, c := range chainsOf(n) {
+		if used[c] {
+			out = append(out, c)
+		}
 	}
 	return out
 }
@@ -648,7 +669,7 @@ func buildNIC(p network.NICPlan, logGroup uint16) nicSpec {
 	extBlocks(b, tip6, n.ToSub("hbh"), c, []byte{icmpMLDQuery, icmpMLDReport, icmpMLDDone, icmpMLD2Report})
 	b.add(tip6, "allow", accept)
 
-	spec := nicSpec{plan: p, names: n, chains: chainsOf(n), rules: b.rules}
+	spec := nicSpec{plan: p, names: n, chains: usedChains(n, b.rules), rules: b.rules}
 	var addrs, raSrc [][]byte
 	for _, a := range p.BoundAddresses() {
 		s := a.As16()
