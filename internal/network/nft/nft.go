@@ -534,16 +534,22 @@ func (f *Firewall) AddNIC(p network.NICPlan) error {
 	if err := f.load(); err != nil {
 		return err
 	}
-	err := f.addNIC(p, nil)
+	// What the batch relied on (a shared set, the old shard's objects, the
+	// kind of a chain) may have changed behind metald's back.
+	return f.retryRead(func(st *kernelState) error { return f.addNIC(p, st) })
+}
+
+// retryRead runs change on metald's knowledge of the kernel (st nil); when
+// its commit fails, it reads the whole kernel and runs it once more with
+// that exact knowledge. The caller holds mu.
+func (f *Firewall) retryRead(change func(st *kernelState) error) error {
+	err := change(nil)
 	if err != nil && errors.Is(err, errCommit) {
-		// What the batch relied on (a shared set, the old shard's objects,
-		// the kind of a chain) may have changed behind metald's back: read
-		// the kernel, build again.
 		st, rerr := f.readState()
 		if rerr != nil {
 			return rerr
 		}
-		err = f.addNIC(p, &st)
+		err = change(&st)
 	}
 	return err
 }
@@ -630,17 +636,8 @@ func (f *Firewall) RemoveNIC(hostDev string) error {
 	if err := f.load(); err != nil {
 		return err
 	}
-	err := f.removeNIC(hostDev, nil)
-	if err != nil && errors.Is(err, errCommit) {
-		// Some object assumed to exist did not: read everything, retry
-		// with exact knowledge.
-		st, rerr := f.readState()
-		if rerr != nil {
-			return rerr
-		}
-		err = f.removeNIC(hostDev, &st)
-	}
-	return err
+	// Some object assumed to exist may not.
+	return f.retryRead(func(st *kernelState) error { return f.removeNIC(hostDev, st) })
 }
 
 // removeNIC removes hostDev from every shard holding it, reading each

@@ -214,12 +214,17 @@ func (s *Shaper) Remove(hostDev string) error {
 // police sets (mbps > 0) or removes the from-VM bandwidth policer of
 // hostDev, in one batch. The caller holds mu.
 func (s *Shaper) police(hostDev string, mbps uint32) error {
-	err := s.queuePolice(hostDev, mbps)
+	return s.retry(func() error { return s.queuePolice(hostDev, mbps) })
+}
+
+// retry runs one batch (build and commit); after a failure it replaces
+// the connection and, since the tables may have changed behind metald's
+// back, reads them again and runs the batch once more.
+func (s *Shaper) retry(batch func() error) error {
+	err := batch()
 	if err != nil {
-		// The tables may have changed behind metald's back: read them
-		// again and retry once.
 		s.reopen()
-		if err = s.queuePolice(hostDev, mbps); err != nil {
+		if err = batch(); err != nil {
 			s.reopen()
 		}
 	}
@@ -368,14 +373,7 @@ func ifname(n string) []byte {
 // replaced: messages queued for a batch that was never sent cannot be
 // taken back.
 func (s *Shaper) applyPPS(hostDev string, pps uint32) error {
-	err := s.queuePPS(hostDev, pps)
-	if err != nil {
-		s.reopen()
-		if err = s.queuePPS(hostDev, pps); err != nil {
-			s.reopen()
-		}
-	}
-	return err
+	return s.retry(func() error { return s.queuePPS(hostDev, pps) })
 }
 
 func (s *Shaper) queuePPS(hostDev string, pps uint32) error {
