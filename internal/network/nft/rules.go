@@ -545,11 +545,6 @@ func buildNIC(p network.NICPlan, logGroup uint16) nicSpec {
 	b.add(out, string(network.CtlMACSpoof), etherSrcNot(mac), cnt(network.CtlMACSpoof), drop)
 	b.add(out, string(network.CtlL2Violation), cnt(network.CtlL2Violation), drop)
 
-	b.add(ip6, string(network.CtlHeaderChain), jump(hdr))
-	b.add(hdr, string(network.CtlHeaderChain), upperLayerReadable(), ret)
-	b.add(hdr, string(network.CtlHeaderChain), nonFirstFragment(), ret)
-	b.add(hdr, string(network.CtlHeaderChain), cnt(network.CtlHeaderChain), drop)
-
 	if c.SourceGuard {
 		src := n.FromSub("src")
 		b.add(ip6, string(network.CtlSourceGuard), jump(src))
@@ -561,11 +556,16 @@ func buildNIC(p network.NICPlan, logGroup uint16) nicSpec {
 			b.icmpType(icmpNS, icmpMLDReport, icmpMLD2Report), ret)
 		b.add(src, string(network.CtlSourceGuard), cnt(network.CtlSourceGuard), drop)
 	}
-	// Fast path for the bulk of traffic: when the IPv6 header's next
-	// header is TCP there is no extension header, no ICMPv6 and no UDP, and
-	// a unicast destination keeps it out of the multicast limit, so every
-	// later rule would fall through to the final accept.
+	// Fast path for the bulk of traffic, right after the source check:
+	// when the IPv6 header's next header is TCP there is no extension
+	// header (so nothing for the header-chain check to find), no ICMPv6 and
+	// no UDP, and a unicast destination keeps it out of the multicast
+	// limit, so every later rule would fall through to the final accept.
 	b.add(ip6, "fast_path", nextHeader(protoTCP), etherUnicast(), accept)
+	b.add(ip6, string(network.CtlHeaderChain), jump(hdr))
+	b.add(hdr, string(network.CtlHeaderChain), upperLayerReadable(), ret)
+	b.add(hdr, string(network.CtlHeaderChain), nonFirstFragment(), ret)
+	b.add(hdr, string(network.CtlHeaderChain), cnt(network.CtlHeaderChain), drop)
 	if c.RAGuard {
 		b.add(ip6, string(network.CtlRAGuard), l4proto(protoUDP), m(th(0, 2), eq(u16(udpDHCPServer))), cnt(network.CtlRAGuard), drop)
 	}
@@ -633,13 +633,13 @@ func buildNIC(p network.NICPlan, logGroup uint16) nicSpec {
 	b.add(in, string(network.CtlVLAN), markTagged(), markNot(vlanMark), cnt(network.CtlVLAN), drop)
 	b.add(in, "l2", etherTypeIP6(), goTo(tip6))
 	b.add(in, "allow", accept)
+	// Fast path toward the VM, as above: TCP with no extension header
+	// meets no later rule, the header-chain check included.
+	b.add(tip6, "fast_path", nextHeader(protoTCP), accept)
 	b.add(tip6, string(network.CtlHeaderChain), jump(thdr))
 	b.add(thdr, string(network.CtlHeaderChain), upperLayerReadable(), ret)
 	b.add(thdr, string(network.CtlHeaderChain), nonFirstFragment(), ret)
 	b.add(thdr, string(network.CtlHeaderChain), cnt(network.CtlHeaderChain), drop)
-	// Fast path toward the VM, as above: TCP with no extension header
-	// meets no later rule.
-	b.add(tip6, "fast_path", nextHeader(protoTCP), accept)
 	if c.RAGuard || c.RARateLimit > 0 {
 		ticmp, tra := n.ToSub("icmp"), n.ToSub("ra")
 		b.add(tip6, "icmpv6", l4proto(protoICMPv6), jump(ticmp))
