@@ -6,6 +6,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/vishvananda/netlink"
+
 	"github.com/metald/metald/internal/network"
 )
 
@@ -133,4 +135,30 @@ func TestAttacksRAGuardOnly(t *testing.T) {
 	tp := newTopo(t, c)
 	cap := startCapture(t, tp.vm2, "eth0")
 	runAttacks(t, tp, cap, attacksRAGuardOnly, 0x2000)
+}
+
+// A port deleted and created again under the same name (a tap recreated
+// behind metald's back) is filtered again at once: the NIC's chains are
+// hooked on the device by name and the kernel attaches them when it
+// appears, with no reconcile in between.
+func TestRecreatedPortFilteredAgain(t *testing.T) {
+	t.Parallel()
+	tp := newTopo(t, allOn())
+	tp.host.MustRun(t, "ip", "link", "del", "tap-vm1")
+	veth := &netlink.Veth{
+		LinkAttrs:     netlink.LinkAttrs{Name: "eth0", HardwareAddr: mustMAC(vm1MAC)},
+		PeerName:      "tap-vm1",
+		PeerNamespace: netlink.NsFd(tp.host.Fd()),
+	}
+	if err := tp.vm1.Handle(t).LinkAdd(veth); err != nil {
+		t.Fatalf("veth: %v", err)
+	}
+	tp.host.MustRun(t, "ip", "link", "set", "tap-vm1", "master", "br0", "up")
+	tp.vm1.MustRun(t, "ip", "link", "set", "eth0", "up")
+	tp.vm1.MustRun(t, "ip", "-6", "addr", "add", vm1IP+"/64", "dev", "eth0", "nodad")
+	cap := startCapture(t, tp.vm2, "eth0")
+	runAttacks(t, tp, cap, []attack{
+		{name: "rogue RA", script: `send([` + raMC + `/` + ra + `]*3)`, want: ctl(network.CtlRAGuard, 3)},
+		{name: "spoofed source", script: `send([Ether(src=M1, dst=M2)/IPv6(src="2001:db8:1::99", dst=IP2, fl=FL)/ICMPv6EchoRequest()]*2)`, want: ctl(network.CtlSourceGuard, 2)},
+	}, 0x3000)
 }
