@@ -32,12 +32,20 @@ func (d *Daemon) device(dev string) (fhmetrics.Labels, string, bool) {
 	c := &d.labels
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	if _, ok := c.byDev[dev]; !ok && time.Since(c.at) > 100*time.Millisecond {
-		c.at = time.Time{} // a device we do not know yet: a new VM
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	if _, ok := c.byDev[dev]; !ok && c.byDev != nil {
+		// A device not seen yet (a new VM): look it alone up rather than
+		// read every VM (a NIC's removal after its VM's quick create and
+		// delete would otherwise cost a full read, growing with the host).
+		if ref, err := d.store.NICByHostDevice(ctx, dev); err == nil {
+			if vm, err := d.store.GetVM(ctx, ref.VMID); err == nil {
+				c.byDev[dev] = fhmetrics.Labels{TenantID: vm.TenantID, VMID: vm.ID}
+				c.nicOf[dev] = ref.ID
+			}
+		}
 	}
 	if time.Since(c.at) > time.Second {
-		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
-		defer cancel()
 		if vms, err := d.store.ListVMs(ctx); err == nil {
 			c.byDev = make(map[string]fhmetrics.Labels, len(vms))
 			c.nicOf = make(map[string]string, len(vms))

@@ -108,6 +108,9 @@ type Store interface {
 	// NICsWithAddress returns every NIC whose address (any prefix length)
 	// is addr, given in canonical form.
 	NICsWithAddress(ctx context.Context, addr string) ([]NICRef, error)
+	// NICByHostDevice returns the NIC whose host device is dev;
+	// ErrNotFound when none.
+	NICByHostDevice(ctx context.Context, dev string) (*NICRef, error)
 	// AppendAudit records an audit entry.
 	AppendAudit(ctx context.Context, e AuditEntry) error
 	// ListAudit returns a VM's audit entries, oldest first ("" lists all).

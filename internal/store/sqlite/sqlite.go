@@ -289,6 +289,19 @@ func (s *Store) NICsWithAddress(ctx context.Context, addr string) ([]store.NICRe
 	return s.nicRefs(ctx, `address >= ? AND address < ?`, addr+"/", addr+"0")
 }
 
+// NICByHostDevice implements store.Store (host_device is unique and
+// indexed).
+func (s *Store) NICByHostDevice(ctx context.Context, dev string) (*store.NICRef, error) {
+	refs, err := s.nicRefs(ctx, `host_device = ?`, dev)
+	if err != nil {
+		return nil, err
+	}
+	if len(refs) == 0 {
+		return nil, fmt.Errorf("nic with host device %q: %w", dev, store.ErrNotFound)
+	}
+	return &refs[0], nil
+}
+
 // CountVMsByState implements store.Store.
 func (s *Store) CountVMsByState(ctx context.Context) (map[string]int, error) {
 	rows, err := s.db.QueryContext(ctx, `SELECT state, COUNT(*) FROM vms GROUP BY state`)

@@ -129,6 +129,12 @@ func Run(t *testing.T, open func(t *testing.T) store.Store) {
 		if none, _ := s.NICsWithAddress(ctx, "2001:db8::"); len(none) != 0 {
 			t.Fatalf("prefix match leaked: %+v", none)
 		}
+		if ref, err := s.NICByHostDevice(ctx, "tap-b1"); err != nil || ref.VMID != "vm-b" || ref.Bridge != "br-y" || ref.Index != 1 {
+			t.Fatalf("by host device tap-b1: %v %+v", err, ref)
+		}
+		if _, err := s.NICByHostDevice(ctx, "tap-none"); !errors.Is(err, store.ErrNotFound) {
+			t.Fatalf("unknown host device: %v", err)
+		}
 	})
 
 	t.Run("Audit", func(t *testing.T) {
