@@ -539,6 +539,15 @@ func (f *Firewall) AddNIC(p network.NICPlan) error {
 	return f.retryRead(func(st *kernelState) error { return f.addNIC(p, st) })
 }
 
+// shardOf returns shard s as st (a full read) has it, or reads it when st
+// is nil. The caller holds mu.
+func (f *Firewall) shardOf(st *kernelState, s int) (*shardState, error) {
+	if st != nil {
+		return st.shards[s], nil
+	}
+	return readShard(f.conn, s)
+}
+
 // retryRead runs change on metald's knowledge of the kernel (st nil); when
 // its commit fails, it reads the whole kernel and runs it once more with
 // that exact knowledge. The caller holds mu.
@@ -573,14 +582,9 @@ func (f *Firewall) addNIC(p network.NICPlan, st *kernelState) error {
 		if o == s {
 			continue
 		}
-		var ss *shardState
-		if st != nil {
-			ss = st.shards[o]
-		} else {
-			var err error
-			if ss, err = readShard(f.conn, o); err != nil {
-				return err
-			}
+		ss, err := f.shardOf(st, o)
+		if err != nil {
+			return err
 		}
 		if ss == nil || !ss.exists {
 			continue
@@ -650,14 +654,9 @@ func (f *Firewall) removeNIC(hostDev string, st *kernelState) error {
 	final := map[network.Control]uint64{}
 	n := network.NamesFor(hostDev)
 	for _, s := range shards {
-		var ss *shardState
-		if st != nil {
-			ss = st.shards[s]
-		} else {
-			var err error
-			if ss, err = readShard(f.conn, s); err != nil {
-				return f.abort(err)
-			}
+		ss, err := f.shardOf(st, s)
+		if err != nil {
+			return f.abort(err)
 		}
 		if ss == nil || !ss.exists {
 			continue
