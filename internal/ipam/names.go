@@ -38,35 +38,43 @@ func (m *Manager) addName(n SubnetName) {
 // ResolveAddr parses s (plain or symbolic) and resolves its subnet name,
 // assigning an unknown one when automatic names are on.
 func (m *Manager) ResolveAddr(ctx context.Context, s string) (netip.Addr, error) {
-	a, err := ParseAddr(s)
-	if err != nil {
-		return netip.Addr{}, err
-	}
-	if ip, ok := a.Plain(); ok {
-		return ip, nil
-	}
-	v, err := m.SubnetValue(ctx, a.Parent(), a.Name())
-	if err != nil {
-		return netip.Addr{}, err
-	}
-	return a.With(v), nil
+	return resolve[Addr](s, ParseAddr, func(parent netip.Prefix, name string) (uint16, error) {
+		return m.SubnetValue(ctx, parent, name)
+	})
 }
 
 // ResolvePrefix is ResolveAddr for prefixes (and addresses with a prefix
 // length); host bits are kept.
 func (m *Manager) ResolvePrefix(ctx context.Context, s string) (netip.Prefix, error) {
-	p, err := ParsePrefix(s)
+	return resolve[Prefix](s, ParsePrefix, func(parent netip.Prefix, name string) (uint16, error) {
+		return m.SubnetValue(ctx, parent, name)
+	})
+}
+
+// symbolic is Addr or Prefix: a plain value (T), or one inside a named
+// subnet of a parent prefix.
+type symbolic[T any] interface {
+	Plain() (T, bool)
+	Parent() netip.Prefix
+	Name() string
+	With(value uint16) T
+}
+
+// resolve parses s and, when it names a subnet, gives the name its value.
+func resolve[S symbolic[T], T any](s string, parse func(string) (S, error), value func(parent netip.Prefix, name string) (uint16, error)) (T, error) {
+	var zero T
+	x, err := parse(s)
 	if err != nil {
-		return netip.Prefix{}, err
+		return zero, err
 	}
-	if pp, ok := p.Plain(); ok {
-		return pp, nil
+	if v, ok := x.Plain(); ok {
+		return v, nil
 	}
-	v, err := m.SubnetValue(ctx, p.Parent(), p.Name())
+	n, err := value(x.Parent(), x.Name())
 	if err != nil {
-		return netip.Prefix{}, err
+		return zero, err
 	}
-	return p.With(v), nil
+	return x.With(n), nil
 }
 
 // AddrParser returns ResolveAddr bound to ctx, for hooks such as

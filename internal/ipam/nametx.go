@@ -274,38 +274,12 @@ func (m *Manager) subnetInUseLocked(p netip.Prefix) bool {
 // left tentative, since the only config that can name it is that of the
 // request that declared it (any other request's resolution pinned it).
 func (m *Manager) PlanAddrParser() func(string) (netip.Addr, error) {
-	return func(s string) (netip.Addr, error) {
-		a, err := ParseAddr(s)
-		if err != nil {
-			return netip.Addr{}, err
-		}
-		if ip, ok := a.Plain(); ok {
-			return ip, nil
-		}
-		v, err := m.planValue(a.Parent(), a.Name())
-		if err != nil {
-			return netip.Addr{}, err
-		}
-		return a.With(v), nil
-	}
+	return func(s string) (netip.Addr, error) { return resolve[Addr](s, ParseAddr, m.planValue) }
 }
 
 // PlanPrefixParser is PlanAddrParser for prefixes.
 func (m *Manager) PlanPrefixParser() func(string) (netip.Prefix, error) {
-	return func(s string) (netip.Prefix, error) {
-		p, err := ParsePrefix(s)
-		if err != nil {
-			return netip.Prefix{}, err
-		}
-		if pp, ok := p.Plain(); ok {
-			return pp, nil
-		}
-		v, err := m.planValue(p.Parent(), p.Name())
-		if err != nil {
-			return netip.Prefix{}, err
-		}
-		return p.With(v), nil
-	}
+	return func(s string) (netip.Prefix, error) { return resolve[Prefix](s, ParsePrefix, m.planValue) }
 }
 
 func (m *Manager) planValue(parent netip.Prefix, name string) (uint16, error) {
