@@ -265,21 +265,17 @@ func (s *MemStore) PutSubnetName(ctx context.Context, n SubnetName) error {
 
 // ConfirmSubnetName implements Store.
 func (s *MemStore) ConfirmSubnetName(ctx context.Context, parent netip.Prefix, name string) error {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	if s.Fail != nil {
-		return s.Fail
-	}
-	i := slices.IndexFunc(s.names, func(o SubnetName) bool { return o.Parent == parent && o.Name == name })
-	if i < 0 {
-		return ErrNotFound
-	}
-	s.names[i].Tentative = false
-	return nil
+	return s.withName(parent, name, func(i int) { s.names[i].Tentative = false })
 }
 
 // DeleteSubnetName implements Store.
 func (s *MemStore) DeleteSubnetName(ctx context.Context, parent netip.Prefix, name string) error {
+	return s.withName(parent, name, func(i int) { s.names = slices.Delete(s.names, i, i+1) })
+}
+
+// withName runs f on the index of the subnet name (parent, name) under
+// the lock; ErrNotFound when there is none.
+func (s *MemStore) withName(parent netip.Prefix, name string, f func(i int)) error {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	if s.Fail != nil {
@@ -289,7 +285,7 @@ func (s *MemStore) DeleteSubnetName(ctx context.Context, parent netip.Prefix, na
 	if i < 0 {
 		return ErrNotFound
 	}
-	s.names = slices.Delete(s.names, i, i+1)
+	f(i)
 	return nil
 }
 

@@ -331,26 +331,23 @@ func (s *IPAMStore) PutSubnetName(ctx context.Context, n ipam.SubnetName) error 
 
 // ConfirmSubnetName implements ipam.Store.
 func (s *IPAMStore) ConfirmSubnetName(ctx context.Context, parent netip.Prefix, name string) error {
-	res, err := s.db.ExecContext(ctx, `UPDATE ipam_subnet_names SET tentative = 0 WHERE parent = ? AND name = ?`, parent.String(), name)
-	if err != nil {
-		return fmt.Errorf("confirm subnet name: %w", err)
-	}
-	if n, err := res.RowsAffected(); err != nil {
-		return fmt.Errorf("confirm subnet name: %w", err)
-	} else if n == 0 {
-		return ipam.ErrNotFound
-	}
-	return nil
+	return s.execOneName(ctx, "confirm subnet name", `UPDATE ipam_subnet_names SET tentative = 0 WHERE parent = ? AND name = ?`, parent, name)
 }
 
 // DeleteSubnetName implements ipam.Store.
 func (s *IPAMStore) DeleteSubnetName(ctx context.Context, parent netip.Prefix, name string) error {
-	res, err := s.db.ExecContext(ctx, `DELETE FROM ipam_subnet_names WHERE parent = ? AND name = ?`, parent.String(), name)
+	return s.execOneName(ctx, "delete subnet name", `DELETE FROM ipam_subnet_names WHERE parent = ? AND name = ?`, parent, name)
+}
+
+// execOneName runs query on the subnet name (parent, name);
+// ipam.ErrNotFound when it touched no row.
+func (s *IPAMStore) execOneName(ctx context.Context, what, query string, parent netip.Prefix, name string) error {
+	res, err := s.db.ExecContext(ctx, query, parent.String(), name)
 	if err != nil {
-		return fmt.Errorf("delete subnet name: %w", err)
+		return fmt.Errorf("%s: %w", what, err)
 	}
 	if n, err := res.RowsAffected(); err != nil {
-		return fmt.Errorf("delete subnet name: %w", err)
+		return fmt.Errorf("%s: %w", what, err)
 	} else if n == 0 {
 		return ipam.ErrNotFound
 	}
