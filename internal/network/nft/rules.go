@@ -98,15 +98,6 @@ const (
 	// TableName is the bridge table (`table bridge metald`) and the stem
 	// of the shard tables' names (ShardName).
 	TableName = "metald"
-	// FromVMMap and ToVMMap named the dispatch maps of the bridge table
-	// before NICs moved to netdev shards; no table holds them now.
-	FromVMMap = "from_vm"
-	ToVMMap   = "to_vm"
-	// ChainPrerouting, ChainForward and ChainOutput named the bridge
-	// table's dispatch chains before NICs moved to netdev shards.
-	ChainPrerouting = "prerouting"
-	ChainForward    = "forward"
-	ChainOutput     = "output"
 	// ChainInput is the bridge table's chain that clears VLAN marks.
 	ChainInput = "input"
 	// PrivOwnedSet holds every learned temporary address of every port of
