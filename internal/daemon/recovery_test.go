@@ -154,6 +154,13 @@ func TestFailedCreateLeavesNothing(t *testing.T) {
 	if rows, _ := e.d.Manager().List(context.Background()); len(rows) != 0 {
 		t.Fatalf("rows after failed create: %v", rows)
 	}
+	// No first-hop or policy rule, limit or allocation of it either.
+	if rules := e.host.MustRun(t, "nft", "list", "ruleset"); strings.Contains(rules, "vm-clash") {
+		t.Fatalf("rules after failed create:\n%s", rules)
+	}
+	if allocs := e.shell(t, `curl -s http://localhost:8080/debug/ipv6/allocations`); strings.Contains(allocs, "2001:db8:5::10") || strings.Contains(allocs, "vm-clash") {
+		t.Fatalf("allocations after failed create: %s", allocs)
+	}
 	h.LinkDel(&netlink.Bridge{LinkAttrs: netlink.LinkAttrs{Name: "tap-vm-clash"}})
 
 	// Second NIC fails: the first NIC's port is removed too.
@@ -166,6 +173,9 @@ func TestFailedCreateLeavesNothing(t *testing.T) {
 	links = e.links()
 	if slices.Contains(links, "tap-vm-two") || slices.Contains(links, "br-y") || slices.Contains(links, "br-y2") {
 		t.Fatalf("links after failed 2-NIC create: %v", links)
+	}
+	if rules := e.host.MustRun(t, "nft", "list", "ruleset"); strings.Contains(rules, "vm-two") {
+		t.Fatalf("rules after failed 2-NIC create:\n%s", rules)
 	}
 	h.LinkDel(&netlink.Bridge{LinkAttrs: netlink.LinkAttrs{Name: clash}})
 
