@@ -39,10 +39,12 @@ func (d *Daemon) device(dev string) (fhmetrics.Labels, string, bool) {
 	defer c.mu.Unlock()
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
+	looked := false
 	if _, ok := c.byDev[dev]; !ok && c.byDev != nil && !c.unknown[dev] {
 		// A device not seen yet (a new VM): look it alone up rather than
 		// read every VM (a NIC's removal after its VM's quick create and
 		// delete would otherwise cost a full read, growing with the host).
+		looked = true
 		ref, err := d.store.NICByHostDevice(ctx, dev)
 		var vm *store.VM
 		if err == nil {
@@ -56,7 +58,7 @@ func (d *Daemon) device(dev string) (fhmetrics.Labels, string, bool) {
 			c.unknown[dev] = true
 		}
 	}
-	if time.Since(c.at) > time.Second {
+	if !looked && time.Since(c.at) > time.Second {
 		if vms, err := d.store.ListVMs(ctx); err == nil {
 			c.byDev = make(map[string]fhmetrics.Labels, len(vms))
 			c.nicOf = make(map[string]string, len(vms))
