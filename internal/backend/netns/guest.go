@@ -6,9 +6,7 @@ import (
 	"fmt"
 	"net"
 	"net/netip"
-	"os"
 	"os/exec"
-	"path/filepath"
 	"strconv"
 	"syscall"
 	"time"
@@ -18,6 +16,7 @@ import (
 
 	"github.com/metald/metald/internal/backend"
 	"github.com/metald/metald/internal/backend/guestproc"
+	"github.com/metald/metald/internal/network/ns"
 )
 
 // Boot applies the guest network configuration inside the VM namespace and
@@ -101,7 +100,6 @@ func configureNIC(h *netlink.Handle, index int, nic backend.NIC) error {
 	if err != nil {
 		return err
 	}
-	conf := "net/ipv6/conf/" + nic.ID + "/"
 	tempaddr := "0"
 	if nic.PrivacyExtensions {
 		tempaddr = "2"
@@ -117,10 +115,8 @@ func configureNIC(h *netlink.Handle, index int, nic backend.NIC) error {
 		secs := max(int64(nic.TempValidLifetime/time.Second), 1)
 		sysctls = append(sysctls, [2]string{"temp_valid_lft", strconv.FormatInt(secs, 10)})
 	}
-	for _, kv := range sysctls {
-		if err := writeSysctlHere(conf+kv[0], kv[1]); err != nil {
-			return err
-		}
+	if err := ns.WriteSysctlsIn("net/ipv6/conf/"+nic.ID, sysctls); err != nil {
+		return err
 	}
 	if err := h.LinkSetUp(l); err != nil {
 		return fmt.Errorf("set link up: %w", err)
@@ -148,15 +144,6 @@ func configureNIC(h *netlink.Handle, index int, nic backend.NIC) error {
 		if err := h.RouteReplace(r); err != nil {
 			return fmt.Errorf("add default route via %s: %w", nic.Gateway, err)
 		}
-	}
-	return nil
-}
-
-// writeSysctlHere writes a /proc/sys key in the calling thread's namespace;
-// call it only from a thread inside the target namespace.
-func writeSysctlHere(key, value string) error {
-	if err := os.WriteFile(filepath.Join("/proc/sys", key), []byte(value), 0o644); err != nil {
-		return fmt.Errorf("set sysctl %s=%s: %w", key, value, err)
 	}
 	return nil
 }

@@ -103,6 +103,10 @@ func ParsePortAlias(alias string) (vmID, nicID string, ok bool) {
 type Manager struct {
 	nsFile *os.File // private duplicate of the caller's namespace file
 	h      *netlink.Handle
+	// th is a thread in the namespace for sysctls and requests that must
+	// be made from inside it (a new thread per call costs more than the
+	// call).
+	th *ns.Thread
 
 	// topo serialises changes to bridge membership (create, attach, delete
 	// if unused) so that DeleteBridgeIfUnused never races an AttachPort of
@@ -126,11 +130,18 @@ func New(hostNS *os.File) (*Manager, error) {
 		f.Close()
 		return nil, err
 	}
-	return &Manager{nsFile: f, h: h}, nil
+	th, err := ns.NewThread(fd)
+	if err != nil {
+		h.Close()
+		f.Close()
+		return nil, fmt.Errorf("start host namespace thread: %w", err)
+	}
+	return &Manager{nsFile: f, h: h, th: th}, nil
 }
 
-// Close releases the Manager's netlink socket and namespace file.
+// Close releases the Manager's netlink socket, thread and namespace file.
 func (m *Manager) Close() {
+	m.th.Close()
 	m.h.Close()
 	m.nsFile.Close()
 }
@@ -206,7 +217,7 @@ func (m *Manager) addrList(l netlink.Link) ([]netlink.Addr, error) {
 // SetSysctl writes a /proc/sys key (e.g. "net/ipv6/conf/all/forwarding")
 // in the host namespace.
 func (m *Manager) SetSysctl(key, value string) error {
-	if err := ns.WriteSysctl(m.fd(), key, value); err != nil {
+	if err := m.th.WriteSysctl(key, value); err != nil {
 		return fmt.Errorf("set sysctl %s=%s: %w", key, value, err)
 	}
 	return nil
@@ -214,7 +225,7 @@ func (m *Manager) SetSysctl(key, value string) error {
 
 // Sysctl reads a /proc/sys key in the host namespace.
 func (m *Manager) Sysctl(key string) (string, error) {
-	v, err := ns.ReadSysctl(m.fd(), key)
+	v, err := m.th.ReadSysctl(key)
 	if err != nil {
 		return "", fmt.Errorf("read sysctl %s: %w", key, err)
 	}

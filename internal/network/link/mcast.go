@@ -7,7 +7,6 @@ import (
 	"github.com/vishvananda/netlink/nl"
 	"golang.org/x/sys/unix"
 
-	"github.com/metald/metald/internal/network/ns"
 )
 
 // Multicast snooping limits.
@@ -75,7 +74,7 @@ func (m *Manager) SetPortMulticastMaxGroups(dev string, max uint32) error {
 	if err != nil {
 		return fmt.Errorf("set multicast max groups of %s: %w", dev, err)
 	}
-	err = ns.Do(m.fd(), func() error {
+	err = m.th.Run(func() error {
 		req := nl.NewNetlinkRequest(unix.RTM_SETLINK, unix.NLM_F_ACK)
 		msg := nl.NewIfInfomsg(unix.AF_BRIDGE)
 		msg.Index = int32(l.Attrs().Index)
@@ -94,7 +93,7 @@ func (m *Manager) SetPortMulticastMaxGroups(dev string, max uint32) error {
 
 // setBridgeAttrs changes IFLA_BR_* attributes of the bridge at index.
 func (m *Manager) setBridgeAttrs(index int, attrs []*nl.RtAttr) error {
-	return ns.Do(m.fd(), func() error {
+	return m.th.Run(func() error {
 		req := nl.NewNetlinkRequest(unix.RTM_NEWLINK, unix.NLM_F_ACK)
 		msg := nl.NewIfInfomsg(unix.AF_UNSPEC)
 		msg.Index = int32(index)

@@ -11,10 +11,12 @@ package ns
 import (
 	"errors"
 	"fmt"
+	"io"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"runtime"
+	"strings"
 
 	"golang.org/x/sys/unix"
 )
@@ -173,4 +175,143 @@ func ReadSysctl(fd int, key string) (string, error) {
 		v = v[:len(v)-1]
 	}
 	return string(v), nil
+}
+
+// Thread is one OS thread that joined a network namespace and stays there,
+// running the functions it is given in turn. Work that would otherwise take
+// a fresh thread per call (Do) pays for one channel hand-off instead.
+//
+// It also keeps the directories of its sysctls open. Each namespace has
+// its own /proc/sys/net/ipv6 (and ipv4, ...) and the kernel finds the one
+// of the caller's namespace by comparing every namespace's entry in turn:
+// measured, opening a key under /proc/sys/net/ipv6 took 19 µs with one
+// other namespace on the host and 89 µs with 500. A key opened relative to
+// its held directory ("net/ipv6/conf") skips that search (WriteSysctl,
+// ReadSysctl); such directories exist as long as the namespace does.
+type Thread struct {
+	work chan func()
+	done chan struct{}
+	// dirs holds open sysctl directories by path ("net/ipv6/conf"); only
+	// the thread uses it.
+	dirs map[string]int
+}
+
+// NewThread starts a thread in the namespace open at fd. Close stops it.
+func NewThread(fd int) (*Thread, error) {
+	t := &Thread{work: make(chan func()), done: make(chan struct{}), dirs: map[string]int{}}
+	errc := make(chan error, 1)
+	go func() {
+		// Never unlocked: the thread leaves with the goroutine.
+		runtime.LockOSThread()
+		defer close(t.done)
+		if err := unix.Setns(fd, unix.CLONE_NEWNET); err != nil {
+			errc <- fmt.Errorf("enter network namespace: %w", err)
+			return
+		}
+		defer func() {
+			for _, d := range t.dirs {
+				unix.Close(d)
+			}
+		}()
+		errc <- nil
+		for f := range t.work {
+			f()
+		}
+	}()
+	if err := <-errc; err != nil {
+		return nil, err
+	}
+	return t, nil
+}
+
+// Run runs f on the thread and returns its error.
+func (t *Thread) Run(f func() error) error {
+	errc := make(chan error, 1)
+	t.work <- func() { errc <- f() }
+	return <-errc
+}
+
+// Close stops the thread after the work it was given.
+func (t *Thread) Close() {
+	close(t.work)
+	<-t.done
+}
+
+// sysctlAt opens a /proc/sys key ("net/ipv6/conf/all/forwarding"). A key
+// under net/ with at least four parts is opened relative to its first
+// three ("net/ipv6/conf"), held open after the first use.
+func (t *Thread) sysctlAt(key string, flags int) (*os.File, error) {
+	dir, rel := unix.AT_FDCWD, filepath.Join("/proc/sys", key)
+	if parts := strings.SplitN(key, "/", 4); len(parts) == 4 && parts[0] == "net" {
+		name := strings.Join(parts[:3], "/")
+		d, ok := t.dirs[name]
+		if !ok {
+			var err error
+			d, err = unix.Open(filepath.Join("/proc/sys", name), unix.O_RDONLY|unix.O_DIRECTORY|unix.O_CLOEXEC, 0)
+			if err != nil {
+				return nil, &os.PathError{Op: "open", Path: filepath.Join("/proc/sys", name), Err: err}
+			}
+			t.dirs[name] = d
+		}
+		dir, rel = d, parts[3]
+	}
+	fd, err := unix.Openat(dir, rel, flags|unix.O_CLOEXEC, 0)
+	if err != nil {
+		return nil, &os.PathError{Op: "open", Path: filepath.Join("/proc/sys", key), Err: err}
+	}
+	return os.NewFile(uintptr(fd), key), nil
+}
+
+// WriteSysctl writes a /proc/sys value in the thread's namespace.
+func (t *Thread) WriteSysctl(key, value string) error {
+	return t.Run(func() error {
+		f, err := t.sysctlAt(key, unix.O_WRONLY)
+		if err != nil {
+			return err
+		}
+		_, err = f.WriteString(value)
+		if cerr := f.Close(); err == nil {
+			err = cerr
+		}
+		return err
+	})
+}
+
+// ReadSysctl reads a /proc/sys value in the thread's namespace, without
+// the trailing newline.
+func (t *Thread) ReadSysctl(key string) (string, error) {
+	var v []byte
+	err := t.Run(func() error {
+		f, err := t.sysctlAt(key, unix.O_RDONLY)
+		if err != nil {
+			return err
+		}
+		defer f.Close()
+		v, err = io.ReadAll(f)
+		return err
+	})
+	return strings.TrimRight(string(v), "\n"), err
+}
+
+// WriteSysctlsIn writes several keys of one /proc/sys directory
+// ("net/ipv6/conf/eth0") from the calling thread, which must be in the
+// target namespace: the directory is looked up once.
+func WriteSysctlsIn(dir string, kv [][2]string) error {
+	d, err := unix.Open(filepath.Join("/proc/sys", dir), unix.O_RDONLY|unix.O_DIRECTORY|unix.O_CLOEXEC, 0)
+	if err != nil {
+		return &os.PathError{Op: "open", Path: filepath.Join("/proc/sys", dir), Err: err}
+	}
+	defer unix.Close(d)
+	for _, p := range kv {
+		fd, err := unix.Openat(d, p[0], unix.O_WRONLY|unix.O_CLOEXEC, 0)
+		if err != nil {
+			return fmt.Errorf("set sysctl %s/%s=%s: %w", dir, p[0], p[1], err)
+		}
+		_, err = unix.Write(fd, []byte(p[1]))
+		unix.Close(fd)
+		if err != nil {
+			return fmt.Errorf("set sysctl %s/%s=%s: %w", dir, p[0], p[1], err)
+		}
+	}
+	return nil
 }
