@@ -31,6 +31,7 @@ import (
 	"github.com/metald/metald/internal/network/fhmetrics"
 	"github.com/metald/metald/internal/network/link"
 	"github.com/metald/metald/internal/network/nft"
+	"github.com/metald/metald/internal/network/nftconn"
 	"github.com/metald/metald/internal/network/nftgen"
 	"github.com/metald/metald/internal/network/secpolicy"
 	"github.com/metald/metald/internal/network/shape"
@@ -120,6 +121,7 @@ type Daemon struct {
 	labels   labelCache
 	events   *secevent.Service
 	evw      eventWiring
+	joint    *joint
 	registry *prometheus.Registry
 	reg      *recordingRegisterer
 	mux      *http.ServeMux
@@ -276,7 +278,9 @@ func New(ctx context.Context, opt Options) (d *Daemon, err error) {
 		fw:  newEventFirewall(firewall{f: d.fw, obs: func(t time.Duration) { d.events.ObserveProcessing(secevent.StageRules, t) }}, d.events, evMetrics),
 		pol: newEventPolicy(d.pol, d.events, evMetrics),
 	}
-	d.vms = vm.NewManager(vm.Options{Store: d.store, Backend: d.backend, Ports: hostPorts, Policy: d.evw.pol, Shaper: hostPorts, Region: opt.Region, ManagementAccess: mgmt,
+	d.joint = &joint{fw: d.evw.fw, pol: d.evw.pol, nftFw: d.fw, pol2: d.pol, gens: d.gens, opts: nftconn.Options(int(d.hostNS.Fd())),
+		obs: func(t time.Duration) { d.events.ObserveProcessing(secevent.StageRules, t) }}
+	d.vms = vm.NewManager(vm.Options{Store: d.store, Backend: d.backend, Ports: hostPorts, Policy: d.evw.pol, Shaper: hostPorts, Region: opt.Region, ManagementAccess: mgmt, Joint: d.joint,
 		Addresses: addresses{d.ipam}, Firewall: d.evw.fw, Router: newRouter(d.hostH), Logger: d.log,
 		// VLANs are separated by nftables port marks whatever the kernel's
 		// bridge VLAN filtering (which metald does not program).
@@ -437,6 +441,9 @@ func (d *Daemon) Close() error {
 	}
 	if d.pol != nil {
 		d.pol.Close()
+	}
+	if d.joint != nil {
+		d.joint.Close()
 	}
 	if d.fw != nil {
 		d.fw.Close()

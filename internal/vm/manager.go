@@ -114,6 +114,9 @@ type Options struct {
 	// when the request succeeds and rolled back on every failure. Nil
 	// validates with Validate alone.
 	Names func(ctx context.Context) NameTx
+	// Joint, when set with Firewall and Policy, programs a new VM's
+	// first-hop rules and policies in one kernel transaction.
+	Joint JointInstaller
 	// Now returns the current time (default time.Now).
 	Now func() time.Time
 	// Step, when set, is called after each durable step of CreateVm
@@ -357,11 +360,8 @@ func (m *Manager) Create(ctx context.Context, req *vmv1.CreateVmRequest) (*store
 	// 4. First-hop rules, keyed on the ports' names: in place before the
 	// ports exist.
 	undo = append(undo, func(ctx context.Context) error { return m.removeFirewall(row.NICs) })
-	if err := m.installFirewall(row, cfg); err != nil {
-		return fail(err)
-	}
 	undo = append(undo, func(ctx context.Context) error { return m.removePolicy(ctx, id, row.NICs) })
-	if err := m.installPolicy(ctx, row, cfg); err != nil {
+	if err := m.installRulesAndPolicy(ctx, row, cfg); err != nil {
 		return fail(err)
 	}
 	m.opt.Step("create:firewall")

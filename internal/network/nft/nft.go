@@ -494,6 +494,12 @@ func (f *Firewall) flush(what string) error {
 	if f.gens != nil {
 		f.gens.Note()
 	}
+	f.applied(pending, b)
+	return nil
+}
+
+// applied records what a committed batch did. The caller holds mu.
+func (f *Firewall) applied(pending map[setKey]uint32, b batchState) {
 	for s := range b.dropped {
 		name := ShardName(s)
 		for k := range f.shared {
@@ -516,7 +522,6 @@ func (f *Firewall) flush(what string) error {
 			f.where[dev] = shards
 		}
 	}
-	return nil
 }
 
 // AddNIC installs (or replaces) the chains, sets and counters of one NIC in
@@ -570,6 +575,61 @@ var errCommit = errors.New("commit failed")
 // (or taking them from st, a full read, which also lets it replace chains
 // of the wrong kind).
 func (f *Firewall) addNIC(p network.NICPlan, st *kernelState) error {
+	if err := f.stageAdd(p, st); err != nil {
+		return f.abort(err)
+	}
+	if err := f.flush("add nic " + p.HostDevice); err != nil {
+		return fmt.Errorf("%w (%w)", err, errCommit)
+	}
+	return nil
+}
+
+// StageNICs queues AddNIC's change for each of plans on c, a connection
+// the caller flushes with other changes as one transaction (nf_tables walks
+// every chain of the namespace once per commit, whatever the commit
+// holds), and returns done, which the caller must call once with the
+// flush's result (nil: committed). The Firewall stays locked until then.
+// On an error nothing is locked and c holds part of the change: discard c.
+func (f *Firewall) StageNICs(plans []network.NICPlan, c *nftables.Conn) (done func(error), err error) {
+	if err := (network.Plan{NICs: plans}).Validate(); err != nil {
+		return nil, err
+	}
+	f.mu.Lock()
+	for _, p := range plans {
+		f.wrote(p.HostDevice)
+	}
+	if err := f.load(); err != nil {
+		f.unlock()
+		return nil, err
+	}
+	own := f.conn
+	f.conn = c
+	for _, p := range plans {
+		if err = f.stageAdd(p, nil); err != nil {
+			break
+		}
+	}
+	f.conn = own
+	pending, b := f.pendingShared, f.batch
+	f.pendingShared, f.batch = map[setKey]uint32{}, newBatch()
+	if err != nil {
+		f.unlock()
+		return nil, err
+	}
+	return func(ferr error) {
+		if ferr != nil {
+			f.forget()
+		} else {
+			f.applied(pending, b)
+		}
+		f.unlock()
+	}, nil
+}
+
+// stageAdd queues AddNIC's batch on f.conn, reading the shards p leaves
+// (or taking them from st, a full read, which also lets it replace chains
+// of the wrong kind). The caller discards the batch on an error.
+func (f *Firewall) stageAdd(p network.NICPlan, st *kernelState) error {
 	dev := p.HostDevice
 	s := ShardOf(p)
 	carry := map[string]counterVal{}
@@ -604,13 +664,7 @@ func (f *Firewall) addNIC(p network.NICPlan, st *kernelState) error {
 	if st != nil && st.shards[s] != nil {
 		f.queueFixHooks(s, st.shards[s], dev)
 	}
-	if err := f.queueNIC(p, s, carry); err != nil {
-		return f.abort(err)
-	}
-	if err := f.flush("add nic " + dev); err != nil {
-		return fmt.Errorf("%w (%w)", err, errCommit)
-	}
-	return nil
+	return f.queueNIC(p, s, carry)
 }
 
 // shardNICs lists the NICs of shard s: those with objects in ss and those

@@ -802,6 +802,55 @@ func (m *Manager) Upsert(ctx context.Context, p NICPolicy) error {
 	return m.change(ctx, "update security policy of "+p.key(), func(b *batch) error { return m.queueNIC(b, &p) })
 }
 
+// Stage queues Upsert's change for each of ps on c, a connection the
+// caller flushes with other changes as one transaction (nf_tables walks
+// every chain of the namespace once per commit, whatever the commit
+// holds), and returns done, which the caller must call once with the
+// flush's result (nil: committed). The Manager stays locked until then. On
+// an error nothing is locked and c holds part of the change: discard c.
+func (m *Manager) Stage(ctx context.Context, ps []NICPolicy, c *nftables.Conn) (done func(error), err error) {
+	for i := range ps {
+		if err := ps[i].Validate(); err != nil {
+			return nil, err
+		}
+	}
+	if err := ctx.Err(); err != nil {
+		return nil, err
+	}
+	m.mu.Lock()
+	if err := m.ensureLoaded(); err != nil {
+		m.mu.Unlock()
+		return nil, err
+	}
+	own := m.conn
+	m.conn = c
+	err = m.queueBase()
+	for i := 0; err == nil && i < len(ps); i++ {
+		err = m.queueNIC(m.newBatch(), &ps[i])
+	}
+	m.conn = own
+	// resync reads the kernel again after a change that did not commit
+	// (queueing changed the model).
+	resync := func() {
+		if m.load() != nil {
+			m.loaded = false
+		}
+	}
+	if err != nil {
+		resync()
+		m.mu.Unlock()
+		return nil, err
+	}
+	return func(ferr error) {
+		if ferr != nil {
+			resync()
+		} else {
+			m.based = true
+		}
+		m.mu.Unlock()
+	}, nil
+}
+
 // Remove deletes a NIC's chains, map entries and memberships. It returns
 // ErrNotFound when the NIC has no state.
 func (m *Manager) Remove(ctx context.Context, vmID, nic string) error {
