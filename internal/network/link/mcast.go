@@ -6,7 +6,6 @@ import (
 	"github.com/vishvananda/netlink"
 	"github.com/vishvananda/netlink/nl"
 	"golang.org/x/sys/unix"
-
 )
 
 // Multicast snooping limits.
