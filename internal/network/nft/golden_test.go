@@ -235,3 +235,56 @@ func TestTransitions(t *testing.T) {
 		}
 	}
 }
+
+// A NIC programmed by a version that checked the header chain in a helper
+// chain (vm-<dev>-out_hdr, jumped to from out_ip6, counting into the
+// header_chain counter) is brought to the current layout by an update, and
+// its removal deletes that chain too (the counter could not go while the
+// chain refers to it).
+func TestHelperChainsOfEarlierLayoutGo(t *testing.T) {
+	t.Parallel()
+	for _, op := range []string{"update", "remove"} {
+		n, fw := newFW(t)
+		p := goldenPlans()[0]
+		if err := fw.AddNIC(p); err != nil {
+			t.Fatal(err)
+		}
+		names := network.NamesFor(p.HostDevice)
+		tbl := ShardName(ShardOf(p))
+		for _, dir := range []struct{ hdr, from string }{{names.FromSub("hdr"), names.FromSub("ip6")}, {names.ToSub("hdr"), names.ToSub("ip6")}} {
+			n.MustRun(t, "nft", "add", "chain", "netdev", tbl, dir.hdr)
+			n.MustRun(t, "nft", "add", "rule", "netdev", tbl, dir.hdr, "@th,0,32", "0x0-0xffffffff", "return")
+			n.MustRun(t, "nft", "add", "rule", "netdev", tbl, dir.hdr, "counter", "name", names.Counter(network.CtlHeaderChain), "drop")
+			n.MustRun(t, "nft", "insert", "rule", "netdev", tbl, dir.from, "jump", dir.hdr)
+		}
+		fresh, err := New(n.Fd()) // a restarted daemon
+		if err != nil {
+			t.Fatal(err)
+		}
+		switch op {
+		case "update":
+			if err := fresh.UpdateNIC(p); err != nil {
+				t.Fatal(err)
+			}
+			want := func() string {
+				wn, wfw := newFW(t)
+				if err := wfw.AddNIC(p); err != nil {
+					t.Fatal(err)
+				}
+				return canonical(listTable(t, wn))
+			}()
+			if got := canonical(listTable(t, n)); got != want {
+				t.Errorf("after the update:\n%s\n--- want\n%s", got, want)
+			}
+		case "remove":
+			if err := fresh.RemoveNIC(p.HostDevice); err != nil {
+				t.Fatal(err)
+			}
+			if out := listTable(t, n); strings.Contains(out, p.HostDevice) {
+				t.Errorf("NIC objects left after removal:\n%s", out)
+			}
+		}
+		fresh.Close()
+		fw.Close()
+	}
+}

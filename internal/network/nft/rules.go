@@ -81,6 +81,7 @@ import (
 	"fmt"
 	"net"
 	"net/netip"
+	"slices"
 	"strings"
 	"time"
 
@@ -112,7 +113,11 @@ const (
 	limitBurst  = 5
 )
 
-// Helper chain suffixes, per direction.
+// Helper chain suffixes, per direction. "hdr" held the header-chain check
+// before it moved into the hooked chains; no rule uses it now, and it stays
+// listed so that updates and removals delete it where an earlier version
+// left it (it refers to the NIC's header_chain counter, which could not be
+// deleted while it exists).
 var (
 	fromParts = []string{"ip6", "hdr", "src", "hbh", "icmp", "na", "nd", "priv", "learn"}
 	toParts   = []string{"ip6", "hdr", "hbh", "icmp", "ra"}
@@ -309,6 +314,36 @@ func (b *builder) add(chain string, control string, parts ...[]expr.Any) {
 		}
 	}
 	b.rules = append(b.rules, r)
+}
+
+// acceptOnly removes each of chains whose every rule accepts (a NIC
+// without the controls that fill it) and turns the gotos to it into
+// accepts: a chain less for every nf_tables commit to walk, and a hop less
+// per packet.
+func (b *builder) acceptOnly(chains ...string) {
+	for _, ch := range chains {
+		only := true
+		for _, r := range b.rules {
+			if r.chain != ch {
+				continue
+			}
+			if v, ok := r.exprs[len(r.exprs)-1].(*expr.Verdict); !ok || v.Kind != expr.VerdictAccept {
+				only = false
+				break
+			}
+		}
+		if !only {
+			continue
+		}
+		b.rules = slices.DeleteFunc(b.rules, func(r rule) bool { return r.chain == ch })
+		for i, r := range b.rules {
+			if v, ok := r.exprs[len(r.exprs)-1].(*expr.Verdict); ok && v.Kind == expr.VerdictGoto && v.Chain == ch {
+				exprs := slices.Clone(r.exprs)
+				exprs[len(exprs)-1] = &expr.Verdict{Kind: expr.VerdictAccept}
+				b.rules[i].exprs = exprs
+			}
+		}
+	}
 }
 
 // addLog queues, before a counted drop, a rule with the same match that
@@ -529,10 +564,17 @@ func buildNIC(p network.NICPlan, logGroup uint16) nicSpec {
 	mac := p.MAC
 
 	// ---- from the VM ----
-	out, ip6, hdr := n.FromChain(), n.FromSub("ip6"), n.FromSub("hdr")
+	out, ip6 := n.FromChain(), n.FromSub("ip6")
 	vlanMark := vlanTag | uint32(p.VLAN)
 	b.add(out, string(network.CtlVLAN), setMark(vlanMark))
-	b.add(out, "l2", etherSrc(mac), etherTypeIP6(), goTo(ip6))
+	// Untagged IPv6 from the VM's MAC whose header chain reaches the
+	// upper-layer header (RFC 7112), or a non-first fragment, goes on;
+	// positive matches only, so a header that cannot be parsed is dropped.
+	// Checking the header chain here rather than in a helper chain saves
+	// every NIC a chain (every nf_tables commit walks every chain).
+	b.add(out, "l2", etherSrc(mac), etherTypeIP6(), upperLayerReadable(), goTo(ip6))
+	b.add(out, "l2", etherSrc(mac), etherTypeIP6(), nonFirstFragment(), goTo(ip6))
+	b.add(out, string(network.CtlHeaderChain), etherSrc(mac), etherTypeIP6(), cnt(network.CtlHeaderChain), drop)
 	b.add(out, string(network.CtlMACSpoof), etherSrcNot(mac), cnt(network.CtlMACSpoof), drop)
 	b.add(out, string(network.CtlL2Violation), cnt(network.CtlL2Violation), drop)
 
@@ -553,10 +595,6 @@ func buildNIC(p network.NICPlan, logGroup uint16) nicSpec {
 	// no UDP, and a unicast destination keeps it out of the multicast
 	// limit, so every later rule would fall through to the final accept.
 	b.add(ip6, "fast_path", nextHeader(protoTCP), etherUnicast(), accept)
-	b.add(ip6, string(network.CtlHeaderChain), jump(hdr))
-	b.add(hdr, string(network.CtlHeaderChain), upperLayerReadable(), ret)
-	b.add(hdr, string(network.CtlHeaderChain), nonFirstFragment(), ret)
-	b.add(hdr, string(network.CtlHeaderChain), cnt(network.CtlHeaderChain), drop)
 	if c.RAGuard {
 		b.add(ip6, string(network.CtlRAGuard), l4proto(protoUDP), m(th(0, 2), eq(u16(udpDHCPServer))), cnt(network.CtlRAGuard), drop)
 	}
@@ -620,17 +658,15 @@ func buildNIC(p network.NICPlan, logGroup uint16) nicSpec {
 	b.add(ip6, "allow", accept)
 
 	// ---- toward the VM ----
-	in, tip6, thdr := n.ToChain(), n.ToSub("ip6"), n.ToSub("hdr")
+	in, tip6 := n.ToChain(), n.ToSub("ip6")
 	b.add(in, string(network.CtlVLAN), markTagged(), markNot(vlanMark), cnt(network.CtlVLAN), drop)
-	b.add(in, "l2", etherTypeIP6(), goTo(tip6))
+	b.add(in, "l2", etherTypeIP6(), upperLayerReadable(), goTo(tip6))
+	b.add(in, "l2", etherTypeIP6(), nonFirstFragment(), goTo(tip6))
+	b.add(in, string(network.CtlHeaderChain), etherTypeIP6(), cnt(network.CtlHeaderChain), drop)
 	b.add(in, "allow", accept)
 	// Fast path toward the VM, as above: TCP with no extension header
-	// meets no later rule, the header-chain check included.
+	// meets no later rule.
 	b.add(tip6, "fast_path", nextHeader(protoTCP), accept)
-	b.add(tip6, string(network.CtlHeaderChain), jump(thdr))
-	b.add(thdr, string(network.CtlHeaderChain), upperLayerReadable(), ret)
-	b.add(thdr, string(network.CtlHeaderChain), nonFirstFragment(), ret)
-	b.add(thdr, string(network.CtlHeaderChain), cnt(network.CtlHeaderChain), drop)
 	if c.RAGuard || c.RARateLimit > 0 {
 		ticmp, tra := n.ToSub("icmp"), n.ToSub("ra")
 		b.add(tip6, "icmpv6", l4proto(protoICMPv6), jump(ticmp))
@@ -659,6 +695,7 @@ func buildNIC(p network.NICPlan, logGroup uint16) nicSpec {
 	}
 	extBlocks(b, tip6, n.ToSub("hbh"), c, []byte{icmpMLDQuery, icmpMLDReport, icmpMLDDone, icmpMLD2Report})
 	b.add(tip6, "allow", accept)
+	b.acceptOnly(ip6, tip6)
 
 	spec := nicSpec{plan: p, names: n, chains: usedChains(n, b.rules), rules: b.rules}
 	var addrs, raSrc [][]byte
