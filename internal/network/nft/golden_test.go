@@ -288,3 +288,56 @@ func TestHelperChainsOfEarlierLayoutGo(t *testing.T) {
 		fw.Close()
 	}
 }
+
+type removals struct {
+	final map[string]map[network.Control]uint64
+}
+
+func (r *removals) NICRemoved(dev string, final map[network.Control]uint64) { r.final[dev] = final }
+func (r *removals) Repaired(Repairs)                                        {}
+
+// RemoveNIC reads the NIC's counters one by one (not a dump of the shard)
+// and reports their last values; the shard's other NIC keeps its objects;
+// a shard table deleted behind metald's back does not make the removal
+// fail.
+func TestRemoveNICReadsOwnCounters(t *testing.T) {
+	t.Parallel()
+	n, fw := newFW(t)
+	rec := &removals{final: map[string]map[network.Control]uint64{}}
+	fw.SetObserver(rec)
+	plans := goldenPlans()
+	a, b := plans[0], plans[1]
+	// a's mac_spoof counter exists with a value before AddNIC (which
+	// leaves an existing counter as it is).
+	ta := ShardName(ShardOf(a))
+	ctr := network.NamesFor(a.HostDevice).Counter(network.CtlMACSpoof)
+	n.MustRun(t, "nft", "add", "table", "netdev", ta)
+	n.MustRun(t, "nft", "add", "counter", "netdev", ta, ctr, "{", "packets", "7", "bytes", "700", "}")
+	for _, p := range []network.NICPlan{a, b} {
+		if err := fw.AddNIC(p); err != nil {
+			t.Fatal(err)
+		}
+	}
+	before := listTable(t, n)
+	if err := fw.RemoveNIC(a.HostDevice); err != nil {
+		t.Fatal(err)
+	}
+	if _, ok := rec.final[a.HostDevice]; !ok {
+		t.Fatalf("no removal reported for %s", a.HostDevice)
+	}
+	if v, ok := rec.final[a.HostDevice][network.CtlMACSpoof]; !ok || v != 7 {
+		t.Errorf("final mac_spoof = %d, %v", v, ok)
+	}
+	after := listTable(t, n)
+	if strings.Contains(after, a.HostDevice) {
+		t.Errorf("objects of %s left:\n%s", a.HostDevice, after)
+	}
+	if !strings.Contains(before, b.HostDevice) || !strings.Contains(after, b.HostDevice) {
+		t.Errorf("objects of %s gone", b.HostDevice)
+	}
+	// b's shard deleted by an operator: the removal still succeeds.
+	n.MustRun(t, "nft", "delete", "table", "netdev", ShardName(ShardOf(b)))
+	if err := fw.RemoveNIC(b.HostDevice); err != nil {
+		t.Fatalf("remove after its shard was deleted: %v", err)
+	}
+}

@@ -544,13 +544,14 @@ func (f *Firewall) AddNIC(p network.NICPlan) error {
 	return f.retryRead(func(st *kernelState) error { return f.addNIC(p, st) })
 }
 
-// shardOf returns shard s as st (a full read) has it, or reads it when st
-// is nil. The caller holds mu.
-func (f *Firewall) shardOf(st *kernelState, s int) (*shardState, error) {
+// shardOf returns shard s as st (a full read) has it, or reads what a
+// change of dev needs of it (readShard) when st is nil. The caller holds
+// mu.
+func (f *Firewall) shardOf(st *kernelState, s int, dev string) (*shardState, error) {
 	if st != nil {
 		return st.shards[s], nil
 	}
-	return readShard(f.conn, s)
+	return readShard(f.conn, s, dev)
 }
 
 // retryRead runs change on metald's knowledge of the kernel (st nil); when
@@ -642,7 +643,7 @@ func (f *Firewall) stageAdd(p network.NICPlan, st *kernelState) error {
 		if o == s {
 			continue
 		}
-		ss, err := f.shardOf(st, o)
+		ss, err := f.shardOf(st, o, dev)
 		if err != nil {
 			return err
 		}
@@ -708,7 +709,7 @@ func (f *Firewall) removeNIC(hostDev string, st *kernelState) error {
 	final := map[network.Control]uint64{}
 	n := network.NamesFor(hostDev)
 	for _, s := range shards {
-		ss, err := f.shardOf(st, s)
+		ss, err := f.shardOf(st, s, hostDev)
 		if err != nil {
 			return f.abort(err)
 		}

@@ -265,17 +265,47 @@ func readKernel(c *nftables.Conn) (kernelState, error) {
 	return st, nil
 }
 
-// readShard reads one shard's sets and counters (not its chains).
-func readShard(c *nftables.Conn, s int) (*shardState, error) {
-	ss := newShardState()
-	ss.exists = true
-	if err := readShardObjects(c, s, ss); err != nil {
-		if errors.Is(err, unix.ENOENT) {
+// readShard reads what a change of dev's objects in shard s needs: the
+// shard's sets (every NIC owns one, so they also tell which NICs the shard
+// holds) and dev's counters, each asked for by name. A dump of the shard's
+// counters would make the kernel walk every object of every netdev table
+// (its table filter is applied object by object), a cost that grows with
+// the number of VMs. A missing shard reads as absent.
+func readShard(c *nftables.Conn, s int, dev string) (*shardState, error) {
+	t := shardTable(s)
+	sets, err := c.GetSets(t)
+	if err != nil {
+		if isNotExist(err) {
 			return newShardState(), nil
 		}
-		return nil, err
+		return nil, fmt.Errorf("list sets of %s: %w", t.Name, err)
+	}
+	ss := newShardState()
+	ss.exists = true
+	for _, set := range sets {
+		ss.sets[set.Name] = true
+	}
+	for _, name := range countersOf(network.NamesFor(dev)) {
+		o, err := c.GetObject(&nftables.NamedObj{Table: t, Name: name, Type: nftables.ObjTypeCounter})
+		if err != nil {
+			if isNotExist(err) {
+				continue
+			}
+			return nil, fmt.Errorf("read counter %s of %s: %w", name, t.Name, err)
+		}
+		if no, ok := o.(*nftables.NamedObj); ok {
+			if cnt, ok := no.Obj.(*expr.Counter); ok {
+				ss.counters[name] = counterVal{cnt.Packets, cnt.Bytes}
+			}
+		}
 	}
 	return ss, nil
+}
+
+// isNotExist reports a kernel ENOENT answer. The nftables library reports
+// some of them as text only ("netlink receive: no such file or directory").
+func isNotExist(err error) bool {
+	return errors.Is(err, unix.ENOENT) || strings.Contains(err.Error(), unix.ENOENT.Error())
 }
 
 func readShardObjects(c *nftables.Conn, s int, ss *shardState) error {
