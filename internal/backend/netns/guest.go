@@ -115,8 +115,16 @@ func configureNIC(h *netlink.Handle, index int, nic backend.NIC) error {
 		secs := max(int64(nic.TempValidLifetime/time.Second), 1)
 		sysctls = append(sysctls, [2]string{"temp_valid_lft", strconv.FormatInt(secs, 10)})
 	}
-	if err := ns.WriteSysctlsIn("net/ipv6/conf/"+nic.ID, sysctls); err != nil {
-		return err
+	// Write only what differs (a fresh namespace's interface has the
+	// defaults): reading the settings over rtnetlink is cheap, and opening
+	// /proc/sys/net/ipv6 costs more the more namespaces the host has.
+	if conf, err := inet6Conf(l.Attrs().Index); err == nil {
+		sysctls = changedSysctls(conf, sysctls)
+	}
+	if len(sysctls) > 0 {
+		if err := ns.WriteSysctlsIn("net/ipv6/conf/"+nic.ID, sysctls); err != nil {
+			return err
+		}
 	}
 	if err := h.LinkSetUp(l); err != nil {
 		return fmt.Errorf("set link up: %w", err)
