@@ -34,40 +34,40 @@ func inet6Conf(ifindex int) ([]int32, error) {
 		if len(m) < unix.SizeofIfInfomsg {
 			continue
 		}
-		attrs, err := nl.ParseRouteAttr(m[unix.SizeofIfInfomsg:])
-		if err != nil {
-			return nil, err
-		}
-		for _, a := range attrs {
-			if a.Attr.Type&^unix.NLA_F_NESTED != unix.IFLA_AF_SPEC {
-				continue
-			}
-			afs, err := nl.ParseRouteAttr(a.Value)
-			if err != nil {
+		// IFLA_AF_SPEC > AF_INET6 > IFLA_INET6_CONF: an s32 per setting.
+		b, ok := m[unix.SizeofIfInfomsg:], true
+		for _, typ := range []uint16{unix.IFLA_AF_SPEC, unix.AF_INET6, unix.IFLA_INET6_CONF} {
+			if b, ok, err = attr(b, typ); err != nil {
 				return nil, err
-			}
-			for _, af := range afs {
-				if af.Attr.Type&^unix.NLA_F_NESTED != unix.AF_INET6 {
-					continue
-				}
-				in6, err := nl.ParseRouteAttr(af.Value)
-				if err != nil {
-					return nil, err
-				}
-				for _, c := range in6 {
-					if c.Attr.Type&^unix.NLA_F_NESTED != unix.IFLA_INET6_CONF {
-						continue
-					}
-					conf := make([]int32, len(c.Value)/4)
-					for i := range conf {
-						conf[i] = int32(binary.NativeEndian.Uint32(c.Value[4*i:]))
-					}
-					return conf, nil
-				}
+			} else if !ok {
+				break
 			}
 		}
+		if !ok {
+			continue
+		}
+		conf := make([]int32, len(b)/4)
+		for i := range conf {
+			conf[i] = int32(binary.NativeEndian.Uint32(b[4*i:]))
+		}
+		return conf, nil
 	}
 	return nil, fmt.Errorf("link %d: no IPv6 settings in its description", ifindex)
+}
+
+// attr returns the value of the first attribute of type typ in b (the
+// nested flag ignored).
+func attr(b []byte, typ uint16) ([]byte, bool, error) {
+	attrs, err := nl.ParseRouteAttr(b)
+	if err != nil {
+		return nil, false, err
+	}
+	for _, a := range attrs {
+		if a.Attr.Type&^unix.NLA_F_NESTED == typ {
+			return a.Value, true, nil
+		}
+	}
+	return nil, false, nil
 }
 
 // changedSysctls drops from kv the settings conf (inet6Conf) already has.
