@@ -3,6 +3,7 @@ package daemon
 import (
 	"context"
 	"fmt"
+	"slices"
 	"sync"
 	"time"
 
@@ -26,13 +27,13 @@ import (
 // and tells each manager the result. It holds the wrappers' locks
 // throughout, first-hop before policy, as no other path holds both.
 type joint struct {
-	fw    *eventFirewall
-	pol   *eventPolicy
-	nftFw *nft.Firewall
-	pol2  *secpolicy.Manager
-	gens  *nftgen.Tracker
-	obs   func(time.Duration)
-	opts  []nftables.ConnOption
+	fw     *eventFirewall
+	pol    *eventPolicy
+	fwMgr  *nft.Firewall
+	polMgr *secpolicy.Manager
+	gens   *nftgen.Tracker
+	obs    func(time.Duration)
+	opts   []nftables.ConnOption
 
 	mu   sync.Mutex
 	conn *nftables.Conn
@@ -41,7 +42,11 @@ type joint struct {
 // InstallJoint implements vm.JointInstaller. On an error nothing was
 // committed.
 func (j *joint) InstallJoint(ctx context.Context, rules []network.NICPlan, policies []secpolicy.NICPolicy) error {
+	if len(rules) == 0 && len(policies) == 0 {
+		return nil // a VM without NICs
+	}
 	start := time.Now()
+	rules, policies = slices.Clone(rules), slices.Clone(policies)
 	for i := range rules {
 		rules[i] = j.fw.mark(rules[i])
 	}
@@ -74,12 +79,12 @@ func (j *joint) InstallJoint(ctx context.Context, rules []network.NICPlan, polic
 		j.conn = nil
 		return err
 	}
-	d, err := j.nftFw.StageNICs(rules, j.conn)
+	d, err := j.fwMgr.StageNICs(rules, j.conn)
 	if err != nil {
 		return stageErr(fmt.Errorf("stage first-hop rules: %w", err))
 	}
 	dones = append(dones, d)
-	if d, err = j.pol2.Stage(ctx, policies, j.conn); err != nil {
+	if d, err = j.polMgr.Stage(ctx, policies, j.conn); err != nil {
 		return stageErr(fmt.Errorf("stage security policies: %w", err))
 	}
 	dones = append(dones, d)
