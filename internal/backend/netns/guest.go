@@ -115,11 +115,14 @@ func configureNIC(h *netlink.Handle, index int, nic backend.NIC) error {
 		secs := max(int64(nic.TempValidLifetime/time.Second), 1)
 		sysctls = append(sysctls, [2]string{"temp_valid_lft", strconv.FormatInt(secs, 10)})
 	}
-	// Write only what differs (a fresh namespace's interface has the
-	// defaults): reading the settings over rtnetlink is cheap, and opening
+	// Nothing to write when the interface already has every setting (a
+	// first boot without privacy settings: a fresh namespace's interface
+	// has the defaults). Reading them over rtnetlink is cheap; opening
 	// /proc/sys/net/ipv6 costs more the more namespaces the host has.
-	if conf, err := inet6Conf(l.Attrs().Index); err == nil {
-		sysctls = changedSysctls(conf, sysctls)
+	// Otherwise all are written, in this order, so a boot with privacy
+	// settings does exactly what it did before the read was added.
+	if conf, err := inet6Conf(l.Attrs().Index); err == nil && len(changedSysctls(conf, sysctls)) == 0 {
+		sysctls = nil
 	}
 	if len(sysctls) > 0 {
 		if err := ns.WriteSysctlsIn("net/ipv6/conf/"+nic.ID, sysctls); err != nil {
