@@ -144,6 +144,11 @@ func (m *Manager) installFirewall(row *store.VM, cfg *vmv1.VmConfig) error {
 	if err != nil {
 		return err
 	}
+	return m.programRules(plans)
+}
+
+// programRules programs each NIC's first-hop rules.
+func (m *Manager) programRules(plans []network.NICPlan) error {
 	for _, p := range plans {
 		if err := m.opt.Firewall.AddNIC(p); err != nil {
 			return fmt.Errorf("program first-hop rules of %s: %w", p.HostDevice, err)

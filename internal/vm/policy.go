@@ -36,34 +36,38 @@ type JointInstaller interface {
 
 // installRulesAndPolicy programs a new VM's first-hop rules and policies:
 // in one transaction when a JointInstaller is configured, else (or when
-// that fails) the rules first, then the policies.
+// that fails) the rules first, then the policies. (Other paths that program
+// both leave to the managers' own commits: their wrappers may skip an
+// unchanged plan.)
 func (m *Manager) installRulesAndPolicy(ctx context.Context, row *store.VM, cfg *vmv1.VmConfig) error {
-	if m.opt.Joint != nil && m.opt.Firewall != nil && m.opt.Policy != nil {
-		var groups map[string][]netip.Addr
-		if usesGroups(cfg) {
-			var err error
-			if groups, err = m.groupMembers(ctx); err != nil {
-				return err
-			}
-		}
-		plans, err := m.Plans(row, cfg)
-		if err != nil {
+	if m.opt.Joint == nil || m.opt.Firewall == nil || m.opt.Policy == nil {
+		if err := m.installFirewall(row, cfg); err != nil {
 			return err
 		}
-		pols, err := m.Policies(ctx, row, cfg, groups)
-		if err != nil {
-			return err
-		}
-		jerr := m.opt.Joint.InstallJoint(ctx, plans, pols)
-		if jerr == nil {
-			return m.refreshGroups(ctx, cfg.GetSecurityProfile().GetSecurityGroups(), groups)
-		}
-		m.log.Debug("one-transaction install failed; programming rules and policy apart", "vm_id", row.ID, "err", jerr)
+		return m.installPolicy(ctx, row, cfg)
 	}
-	if err := m.installFirewall(row, cfg); err != nil {
+	groups, err := m.groupsFor(ctx, cfg)
+	if err != nil {
 		return err
 	}
-	return m.installPolicy(ctx, row, cfg)
+	plans, err := m.Plans(row, cfg)
+	if err != nil {
+		return err
+	}
+	pols, err := m.Policies(ctx, row, cfg, groups)
+	if err != nil {
+		return err
+	}
+	if jerr := m.opt.Joint.InstallJoint(ctx, plans, pols); jerr != nil {
+		m.log.Debug("one-transaction install failed; programming rules and policy apart", "vm_id", row.ID, "err", jerr)
+		if err := m.programRules(plans); err != nil {
+			return err
+		}
+		if err := m.programPolicies(ctx, pols); err != nil {
+			return err
+		}
+	}
+	return m.refreshGroups(ctx, cfg.GetSecurityProfile().GetSecurityGroups(), groups)
 }
 
 // linkLocal is the guest link-local address the host binds to a NIC: as
@@ -205,25 +209,38 @@ func (m *Manager) installPolicy(ctx context.Context, row *store.VM, cfg *vmv1.Vm
 	if m.opt.Policy == nil {
 		return nil
 	}
-	// Group membership needs every VM's config: only read it when this VM
-	// names a group (sg: rules) or belongs to one, not on every CreateVm.
-	var groups map[string][]netip.Addr
-	if usesGroups(cfg) {
-		var err error
-		if groups, err = m.groupMembers(ctx); err != nil {
-			return err
-		}
+	groups, err := m.groupsFor(ctx, cfg)
+	if err != nil {
+		return err
 	}
 	plans, err := m.Policies(ctx, row, cfg, groups)
 	if err != nil {
 		return err
 	}
+	if err := m.programPolicies(ctx, plans); err != nil {
+		return err
+	}
+	return m.refreshGroups(ctx, cfg.GetSecurityProfile().GetSecurityGroups(), groups)
+}
+
+// groupsFor returns every security group's members when cfg names a group
+// (sg: rules) or belongs to one, else nil: membership needs every VM's
+// config, so it is not read on every CreateVm.
+func (m *Manager) groupsFor(ctx context.Context, cfg *vmv1.VmConfig) (map[string][]netip.Addr, error) {
+	if !usesGroups(cfg) {
+		return nil, nil
+	}
+	return m.groupMembers(ctx)
+}
+
+// programPolicies upserts each policy.
+func (m *Manager) programPolicies(ctx context.Context, plans []secpolicy.NICPolicy) error {
 	for _, p := range plans {
 		if err := m.opt.Policy.Upsert(ctx, p); err != nil {
 			return fmt.Errorf("program security policy of %s/%s: %w", p.VMID, p.NIC, err)
 		}
 	}
-	return m.refreshGroups(ctx, cfg.GetSecurityProfile().GetSecurityGroups(), groups)
+	return nil
 }
 
 func (m *Manager) refreshGroups(ctx context.Context, names []string, groups map[string][]netip.Addr) error {
