@@ -1,12 +1,10 @@
 package nft
 
 import (
-	"errors"
 	"fmt"
 	"strings"
 
 	"github.com/google/nftables"
-	"golang.org/x/sys/unix"
 
 	"github.com/metald/metald/internal/network"
 )
@@ -33,7 +31,7 @@ func (f *Firewall) AllCounters() (map[string]map[network.Control]uint64, error) 
 		}
 		objs, err := f.conn.GetNamedObjects(shardTable(s))
 		if err != nil {
-			if errors.Is(err, unix.ENOENT) {
+			if isNotExist(err) {
 				continue // deleted since the listing
 			}
 			return nil, fmt.Errorf("read counters: %w", err)

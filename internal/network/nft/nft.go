@@ -910,7 +910,7 @@ func (f *Firewall) NICs() ([]string, error) {
 }
 
 // Counters returns the packet count of every control counter of hostDev,
-// read from its shard table only.
+// each read by name from its shard table (ErrNotFound when one is missing).
 func (f *Firewall) Counters(hostDev string) (map[network.Control]uint64, error) {
 	f.mu.Lock()
 	defer f.unlock()
@@ -921,14 +921,10 @@ func (f *Firewall) Counters(hostDev string) (map[network.Control]uint64, error) 
 	if len(shards) == 0 {
 		return nil, fmt.Errorf("read counters of %s: %w", hostDev, ErrNotFound)
 	}
-	objs, err := f.conn.GetNamedObjects(shardTable(shards[0]))
+	byName, err := readNICCounters(f.conn, shards[0], hostDev)
 	if err != nil {
-		if errors.Is(err, unix.ENOENT) {
-			return nil, fmt.Errorf("read counters of %s: %w", hostDev, ErrNotFound)
-		}
 		return nil, fmt.Errorf("read counters of %s: %w", hostDev, err)
 	}
-	byName := countersIn(objs)
 	n := network.NamesFor(hostDev)
 	out := map[network.Control]uint64{}
 	for _, ctl := range network.AllControls {

@@ -591,9 +591,9 @@ func buildNIC(p network.NICPlan, logGroup uint16) nicSpec {
 	}
 	// Fast path for the bulk of traffic, right after the source check:
 	// when the IPv6 header's next header is TCP there is no extension
-	// header (so nothing for the header-chain check to find), no ICMPv6 and
-	// no UDP, and a unicast destination keeps it out of the multicast
-	// limit, so every later rule would fall through to the final accept.
+	// header, no ICMPv6 and no UDP, and a unicast destination keeps it out
+	// of the multicast limit, so every later rule would fall through to
+	// the final accept.
 	b.add(ip6, "fast_path", nextHeader(protoTCP), etherUnicast(), accept)
 	if c.RAGuard {
 		b.add(ip6, string(network.CtlRAGuard), l4proto(protoUDP), m(th(0, 2), eq(u16(udpDHCPServer))), cnt(network.CtlRAGuard), drop)

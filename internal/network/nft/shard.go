@@ -285,6 +285,18 @@ func readShard(c *nftables.Conn, s int, dev string) (*shardState, error) {
 	for _, set := range sets {
 		ss.sets[set.Name] = true
 	}
+	if ss.counters, err = readNICCounters(c, s, dev); err != nil {
+		return nil, err
+	}
+	return ss, nil
+}
+
+// readNICCounters reads dev's counters in shard s one by one, by name
+// (absent ones are left out): a dump of the table's objects would make the
+// kernel walk every object of every netdev table.
+func readNICCounters(c *nftables.Conn, s int, dev string) (map[string]counterVal, error) {
+	t := shardTable(s)
+	out := map[string]counterVal{}
 	for _, name := range countersOf(network.NamesFor(dev)) {
 		o, err := c.GetObject(&nftables.NamedObj{Table: t, Name: name, Type: nftables.ObjTypeCounter})
 		if err != nil {
@@ -295,11 +307,11 @@ func readShard(c *nftables.Conn, s int, dev string) (*shardState, error) {
 		}
 		if no, ok := o.(*nftables.NamedObj); ok {
 			if cnt, ok := no.Obj.(*expr.Counter); ok {
-				ss.counters[name] = counterVal{cnt.Packets, cnt.Bytes}
+				out[name] = counterVal{cnt.Packets, cnt.Bytes}
 			}
 		}
 	}
-	return ss, nil
+	return out, nil
 }
 
 // isNotExist reports a kernel ENOENT answer. The nftables library reports
@@ -310,7 +322,6 @@ func isNotExist(err error) bool {
 
 func readShardObjects(c *nftables.Conn, s int, ss *shardState) error {
 	t := shardTable(s)
-	// Objects first: their error keeps the errno (ENOENT: no table).
 	objs, err := c.GetNamedObjects(t)
 	if err != nil {
 		return fmt.Errorf("list objects of %s: %w", t.Name, err)
