@@ -162,8 +162,6 @@ func HandleAt(fd int) (*netlink.Handle, error) {
 	return h, nil
 }
 
-func (m *Manager) fd() int { return int(m.nsFile.Fd()) }
-
 // byName looks a link up and maps "no such device" to ErrNotFound.
 func (m *Manager) byName(name string) (netlink.Link, error) {
 	l, err := m.h.LinkByName(name)
