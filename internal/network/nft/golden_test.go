@@ -8,6 +8,7 @@ import (
 	"os"
 	"path/filepath"
 	"regexp"
+	"slices"
 	"sort"
 	"strings"
 	"testing"
@@ -339,5 +340,36 @@ func TestRemoveNICReadsOwnCounters(t *testing.T) {
 	n.MustRun(t, "nft", "delete", "table", "netdev", ShardName(ShardOf(b)))
 	if err := fw.RemoveNIC(b.HostDevice); err != nil {
 		t.Fatalf("remove after its shard was deleted: %v", err)
+	}
+}
+
+// A NIC with no control on has only its two hooked chains; one with the
+// source guard on has the from-VM chains the guard fills (addresses, NA
+// targets) and none toward the VM.
+func TestChainsOnlyWhereControlsFillThem(t *testing.T) {
+	t.Parallel()
+	n, fw := newFW(t)
+	for _, tc := range []struct {
+		c    network.Controls
+		want []string
+	}{
+		{network.Controls{}, []string{"-in", "-out"}},
+		{network.Controls{SourceGuard: true}, []string{"-in", "-out", "-out_icmp", "-out_ip6", "-out_na", "-out_src"}},
+	} {
+		p := vmPlan(1, tc.c)
+		if err := fw.AddNIC(p); err != nil {
+			t.Fatal(err)
+		}
+		var got []string
+		prefix := "vm-" + p.HostDevice
+		for _, line := range strings.Split(n.MustRun(t, "nft", "list", "chains", "netdev"), "\n") {
+			if f := strings.Fields(line); len(f) >= 2 && f[0] == "chain" && strings.HasPrefix(f[1], prefix) {
+				got = append(got, strings.TrimPrefix(f[1], prefix))
+			}
+		}
+		slices.Sort(got)
+		if !slices.Equal(got, tc.want) {
+			t.Errorf("controls %+v: chains %v, want %v", tc.c, got, tc.want)
+		}
 	}
 }
