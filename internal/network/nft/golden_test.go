@@ -237,12 +237,12 @@ func TestTransitions(t *testing.T) {
 	}
 }
 
-// A NIC programmed by a version that checked the header chain in a helper
-// chain (vm-<dev>-out_hdr, jumped to from out_ip6, counting into the
-// header_chain counter) is brought to the current layout by an update, and
-// its removal deletes that chain too (the counter could not go while the
-// chain refers to it).
-func TestHelperChainsOfEarlierLayoutGo(t *testing.T) {
+// A NIC programmed by an earlier version, with helper chains this one no
+// longer makes (vm-<dev>-out_hdr, -out_src, -in_hbh, jumped to from the
+// ip6 chains, counting into a counter of the NIC), is brought to the
+// current layout by an update, and its removal deletes those chains too
+// (the counter could not go while a chain refers to it).
+func TestHelperChainsOfEarlierLayoutsGo(t *testing.T) {
 	t.Parallel()
 	for _, op := range []string{"update", "remove"} {
 		n, fw := newFW(t)
@@ -252,11 +252,16 @@ func TestHelperChainsOfEarlierLayoutGo(t *testing.T) {
 		}
 		names := network.NamesFor(p.HostDevice)
 		tbl := ShardName(ShardOf(p))
-		for _, dir := range []struct{ hdr, from string }{{names.FromSub("hdr"), names.FromSub("ip6")}, {names.ToSub("hdr"), names.ToSub("ip6")}} {
-			n.MustRun(t, "nft", "add", "chain", "netdev", tbl, dir.hdr)
-			n.MustRun(t, "nft", "add", "rule", "netdev", tbl, dir.hdr, "@th,0,32", "0x0-0xffffffff", "return")
-			n.MustRun(t, "nft", "add", "rule", "netdev", tbl, dir.hdr, "counter", "name", names.Counter(network.CtlHeaderChain), "drop")
-			n.MustRun(t, "nft", "insert", "rule", "netdev", tbl, dir.from, "jump", dir.hdr)
+		// Helper chains of two earlier layouts: the header-chain check, and
+		// the source guard and hop-by-hop checks in chains of their own.
+		for _, dir := range []struct{ sub, from string }{
+			{names.FromSub("hdr"), names.FromSub("ip6")}, {names.ToSub("hdr"), names.ToSub("ip6")},
+			{names.FromSub("src"), names.FromSub("ip6")}, {names.ToSub("hbh"), names.ToSub("ip6")},
+		} {
+			n.MustRun(t, "nft", "add", "chain", "netdev", tbl, dir.sub)
+			n.MustRun(t, "nft", "add", "rule", "netdev", tbl, dir.sub, "@th,0,32", "0x0-0xffffffff", "return")
+			n.MustRun(t, "nft", "add", "rule", "netdev", tbl, dir.sub, "counter", "name", names.Counter(network.CtlHeaderChain), "drop")
+			n.MustRun(t, "nft", "insert", "rule", "netdev", tbl, dir.from, "jump", dir.sub)
 		}
 		fresh, err := New(n.Fd()) // a restarted daemon
 		if err != nil {
@@ -344,17 +349,26 @@ func TestRemoveNICReadsOwnCounters(t *testing.T) {
 }
 
 // A NIC with no control on has only its two hooked chains; one with the
-// source guard on has the from-VM chains the guard fills (addresses, NA
-// targets) and none toward the VM.
+// source guard on has the from-VM helper chain the guard fills (NA
+// targets) and none toward the VM; every control on makes one helper
+// chain per direction, privacy learning two more, and a second admitted
+// router MAC the chain that holds their shared RA rate limit.
 func TestChainsOnlyWhereControlsFillThem(t *testing.T) {
 	t.Parallel()
 	n, fw := newFW(t)
+	privacy := allOn()
+	privacy.PrivacyExtensions = true
+	routers := allOn()
+	routers.AllowedRAMACs = append(routers.AllowedRAMACs, mustMAC("02:00:00:00:00:02"))
 	for _, tc := range []struct {
 		c    network.Controls
 		want []string
 	}{
 		{network.Controls{}, []string{"-in", "-out"}},
-		{network.Controls{SourceGuard: true}, []string{"-in", "-out", "-out_icmp", "-out_ip6", "-out_na", "-out_src"}},
+		{network.Controls{SourceGuard: true}, []string{"-in", "-out", "-out_ip6"}},
+		{allOn(), []string{"-in", "-in_ip6", "-out", "-out_ip6"}},
+		{privacy, []string{"-in", "-in_ip6", "-out", "-out_ip6", "-out_learn", "-out_priv"}},
+		{routers, []string{"-in", "-in_ip6", "-in_ra", "-out", "-out_ip6"}},
 	} {
 		p := vmPlan(1, tc.c)
 		if err := fw.AddNIC(p); err != nil {

@@ -46,11 +46,11 @@
 //     it, so nothing can hide behind it). If the walk fails (a truncated
 //     header chain) l4proto is unset and every `meta l4proto`, `icmpv6`,
 //     `udp` or `@th` match silently does NOT match. Filters that drop on a
-//     positive match therefore fail open on a broken chain; so every IPv6
-//     frame first passes the `_hdr` chain, which returns only if the first
-//     four bytes of the upper-layer header are readable (`@th,0,32`) or the
-//     packet is a non-first fragment, and drops everything else (RFC 7112:
-//     the first fragment must carry the whole header chain).
+//     positive match therefore fail open on a broken chain; so the hooked
+//     chain lets an IPv6 frame on only if the first four bytes of the
+//     upper-layer header are readable (`@th,0,32`) or the packet is a
+//     non-first fragment, and drops everything else (RFC 7112: the first
+//     fragment must carry the whole header chain).
 //   - Transport-header loads are refused on non-first fragments (fragoff != 0),
 //     so a non-first fragment can never be classified as ICMPv6 type X. That
 //     is harmless: without the first fragment it cannot be reassembled, and
@@ -59,7 +59,7 @@
 //     the first fragment: `exthdr frag exists` + the ICMPv6 type.
 //   - `exthdr <hdr> exists` uses ipv6_find_hdr(target): it reports false when
 //     the walk breaks before the header, and it does not look past the
-//     fragment header of a non-first fragment. The `_hdr` chain above removes
+//     fragment header of a non-first fragment. The header-chain check above removes
 //     the broken-walk case; headers after the fragment header of a non-first
 //     fragment are invisible to every middlebox and unusable without the
 //     first fragment.
@@ -113,11 +113,13 @@ const (
 	limitBurst  = 5
 )
 
-// Helper chain suffixes, per direction. "hdr" held the header-chain check
-// before it moved into the hooked chains; no rule uses it now, and it stays
-// listed so that updates and removals delete it where an earlier version
-// left it (it refers to the NIC's header_chain counter, which could not be
-// deleted while it exists).
+// Helper chain suffixes, per direction. Rules use ip6 (both directions),
+// priv and learn (privacy learning) and ra (several admitted router MACs);
+// the others held checks of earlier layouts (the header chain, source
+// guard, NA targets, ND format, ICMPv6, hop-by-hop, RA) that now sit in
+// the hooked or ip6 chains. They stay listed so that updates and removals
+// delete them where an earlier version left them (they refer to the NIC's
+// counters, which could not be deleted while they exist).
 var (
 	fromParts = []string{"ip6", "hdr", "src", "hbh", "icmp", "na", "nd", "priv", "learn"}
 	toParts   = []string{"ip6", "hdr", "hbh", "icmp", "ra"}
@@ -563,86 +565,60 @@ func buildNIC(p network.NICPlan, logGroup uint16) nicSpec {
 	cnt := func(ctl network.Control) []expr.Any { return counter(n.Counter(ctl)) }
 	mac := p.MAC
 
+	// Every nf_tables commit walks every chain of the namespace, so a NIC
+	// has as few chains as its controls allow: the hooked chain and one
+	// helper per direction (two more with privacy learning). Allowlists
+	// that would need a sub-chain returning on a positive match sit at the
+	// end of the helper chain instead, where their positive match can
+	// accept: every check that must also apply to an allowed packet runs
+	// before them.
+
 	// ---- from the VM ----
 	out, ip6 := n.FromChain(), n.FromSub("ip6")
 	vlanMark := vlanTag | uint32(p.VLAN)
 	b.add(out, string(network.CtlVLAN), setMark(vlanMark))
 	// Untagged IPv6 from the VM's MAC whose header chain reaches the
-	// upper-layer header (RFC 7112), or a non-first fragment, goes on;
-	// positive matches only, so a header that cannot be parsed is dropped.
-	// Checking the header chain here rather than in a helper chain saves
-	// every NIC a chain (every nf_tables commit walks every chain).
-	b.add(out, "l2", etherSrc(mac), etherTypeIP6(), upperLayerReadable(), goTo(ip6))
-	b.add(out, "l2", etherSrc(mac), etherTypeIP6(), nonFirstFragment(), goTo(ip6))
-	b.add(out, string(network.CtlHeaderChain), etherSrc(mac), etherTypeIP6(), cnt(network.CtlHeaderChain), drop)
+	// upper-layer header (RFC 7112), or a non-first fragment, and (source
+	// guard) whose source is bound to the port, goes on; positive matches
+	// only, so a header that cannot be parsed is dropped.
+	l2 := etherSrc(mac)
+	readable, nonFirst := m(etherTypeIP6()...), m(etherTypeIP6()...)
+	readable = append(readable, upperLayerReadable()...)
+	nonFirst = append(nonFirst, nonFirstFragment()...)
+	if c.SourceGuard {
+		sg := string(network.CtlSourceGuard)
+		srcs := [][]expr.Any{saddrIn(n.AddrSet())}
+		if c.PrivacyExtensions {
+			srcs = append(srcs, saddrIn(n.TempSet()))
+		}
+		for _, src := range srcs {
+			b.add(out, "l2", l2, readable, src, goTo(ip6))
+			b.add(out, "l2", l2, nonFirst, src, goTo(ip6))
+		}
+		// DAD and MLD reports of a starting interface come from ::.
+		b.add(out, sg, l2, readable, saddr(netip.IPv6Unspecified()), b.icmpType(icmpNS, icmpMLDReport, icmpMLD2Report), goTo(ip6))
+		b.add(out, sg, l2, readable, cnt(network.CtlSourceGuard), drop)
+		b.add(out, sg, l2, nonFirst, cnt(network.CtlSourceGuard), drop)
+	} else {
+		b.add(out, "l2", l2, readable, goTo(ip6))
+		b.add(out, "l2", l2, nonFirst, goTo(ip6))
+	}
+	b.add(out, string(network.CtlHeaderChain), l2, etherTypeIP6(), cnt(network.CtlHeaderChain), drop)
 	b.add(out, string(network.CtlMACSpoof), etherSrcNot(mac), cnt(network.CtlMACSpoof), drop)
 	b.add(out, string(network.CtlL2Violation), cnt(network.CtlL2Violation), drop)
 
-	if c.SourceGuard {
-		src := n.FromSub("src")
-		b.add(ip6, string(network.CtlSourceGuard), jump(src))
-		b.add(src, string(network.CtlSourceGuard), saddrIn(n.AddrSet()), ret)
-		if c.PrivacyExtensions {
-			b.add(src, string(network.CtlSourceGuard), saddrIn(n.TempSet()), ret)
-		}
-		b.add(src, string(network.CtlSourceGuard), saddr(netip.IPv6Unspecified()),
-			b.icmpType(icmpNS, icmpMLDReport, icmpMLD2Report), ret)
-		b.add(src, string(network.CtlSourceGuard), cnt(network.CtlSourceGuard), drop)
-	}
-	// Fast path for the bulk of traffic, right after the source check:
-	// when the IPv6 header's next header is TCP there is no extension
-	// header, no ICMPv6 and no UDP, and a unicast destination keeps it out
-	// of the multicast limit, so every later rule would fall through to
-	// the final accept.
+	// Fast path for the bulk of traffic: when the IPv6 header's next
+	// header is TCP there is no extension header, no ICMPv6 and no UDP,
+	// and a unicast destination keeps it out of the multicast limit, so
+	// every later rule would fall through to the final accept.
 	b.add(ip6, "fast_path", nextHeader(protoTCP), etherUnicast(), accept)
 	if c.RAGuard {
-		b.add(ip6, string(network.CtlRAGuard), l4proto(protoUDP), m(th(0, 2), eq(u16(udpDHCPServer))), cnt(network.CtlRAGuard), drop)
+		ctl := string(network.CtlRAGuard)
+		b.add(ip6, ctl, l4proto(protoUDP), m(th(0, 2), eq(u16(udpDHCPServer))), cnt(network.CtlRAGuard), drop)
+		b.add(ip6, ctl, b.icmpType(icmpRA, icmpRedirect), cnt(network.CtlRAGuard), drop)
+		b.add(ip6, ctl, exthdrExists(nhFragment), b.icmpType(icmpRS, icmpRA, icmpNS, icmpNA, icmpRedirect), cnt(network.CtlRAGuard), drop)
 	}
-	if c.RAGuard || c.SourceGuard || c.StrictSourceValidation {
-		icmp := n.FromSub("icmp")
-		b.add(ip6, "icmpv6", l4proto(protoICMPv6), jump(icmp))
-		if c.RAGuard {
-			b.add(icmp, string(network.CtlRAGuard), b.icmpType(icmpRA, icmpRedirect), cnt(network.CtlRAGuard), drop)
-			b.add(icmp, string(network.CtlRAGuard), exthdrExists(nhFragment),
-				b.icmpType(icmpRS, icmpRA, icmpNS, icmpNA, icmpRedirect), cnt(network.CtlRAGuard), drop)
-		}
-		if c.SourceGuard {
-			na := n.FromSub("na")
-			b.add(icmp, string(network.CtlSourceGuard), b.icmpType(icmpNA), jump(na))
-			// One rule per bound address rather than a set lookup: nft
-			// 1.0.6 has no `icmpv6 taddr` and cannot parse a raw payload
-			// against an ipv6_addr set, which would make listings
-			// unloadable with nft -f.
-			for _, a := range p.BoundAddresses() {
-				a16 := a.As16()
-				b.add(na, string(network.CtlSourceGuard), b.icmpType(icmpNA), m(th(8, 16), eq(a16[:])), ret)
-			}
-			if c.PrivacyExtensions {
-				b.add(na, string(network.CtlSourceGuard), b.icmpType(icmpNA), inSet(th(8, 16), n.TempSet()), ret)
-			}
-			b.add(na, string(network.CtlSourceGuard), cnt(network.CtlSourceGuard), drop)
-		}
-		if c.StrictSourceValidation {
-			nd := n.FromSub("nd")
-			ctl := string(network.CtlNDStrict)
-			b.add(icmp, ctl, b.icmpType(icmpRS, icmpNS, icmpNA), jump(nd))
-			// ND must not carry extension headers; the options area is
-			// empty, or exactly one 8-byte option: the link-layer address
-			// option with the VM's MAC, or (NS) a DAD nonce.
-			lla := func(typ byte, at uint32) []expr.Any {
-				return m(th(at, 2), eq([]byte{typ, 1}), th(at+2, 6), eq(mac))
-			}
-			b.add(nd, ctl, nextHeader(protoICMPv6), b.icmpType(icmpRS), payloadLen(8), ret)
-			b.add(nd, ctl, nextHeader(protoICMPv6), b.icmpType(icmpRS), payloadLen(16), lla(1, 8), ret)
-			b.add(nd, ctl, nextHeader(protoICMPv6), b.icmpType(icmpNS), payloadLen(24), ret)
-			b.add(nd, ctl, nextHeader(protoICMPv6), b.icmpType(icmpNS), payloadLen(32), lla(1, 24), ret)
-			b.add(nd, ctl, nextHeader(protoICMPv6), b.icmpType(icmpNS), payloadLen(32), m(th(24, 2), eq([]byte{14, 1})), ret)
-			b.add(nd, ctl, nextHeader(protoICMPv6), b.icmpType(icmpNA), payloadLen(24), ret)
-			b.add(nd, ctl, nextHeader(protoICMPv6), b.icmpType(icmpNA), payloadLen(32), lla(2, 24), ret)
-			b.add(nd, ctl, cnt(network.CtlNDStrict), drop)
-		}
-	}
-	extBlocks(b, ip6, n.FromSub("hbh"), c, []byte{icmpMLDReport, icmpMLDDone, icmpMLD2Report})
+	extBlocks(b, ip6, c)
 	if c.NDRateLimit > 0 {
 		b.add(ip6, string(network.CtlNDRate), b.icmpType(icmpNS, icmpNA), limitOver(c.NDRateLimit), cnt(network.CtlNDRate), drop)
 	}
@@ -655,6 +631,10 @@ func buildNIC(p network.NICPlan, logGroup uint16) nicSpec {
 	if c.PrivacyExtensions {
 		privacyLearning(b, ip6, c)
 	}
+	// The allowlists: hop-by-hop (MLD) and neighbour discovery. Their
+	// message types do not overlap, so each accepts what it allows.
+	hopByHop(b, ip6, c, []byte{icmpMLDReport, icmpMLDDone, icmpMLD2Report})
+	ndAllowlist(b, ip6, c)
 	b.add(ip6, "allow", accept)
 
 	// ---- toward the VM ----
@@ -667,33 +647,13 @@ func buildNIC(p network.NICPlan, logGroup uint16) nicSpec {
 	// Fast path toward the VM, as above: TCP with no extension header
 	// meets no later rule.
 	b.add(tip6, "fast_path", nextHeader(protoTCP), accept)
-	if c.RAGuard || c.RARateLimit > 0 {
-		ticmp, tra := n.ToSub("icmp"), n.ToSub("ra")
-		b.add(tip6, "icmpv6", l4proto(protoICMPv6), jump(ticmp))
-		if c.RAGuard {
-			b.add(ticmp, string(network.CtlRAGuard), exthdrExists(nhFragment),
-				b.icmpType(icmpRS, icmpRA, icmpNS, icmpNA, icmpRedirect), cnt(network.CtlRAGuard), drop)
-			// One rule per allowed MAC rather than an ether_addr set: in
-			// the netdev family nft 1.0.6 lists a link-layer load as raw
-			// (`@ll,48,48`) and cannot load a raw load against a typed set,
-			// which would make listings unloadable with nft -f.
-			if len(c.AllowedRAMACs) == 0 {
-				b.add(ticmp, string(network.CtlRAGuard), b.icmpType(icmpRA, icmpRedirect),
-					saddrIn(n.RASourceSet()), goTo(tra))
-			}
-			for _, mac := range c.AllowedRAMACs {
-				b.add(ticmp, string(network.CtlRAGuard), b.icmpType(icmpRA, icmpRedirect),
-					saddrIn(n.RASourceSet()), etherSrc(mac), goTo(tra))
-			}
-			b.add(ticmp, string(network.CtlRAGuard), b.icmpType(icmpRA, icmpRedirect), cnt(network.CtlRAGuard), drop)
-		} else {
-			b.add(ticmp, string(network.CtlRARate), b.icmpType(icmpRA), goTo(tra))
-		}
-		if c.RARateLimit > 0 {
-			b.add(tra, string(network.CtlRARate), b.icmpType(icmpRA), limitOver(c.RARateLimit), cnt(network.CtlRARate), drop)
-		}
+	if c.RAGuard {
+		b.add(tip6, string(network.CtlRAGuard), exthdrExists(nhFragment),
+			b.icmpType(icmpRS, icmpRA, icmpNS, icmpNA, icmpRedirect), cnt(network.CtlRAGuard), drop)
 	}
-	extBlocks(b, tip6, n.ToSub("hbh"), c, []byte{icmpMLDQuery, icmpMLDReport, icmpMLDDone, icmpMLD2Report})
+	extBlocks(b, tip6, c)
+	hopByHop(b, tip6, c, []byte{icmpMLDQuery, icmpMLDReport, icmpMLDDone, icmpMLD2Report})
+	raAllowlist(b, tip6, c)
 	b.add(tip6, "allow", accept)
 	b.acceptOnly(ip6, tip6)
 
@@ -714,6 +674,113 @@ func buildNIC(p network.NICPlan, logGroup uint16) nicSpec {
 	}
 	return spec
 }
+
+// ndAllowlist ends chain with the neighbour discovery checks (source
+// guard: an NA's target is one of the NIC's addresses; strict source
+// validation: RS, NS and NA carry no extension header and either no option
+// or exactly one 8-byte option, the link-layer address option with the
+// VM's MAC or, for NS, a DAD nonce). What passes is accepted: chain has
+// nothing after it but its final accept.
+func ndAllowlist(b *builder, chain string, c network.Controls) {
+	if !c.SourceGuard && !c.StrictSourceValidation {
+		return
+	}
+	n := b.names
+	mac := b.plan.MAC
+	sg, strict := string(network.CtlSourceGuard), string(network.CtlNDStrict)
+	lla := func(typ byte, at uint32) []expr.Any {
+		return m(th(at, 2), eq([]byte{typ, 1}), th(at+2, 6), eq(mac))
+	}
+	plain := func(typ byte) []expr.Any { return append(nextHeader(protoICMPv6), b.icmpType(typ)...) }
+	// NA: the target (one rule per bound address rather than a set
+	// lookup: nft 1.0.6 has no `icmpv6 taddr` and cannot parse a raw
+	// payload against an ipv6_addr set, which would make listings
+	// unloadable with nft -f), then the format.
+	var targets [][]expr.Any
+	if c.SourceGuard {
+		for _, a := range b.plan.BoundAddresses() {
+			a16 := a.As16()
+			targets = append(targets, m(th(8, 16), eq(a16[:])))
+		}
+		if c.PrivacyExtensions {
+			targets = append(targets, inSet(th(8, 16), n.TempSet()))
+		}
+	} else {
+		targets = [][]expr.Any{nil}
+	}
+	for _, tg := range targets {
+		ctl := sg
+		if c.StrictSourceValidation {
+			ctl = strict
+			b.add(chain, ctl, plain(icmpNA), payloadLen(24), tg, accept)
+			b.add(chain, ctl, plain(icmpNA), payloadLen(32), lla(2, 24), tg, accept)
+			if c.SourceGuard {
+				b.add(chain, ctl, b.icmpType(icmpNA), tg, cnt(n, network.CtlNDStrict), drop)
+			}
+			continue
+		}
+		b.add(chain, ctl, b.icmpType(icmpNA), tg, accept)
+	}
+	if c.SourceGuard {
+		b.add(chain, sg, b.icmpType(icmpNA), cnt(n, network.CtlSourceGuard), drop)
+	}
+	if c.StrictSourceValidation {
+		b.add(chain, strict, plain(icmpRS), payloadLen(8), accept)
+		b.add(chain, strict, plain(icmpRS), payloadLen(16), lla(1, 8), accept)
+		b.add(chain, strict, plain(icmpNS), payloadLen(24), accept)
+		b.add(chain, strict, plain(icmpNS), payloadLen(32), lla(1, 24), accept)
+		b.add(chain, strict, plain(icmpNS), payloadLen(32), m(th(24, 2), eq([]byte{14, 1})), accept)
+		b.add(chain, strict, b.icmpType(icmpRS, icmpNS, icmpNA), cnt(n, network.CtlNDStrict), drop)
+	}
+}
+
+// raAllowlist ends the to-VM chain with RA guard and the RA rate limit:
+// RAs and redirects pass only from the allowed sources (and, when given,
+// their MACs), RAs at most ra_rate_limit per second. An RA that passes is
+// accepted: the extension header checks ran before.
+func raAllowlist(b *builder, chain string, c network.Controls) {
+	n := b.names
+	rate := func(from ...[]expr.Any) {
+		if c.RARateLimit > 0 {
+			b.add(chain, string(network.CtlRARate), b.icmpType(icmpRA), m(slices.Concat(from...)...), limitOver(c.RARateLimit), cnt(n, network.CtlRARate), drop)
+		}
+	}
+	if !c.RAGuard {
+		rate()
+		return
+	}
+	ctl := string(network.CtlRAGuard)
+	var from [][]expr.Any
+	switch len(c.AllowedRAMACs) {
+	case 0:
+		from = [][]expr.Any{saddrIn(n.RASourceSet())}
+	case 1:
+		// One rule per allowed MAC rather than an ether_addr set: in the
+		// netdev family nft 1.0.6 lists a link-layer load as raw
+		// (`@ll,48,48`) and cannot load a raw load against a typed set,
+		// which would make listings unloadable with nft -f.
+		from = [][]expr.Any{m(slices.Concat(saddrIn(n.RASourceSet()), etherSrc(c.AllowedRAMACs[0]))...)}
+	default:
+		// Several routers share one rate limit: a helper chain holds it.
+		ra := n.ToSub("ra")
+		for _, mac := range c.AllowedRAMACs {
+			b.add(chain, ctl, b.icmpType(icmpRA, icmpRedirect), saddrIn(n.RASourceSet()), etherSrc(mac), goTo(ra))
+		}
+		b.add(chain, ctl, b.icmpType(icmpRA, icmpRedirect), cnt(n, network.CtlRAGuard), drop)
+		if c.RARateLimit > 0 {
+			b.add(ra, string(network.CtlRARate), b.icmpType(icmpRA), limitOver(c.RARateLimit), cnt(n, network.CtlRARate), drop)
+		}
+		b.add(ra, ctl, accept)
+		return
+	}
+	for _, f := range from {
+		rate(f)
+		b.add(chain, ctl, b.icmpType(icmpRA, icmpRedirect), f, accept)
+	}
+	b.add(chain, ctl, b.icmpType(icmpRA, icmpRedirect), cnt(n, network.CtlRAGuard), drop)
+}
+
+func cnt(n network.Names, ctl network.Control) []expr.Any { return counter(n.Counter(ctl)) }
 
 // privacyLearning binds temporary addresses first come first served
 // (RFC 6620) from the packet path. A DAD NS (source ::, which the ND rules
@@ -744,28 +811,35 @@ func privacyLearning(b *builder, ip6 string, c network.Controls) {
 		&expr.Dynset{SrcRegKey: 1, SetName: PrivOwnedSet, Operation: unix.NFT_DYNSET_OP_ADD, Timeout: life}))
 }
 
-// extBlocks adds the extension header blocks to chain; MLD messages of the
-// given types from link-local or :: with hop limit 1 skip the hop-by-hop
-// block when MLD snooping is on.
-func extBlocks(b *builder, chain, hbh string, c network.Controls, mld []byte) {
+// extBlocks adds the routing, fragment and destination options header
+// blocks to chain.
+func extBlocks(b *builder, chain string, c network.Controls) {
 	n := b.names
-	if c.BlockHopByHop {
-		b.add(chain, string(network.CtlExtHopByHop), exthdrExists(nhHopByHop), jump(hbh))
-		if c.MLDSnooping {
-			b.add(hbh, "mld", saddrLinkLocal(), hopLimit(1), b.icmpType(mld...), ret)
-			b.add(hbh, "mld", saddr(netip.IPv6Unspecified()), hopLimit(1), b.icmpType(mld...), ret)
-		}
-		b.add(hbh, string(network.CtlExtHopByHop), counter(n.Counter(network.CtlExtHopByHop)), drop)
-	}
 	if c.BlockRouting {
-		b.add(chain, string(network.CtlExtRouting), exthdrExists(nhRouting), counter(n.Counter(network.CtlExtRouting)), drop)
+		b.add(chain, string(network.CtlExtRouting), exthdrExists(nhRouting), cnt(n, network.CtlExtRouting), drop)
 	}
 	if c.BlockFragment {
-		b.add(chain, string(network.CtlExtFragment), exthdrExists(nhFragment), counter(n.Counter(network.CtlExtFragment)), drop)
+		b.add(chain, string(network.CtlExtFragment), exthdrExists(nhFragment), cnt(n, network.CtlExtFragment), drop)
 	}
 	if c.BlockDestOpts {
-		b.add(chain, string(network.CtlExtDestOpts), exthdrExists(nhDestOpts), counter(n.Counter(network.CtlExtDestOpts)), drop)
+		b.add(chain, string(network.CtlExtDestOpts), exthdrExists(nhDestOpts), cnt(n, network.CtlExtDestOpts), drop)
 	}
+}
+
+// hopByHop adds the hop-by-hop block to chain, after every check an
+// allowed packet must also pass: MLD messages of the given types from
+// link-local or :: with hop limit 1 carry a Router Alert option and are
+// accepted when MLD snooping is on; every other packet with the header is
+// dropped.
+func hopByHop(b *builder, chain string, c network.Controls, mld []byte) {
+	if !c.BlockHopByHop {
+		return
+	}
+	if c.MLDSnooping {
+		b.add(chain, "mld", exthdrExists(nhHopByHop), saddrLinkLocal(), hopLimit(1), b.icmpType(mld...), accept)
+		b.add(chain, "mld", exthdrExists(nhHopByHop), saddr(netip.IPv6Unspecified()), hopLimit(1), b.icmpType(mld...), accept)
+	}
+	b.add(chain, string(network.CtlExtHopByHop), exthdrExists(nhHopByHop), cnt(b.names, network.CtlExtHopByHop), drop)
 }
 
 func commentData(s string) []byte { return userdata.AppendString(nil, userdata.TypeComment, s) }
