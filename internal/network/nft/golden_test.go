@@ -238,8 +238,8 @@ func TestTransitions(t *testing.T) {
 }
 
 // A NIC programmed by an earlier version, with helper chains this one no
-// longer makes (vm-<dev>-out_hdr, -out_src, -in_hbh, jumped to from the
-// ip6 chains, counting into a counter of the NIC), is brought to the
+// longer makes (vm-<dev>-out_hdr, -out_src, -in_hdr, -in_hbh, jumped to
+// from out_ip6 and the to-VM chain, counting into a counter of the NIC), is brought to the
 // current layout by an update, and its removal deletes those chains too
 // (the counter could not go while a chain refers to it).
 func TestHelperChainsOfEarlierLayoutsGo(t *testing.T) {
@@ -255,8 +255,8 @@ func TestHelperChainsOfEarlierLayoutsGo(t *testing.T) {
 		// Helper chains of two earlier layouts: the header-chain check, and
 		// the source guard and hop-by-hop checks in chains of their own.
 		for _, dir := range []struct{ sub, from string }{
-			{names.FromSub("hdr"), names.FromSub("ip6")}, {names.ToSub("hdr"), names.ToSub("ip6")},
-			{names.FromSub("src"), names.FromSub("ip6")}, {names.ToSub("hbh"), names.ToSub("ip6")},
+			{names.FromSub("hdr"), names.FromSub("ip6")}, {names.ToSub("hdr"), names.ToChain()},
+			{names.FromSub("src"), names.FromSub("ip6")}, {names.ToSub("hbh"), names.ToChain()},
 		} {
 			n.MustRun(t, "nft", "add", "chain", "netdev", tbl, dir.sub)
 			n.MustRun(t, "nft", "add", "rule", "netdev", tbl, dir.sub, "@th,0,32", "0x0-0xffffffff", "return")
@@ -351,8 +351,9 @@ func TestRemoveNICReadsOwnCounters(t *testing.T) {
 // A NIC with no control on has only its two hooked chains; one with the
 // source guard on has the from-VM helper chain the guard fills (NA
 // targets) and none toward the VM; every control on makes one helper
-// chain per direction, privacy learning two more, and a second admitted
-// router MAC the chain that holds their shared RA rate limit.
+// chain from the VM and none toward it, privacy learning two more, and a
+// second admitted router MAC the chain that holds their shared RA rate
+// limit.
 func TestChainsOnlyWhereControlsFillThem(t *testing.T) {
 	t.Parallel()
 	n, fw := newFW(t)
@@ -366,9 +367,9 @@ func TestChainsOnlyWhereControlsFillThem(t *testing.T) {
 	}{
 		{network.Controls{}, []string{"-in", "-out"}},
 		{network.Controls{SourceGuard: true}, []string{"-in", "-out", "-out_ip6"}},
-		{allOn(), []string{"-in", "-in_ip6", "-out", "-out_ip6"}},
-		{privacy, []string{"-in", "-in_ip6", "-out", "-out_ip6", "-out_learn", "-out_priv"}},
-		{routers, []string{"-in", "-in_ip6", "-in_ra", "-out", "-out_ip6"}},
+		{allOn(), []string{"-in", "-out", "-out_ip6"}},
+		{privacy, []string{"-in", "-out", "-out_ip6", "-out_learn", "-out_priv"}},
+		{routers, []string{"-in", "-in_ra", "-out", "-out_ip6"}},
 	} {
 		p := vmPlan(1, tc.c)
 		if err := fw.AddNIC(p); err != nil {

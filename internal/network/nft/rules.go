@@ -633,29 +633,35 @@ func buildNIC(p network.NICPlan, logGroup uint16) nicSpec {
 	}
 	// The allowlists: hop-by-hop (MLD) and neighbour discovery. Their
 	// message types do not overlap, so each accepts what it allows.
-	hopByHop(b, ip6, c, []byte{icmpMLDReport, icmpMLDDone, icmpMLD2Report})
+	hopByHop(b, ip6, c, []byte{icmpMLDReport, icmpMLDDone, icmpMLD2Report}, nil, nil)
 	ndAllowlist(b, ip6, c)
 	b.add(ip6, "allow", accept)
 
 	// ---- toward the VM ----
-	in, tip6 := n.ToChain(), n.ToSub("ip6")
+	// One chain: every check carries the IPv6 match itself, and what
+	// accepts also carries the header-chain match (RFC 7112), so only a
+	// readable header chain or a non-first fragment is accepted and the
+	// rest of IPv6 meets the header_chain drop at the end.
+	in := n.ToChain()
+	v6 := etherTypeIP6()
 	b.add(in, string(network.CtlVLAN), markTagged(), markNot(vlanMark), cnt(network.CtlVLAN), drop)
-	b.add(in, "l2", etherTypeIP6(), upperLayerReadable(), goTo(tip6))
-	b.add(in, "l2", etherTypeIP6(), nonFirstFragment(), goTo(tip6))
-	b.add(in, string(network.CtlHeaderChain), etherTypeIP6(), cnt(network.CtlHeaderChain), drop)
-	b.add(in, "allow", accept)
-	// Fast path toward the VM, as above: TCP with no extension header
-	// meets no later rule.
-	b.add(tip6, "fast_path", nextHeader(protoTCP), accept)
+	if c.RAGuard || c.RARateLimit > 0 || c.BlockHopByHop || c.BlockRouting || c.BlockFragment || c.BlockDestOpts {
+		// Fast path toward the VM, as above: TCP with no extension header
+		// meets no later rule.
+		b.add(in, "fast_path", readable, nextHeader(protoTCP), accept)
+	}
 	if c.RAGuard {
-		b.add(tip6, string(network.CtlRAGuard), exthdrExists(nhFragment),
+		b.add(in, string(network.CtlRAGuard), v6, exthdrExists(nhFragment),
 			b.icmpType(icmpRS, icmpRA, icmpNS, icmpNA, icmpRedirect), cnt(network.CtlRAGuard), drop)
 	}
-	extBlocks(b, tip6, c)
-	hopByHop(b, tip6, c, []byte{icmpMLDQuery, icmpMLDReport, icmpMLDDone, icmpMLD2Report})
-	raAllowlist(b, tip6, c)
-	b.add(tip6, "allow", accept)
-	b.acceptOnly(ip6, tip6)
+	extBlocks(b, in, c, v6...)
+	hopByHop(b, in, c, []byte{icmpMLDQuery, icmpMLDReport, icmpMLDDone, icmpMLD2Report}, readable, v6)
+	raAllowlist(b, in, c, readable)
+	b.add(in, "l2", readable, accept)
+	b.add(in, "l2", nonFirst, accept)
+	b.add(in, string(network.CtlHeaderChain), v6, cnt(network.CtlHeaderChain), drop)
+	b.add(in, "allow", accept)
+	b.acceptOnly(ip6)
 
 	spec := nicSpec{plan: p, names: n, chains: usedChains(n, b.rules), rules: b.rules}
 	var addrs, raSrc [][]byte
@@ -737,8 +743,9 @@ func ndAllowlist(b *builder, chain string, c network.Controls) {
 // raAllowlist ends the to-VM chain with RA guard and the RA rate limit:
 // RAs and redirects pass only from the allowed sources (and, when given,
 // their MACs), RAs at most ra_rate_limit per second. An RA that passes is
-// accepted: the extension header checks ran before.
-func raAllowlist(b *builder, chain string, c network.Controls) {
+// accepted (its rule starts with ok): the extension header checks ran
+// before.
+func raAllowlist(b *builder, chain string, c network.Controls, ok []expr.Any) {
 	n := b.names
 	rate := func(from ...[]expr.Any) {
 		if c.RARateLimit > 0 {
@@ -764,7 +771,7 @@ func raAllowlist(b *builder, chain string, c network.Controls) {
 		// Several routers share one rate limit: a helper chain holds it.
 		ra := n.ToSub("ra")
 		for _, mac := range c.AllowedRAMACs {
-			b.add(chain, ctl, b.icmpType(icmpRA, icmpRedirect), saddrIn(n.RASourceSet()), etherSrc(mac), goTo(ra))
+			b.add(chain, ctl, ok, b.icmpType(icmpRA, icmpRedirect), saddrIn(n.RASourceSet()), etherSrc(mac), goTo(ra))
 		}
 		b.add(chain, ctl, b.icmpType(icmpRA, icmpRedirect), cnt(n, network.CtlRAGuard), drop)
 		if c.RARateLimit > 0 {
@@ -775,7 +782,7 @@ func raAllowlist(b *builder, chain string, c network.Controls) {
 	}
 	for _, f := range from {
 		rate(f)
-		b.add(chain, ctl, b.icmpType(icmpRA, icmpRedirect), f, accept)
+		b.add(chain, ctl, ok, b.icmpType(icmpRA, icmpRedirect), f, accept)
 	}
 	b.add(chain, ctl, b.icmpType(icmpRA, icmpRedirect), cnt(n, network.CtlRAGuard), drop)
 }
@@ -812,34 +819,34 @@ func privacyLearning(b *builder, ip6 string, c network.Controls) {
 }
 
 // extBlocks adds the routing, fragment and destination options header
-// blocks to chain.
-func extBlocks(b *builder, chain string, c network.Controls) {
+// blocks to chain, each rule starting with the expressions of v6.
+func extBlocks(b *builder, chain string, c network.Controls, v6 ...expr.Any) {
 	n := b.names
 	if c.BlockRouting {
-		b.add(chain, string(network.CtlExtRouting), exthdrExists(nhRouting), cnt(n, network.CtlExtRouting), drop)
+		b.add(chain, string(network.CtlExtRouting), v6, exthdrExists(nhRouting), cnt(n, network.CtlExtRouting), drop)
 	}
 	if c.BlockFragment {
-		b.add(chain, string(network.CtlExtFragment), exthdrExists(nhFragment), cnt(n, network.CtlExtFragment), drop)
+		b.add(chain, string(network.CtlExtFragment), v6, exthdrExists(nhFragment), cnt(n, network.CtlExtFragment), drop)
 	}
 	if c.BlockDestOpts {
-		b.add(chain, string(network.CtlExtDestOpts), exthdrExists(nhDestOpts), cnt(n, network.CtlExtDestOpts), drop)
+		b.add(chain, string(network.CtlExtDestOpts), v6, exthdrExists(nhDestOpts), cnt(n, network.CtlExtDestOpts), drop)
 	}
 }
 
 // hopByHop adds the hop-by-hop block to chain, after every check an
 // allowed packet must also pass: MLD messages of the given types from
 // link-local or :: with hop limit 1 carry a Router Alert option and are
-// accepted when MLD snooping is on; every other packet with the header is
-// dropped.
-func hopByHop(b *builder, chain string, c network.Controls, mld []byte) {
+// accepted when MLD snooping is on (their rules start with ok); every
+// other packet with the header is dropped (its rule starts with v6).
+func hopByHop(b *builder, chain string, c network.Controls, mld []byte, ok, v6 []expr.Any) {
 	if !c.BlockHopByHop {
 		return
 	}
 	if c.MLDSnooping {
-		b.add(chain, "mld", exthdrExists(nhHopByHop), saddrLinkLocal(), hopLimit(1), b.icmpType(mld...), accept)
-		b.add(chain, "mld", exthdrExists(nhHopByHop), saddr(netip.IPv6Unspecified()), hopLimit(1), b.icmpType(mld...), accept)
+		b.add(chain, "mld", ok, exthdrExists(nhHopByHop), saddrLinkLocal(), hopLimit(1), b.icmpType(mld...), accept)
+		b.add(chain, "mld", ok, exthdrExists(nhHopByHop), saddr(netip.IPv6Unspecified()), hopLimit(1), b.icmpType(mld...), accept)
 	}
-	b.add(chain, string(network.CtlExtHopByHop), exthdrExists(nhHopByHop), cnt(b.names, network.CtlExtHopByHop), drop)
+	b.add(chain, string(network.CtlExtHopByHop), v6, exthdrExists(nhHopByHop), cnt(b.names, network.CtlExtHopByHop), drop)
 }
 
 func commentData(s string) []byte { return userdata.AppendString(nil, userdata.TypeComment, s) }
