@@ -282,7 +282,7 @@ sendp([p]*2, iface="br-f")`))
 	if err := e.d.Manager().ReconcileFirewall(t.Context()); err != nil {
 		t.Fatal(err)
 	}
-	if out, err := e.fhList(t, "chain", "vm-tap-vm-f1-out_ip6"); err != nil || !strings.Contains(out, "ra_guard") {
+	if out, err := e.fhList(t, "chain", "vm-tap-vm-f1-out"); err != nil || !strings.Contains(out, "ra_guard") {
 		t.Fatalf("flushed rules not repaired: %v\n%s", err, out)
 	}
 }

@@ -238,8 +238,9 @@ func TestTransitions(t *testing.T) {
 }
 
 // A NIC programmed by an earlier version, with helper chains this one no
-// longer makes (vm-<dev>-out_hdr, -out_src, -in_hdr, -in_hbh, jumped to
-// from out_ip6 and the to-VM chain, counting into a counter of the NIC), is brought to the
+// longer makes (vm-<dev>-out_ip6 and -in_ip6 jumped to from the hooked
+// chains, and -out_hdr, -out_src, -in_hdr, -in_hbh jumped to from those,
+// each counting into a counter of the NIC), is brought to the
 // current layout by an update, and its removal deletes those chains too
 // (the counter could not go while a chain refers to it).
 func TestHelperChainsOfEarlierLayoutsGo(t *testing.T) {
@@ -255,8 +256,9 @@ func TestHelperChainsOfEarlierLayoutsGo(t *testing.T) {
 		// Helper chains of two earlier layouts: the header-chain check, and
 		// the source guard and hop-by-hop checks in chains of their own.
 		for _, dir := range []struct{ sub, from string }{
-			{names.FromSub("hdr"), names.FromSub("ip6")}, {names.ToSub("hdr"), names.ToChain()},
-			{names.FromSub("src"), names.FromSub("ip6")}, {names.ToSub("hbh"), names.ToChain()},
+			{names.FromSub("ip6"), names.FromChain()}, {names.ToSub("ip6"), names.ToChain()},
+			{names.FromSub("hdr"), names.FromSub("ip6")}, {names.ToSub("hdr"), names.ToSub("ip6")},
+			{names.FromSub("src"), names.FromSub("ip6")}, {names.ToSub("hbh"), names.ToSub("ip6")},
 		} {
 			n.MustRun(t, "nft", "add", "chain", "netdev", tbl, dir.sub)
 			n.MustRun(t, "nft", "add", "rule", "netdev", tbl, dir.sub, "@th,0,32", "0x0-0xffffffff", "return")
@@ -348,12 +350,9 @@ func TestRemoveNICReadsOwnCounters(t *testing.T) {
 	}
 }
 
-// A NIC with no control on has only its two hooked chains; one with the
-// source guard on has the from-VM helper chain the guard fills (NA
-// targets) and none toward the VM; every control on makes one helper
-// chain from the VM and none toward it, privacy learning two more, and a
-// second admitted router MAC the chain that holds their shared RA rate
-// limit.
+// A NIC has its two hooked chains whatever its controls; privacy learning
+// adds two, and a second admitted router MAC the chain that holds their
+// shared RA rate limit.
 func TestChainsOnlyWhereControlsFillThem(t *testing.T) {
 	t.Parallel()
 	n, fw := newFW(t)
@@ -366,10 +365,10 @@ func TestChainsOnlyWhereControlsFillThem(t *testing.T) {
 		want []string
 	}{
 		{network.Controls{}, []string{"-in", "-out"}},
-		{network.Controls{SourceGuard: true}, []string{"-in", "-out", "-out_ip6"}},
-		{allOn(), []string{"-in", "-out", "-out_ip6"}},
-		{privacy, []string{"-in", "-out", "-out_ip6", "-out_learn", "-out_priv"}},
-		{routers, []string{"-in", "-in_ra", "-out", "-out_ip6"}},
+		{network.Controls{SourceGuard: true}, []string{"-in", "-out"}},
+		{allOn(), []string{"-in", "-out"}},
+		{privacy, []string{"-in", "-out", "-out_learn", "-out_priv"}},
+		{routers, []string{"-in", "-in_ra", "-out"}},
 	} {
 		p := vmPlan(1, tc.c)
 		if err := fw.AddNIC(p); err != nil {

@@ -94,9 +94,9 @@ func TestReconcileRepairsDrift(t *testing.T) {
 			nftCmd("delete", "chain", "netdev", t1, "vm-tap-vm1-out")
 		}, "chain vm-tap-vm1-out missing", false, true},
 		{"rule deleted", func() {
-			h := ruleHandle(t, tp, t1, "vm-tap-vm1-out_ip6", "control=ra_guard", "nd-router-advert")
-			nftCmd("delete", "rule", "netdev", t1, "vm-tap-vm1-out_ip6", "handle", h)
-		}, "chain vm-tap-vm1-out_ip6 rules differ", false, true},
+			h := ruleHandle(t, tp, t1, "vm-tap-vm1-out", "control=ra_guard", "nd-router-advert")
+			nftCmd("delete", "rule", "netdev", t1, "vm-tap-vm1-out", "handle", h)
+		}, "chain vm-tap-vm1-out rules differ", false, true},
 		{"rule inserted", func() {
 			nftCmd("insert", "rule", "netdev", t1, "vm-tap-vm1-out", "accept")
 		}, "chain vm-tap-vm1-out rules differ", false, true},

@@ -318,36 +318,6 @@ func (b *builder) add(chain string, control string, parts ...[]expr.Any) {
 	b.rules = append(b.rules, r)
 }
 
-// acceptOnly removes each of chains whose every rule accepts (a NIC
-// without the controls that fill it) and turns the gotos to it into
-// accepts: a chain less for every nf_tables commit to walk, and a hop less
-// per packet.
-func (b *builder) acceptOnly(chains ...string) {
-	for _, ch := range chains {
-		only := true
-		for _, r := range b.rules {
-			if r.chain != ch {
-				continue
-			}
-			if v, ok := r.exprs[len(r.exprs)-1].(*expr.Verdict); !ok || v.Kind != expr.VerdictAccept {
-				only = false
-				break
-			}
-		}
-		if !only {
-			continue
-		}
-		b.rules = slices.DeleteFunc(b.rules, func(r rule) bool { return r.chain == ch })
-		for i, r := range b.rules {
-			if v, ok := r.exprs[len(r.exprs)-1].(*expr.Verdict); ok && v.Kind == expr.VerdictGoto && v.Chain == ch {
-				exprs := slices.Clone(r.exprs)
-				exprs[len(exprs)-1] = &expr.Verdict{Kind: expr.VerdictAccept}
-				b.rules[i].exprs = exprs
-			}
-		}
-	}
-}
-
 // addLog queues, before a counted drop, a rule with the same match that
 // logs a rate-limited sample of the dropped packets to the NFLOG group and
 // falls through to the drop. Rules that do not end in a counted drop are
@@ -530,9 +500,14 @@ func m(e ...expr.Any) []expr.Any { return e }
 // (set at the port's ingress) through the bridge to the egress of the
 // port it leaves by; the mark is cleared (input chain) before a frame
 // enters the host's own stack so it never meets the host's policy routing.
+//
+// Bit srcOK of the mark says that the from-VM chain found the frame's
+// header chain readable and its source bound to the port (see buildNIC);
+// the VLAN comparison leaves it out.
 const (
 	vlanTag  = 0x6d6c0000 // "ml"
 	vlanMask = 0xffff0000
+	srcOK    = 0x8000 // above the 12 bits of a VLAN id
 )
 
 func native32(v uint32) []byte { return binaryutil.NativeEndian.PutUint32(v) }
@@ -553,8 +528,18 @@ func markTagged() []expr.Any {
 	}
 }
 
+// markNot matches a mark other than v (a mark is always there to load).
 func markNot(v uint32) []expr.Any {
 	return []expr.Any{&expr.Meta{Key: expr.MetaKeyMARK, Register: 1}, neq(native32(v))}
+}
+
+// markVLANNot matches a mark whose VLAN part (srcOK left out) is not v's.
+func markVLANNot(v uint32) []expr.Any {
+	return []expr.Any{
+		&expr.Meta{Key: expr.MetaKeyMARK, Register: 1},
+		&expr.Bitwise{SourceRegister: 1, DestRegister: 1, Len: 4, Mask: native32(^uint32(srcOK)), Xor: native32(0)},
+		neq(native32(v)),
+	}
 }
 
 // buildNIC derives every object of one NIC from its plan (pure).
@@ -566,76 +551,92 @@ func buildNIC(p network.NICPlan, logGroup uint16) nicSpec {
 	mac := p.MAC
 
 	// Every nf_tables commit walks every chain of the namespace, so a NIC
-	// has as few chains as its controls allow: the hooked chain and one
-	// helper per direction (two more with privacy learning). Allowlists
-	// that would need a sub-chain returning on a positive match sit at the
-	// end of the helper chain instead, where their positive match can
-	// accept: every check that must also apply to an allowed packet runs
-	// before them.
+	// has one chain per direction, its hooked chain (two more with privacy
+	// learning, one with several admitted routers). Allowlists that would
+	// need a sub-chain returning on a positive match sit at the end of the
+	// chain instead, where their positive match can accept: every check
+	// that must also apply to an allowed packet runs before them.
 
 	// ---- from the VM ----
-	out, ip6 := n.FromChain(), n.FromSub("ip6")
+	out := n.FromChain()
 	vlanMark := vlanTag | uint32(p.VLAN)
 	b.add(out, string(network.CtlVLAN), setMark(vlanMark))
 	// Untagged IPv6 from the VM's MAC whose header chain reaches the
 	// upper-layer header (RFC 7112), or a non-first fragment, and (source
 	// guard) whose source is bound to the port, goes on; positive matches
-	// only, so a header that cannot be parsed is dropped.
+	// only, so a header that cannot be parsed is dropped. Going on means
+	// the frame gets the srcOK bit in its mark, and the drops that follow
+	// take every frame without it; with no control that checks more, it
+	// means accept.
 	l2 := etherSrc(mac)
 	readable, nonFirst := m(etherTypeIP6()...), m(etherTypeIP6()...)
 	readable = append(readable, upperLayerReadable()...)
 	nonFirst = append(nonFirst, nonFirstFragment()...)
+	more := c.RAGuard || c.SourceGuard || c.StrictSourceValidation || c.BlockHopByHop || c.BlockRouting ||
+		c.BlockFragment || c.BlockDestOpts || c.NDRateLimit > 0 || c.ICMPv6RateLimit > 0 || c.MulticastRateLimit > 0 ||
+		c.PrivacyExtensions
+	srcs := [][]expr.Any{nil}
 	if c.SourceGuard {
-		sg := string(network.CtlSourceGuard)
-		srcs := [][]expr.Any{saddrIn(n.AddrSet())}
+		srcs = [][]expr.Any{saddrIn(n.AddrSet())}
 		if c.PrivacyExtensions {
 			srcs = append(srcs, saddrIn(n.TempSet()))
 		}
-		for _, src := range srcs {
-			b.add(out, "l2", l2, readable, src, goTo(ip6))
-			b.add(out, "l2", l2, nonFirst, src, goTo(ip6))
-		}
-		// DAD and MLD reports of a starting interface come from ::.
-		b.add(out, sg, l2, readable, saddr(netip.IPv6Unspecified()), b.icmpType(icmpNS, icmpMLDReport, icmpMLD2Report), goTo(ip6))
-		b.add(out, sg, l2, readable, cnt(network.CtlSourceGuard), drop)
-		b.add(out, sg, l2, nonFirst, cnt(network.CtlSourceGuard), drop)
-	} else {
-		b.add(out, "l2", l2, readable, goTo(ip6))
-		b.add(out, "l2", l2, nonFirst, goTo(ip6))
 	}
-	b.add(out, string(network.CtlHeaderChain), l2, etherTypeIP6(), cnt(network.CtlHeaderChain), drop)
+	goOn := setMark(vlanMark | srcOK)
+	if !more {
+		goOn = accept
+	} else {
+		// Fast path for the bulk of traffic: when the IPv6 header's next
+		// header is TCP there is no extension header, no ICMPv6 and no
+		// UDP, and a unicast destination keeps it out of the multicast
+		// limit, so every later check would let it pass.
+		for _, src := range srcs {
+			b.add(out, "fast_path", l2, readable, src, nextHeader(protoTCP), etherUnicast(), accept)
+		}
+	}
+	for _, src := range srcs {
+		b.add(out, "l2", l2, readable, src, goOn)
+		b.add(out, "l2", l2, nonFirst, src, goOn)
+	}
+	notOK := markNot(vlanMark | srcOK)
+	if c.SourceGuard {
+		sg := string(network.CtlSourceGuard)
+		// DAD and MLD reports of a starting interface come from ::.
+		b.add(out, sg, l2, readable, saddr(netip.IPv6Unspecified()), b.icmpType(icmpNS, icmpMLDReport, icmpMLD2Report), goOn)
+		b.add(out, sg, l2, readable, notOK, cnt(network.CtlSourceGuard), drop)
+		b.add(out, sg, l2, nonFirst, notOK, cnt(network.CtlSourceGuard), drop)
+	}
+	b.add(out, string(network.CtlHeaderChain), l2, etherTypeIP6(), notOK, cnt(network.CtlHeaderChain), drop)
 	b.add(out, string(network.CtlMACSpoof), etherSrcNot(mac), cnt(network.CtlMACSpoof), drop)
-	b.add(out, string(network.CtlL2Violation), cnt(network.CtlL2Violation), drop)
+	b.add(out, string(network.CtlL2Violation), notOK, cnt(network.CtlL2Violation), drop)
 
-	// Fast path for the bulk of traffic: when the IPv6 header's next
-	// header is TCP there is no extension header, no ICMPv6 and no UDP,
-	// and a unicast destination keeps it out of the multicast limit, so
-	// every later rule would fall through to the final accept.
-	b.add(ip6, "fast_path", nextHeader(protoTCP), etherUnicast(), accept)
+	// Only frames with srcOK get here.
 	if c.RAGuard {
 		ctl := string(network.CtlRAGuard)
-		b.add(ip6, ctl, l4proto(protoUDP), m(th(0, 2), eq(u16(udpDHCPServer))), cnt(network.CtlRAGuard), drop)
-		b.add(ip6, ctl, b.icmpType(icmpRA, icmpRedirect), cnt(network.CtlRAGuard), drop)
-		b.add(ip6, ctl, exthdrExists(nhFragment), b.icmpType(icmpRS, icmpRA, icmpNS, icmpNA, icmpRedirect), cnt(network.CtlRAGuard), drop)
+		b.add(out, ctl, l4proto(protoUDP), m(th(0, 2), eq(u16(udpDHCPServer))), cnt(network.CtlRAGuard), drop)
+		b.add(out, ctl, b.icmpType(icmpRA, icmpRedirect), cnt(network.CtlRAGuard), drop)
+		b.add(out, ctl, exthdrExists(nhFragment), b.icmpType(icmpRS, icmpRA, icmpNS, icmpNA, icmpRedirect), cnt(network.CtlRAGuard), drop)
 	}
-	extBlocks(b, ip6, c)
+	extBlocks(b, out, c)
 	if c.NDRateLimit > 0 {
-		b.add(ip6, string(network.CtlNDRate), b.icmpType(icmpNS, icmpNA), limitOver(c.NDRateLimit), cnt(network.CtlNDRate), drop)
+		b.add(out, string(network.CtlNDRate), b.icmpType(icmpNS, icmpNA), limitOver(c.NDRateLimit), cnt(network.CtlNDRate), drop)
 	}
 	if c.ICMPv6RateLimit > 0 {
-		b.add(ip6, string(network.CtlICMPv6Rate), l4proto(protoICMPv6), limitOver(c.ICMPv6RateLimit), cnt(network.CtlICMPv6Rate), drop)
+		b.add(out, string(network.CtlICMPv6Rate), l4proto(protoICMPv6), limitOver(c.ICMPv6RateLimit), cnt(network.CtlICMPv6Rate), drop)
 	}
 	if c.MulticastRateLimit > 0 {
-		b.add(ip6, string(network.CtlMulticastRate), etherMulticastIP6(), limitOver(c.MulticastRateLimit), cnt(network.CtlMulticastRate), drop)
+		b.add(out, string(network.CtlMulticastRate), etherMulticastIP6(), limitOver(c.MulticastRateLimit), cnt(network.CtlMulticastRate), drop)
 	}
 	if c.PrivacyExtensions {
-		privacyLearning(b, ip6, c)
+		privacyLearning(b, out, c)
 	}
 	// The allowlists: hop-by-hop (MLD) and neighbour discovery. Their
 	// message types do not overlap, so each accepts what it allows.
-	hopByHop(b, ip6, c, []byte{icmpMLDReport, icmpMLDDone, icmpMLD2Report}, nil, nil)
-	ndAllowlist(b, ip6, c)
-	b.add(ip6, "allow", accept)
+	hopByHop(b, out, c, []byte{icmpMLDReport, icmpMLDDone, icmpMLD2Report}, nil, nil)
+	ndAllowlist(b, out, c)
+	if more {
+		b.add(out, "allow", accept)
+	}
 
 	// ---- toward the VM ----
 	// One chain: every check carries the IPv6 match itself, and what
@@ -644,7 +645,7 @@ func buildNIC(p network.NICPlan, logGroup uint16) nicSpec {
 	// rest of IPv6 meets the header_chain drop at the end.
 	in := n.ToChain()
 	v6 := etherTypeIP6()
-	b.add(in, string(network.CtlVLAN), markTagged(), markNot(vlanMark), cnt(network.CtlVLAN), drop)
+	b.add(in, string(network.CtlVLAN), markTagged(), markVLANNot(vlanMark), cnt(network.CtlVLAN), drop)
 	if c.RAGuard || c.RARateLimit > 0 || c.BlockHopByHop || c.BlockRouting || c.BlockFragment || c.BlockDestOpts {
 		// Fast path toward the VM, as above: TCP with no extension header
 		// meets no later rule.
@@ -661,7 +662,6 @@ func buildNIC(p network.NICPlan, logGroup uint16) nicSpec {
 	b.add(in, "l2", nonFirst, accept)
 	b.add(in, string(network.CtlHeaderChain), v6, cnt(network.CtlHeaderChain), drop)
 	b.add(in, "allow", accept)
-	b.acceptOnly(ip6)
 
 	spec := nicSpec{plan: p, names: n, chains: usedChains(n, b.rules), rules: b.rules}
 	var addrs, raSrc [][]byte
