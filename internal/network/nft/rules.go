@@ -9,7 +9,8 @@
 //	  per NIC <dev>:
 //	    chain vm-<dev>-out (filter, ingress device "<dev>", priority -500)
 //	    chain vm-<dev>-in  (filter, egress  device "<dev>", priority -500)
-//	    helper chains vm-<dev>-out_<part>, vm-<dev>-in_<part>
+//	    helper chains vm-<dev>-out_priv, -out_learn (privacy learning),
+//	    vm-<dev>-in_ra (several admitted router MACs)
 //	    sets <dev>-addrs, <dev>-ra_src, <dev>-temp
 //	    counters <dev>-<control>
 //	  per shard: the shared constant sets (SharedSetName) and the dynamic
@@ -113,11 +114,11 @@ const (
 	limitBurst  = 5
 )
 
-// Helper chain suffixes, per direction. Rules use ip6 (both directions),
-// priv and learn (privacy learning) and ra (several admitted router MACs);
-// the others held checks of earlier layouts (the header chain, source
-// guard, NA targets, ND format, ICMPv6, hop-by-hop, RA) that now sit in
-// the hooked or ip6 chains. They stay listed so that updates and removals
+// Helper chain suffixes, per direction. Rules use priv and learn (privacy
+// learning) and ra (several admitted router MACs); the others held checks
+// of earlier layouts (the controls, the header chain, source guard, NA
+// targets, ND format, ICMPv6, hop-by-hop, RA) that now sit in the hooked
+// chains. They stay listed so that updates and removals
 // delete them where an earlier version left them (they refer to the NIC's
 // counters, which could not be deleted while they exist).
 var (
