@@ -105,6 +105,10 @@ type Store interface {
 	DeleteVM(ctx context.Context, id string) error
 	// NICsOnBridge returns every NIC on bridge, with its VM's id.
 	NICsOnBridge(ctx context.Context, bridge string) ([]NICRef, error)
+	// GatewayOnBridgeBy reports whether a NIC of a VM other than exceptVM,
+	// on bridge, has gateway put on the bridge (GatewayOnBridge): one row
+	// looked for, however many NICs the bridge has.
+	GatewayOnBridgeBy(ctx context.Context, bridge, gateway, exceptVM string) (bool, error)
 	// NICsWithAddress returns every NIC whose address (any prefix length)
 	// is addr, given in canonical form.
 	NICsWithAddress(ctx context.Context, addr string) ([]NICRef, error)

@@ -438,13 +438,11 @@ func (m *Manager) ensureBridges(ctx context.Context, vmID string, nics []store.N
 			continue // a VM holds the gateway address: it is the router
 		}
 		if !force {
-			siblings, err := m.opt.Store.NICsOnBridge(ctx, n.Bridge)
+			held, err := m.opt.Store.GatewayOnBridgeBy(ctx, n.Bridge, n.Gateway, vmID)
 			if err != nil {
 				return err
 			}
-			if slices.ContainsFunc(siblings, func(r store.NICRef) bool {
-				return r.VMID != vmID && r.GatewayOnBridge && r.Gateway == n.Gateway
-			}) {
+			if held {
 				// Another VM's creation put it there; Recover re-checks
 				// the kernel on every start.
 				n.GatewayOnBridge = true

@@ -282,6 +282,17 @@ func (s *Store) NICsOnBridge(ctx context.Context, bridge string) ([]store.NICRef
 	return s.nicRefs(ctx, `bridge = ?`, bridge)
 }
 
+// GatewayOnBridgeBy implements store.Store (nics_bridge index).
+func (s *Store) GatewayOnBridgeBy(ctx context.Context, bridge, gateway, exceptVM string) (bool, error) {
+	var held bool
+	err := s.db.QueryRowContext(ctx, `SELECT EXISTS (SELECT 1 FROM nics WHERE bridge = ? AND gateway = ? AND gateway_on_bridge != 0 AND vm_id != ?)`,
+		bridge, gateway, exceptVM).Scan(&held)
+	if err != nil {
+		return false, fmt.Errorf("query nics: %w", err)
+	}
+	return held, nil
+}
+
 // NICsWithAddress implements store.Store. Addresses are stored as
 // "addr/len", so an index range scan finds every prefix length: '/' sorts
 // just before '0'.

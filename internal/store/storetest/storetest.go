@@ -122,6 +122,30 @@ func Run(t *testing.T, open func(t *testing.T) store.Store) {
 		if err != nil || len(on) != 2 || on[0].VMID != "vm-a" || on[1].VMID != "vm-b" || on[1].HostDevice != "tap-b" {
 			t.Fatalf("on br-x: %v %+v", err, on)
 		}
+		type held struct {
+			bridge, gw, except string
+			want               bool
+		}
+		checkHeld := func(cases ...held) {
+			t.Helper()
+			for _, tc := range cases {
+				if got, err := s.GatewayOnBridgeBy(ctx, tc.bridge, tc.gw, tc.except); err != nil || got != tc.want {
+					t.Fatalf("gateway %s on %s except %q: %v %v, want %v", tc.gw, tc.bridge, tc.except, got, err, tc.want)
+				}
+			}
+		}
+		checkHeld(held{"br-x", "2001:db8::ffff", "", false}) // no NIC put it there yet
+		b.NICs[0].Gateway, b.NICs[0].GatewayOnBridge = "2001:db8::ffff", true
+		if err := s.UpdateVM(ctx, b); err != nil {
+			t.Fatal(err)
+		}
+		checkHeld(
+			held{"br-x", "2001:db8::ffff", "", true},
+			held{"br-x", "2001:db8::ffff", "vm-a", true},
+			held{"br-x", "2001:db8::ffff", "vm-b", false}, // only vm-b holds it
+			held{"br-x", "2001:db8::fffe", "", false},     // another gateway
+			held{"br-y", "2001:db8::ffff", "", false},     // another bridge
+		)
 		with, err := s.NICsWithAddress(ctx, "2001:db8::1")
 		if err != nil || len(with) != 2 || with[0].HostDevice != "tap-a" || with[1].HostDevice != "tap-b1" {
 			t.Fatalf("with 2001:db8::1: %v %+v", err, with)
