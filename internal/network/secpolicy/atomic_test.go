@@ -1,6 +1,7 @@
 package secpolicy
 
 import (
+	"net/netip"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -13,8 +14,8 @@ import (
 	"github.com/metald/metald/internal/testpy"
 )
 
-// TestAtomicUpdates: 100 updates alternating two policies while probe
-// traffic runs. Nothing both policies deny gets through, and an
+// TestAtomicUpdates: 100 updates alternating two policies (one with helper
+// chains, one without) while probe traffic runs. Nothing both policies deny gets through, and an
 // established allowed connection survives every update.
 func TestAtomicUpdates(t *testing.T) {
 	tp := newTopo(t, 1)
@@ -24,6 +25,10 @@ func TestAtomicUpdates(t *testing.T) {
 	p1.Ingress = rules(t, "ingress", "allow tcp from any to any port 80,8080", "deny all from any to any")
 	p2.Ingress = rules(t, "ingress", "allow tcp from any to any port 80,9090", "deny udp from any to any port 7001", "allow udp from any to any port 5000-6000", "deny all from any to any")
 	p2.Egress = rules(t, "egress", "deny tcp from any to any port 22", "allow all from any to any")
+	// p2 has helper chains (strict isolation, allowed destinations) and p1
+	// none: every update also creates or deletes them.
+	p2.TenantIsolation = IsolationStrict
+	p2.AllowedDestinations = []netip.Prefix{netip.MustParsePrefix("2001:db8::/32")}
 	tp.upsert(p1)
 	tp.upsert(a.plan("t1"))
 
@@ -69,10 +74,20 @@ func TestAtomicUpdates(t *testing.T) {
 	if srv.hits(80) != 1 {
 		t.Errorf("port 80 accepted %d connections, want 1", srv.hits(80))
 	}
-	// And the table holds exactly one generation of b's chains, plus its
-	// two trampolines (generation 0) that the maps point at.
+	// And the table holds b's two main chains (generation 0, rewritten in
+	// place by every update) that the maps point at, and no helper chain
+	// of an earlier generation.
 	listing := listTable(t, tp.host)
-	if n, tr := strings.Count(listing, "chain vm-b.eth0-"), strings.Count(listing, "chain vm-b.eth0-in-g0")+strings.Count(listing, "chain vm-b.eth0-out-g0"); n != 4 || tr != 2 {
-		t.Errorf("%d chains for b (%d trampolines), want 2 plus 2 trampolines", n, tr)
+	if n, main := strings.Count(listing, "chain vm-b.eth0-"), strings.Count(listing, "chain vm-b.eth0-in-g0")+strings.Count(listing, "chain vm-b.eth0-out-g0"); n != 2 || main != 2 {
+		t.Errorf("%d chains for b (%d main chains), want the 2 main chains", n, main)
+	}
+	// p2's helper chains come and go with it.
+	tp.upsert(p2)
+	if n := strings.Count(listTable(t, tp.host), "chain vm-b.eth0-"); n != 5 {
+		t.Errorf("%d chains for b with p2, want the 2 main chains and 3 helpers (strict both ways, allowed destinations)", n)
+	}
+	tp.upsert(p1)
+	if n := strings.Count(listTable(t, tp.host), "chain vm-b.eth0-"); n != 2 {
+		t.Errorf("%d chains for b back on p1, want 2", n)
 	}
 }

@@ -92,11 +92,16 @@
 //
 // # Updates
 //
-// A NIC's chains are named vm-<vm>.<nic>-{in,out}-g<N>[-dst|-strict], in
-// its shard table. An update builds the chains of generation N+1, moves the NIC's map entries to them, and deletes
-// the generation-N chains, all in one netlink batch (one nf_tables
-// transaction): a failed update changes nothing, and no packet ever sees a
-// NIC without a chain.
+// A NIC's main chains are vm-<vm>.<nic>-{in,out}-g0, in its shard table;
+// the maps point at them. Its helper chains are named per generation,
+// vm-<vm>.<nic>-{in,out}-g<N>-{dst,strict}. An update builds the helpers of
+// generation N+1, rewrites the main chains in place (flush and add), and
+// deletes the generation-N helpers, all in one netlink batch (one
+// nf_tables transaction): a failed update changes nothing, and a packet
+// sees the old rules or the new ones, never neither. Map elements change
+// only when the NIC's addresses do. (An earlier layout kept the main rules
+// in chains of generation N and only a jump to them in generation 0; the
+// first update of such a NIC moves them.)
 //
 // # Bridged traffic
 //

@@ -66,11 +66,12 @@ func key16(a netip.Addr) []byte { b := a.As16(); return b[:] }
 type nicState struct {
 	plan   *NICPolicy // nil when loaded from the kernel
 	gen    uint64
-	chains []string // chains of generation gen, helpers first
+	chains []string // chains of generation gen (helpers; in an earlier layout also the main chains), longest name first
 	addrs  []netip.Addr
 	sets   []string // named address sets its addresses are members of
-	// tramp is true when the NIC's trampoline chains (generation 0) exist
-	// and the maps point at them.
+	// tramp is true when the NIC's main chains (generation 0) exist and
+	// the maps point at them (an earlier layout kept the main rules in
+	// generation chains and only a jump to them in generation 0).
 	tramp bool
 }
 
@@ -613,8 +614,11 @@ func (m *Manager) queueNIC(b *batch, p *NICPolicy) error {
 
 	gen := oldGen + 1
 	in, out := buildChain(p, dirIn, chainName(k, dirIn, gen)), buildChain(p, dirOut, chainName(k, dirOut, gen))
+	// Helper chains are per generation: the new ones go in before the
+	// main rules that jump to them, the old ones are deleted after the
+	// main rules that jumped to them are replaced.
 	var names []string
-	for _, cs := range append(in.all(), out.all()...) {
+	for _, cs := range append(slices.Clone(in.helpers), out.helpers...) {
 		ch := c.AddChain(&nftables.Chain{Name: cs.name, Table: t})
 		if err := m.queueRules(t, ch, cs.rules); err != nil {
 			return err
@@ -622,19 +626,25 @@ func (m *Manager) queueNIC(b *batch, p *NICPolicy) error {
 		names = append(names, cs.name)
 	}
 	slices.SortFunc(names, func(a, b string) int { return len(b) - len(a) })
-	// The maps point at one stable trampoline chain per direction, whose
-	// only rule jumps to the current generation. Switching generations
-	// rewrites that rule (flush + add, generation-masked like every rule
-	// change, so a packet sees the old jump or the new one, never neither).
-	// Map elements change only when the NIC's addresses do: replacing the
-	// element of a key in the same transaction leaves an instant where a
-	// lookup misses and the packet falls through the dispatch.
+	// The maps point at one stable chain per direction (generation 0)
+	// that holds the NIC's main rules. An update rewrites them in place:
+	// flush and add in the one transaction, generation-masked like every
+	// rule change, so a packet sees the old rules or the new ones, never
+	// neither. Map elements change only when the NIC's addresses do:
+	// replacing the element of a key in the same transaction leaves an
+	// instant where a lookup misses and the packet falls through the
+	// dispatch. (Every nf_tables commit walks every chain of the
+	// namespace, so a NIC has no chain it does not need.)
 	tin, tout := chainName(k, dirIn, 0), chainName(k, dirOut, 0)
-	for _, tr := range []struct{ name, target string }{{tin, in.main.name}, {tout, out.main.name}} {
-		ch := c.AddChain(&nftables.Chain{Name: tr.name, Table: t})
+	for _, main := range []struct {
+		name  string
+		rules []nrule
+	}{{tin, in.main.rules}, {tout, out.main.rules}} {
+		ch := c.AddChain(&nftables.Chain{Name: main.name, Table: t})
 		c.FlushChain(ch)
-		c.AddRule(&nftables.Rule{Table: t, Chain: ch, Exprs: []expr.Any{&expr.Verdict{Kind: expr.VerdictJump, Chain: tr.target}},
-			UserData: commentData("generation")})
+		if err := m.queueRules(t, ch, main.rules); err != nil {
+			return err
+		}
 	}
 	var gone []nftables.SetElement
 	for _, a := range st.addrs {
@@ -653,7 +663,7 @@ func (m *Manager) queueNIC(b *batch, p *NICPolicy) error {
 	var eg, ig []nftables.SetElement
 	for _, a := range p.Addrs {
 		if slices.Contains(st.addrs, a) && st.tramp {
-			continue // already points at the trampoline
+			continue // already points at the NIC's chain
 		}
 		eg = append(eg, nftables.SetElement{Key: key16(a), VerdictData: &expr.Verdict{Kind: expr.VerdictJump, Chain: tout}})
 		ig = append(ig, nftables.SetElement{Key: key16(a), VerdictData: &expr.Verdict{Kind: expr.VerdictJump, Chain: tin}})
@@ -994,6 +1004,9 @@ func (m *Manager) RuleCounters(vmID, nic string) ([]RuleCounter, error) {
 	idx := map[string]int{}
 	// main chains first (ingress, egress), then helpers
 	chains := slices.Clone(st.chains)
+	if st.tramp {
+		chains = append(chains, chainName(k, dirIn, 0), chainName(k, dirOut, 0))
+	}
 	slices.SortFunc(chains, func(a, b string) int { return len(a) - len(b) })
 	for _, name := range chains {
 		_, dir, _, _ := parseChainName(name)
