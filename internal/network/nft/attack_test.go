@@ -37,6 +37,10 @@ func ctl(kv ...any) map[network.Control]uint64 {
 // Attacks with every control on.
 var attacksAllOn = []attack{
 	{name: "rogue RA", script: `send([` + raMC + `/` + ra + `]*3)`, want: ctl(network.CtlRAGuard, 3)},
+	// A frame two controls drop counts under the first that sees it: the
+	// source check comes first (a foreign source never gets the srcOK
+	// mark), the RA guard rules after it.
+	{name: "RA from a spoofed source", script: `send(Ether(src=M1, dst="33:33:00:00:00:01")/IPv6(src="fe80::bad", dst="ff02::1", hlim=255, fl=FL)/` + ra + `)`, want: ctl(network.CtlSourceGuard, 1)},
 	{name: "RA behind hop-by-hop", script: `send([` + raMC + `/IPv6ExtHdrHopByHop()/` + ra + `]*2)`, want: ctl(network.CtlRAGuard, 2)},
 	{name: "RA behind destination options", script: `send([` + raMC + `/IPv6ExtHdrDestOpt()/` + ra + `]*2)`, want: ctl(network.CtlRAGuard, 2)},
 	{name: "RA behind dstopt+hbh+routing", script: `send(` + raMC + `/IPv6ExtHdrHopByHop()/IPv6ExtHdrDestOpt()/IPv6ExtHdrRouting(addresses=[])/` + ra + `)`, want: ctl(network.CtlRAGuard, 1)},

@@ -567,15 +567,11 @@ func buildNIC(p network.NICPlan, logGroup uint16) nicSpec {
 	// guard) whose source is bound to the port, goes on; positive matches
 	// only, so a header that cannot be parsed is dropped. Going on means
 	// the frame gets the srcOK bit in its mark, and the drops that follow
-	// take every frame without it; with no control that checks more, it
-	// means accept.
+	// take every frame without it.
 	l2 := etherSrc(mac)
 	readable, nonFirst := m(etherTypeIP6()...), m(etherTypeIP6()...)
 	readable = append(readable, upperLayerReadable()...)
 	nonFirst = append(nonFirst, nonFirstFragment()...)
-	more := c.RAGuard || c.SourceGuard || c.StrictSourceValidation || c.BlockHopByHop || c.BlockRouting ||
-		c.BlockFragment || c.BlockDestOpts || c.NDRateLimit > 0 || c.ICMPv6RateLimit > 0 || c.MulticastRateLimit > 0 ||
-		c.PrivacyExtensions
 	srcs := [][]expr.Any{nil}
 	if c.SourceGuard {
 		srcs = [][]expr.Any{saddrIn(n.AddrSet())}
@@ -584,16 +580,12 @@ func buildNIC(p network.NICPlan, logGroup uint16) nicSpec {
 		}
 	}
 	goOn := setMark(vlanMark | srcOK)
-	if !more {
-		goOn = accept
-	} else {
-		// Fast path for the bulk of traffic: when the IPv6 header's next
-		// header is TCP there is no extension header, no ICMPv6 and no
-		// UDP, and a unicast destination keeps it out of the multicast
-		// limit, so every later check would let it pass.
-		for _, src := range srcs {
-			b.add(out, "fast_path", l2, readable, src, nextHeader(protoTCP), etherUnicast(), accept)
-		}
+	// Fast path for the bulk of traffic: when the IPv6 header's next
+	// header is TCP there is no extension header, no ICMPv6 and no UDP,
+	// and a unicast destination keeps it out of the multicast limit, so
+	// every later check would let it pass.
+	for _, src := range srcs {
+		b.add(out, "fast_path", l2, readable, src, nextHeader(protoTCP), etherUnicast(), accept)
 	}
 	for _, src := range srcs {
 		b.add(out, "l2", l2, readable, src, goOn)
@@ -635,9 +627,7 @@ func buildNIC(p network.NICPlan, logGroup uint16) nicSpec {
 	// message types do not overlap, so each accepts what it allows.
 	hopByHop(b, out, c, []byte{icmpMLDReport, icmpMLDDone, icmpMLD2Report}, nil, nil)
 	ndAllowlist(b, out, c)
-	if more {
-		b.add(out, "allow", accept)
-	}
+	b.add(out, "allow", accept)
 
 	// ---- toward the VM ----
 	// One chain: every check carries the IPv6 match itself, and what
@@ -647,11 +637,9 @@ func buildNIC(p network.NICPlan, logGroup uint16) nicSpec {
 	in := n.ToChain()
 	v6 := etherTypeIP6()
 	b.add(in, string(network.CtlVLAN), markTagged(), markVLANNot(vlanMark), cnt(network.CtlVLAN), drop)
-	if c.RAGuard || c.RARateLimit > 0 || c.BlockHopByHop || c.BlockRouting || c.BlockFragment || c.BlockDestOpts {
-		// Fast path toward the VM, as above: TCP with no extension header
-		// meets no later rule.
-		b.add(in, "fast_path", readable, nextHeader(protoTCP), accept)
-	}
+	// Fast path toward the VM, as above: TCP with no extension header
+	// meets no later rule.
+	b.add(in, "fast_path", readable, nextHeader(protoTCP), accept)
 	if c.RAGuard {
 		b.add(in, string(network.CtlRAGuard), v6, exthdrExists(nhFragment),
 			b.icmpType(icmpRS, icmpRA, icmpNS, icmpNA, icmpRedirect), cnt(network.CtlRAGuard), drop)
