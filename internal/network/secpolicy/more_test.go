@@ -326,3 +326,56 @@ func TestSingleTableLayoutCleanedUp(t *testing.T) {
 	b.serve(t, "tcp:80", "tcp:81")
 	expectFlows(t, flow{a, b, 80, true}, flow{a, b, 81, false})
 }
+
+// TestTrampolineLayoutMoved: a NIC of the layout before this one (its
+// maps point at generation-0 chains whose only rule jumps to the main
+// rules in a generation-N chain) is loaded after a restart, enforced as it
+// was, and moved by its next update: the main rules go into the
+// generation-0 chains and the generation-N chains are deleted.
+func TestTrampolineLayoutMoved(t *testing.T) {
+	tp := newTopo(t, 1)
+	a, b := tp.addVM("a", 0, 0x10), tp.addVM("b", 0, 0x11)
+	pb := b.plan("t1")
+	pb.Ingress = rules(t, "ingress", "allow tcp from any to any port 80", "deny all from any to any")
+	tp.upsert(a.plan("t1"))
+	tp.upsert(pb)
+	// Turn b's chains into the earlier layout: the main chains become
+	// generation 1, new generation-0 chains jump to them, and the maps
+	// point at those (the rename keeps the map's references on the renamed
+	// chain, so the elements are replaced).
+	k := Key(b.name, "eth0")
+	tbl := ShardTable(Shard(k))
+	for _, d := range []struct{ dir, set string }{{dirIn, IngressMap}, {dirOut, EgressMap}} {
+		g0, g1 := chainName(k, d.dir, 0), chainName(k, d.dir, 1)
+		tp.host.MustRun(t, "nft", "rename", "chain", "ip6", tbl, g0, g1)
+		tp.host.MustRun(t, "nft", "add", "chain", "ip6", tbl, g0)
+		tp.host.MustRun(t, "nft", "add", "rule", "ip6", tbl, g0, "jump", g1)
+		for _, addr := range []netip.Addr{b.addr, b.ll} {
+			tp.host.MustRun(t, "nft", "delete", "element", "ip6", tbl, d.set, "{", addr.String(), "}")
+			tp.host.MustRun(t, "nft", "add", "element", "ip6", tbl, d.set, "{", addr.String(), ":", "jump", g0, "}")
+		}
+	}
+	chains := func() int { return strings.Count(listTable(t, tp.host), "chain vm-b.eth0-") }
+	if n := chains(); n != 4 {
+		t.Fatalf("%d chains of b in the earlier layout, want 4", n)
+	}
+	b.serve(t, "tcp:80", "tcp:81")
+	expectFlows(t, flow{a, b, 80, true}, flow{a, b, 81, false})
+
+	m, err := New(tp.host.Fd()) // a restarted metald
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer m.Close()
+	pb.Ingress = rules(t, "ingress", "allow tcp from any to any port 81", "deny all from any to any")
+	if err := m.Upsert(context.Background(), pb); err != nil {
+		t.Fatal(err)
+	}
+	if n := chains(); n != 2 {
+		t.Errorf("%d chains of b after its update, want its 2 generation-0 chains:\n%s", n, listTable(t, tp.host))
+	}
+	expectFlows(t, flow{a, b, 80, false}, flow{a, b, 81, true})
+	if rc, err := m.RuleCounters(b.name, "eth0"); err != nil || len(rc) == 0 {
+		t.Errorf("rule counters after the move: %v %v", rc, err)
+	}
+}
