@@ -428,10 +428,11 @@ func baseRules(name string) []nrule {
 	b := &builder{}
 	switch name {
 	case ChainForward:
-		b.rules = append(b.rules, blockedSourceLog(inNamed(offSaddr, BlockedSources, false)))
-		b.add("blocked source", inNamed(offSaddr, BlockedSources, false), []expr.Any{&expr.Counter{}, verdict(expr.VerdictDrop)})
-		b.rules = append(b.rules, blockedSourceLog(inNamed(offDaddr, BlockedSources, false)))
-		b.add("blocked destination", inNamed(offDaddr, BlockedSources, false), []expr.Any{&expr.Counter{}, verdict(expr.VerdictDrop)})
+		// Every bridged packet passes here: one lookup per address, the
+		// sample and the drop in chain blocked (blockedRules).
+		toBlocked := []expr.Any{&expr.Counter{}, &expr.Verdict{Kind: expr.VerdictJump, Chain: chainBlocked}}
+		b.add("blocked source", inNamed(offSaddr, BlockedSources, false), toBlocked)
+		b.add("blocked destination", inNamed(offDaddr, BlockedSources, false), toBlocked)
 	case ChainInput:
 		b.add("blocked source", inNamed(offSaddr, VMAddrsSet, false), inNamed(offSaddr, BlockedSources, false), []expr.Any{&expr.Counter{}, verdict(expr.VerdictDrop)})
 	case ChainOutput:
@@ -447,6 +448,15 @@ func baseRules(name string) []nrule {
 	}
 	b.add("invalid", ctState(expr.CtStateBitINVALID), []expr.Any{&expr.Counter{}, verdict(expr.VerdictDrop)})
 	return b.rules
+}
+
+// chainBlocked is the main table's chain of forwarded packets from or to
+// a blocked source: a rate-limited event sample, then drop.
+const chainBlocked = "blocked"
+
+// blockedRules returns the rules of chainBlocked.
+func blockedRules() []nrule {
+	return []nrule{blockedSourceLog(), {comment: "blocked", exprs: []expr.Any{verdict(expr.VerdictDrop)}}}
 }
 
 // shardBaseRules returns the rules of a shard table's base chain hooked at

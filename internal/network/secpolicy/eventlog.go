@@ -184,13 +184,11 @@ func eventLogRules(p *NICPolicy, dir string, rules []nrule) []nrule {
 	return out
 }
 
-// blockedSourceLog is the sample rule before a base chain's blocked-source
-// drop: the same match, rate-limited, logged to EventLogGroup.
-func blockedSourceLog(match ...[]expr.Any) nrule {
-	var exprs []expr.Any
-	for _, m := range match {
-		exprs = append(exprs, m...)
-	}
-	exprs = append(exprs, pktLimit(EventLogRate, eventLogBurst), nflogExpr(EventLogGroup, EventLogPrefix("", evBlockedSource, "")))
+// blockedSourceLog is the sample rule before the blocked-source drop
+// (chain blocked, reached from the forward chain for a source or
+// destination in blocked_sources): rate-limited, logged to EventLogGroup.
+// Both directions share the one rate limit.
+func blockedSourceLog() nrule {
+	exprs := []expr.Any{pktLimit(EventLogRate, eventLogBurst), nflogExpr(EventLogGroup, EventLogPrefix("", evBlockedSource, ""))}
 	return nrule{exprs: exprs, comment: "blocked source event log"}
 }

@@ -454,6 +454,11 @@ func (m *Manager) queueBase() error {
 	if err := m.addSet(addrSet(main, VMAddrsSet)); err != nil {
 		return err
 	}
+	bl := c.AddChain(&nftables.Chain{Name: chainBlocked, Table: main})
+	c.FlushChain(bl)
+	if err := m.queueRules(main, bl, blockedRules()); err != nil {
+		return err
+	}
 	accept := nftables.ChainPolicyAccept
 	for _, b := range baseChains {
 		ch := c.AddChain(&nftables.Chain{Name: b.name, Table: main, Type: nftables.ChainTypeFilter,
