@@ -22,7 +22,8 @@
 // blocked_sources, a copy of vm_addrs, and three base chains (forward,
 // input, output; filter priority 0, policy accept):
 //
-//	blocked_sources drop (both directions; in input/output only for VM addresses)
+//	blocked_sources drop (both directions; in input/output only for VM addresses;
+//	  forward: one lookup per address, jump to chain blocked: sample, drop)
 //	ct state established,related accept
 //	ND/MLD (130-133,135,136,143) accept            RFC 4890: never broken by a user's deny all
 //	RA/redirect (134,137) from a VM address drop   (output: the host is the gateway, they pass)
@@ -82,7 +83,8 @@
 // policy rule). With NICPolicy.EventLogGroup each counted drop is preceded
 // by a rule with the same match that logs a rate-limited sample to NFLOG,
 // attributed to device and rule, for internal/secevent (eventlog.go);
-// blocked_sources drops in the forward chain are sampled the same way.
+// blocked_sources drops in the forward chain are sampled the same way (in
+// chain blocked, one rate limit for both directions).
 //
 // Named sets: blocked_sources (main table; operator-owned: created if
 // absent, never flushed, never deleted), vm_addrs (every local VM address;
