@@ -1,25 +1,22 @@
 // Package secpolicy owns `table ip6 metald_security` and its shard tables
-// metald_security_0.._3: kernel enforcement
+// metald_security_0..7: kernel enforcement
 // of each VM NIC's resolved security policy (policy.Rule lists), tenant
 // isolation, microsegmentation, allowed destinations, quarantine and the
 // operator's blocked_sources set.
 //
 // # Layout of the tables
 //
-// The policy is spread over a main table and Shards (4) shard tables, so
-// that an update validates only part of the VMs' chains: a commit that
-// adds a rule with a verdict makes the kernel validate every chain
+// The policy is spread over a main table and Shards (8) shard tables, so
+// that an update validates only an eighth of the VMs' chains: a commit
+// that adds a rule with a verdict makes the kernel validate every chain
 // reachable from the base chains of each table the commit changed
 // (nft_table_validate), and an update changes one shard only. Every
-// bridged packet passes the base chain of every table at its hook, so
-// each shard costs per packet (a conntrack-state test; in a profile of a
-// 10 Gbit/s transfer, eight shards' chains took 0.5% more of the CPU
-// samples than two), while an update's cost grows with the shard's size
-// (at 1000 VMs, p50 2.2 ms with 8 shards, 3.9 with 4, 6.1 with 2;
-// docs/PERFORMANCE.md). Shard tables of a layout with
-// more shards (metald_security_<n>, n >= Shards) are not loaded and are
-// deleted by a Manager's first commit; their NICs are created again in
-// this layout's shards by the Apply that follows a start.
+// bridged packet passes the base chain of every table at its hook, so a
+// shard costs per packet too, but little (a conntrack-state test; in a
+// profile of a 10 Gbit/s transfer, eight shards' chains took 0.5% more of
+// the CPU samples than two), while an update's cost grows with the
+// shard's size (at 1000 VMs, p50 2.2 ms with 8 shards, 3.9 with 4, 6.1
+// with 2; docs/PERFORMANCE.md).
 //
 // `table ip6 metald_security` (TableName), content fixed: the operator's
 // blocked_sources, a copy of vm_addrs, and three base chains (forward,
@@ -32,8 +29,8 @@
 //	RA/redirect (134,137) from a VM address drop   (output: the host is the gateway, they pass)
 //	ct state invalid drop
 //
-// `table ip6 metald_security_0` .. `_3` (ShardTable, NICTable): a NIC's
-// chains live in shard FNV-1a(Key(vm, nic)) mod 4 (Shard), with the
+// `table ip6 metald_security_0` .. `_7` (ShardTable, NICTable): a NIC's
+// chains live in shard FNV-1a(Key(vm, nic)) mod 8 (Shard), with the
 // shard's verdict maps egress_by_src and ingress_by_dst, its log_deny and
 // log_allow chains, a copy of every managed set, and three base chains
 // (forward, input, output; priority filter+1, policy accept):
@@ -43,7 +40,7 @@
 //	ip6 saddr vmap @egress_by_src                  (forward, input)
 //	ip6 daddr vmap @ingress_by_dst                 (forward, output)
 //
-// A packet passes the main table's base chain and then the 4 shards' for its
+// A packet passes the main table's base chain and then the 8 shards' for its
 // hook; a drop anywhere is final. Between two local VMs the sender's egress
 // chain runs in the sender's shard and the receiver's ingress chain in the
 // receiver's, in shard order (when the receiver's shard comes first its

@@ -327,47 +327,6 @@ func TestSingleTableLayoutCleanedUp(t *testing.T) {
 	expectFlows(t, flow{a, b, 80, true}, flow{a, b, 81, false})
 }
 
-// TestFormerShardTablesGo: a shard table of a layout with more shards
-// (metald_security_7 when there are two) is not loaded, and the first
-// commit deletes it: its base chain, which would still drop, no longer
-// judges traffic, and the NIC it held is enforced from this layout's shard.
-func TestFormerShardTablesGo(t *testing.T) {
-	tp := newTopo(t, 1)
-	a, b := tp.addVM("a", 0, 0x10), tp.addVM("b", 0, 0x11)
-	old := fmt.Sprintf(`table ip6 %s7 {
-	set vm_addrs { type ipv6_addr; elements = { %s } }
-	chain vm-b.eth0-in-g0 { tcp dport 80 drop; return; }
-	map ingress_by_dst { type ipv6_addr : verdict; elements = { %s : jump vm-b.eth0-in-g0 } }
-	chain forward { type filter hook forward priority 1; policy accept; ip6 daddr vmap @ingress_by_dst; }
-}
-`, ShardTablePrefix, b.addr, b.addr)
-	f := t.TempDir() + "/old.nft"
-	if err := os.WriteFile(f, []byte(old), 0o644); err != nil {
-		t.Fatal(err)
-	}
-	tp.host.MustRun(t, "nft", "-f", f)
-	b.serve(t, "tcp:80", "tcp:81")
-	expectFlows(t, flow{a, b, 80, false}, flow{a, b, 81, true})
-
-	m, err := New(tp.host.Fd())
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer m.Close()
-	if n := m.NICs(); len(n) != 0 {
-		t.Fatalf("NICs of the former shard loaded: %v", n)
-	}
-	pb := b.plan("t1")
-	pb.Ingress = rules(t, "ingress", "allow tcp from any to any port 80", "deny all from any to any")
-	if err := m.Apply(context.Background(), []NICPolicy{a.plan("t1"), pb}); err != nil {
-		t.Fatal(err)
-	}
-	if out, _ := tp.host.Run("nft", "list", "tables"); strings.Contains(out, ShardTablePrefix+"7") {
-		t.Errorf("former shard table kept:\n%s", out)
-	}
-	expectFlows(t, flow{a, b, 80, true}, flow{a, b, 81, false})
-}
-
 // TestTrampolineLayoutMoved: a NIC of the layout before this one (its
 // maps point at generation-0 chains whose only rule jumps to the main
 // rules in a generation-N chain) is loaded after a restart, enforced as it

@@ -99,10 +99,6 @@ type Manager struct {
 	// (NIC chains, log chains, maps and managed sets in the main table);
 	// queueBase deletes them.
 	legacyChains, legacySets []string
-	// formerShards are shard tables of a layout with more shards; their
-	// NICs are not loaded (they are enforced again when next applied) and
-	// queueBase deletes the tables.
-	formerShards []string
 	// names names anonymous sets explicitly (see package setname).
 	names *setname.Namer
 	// gens, when set, notes the ruleset generation after each commit
@@ -151,7 +147,7 @@ func (m *Manager) load() error {
 	m.owners = map[string]map[netip.Addr]map[string]struct{}{}
 	m.byAddr = map[netip.Addr]string{}
 	m.present = map[string]bool{}
-	m.mainAddrs, m.legacyChains, m.legacySets, m.formerShards = nil, nil, nil, nil
+	m.mainAddrs, m.legacyChains, m.legacySets = nil, nil, nil
 	if m.groups == nil {
 		m.groups = map[string][]netip.Addr{}
 	}
@@ -167,8 +163,6 @@ func (m *Manager) load() error {
 			hasMain = true
 		} else if i, ok := shardIndex(t.Name); ok {
 			shards = append(shards, i)
-		} else if formerShard(t.Name) {
-			m.formerShards = append(m.formerShards, t.Name)
 		}
 	}
 	slices.Sort(shards)
@@ -504,12 +498,6 @@ func (m *Manager) queueBase() error {
 		if err := c.SetAddElements(addrSet(main, VMAddrsSet), missing); err != nil {
 			return fmt.Errorf("add elements to %s: %w", VMAddrsSet, err)
 		}
-	}
-	// Shards of a layout with more of them: their NICs were not loaded and
-	// are created in this layout's shards by the Apply that follows a
-	// start, in this same batch.
-	for _, name := range m.formerShards {
-		c.DelTable(&nftables.Table{Name: name, Family: nftables.TableFamilyIPv6})
 	}
 	for i := range Shards {
 		t := shardTable(i)

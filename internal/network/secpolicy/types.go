@@ -15,14 +15,10 @@ const (
 	// TableName is the main table: blocked_sources and the shared base
 	// chain rules. The NIC chains live in the shard tables (ShardTable).
 	TableName = "metald_security"
-	// ShardTablePrefix + "0" .. "3" are the shard tables.
+	// ShardTablePrefix + "0" .. "7" are the shard tables.
 	ShardTablePrefix = "metald_security_"
-	// Shards is the number of shard tables. Every bridged packet passes
-	// the base chain of each (and the main table's) at the forward hook,
-	// so fewer shards cost less per packet; more cost less per update.
-	// At 1000 VMs an update's p50 was 2.2 ms with 8, 3.9 with 4, 6.1 with
-	// 2 (docs/PERFORMANCE.md).
-	Shards = 4
+	// Shards is the number of shard tables.
+	Shards = 8
 
 	BlockedSources = "blocked_sources"
 	EgressMap      = "egress_by_src"
@@ -154,23 +150,6 @@ func Tables() []string {
 		out = append(out, ShardTable(i))
 	}
 	return out
-}
-
-// formerShard reports whether table is a shard table of a layout with
-// more shards (metald_security_<n>, n >= Shards).
-func formerShard(table string) bool {
-	rest, ok := strings.CutPrefix(table, ShardTablePrefix)
-	if !ok || rest == "" || len(rest) > 4 || (len(rest) > 1 && rest[0] == '0') {
-		return false
-	}
-	n := 0
-	for _, c := range rest {
-		if c < '0' || c > '9' {
-			return false
-		}
-		n = n*10 + int(c-'0')
-	}
-	return n >= Shards
 }
 
 // shardIndex returns i for the name of shard table i.
