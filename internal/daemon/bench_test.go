@@ -119,9 +119,12 @@ func ms(d time.Duration) float64 { return float64(d) / float64(time.Millisecond)
 // port work (br_add_if walks the ports) grows too.
 //
 // Method: one in-process metald; the host's population goes 10, spread
-// 500, 10, dense 500, three times over, with 20 samples at each stop
-// (60 per 500-VM layout, 120 at 10), so that the machine's drift lands on
-// both sides of every ratio. After a population grows the host settles
+// 500, 10, dense 500, five times over, with 20 samples at each stop
+// (100 per 500-VM layout, 200 at 10), so that the machine's drift lands on
+// both sides of every ratio. Two ratios per layout: p50_ratio_vs_10 of
+// the pooled samples, and paired_p50_ratio, the median over the rounds of
+// the 500-VM stop's p50 ÷ the mean p50 of the two 10-VM stops around it
+// (a stop the machine made slow moves one round's ratio, not the median). After a population grows the host settles
 // for 20 s (booting guests solicit routers and join multicast groups,
 // flooded to every port of their bridge, with back-off over the first
 // seconds), after it shrinks for 5 s; then, at each stop, until its CPUs
@@ -134,7 +137,7 @@ func BenchmarkCreateBootLatency(b *testing.B) {
 		// measure the test harness, not metald.
 		o.WatchInterval = 5 * time.Second
 	})
-	const base, big, perStop, rounds = 10, 500, 20, 3
+	const base, big, perStop, rounds = 10, 500, 20, 5
 	pop := &population{e: e, base: base}
 	pop.resize(base, base)
 	got := map[string][]time.Duration{}
@@ -166,6 +169,17 @@ func BenchmarkCreateBootLatency(b *testing.B) {
 		}
 	}
 	small := got["existing=10"]
+	// paired returns, for each round, the 500-VM stop's p50 over the mean
+	// of the p50s of the 10-VM stops just before and after it (the 10-VM
+	// stops are [first, after spread 0, after dense 0, after spread 1, ...]).
+	paired := func(layout int, big []float64) []float64 {
+		var out []float64
+		for r, v := range big {
+			i := 2*r + layout
+			out = append(out, v/((stops["existing=10"][i]+stops["existing=10"][i+1])/2))
+		}
+		return out
+	}
 	for _, name := range []string{"existing=10", "existing=500/spread", "existing=500/dense"} {
 		d := got[name]
 		b.Run(name, func(b *testing.B) {
@@ -173,6 +187,13 @@ func BenchmarkCreateBootLatency(b *testing.B) {
 			b.ReportMetric(ms(pct(d, 0.5)), "p50_ms")
 			b.ReportMetric(ms(pct(d, 0.99)), "p99_ms")
 			if name != "existing=10" {
+				layout := 1 // dense: the second 500-VM stop of a round
+				if name == "existing=500/spread" {
+					layout = 0
+				}
+				r := paired(layout, stops[name])
+				b.Logf("each round's p50 ÷ the mean p50 of the 10-VM stops around it: %.3f", r)
+				b.ReportMetric(netnstest.Median(r), "paired_p50_ratio")
 				b.ReportMetric(float64(pct(d, 0.5))/float64(pct(small, 0.5)), "p50_ratio_vs_10")
 				b.ReportMetric(float64(pct(d, 0.99))/float64(pct(small, 0.99)), "p99_ratio_vs_10")
 			}
