@@ -44,12 +44,15 @@ test: deps check-generated vet
 
 # bench runs every benchmark the performance targets are measured by and
 # writes the results to build/bench.txt (see docs/PERFORMANCE.md).
+# One test binary at a time (-p 1): go test runs the binaries of several
+# packages in parallel by default, and two iperf3 benchmarks sharing the
+# two CPUs measure each other.
 bench: deps
 	@mkdir -p build
 	{ $(GO) test -run '^$$' -bench 'BenchmarkCreateBootLatency' -benchtime 1x -timeout 30m ./internal/daemon/ && \
 	  $(GO) test -run '^$$' -bench 'BenchmarkReserve100k' -benchtime 3s -count 3 -timeout 30m ./internal/store/sqlite/ && \
 	  $(GO) test -run '^$$' -bench 'BenchmarkCreateToNetworkUp' -benchtime 3x -timeout 30m ./internal/backend/qemu/ && \
-	  $(GO) test -run '^$$' -bench . -benchtime 1x -timeout 30m ./internal/network/nft/ ./internal/network/secpolicy/ ; } | tee build/bench.txt
+	  $(GO) test -p 1 -run '^$$' -bench . -benchtime 1x -timeout 30m ./internal/network/nft/ ./internal/network/secpolicy/ ; } | tee build/bench.txt
 
 clean:
 	rm -rf build
