@@ -72,16 +72,6 @@ func samples(e *env, from, n int) []time.Duration {
 	return out
 }
 
-// cpuTimes returns the machine's busy and total CPU time so far (jiffies,
-// /proc/stat): busy is user, nice, system, irq and softirq; steal (another
-// guest of the hypervisor) counts in neither.
-func cpuTimes() (busy, total uint64) {
-	c, err := netnstest.ReadCPUStat()
-	if err != nil {
-		return 0, 0
-	}
-	return c.Busy, c.Busy + c.Idle
-}
 
 // quiesce waits, at most max, until the machine's CPUs are less than 15%
 // busy over half a second: the kernel's deferred work after a population
@@ -91,10 +81,12 @@ func cpuTimes() (busy, total uint64) {
 func quiesce(max time.Duration) time.Duration {
 	start := time.Now()
 	for time.Since(start) < max {
-		b0, t0 := cpuTimes()
+		c0, err0 := netnstest.ReadCPUStat()
 		time.Sleep(500 * time.Millisecond)
-		b1, t1 := cpuTimes()
-		if t1 > t0 && float64(b1-b0)/float64(t1-t0) < 0.15 {
+		c1, err1 := netnstest.ReadCPUStat()
+		// Busy share of busy + idle time; stolen time counts in neither.
+		busy, all := c1.Busy-c0.Busy, (c1.Busy+c1.Idle)-(c0.Busy+c0.Idle)
+		if err0 == nil && err1 == nil && all > 0 && float64(busy)/float64(all) < 0.15 {
 			break
 		}
 	}

@@ -173,10 +173,10 @@ func BenchmarkIperfControlsOverPlain(b *testing.B) {
 			}
 		}
 		b.Logf("Gbit/s plain %.2f; controls %.2f", scale(plain, 1e-9), scale(on, 1e-9))
-		b.ReportMetric(median(plain)/1e9, "plain_Gbit/s")
-		b.ReportMetric(median(on)/1e9, "controls_Gbit/s")
+		b.ReportMetric(netnstest.Median(plain)/1e9, "plain_Gbit/s")
+		b.ReportMetric(netnstest.Median(on)/1e9, "controls_Gbit/s")
 		b.ReportMetric(netnstest.PairedRatio(plain, on), "ratio")
-		b.ReportMetric(median(on)/median(plain), "ratio_of_medians")
+		b.ReportMetric(netnstest.Median(on)/netnstest.Median(plain), "ratio_of_medians")
 		b.ReportMetric(steal.Percent(), "steal_%")
 	}
 }
@@ -189,7 +189,6 @@ func scale(v []float64, k float64) []float64 {
 	return out
 }
 
-func median(v []float64) float64 { return netnstest.Median(v) }
 
 // BenchmarkIperfAt1000NICs: method: iperf3 -6, VM1 -> VM2 with every
 // control on, nine rounds each measuring with 10 other NICs programmed
@@ -225,7 +224,7 @@ func BenchmarkIperfAt1000NICs(b *testing.B) {
 			}
 		}
 		b.Logf("Gbit/s at 10: %.2f; at 1000: %.2f", scale(at10, 1e-9), scale(at1000, 1e-9))
-		r10, r1000 := median(at10), median(at1000)
+		r10, r1000 := netnstest.Median(at10), netnstest.Median(at1000)
 		b.ReportMetric(r10/1e9, "at10_Gbit/s")
 		b.ReportMetric(r1000/1e9, "at1000_Gbit/s")
 		b.ReportMetric(netnstest.PairedRatio(at10, at1000), "ratio")
@@ -359,11 +358,11 @@ sys.stdout.write("%%d %%f" %% (n, time.time() - start))
 			}
 		}
 		b.Logf("Gbit/s control %.2f; flooded %.2f", scale(controls, 1e-9), scale(floods, 1e-9))
-		control, flooded := median(controls), median(floods)
+		control, flooded := netnstest.Median(controls), netnstest.Median(floods)
 		b.ReportMetric(alone/1e9, "alone_Gbit/s")
 		b.ReportMetric(control/1e9, "control_Gbit/s")
 		b.ReportMetric(flooded/1e9, "flooded_Gbit/s")
-		b.ReportMetric(median(rates), "flood_pps")
+		b.ReportMetric(netnstest.Median(rates), "flood_pps")
 		b.ReportMetric(float64(dropped)/5, "ns_dropped_per_run")
 		b.ReportMetric(flooded/alone, "flooded/alone")
 		b.ReportMetric(netnstest.PairedRatio(controls, floods), "ratio")

@@ -77,7 +77,6 @@ func iperfRate(b testing.TB, from, to *vm) float64 {
 	return r.End.SumReceived.BitsPerSecond / 1e9
 }
 
-func median(v []float64) float64 { return netnstest.Median(v) }
 
 // BenchmarkPolicy reports, for iperf3 VM to VM on one bridge (port 443):
 //   - policy/plain: the seed's Example 1 policy on both VMs (plus 10 other
@@ -163,9 +162,9 @@ func BenchmarkPolicy(b *testing.B) {
 	}
 	b.ReportMetric(netnstest.PairedRatio(plain, with10), "policy/plain")
 	b.ReportMetric(netnstest.PairedRatio(plain, conntrack), "conntrack-only/plain")
-	b.ReportMetric(median(with10)/median(plain), "policy/plain-of-medians")
+	b.ReportMetric(netnstest.Median(with10)/netnstest.Median(plain), "policy/plain-of-medians")
 	b.ReportMetric(netnstest.PairedRatio(at10, at1000), "1000/10")
-	b.ReportMetric(median(at1000)/median(at10), "1000/10-of-medians")
+	b.ReportMetric(netnstest.Median(at1000)/netnstest.Median(at10), "1000/10-of-medians")
 
 	m, err := New(tp.host.Fd())
 	if err != nil {

@@ -268,8 +268,6 @@ type nicChains struct {
 	helpers []chainSpec
 }
 
-func (n nicChains) all() []chainSpec { return append(slices.Clone(n.helpers), n.main) }
-
 // peerCheck builds a helper chain that returns when the peer address is in
 // one of sets or prefixes and drops (logging when log) otherwise.
 func peerCheck(name, ctl string, peerOff uint32, sets []string, prefixes []netip.Prefix, log bool) chainSpec {

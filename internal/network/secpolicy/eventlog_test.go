@@ -2,6 +2,7 @@ package secpolicy
 
 import (
 	"net/netip"
+	"slices"
 	"strings"
 	"testing"
 
@@ -42,7 +43,7 @@ func TestEventLogRules(t *testing.T) {
 		TenantIsolation: IsolationModerate, EventLogGroup: EventLogGroup}
 	all := func(c nicChains) []nrule {
 		var rs []nrule
-		for _, cs := range c.all() {
+		for _, cs := range append(slices.Clone(c.helpers), c.main) {
 			rs = append(rs, cs.rules...)
 		}
 		return rs
