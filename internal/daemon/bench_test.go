@@ -72,7 +72,6 @@ func samples(e *env, from, n int) []time.Duration {
 	return out
 }
 
-
 // quiesce waits, at most max, until the machine's CPUs are less than 15%
 // busy over half a second: the kernel's deferred work after a population
 // changes (the teardown of hundreds of namespaces runs for seconds after

@@ -189,7 +189,6 @@ func scale(v []float64, k float64) []float64 {
 	return out
 }
 
-
 // BenchmarkIperfAt1000NICs: method: iperf3 -6, VM1 -> VM2 with every
 // control on, nine rounds each measuring with 10 other NICs programmed
 // and with 1000 (Apply switches between them; each NIC's chains are hooked

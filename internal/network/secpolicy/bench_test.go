@@ -77,7 +77,6 @@ func iperfRate(b testing.TB, from, to *vm) float64 {
 	return r.End.SumReceived.BitsPerSecond / 1e9
 }
 
-
 // BenchmarkPolicy reports, for iperf3 VM to VM on one bridge (port 443):
 //   - policy/plain: the seed's Example 1 policy on both VMs (plus 10 other
 //     VMs' policies) ÷ the same path with no table (target ≥ 0.95);
