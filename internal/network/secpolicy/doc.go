@@ -12,10 +12,10 @@
 // reachable from the base chains of each table the commit changed
 // (nft_table_validate), and an update changes one shard only. Every
 // bridged packet passes the base chain of every table at its hook, so a
-// shard costs per packet too, but little (a conntrack-state test; in a
-// profile of a 10 Gbit/s transfer, eight shards' chains took 0.5% more of
-// the CPU samples than two), while an update's cost grows with the
-// shard's size (at 1000 VMs, p50 2.2 ms with 8 shards, 3.9 with 4, 6.1
+// shard costs per packet too (a conntrack-state test; in a profile of a
+// 10 Gbit/s transfer the nft chains took 3.1% of the bottleneck CPU's
+// samples with eight shards, 1.7% with two), while an update's cost grows
+// with the shard's size (at 1000 VMs, p50 2.2 ms with 8 shards, 3.9 with 4, 6.1
 // with 2; docs/PERFORMANCE.md).
 //
 // `table ip6 metald_security` (TableName), content fixed: the operator's
