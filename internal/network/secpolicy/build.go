@@ -421,7 +421,8 @@ var (
 
 // baseRules returns the rules of the main table's base chain hooked at
 // name: blocked sources, established, ND/MLD, RA/redirect from VMs,
-// invalid. The dispatch to NIC chains is the shards' (shardBaseRules).
+// untracked and invalid. These chains see every packet; the dispatch to
+// NIC chains is the shards' (shardBaseRules), for new connections.
 func baseRules(name string) []nrule {
 	b := &builder{}
 	switch name {
@@ -444,7 +445,21 @@ func baseRules(name string) []nrule {
 		b.add("nd mld", b.icmpTypes(ndMLD), []expr.Any{verdict(expr.VerdictAccept)})
 		b.add("ra redirect from vm", inNamed(offSaddr, VMAddrsSet, false), b.icmpTypes(raRedirect), []expr.Any{&expr.Counter{}, verdict(expr.VerdictDrop)})
 	}
-	b.add("invalid", ctState(expr.CtStateBitINVALID), []expr.Any{&expr.Counter{}, verdict(expr.VerdictDrop)})
+	if name == ChainForward {
+		// An RA from a router that is not a VM: the first-hop RA guard
+		// decides which VMs it reaches.
+		b.add("ra to vm", b.icmpTypes([]uint8{134}), []expr.Any{verdict(expr.VerdictAccept)})
+	}
+	// The shards judge a connection by its first packet; a packet that
+	// belongs to no connection reaches no NIC chain. Untracked packets (the
+	// kernel does not track ND, MLD and RA, which passed above; anything
+	// else only when another table says notrack) from or to a VM are
+	// dropped rather than let through unjudged, and a packet that fits no
+	// connection is invalid.
+	drop := []expr.Any{&expr.Counter{}, verdict(expr.VerdictDrop)}
+	b.add("untracked from vm", ctState(expr.CtStateBitUNTRACKED), inNamed(offSaddr, VMAddrsSet, false), drop)
+	b.add("untracked to vm", ctState(expr.CtStateBitUNTRACKED), inNamed(offDaddr, VMAddrsSet, false), drop)
+	b.add("invalid", ctState(expr.CtStateBitINVALID), drop)
 	return b.rules
 }
 
@@ -457,23 +472,15 @@ func blockedRules() []nrule {
 	return []nrule{blockedSourceLog(), {comment: "blocked", exprs: []expr.Any{verdict(expr.VerdictDrop)}}}
 }
 
-// shardBaseRules returns the rules of a shard table's base chain hooked at
-// name. The main table's base chain ran before (its drops are final, but
-// its accepts do not stop this chain): established flows and ND/MLD are
-// accepted again first, so they are never judged by a NIC chain, then the
-// packet is dispatched to the shard's NIC chains.
+// shardBaseRules returns the rules of a shard table's base chain name
+// (shardBaseChains): the dispatch to the shard's NIC chains. Such a chain
+// sees only a new connection's first packet (it is a nat chain), so
+// established flows, ND and MLD (untracked), and packets without a
+// connection (dropped as invalid by the main table) never reach it.
 func shardBaseRules(name string) []nrule {
 	b := &builder{}
-	b.add("established", ctState(expr.CtStateBitESTABLISHED|expr.CtStateBitRELATED), []expr.Any{verdict(expr.VerdictAccept)})
-	if name == ChainOutput {
-		b.add("nd mld ra", b.icmpTypes(append(slices.Clone(ndMLD), raRedirect...)), []expr.Any{verdict(expr.VerdictAccept)})
-	} else {
-		b.add("nd mld", b.icmpTypes(ndMLD), []expr.Any{verdict(expr.VerdictAccept)})
-	}
-	if name != ChainOutput {
-		b.add("dispatch egress", []expr.Any{nh(offSaddr, 16), &expr.Lookup{SourceRegister: 1, SetName: EgressMap, DestRegister: 0, IsDestRegSet: true}})
-	}
-	if name != ChainInput {
+	b.add("dispatch egress", []expr.Any{nh(offSaddr, 16), &expr.Lookup{SourceRegister: 1, SetName: EgressMap, DestRegister: 0, IsDestRegSet: true}})
+	if name == ChainNewPostrouting {
 		b.add("dispatch ingress", []expr.Any{nh(offDaddr, 16), &expr.Lookup{SourceRegister: 1, SetName: IngressMap, DestRegister: 0, IsDestRegSet: true}})
 	}
 	return b.rules

@@ -10,13 +10,23 @@
 // that an update validates only an eighth of the VMs' chains: a commit
 // that adds a rule with a verdict makes the kernel validate every chain
 // reachable from the base chains of each table the commit changed
-// (nft_table_validate), and an update changes one shard only. Every
-// bridged packet passes the base chain of every table at its hook, so a
-// shard costs per packet too (a conntrack-state test; in a profile of a
-// 10 Gbit/s transfer the nft chains took 3.1% of the bottleneck CPU's
-// samples with eight shards, 1.7% with two), while an update's cost grows
-// with the shard's size (at 1000 VMs, p50 2.2 ms with 8 shards, 3.9 with 4, 6.1
-// with 2; docs/PERFORMANCE.md).
+// (nft_table_validate), and an update changes one shard only (at 1000
+// VMs, update p50 2.2 ms with 8 shards, 3.9 with 4, 6.1 with 2;
+// docs/PERFORMANCE.md).
+//
+// Only the main table's base chains see every packet. The shards' base
+// chains are of type nat: nf_nat calls a hook's nat chains for a
+// connection until it has a NAT binding, and ours make none, so the kernel
+// calls them for the first packet of each new connection and then, having
+// set up a null binding, never again for that connection (either
+// direction). An established flow's packet therefore passes one base
+// chain, not nine (in a profile of a TCP transfer between two VMs,
+// nf_tables' share of the bottleneck CPU fell from 3.5% to 1.5%;
+// docs/PERFORMANCE.md). A packet the main table drops never reaches a
+// shard; a drop in a shard is final. Policy changes do not re-judge open
+// connections (they never did: established flows were accepted first);
+// IsolateVm deletes the VM's conntrack entries so that the quarantine
+// judges them again.
 //
 // `table ip6 metald_security` (TableName), content fixed: the operator's
 // blocked_sources, a copy of vm_addrs, and three base chains (forward,
@@ -27,24 +37,32 @@
 //	ct state established,related accept
 //	ND/MLD (130-133,135,136,143) accept            RFC 4890: never broken by a user's deny all
 //	RA/redirect (134,137) from a VM address drop   (output: the host is the gateway, they pass)
+//	RA (forward) accept                            the first-hop RA guard decides
+//	ct state untracked, from or to a VM, drop      never judged by a shard (another table's notrack)
 //	ct state invalid drop
 //
 // `table ip6 metald_security_0` .. `_7` (ShardTable, NICTable): a NIC's
 // chains live in shard FNV-1a(Key(vm, nic)) mod 8 (Shard), with the
 // shard's verdict maps egress_by_src and ingress_by_dst, its log_deny and
-// log_allow chains, a copy of every managed set, and three base chains
-// (forward, input, output; priority filter+1, policy accept):
+// log_allow chains, a copy of every managed set, and two base chains of
+// type nat, policy accept:
 //
-//	ct state established,related accept            an accept in the main table does not stop
-//	ND/MLD accept (output: ND/MLD/RA/redirect)     the later base chains: repeated here
-//	ip6 saddr vmap @egress_by_src                  (forward, input)
-//	ip6 daddr vmap @ingress_by_dst                 (forward, output)
+//	new_postrouting (hook postrouting, priority -150: forwarded, bridged or
+//	  routed, and host-sent packets; before any other table's source NAT,
+//	  whose binding would end the walk before ours)
+//	    ip6 saddr vmap @egress_by_src
+//	    ip6 daddr vmap @ingress_by_dst
+//	new_input (hook input, priority 10: after the main table's input chain)
+//	    ip6 saddr vmap @egress_by_src
 //
-// A packet passes the main table's base chain and then the 8 shards' for its
-// hook; a drop anywhere is final. Between two local VMs the sender's egress
-// chain runs in the sender's shard and the receiver's ingress chain in the
-// receiver's, in shard order (when the receiver's shard comes first its
-// ingress chain sees, and counts, a packet the sender's egress then drops).
+// A new connection's first packet passes the main table's base chain and
+// then the 8 shards' for its hook. Between two local VMs the sender's
+// egress chain runs in the sender's shard and the receiver's ingress chain
+// in the receiver's, in shard order (when the receiver's shard comes first
+// its ingress chain sees, and counts, a packet the sender's egress then
+// drops). Shard base chains of the layout before this one (filter chains
+// at forward, input and output that every packet passed) are deleted by a
+// Manager's first commit.
 //
 // The verdict maps are keyed on every address of a VM (global and link-local);
 // the first-hop source guard in the bridge table makes a source address an

@@ -99,6 +99,10 @@ type Manager struct {
 	// (NIC chains, log chains, maps and managed sets in the main table);
 	// queueBase deletes them.
 	legacyChains, legacySets []string
+	// legacyBase are the shard tables' base chains of the layout before
+	// this one (filter chains at forward, input and output that judged
+	// every packet); queueBase deletes them.
+	legacyBase []shardChain
 	// names names anonymous sets explicitly (see package setname).
 	names *setname.Namer
 	// gens, when set, notes the ruleset generation after each commit
@@ -147,7 +151,7 @@ func (m *Manager) load() error {
 	m.owners = map[string]map[netip.Addr]map[string]struct{}{}
 	m.byAddr = map[netip.Addr]string{}
 	m.present = map[string]bool{}
-	m.mainAddrs, m.legacyChains, m.legacySets = nil, nil, nil
+	m.mainAddrs, m.legacyChains, m.legacySets, m.legacyBase = nil, nil, nil, nil
 	if m.groups == nil {
 		m.groups = map[string][]netip.Addr{}
 	}
@@ -181,7 +185,12 @@ func (m *Manager) load() error {
 			}
 			continue
 		}
-		if _, ok := shardIndex(ch.Table.Name); !ok {
+		i, ok := shardIndex(ch.Table.Name)
+		if !ok {
+			continue
+		}
+		if ch.Hooknum != nil && slices.ContainsFunc(baseChains, func(b baseChain) bool { return b.name == ch.Name }) {
+			m.legacyBase = append(m.legacyBase, shardChain{i, ch.Name})
 			continue
 		}
 		if k, _, gen, ok := parseChainName(ch.Name); ok && gen == 0 {
@@ -427,9 +436,31 @@ var baseChains = []baseChain{
 	{ChainOutput, nftables.ChainHookOutput},
 }
 
-// shardPriority is the priority of the shard tables' base chains: after
-// the main table's (filter, 0).
-var shardPriority = nftables.ChainPriorityRef(*nftables.ChainPriorityFilter + 1)
+// shardChain names a chain of shard table i.
+type shardChain struct {
+	shard int
+	name  string
+}
+
+// shardBase is a shard table's base chain: type nat, so the kernel calls
+// it for the first packet of each new connection only (nf_nat runs a
+// hook's nat chains until a connection has its binding; ours make none,
+// and the binding nf_nat then sets up ends the calls for the connection's
+// later packets, both directions).
+type shardBase struct {
+	baseChain
+	priority *nftables.ChainPriority
+}
+
+var shardBaseChains = []shardBase{
+	// Forwarded (bridged and routed) and host-sent packets. -150 is the
+	// earliest a nat chain may run (after conntrack, -200): before any
+	// other table's source NAT, whose binding would end the walk over the
+	// hook's nat chains before ours.
+	{baseChain{ChainNewPostrouting, nftables.ChainHookPostrouting}, nftables.ChainPriorityRef(-150)},
+	// Packets to the host, after the main table's input chain (filter, 0).
+	{baseChain{ChainNewInput, nftables.ChainHookInput}, nftables.ChainPriorityRef(10)},
+}
 
 // queueBase queues (once per manager) the main table with its base chains,
 // and every shard table with its maps, log chains and base chains.
@@ -499,6 +530,13 @@ func (m *Manager) queueBase() error {
 			return fmt.Errorf("add elements to %s: %w", VMAddrsSet, err)
 		}
 	}
+	// The former layout's shard base chains: their dispatch rules hold
+	// references to the maps, so flush, then delete.
+	for _, l := range m.legacyBase {
+		ch := &nftables.Chain{Name: l.name, Table: shardTable(l.shard)}
+		c.FlushChain(ch)
+		c.DelChain(ch)
+	}
 	for i := range Shards {
 		t := shardTable(i)
 		c.AddTable(t)
@@ -517,9 +555,9 @@ func (m *Manager) queueBase() error {
 				return err
 			}
 		}
-		for _, b := range baseChains {
-			ch := c.AddChain(&nftables.Chain{Name: b.name, Table: t, Type: nftables.ChainTypeFilter,
-				Hooknum: b.hook, Priority: shardPriority, Policy: &accept})
+		for _, b := range shardBaseChains {
+			ch := c.AddChain(&nftables.Chain{Name: b.name, Table: t, Type: nftables.ChainTypeNAT,
+				Hooknum: b.hook, Priority: b.priority, Policy: &accept})
 			c.FlushChain(ch)
 			if err := m.queueRules(t, ch, shardBaseRules(b.name)); err != nil {
 				return err

@@ -29,6 +29,11 @@ const (
 	ChainInput   = "input"
 	ChainOutput  = "output"
 
+	// ChainNewPostrouting and ChainNewInput are the shard tables' base
+	// chains (type nat: they see the first packet of each connection).
+	ChainNewPostrouting = "new_postrouting"
+	ChainNewInput       = "new_input"
+
 	// LogPrefixDeny is the kernel log prefix of denied packets.
 	LogPrefixDeny = "metald-ipv6-deny "
 	// LogPrefixAllow is the kernel log prefix of allowed packets of a rule

@@ -1,0 +1,119 @@
+package secpolicy
+
+import (
+	"context"
+	"fmt"
+	"os"
+	"strings"
+	"testing"
+)
+
+// TestUntrackedNotLetThrough: the shards judge a connection by its first
+// packet (nat chains), so a packet another table exempts from connection
+// tracking would reach no NIC chain. Such packets from or to a VM are
+// dropped by the main table and counted; with the exemption gone the
+// policy applies as before.
+func TestUntrackedNotLetThrough(t *testing.T) {
+	tp := newTopo(t, 1)
+	a, b := tp.addVM("a", 0, 0x10), tp.addVM("b", 0, 0x11)
+	pb := b.plan("t1")
+	pb.Ingress = rules(t, "ingress", "allow tcp from any to any port 80", "deny all from any to any")
+	tp.upsert(a.plan("t1"))
+	tp.upsert(pb)
+	b.serve(t, "tcp:80", "tcp:81")
+	expectFlows(t, flow{a, b, 80, true}, flow{a, b, 81, false})
+
+	// Port 81 untracked both ways: unjudged, the SYN would pass and so
+	// would b's reply (untracked too), and the connection would open.
+	tp.host.MustRun(t, "nft", `add table ip6 notrack_probe
+add chain ip6 notrack_probe pre { type filter hook prerouting priority -300; }
+add rule ip6 notrack_probe pre tcp dport 81 notrack
+add rule ip6 notrack_probe pre tcp sport 81 notrack`)
+	before := untrackedDrops(t, tp)
+	expectFlows(t, flow{a, b, 81, false})
+	if after := untrackedDrops(t, tp); after <= before {
+		t.Errorf("untracked drops %d -> %d, want more", before, after)
+	}
+	tp.host.MustRun(t, "nft", "delete", "table", "ip6", "notrack_probe")
+	expectFlows(t, flow{a, b, 80, true}, flow{a, b, 81, false})
+}
+
+// untrackedDrops sums the packets of the main forward chain's untracked
+// drop rules.
+func untrackedDrops(t *testing.T, tp *topo) int {
+	t.Helper()
+	out := tp.host.MustRun(t, "nft", "list", "chain", "ip6", TableName, ChainForward)
+	n := 0
+	for _, l := range strings.Split(out, "\n") {
+		if !strings.Contains(l, "untracked") || !strings.Contains(l, "drop") {
+			continue
+		}
+		i := strings.Index(l, "counter packets ")
+		if i < 0 {
+			t.Fatalf("untracked rule without a counter: %s", l)
+		}
+		var p int
+		fmt.Sscanf(l[i+len("counter packets "):], "%d", &p)
+		n += p
+	}
+	return n
+}
+
+// TestFilterShardChainsReplaced: shard tables of the layout before this one
+// (filter base chains at forward, input and output that every packet
+// passed) get the nat base chains on a restarted Manager's first commit,
+// and their former base chains are deleted; the policy holds throughout.
+func TestFilterShardChainsReplaced(t *testing.T) {
+	tp := newTopo(t, 1)
+	a, b := tp.addVM("a", 0, 0x10), tp.addVM("b", 0, 0x11)
+	pb := b.plan("t1")
+	pb.Ingress = rules(t, "ingress", "allow tcp from any to any port 80", "deny all from any to any")
+	tp.upsert(a.plan("t1"))
+	tp.upsert(pb)
+	b.serve(t, "tcp:80", "tcp:81")
+	// The former layout: every shard's dispatch in filter chains.
+	var script strings.Builder
+	for i := range Shards {
+		tbl := ShardTable(i)
+		for _, c := range []string{ChainNewPostrouting, ChainNewInput} {
+			fmt.Fprintf(&script, "flush chain ip6 %s %s\ndelete chain ip6 %s %s\n", tbl, c, tbl, c)
+		}
+		for _, c := range []struct{ name, rules string }{
+			{ChainForward, "ip6 saddr vmap @egress_by_src; ip6 daddr vmap @ingress_by_dst;"},
+			{ChainInput, "ip6 saddr vmap @egress_by_src;"},
+			{ChainOutput, "ip6 daddr vmap @ingress_by_dst;"},
+		} {
+			fmt.Fprintf(&script, "add chain ip6 %s %s { type filter hook %s priority 1; policy accept; ct state established,related accept; %s }\n", tbl, c.name, c.name, c.rules)
+		}
+	}
+	f := t.TempDir() + "/old.nft"
+	if err := os.WriteFile(f, []byte(script.String()), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	tp.host.MustRun(t, "nft", "-f", f)
+	expectFlows(t, flow{a, b, 80, true}, flow{a, b, 81, false})
+
+	m, err := New(tp.host.Fd()) // a restarted metald
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer m.Close()
+	pb.Ingress = rules(t, "ingress", "allow tcp from any to any port 81", "deny all from any to any")
+	if err := m.Upsert(context.Background(), pb); err != nil {
+		t.Fatal(err)
+	}
+	for i := range Shards {
+		out := tp.host.MustRun(t, "nft", "list", "table", "ip6", ShardTable(i))
+		for _, gone := range []string{"chain forward", "chain input", "chain output", "type filter"} {
+			if strings.Contains(out, gone) {
+				t.Errorf("%s still has %q:\n%s", ShardTable(i), gone, out)
+			}
+		}
+		for _, want := range []string{"chain " + ChainNewPostrouting, "chain " + ChainNewInput, "type nat hook postrouting", "type nat hook input"} {
+			if !strings.Contains(out, want) {
+				t.Errorf("%s lacks %q:\n%s", ShardTable(i), want, out)
+			}
+		}
+	}
+	expectFlows(t, flow{a, b, 80, false}, flow{a, b, 81, true})
+}
