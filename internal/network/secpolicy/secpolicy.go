@@ -453,10 +453,10 @@ type shardBase struct {
 }
 
 var shardBaseChains = []shardBase{
-	// Forwarded (bridged and routed) and host-sent packets. -150 is the
-	// earliest a nat chain may run (after conntrack, -200): before any
-	// other table's source NAT, whose binding would end the walk over the
-	// hook's nat chains before ours.
+	// Forwarded (bridged and routed) and host-sent packets. A nat chain
+	// must come after conntrack (-200); -150 puts ours before any other
+	// table's source NAT (srcnat is 100), whose binding would end the
+	// walk over the hook's nat chains before ours.
 	{baseChain{ChainNewPostrouting, nftables.ChainHookPostrouting}, nftables.ChainPriorityRef(-150)},
 	// Packets to the host, after the main table's input chain (filter, 0).
 	{baseChain{ChainNewInput, nftables.ChainHookInput}, nftables.ChainPriorityRef(10)},
