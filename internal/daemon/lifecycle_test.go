@@ -5,6 +5,7 @@ import (
 	"net"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"syscall"
 	"testing"
@@ -128,6 +129,27 @@ func TestLifecycleAndConnectivity(t *testing.T) {
 	}
 	if code, out := e.call("DeleteVm", map[string]any{"vm_id": "vm-b1"}); code != 404 || out["code"] != "not_found" {
 		t.Fatalf("delete twice: %d %v", code, out)
+	}
+
+	// A bridge and gateway two VMs share stay with the one left, and go
+	// with it.
+	gatewayOnBrA := func() bool {
+		out := e.host.MustRun(t, "ip", "-6", "addr", "show", "dev", "br-a")
+		return strings.Contains(out, "2001:db8:a::1/64")
+	}
+	if !gatewayOnBrA() {
+		t.Fatal("gateway 2001:db8:a::1 not on br-a")
+	}
+	e.mustCall("DeleteVm", map[string]any{"vm_id": "vm-a2"})
+	if !slices.Contains(e.links(), "br-a") || !gatewayOnBrA() {
+		t.Fatalf("br-a or its gateway went with vm-a2, vm-a1 still uses them: %v", e.links())
+	}
+	if out, err := e.inVM("vm-a1", "ping", "-6", "-c", "1", "-W", "3", "2001:db8:a::1"); err != nil {
+		t.Fatalf("ping the gateway after vm-a2's delete: %v\n%s", err, out)
+	}
+	e.mustCall("DeleteVm", map[string]any{"vm_id": "vm-a1"})
+	if slices.Contains(e.links(), "br-a") {
+		t.Fatalf("br-a left after its last VM's delete: %v", e.links())
 	}
 }
 

@@ -103,8 +103,9 @@ type Store interface {
 	UpdateVM(ctx context.Context, vm *VM) error
 	// DeleteVM removes a VM and its NICs; ErrNotFound when absent.
 	DeleteVM(ctx context.Context, id string) error
-	// NICsOnBridge returns every NIC on bridge, with its VM's id.
-	NICsOnBridge(ctx context.Context, bridge string) ([]NICRef, error)
+	// BridgeUsedBy reports whether a NIC of a VM other than exceptVM is on
+	// bridge.
+	BridgeUsedBy(ctx context.Context, bridge, exceptVM string) (bool, error)
 	// GatewayOnBridgeBy reports whether a NIC of a VM other than exceptVM,
 	// on bridge, has gateway put on the bridge (GatewayOnBridge): one row
 	// looked for, however many NICs the bridge has.

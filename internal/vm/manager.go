@@ -470,25 +470,30 @@ func (m *Manager) releaseBridges(ctx context.Context, vmID string, nics []store.
 			continue
 		}
 		done[n.Bridge] = true
-		others, err := m.opt.Store.NICsOnBridge(ctx, n.Bridge)
-		if err != nil {
-			errs = append(errs, err)
-			continue
-		}
-		others = slices.DeleteFunc(others, func(r store.NICRef) bool { return r.VMID == vmID })
 		for _, mine := range nics {
 			gwp, ok := gatewayPrefix(mine)
 			if mine.Bridge != n.Bridge || !ok || !mine.GatewayOnBridge {
 				continue
 			}
-			if slices.ContainsFunc(others, func(r store.NICRef) bool { return r.GatewayOnBridge && r.Gateway == mine.Gateway }) {
+			// Another VM's NIC that put the same gateway there keeps it.
+			held, err := m.opt.Store.GatewayOnBridgeBy(ctx, n.Bridge, mine.Gateway, vmID)
+			if err != nil {
+				errs = append(errs, err)
+				continue
+			}
+			if held {
 				continue
 			}
 			if err := m.opt.Ports.RemoveGateway(n.Bridge, gwp); err != nil {
 				errs = append(errs, err)
 			}
 		}
-		if len(others) == 0 {
+		used, err := m.opt.Store.BridgeUsedBy(ctx, n.Bridge, vmID)
+		if err != nil {
+			errs = append(errs, err)
+			continue
+		}
+		if !used {
 			if err := m.opt.Ports.RemoveBridgeIfUnused(n.Bridge); err != nil {
 				errs = append(errs, err)
 			}

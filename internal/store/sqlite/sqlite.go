@@ -277,9 +277,14 @@ func (s *Store) nicRefs(ctx context.Context, where string, args ...any) ([]store
 	return out, rows.Err()
 }
 
-// NICsOnBridge implements store.Store.
-func (s *Store) NICsOnBridge(ctx context.Context, bridge string) ([]store.NICRef, error) {
-	return s.nicRefs(ctx, `bridge = ?`, bridge)
+// BridgeUsedBy implements store.Store (nics_bridge index).
+func (s *Store) BridgeUsedBy(ctx context.Context, bridge, exceptVM string) (bool, error) {
+	var used bool
+	err := s.db.QueryRowContext(ctx, `SELECT EXISTS (SELECT 1 FROM nics WHERE bridge = ? AND vm_id != ?)`, bridge, exceptVM).Scan(&used)
+	if err != nil {
+		return false, fmt.Errorf("query nics: %w", err)
+	}
+	return used, nil
 }
 
 // GatewayOnBridgeBy implements store.Store (nics_bridge index).

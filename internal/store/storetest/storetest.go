@@ -118,9 +118,17 @@ func Run(t *testing.T, open func(t *testing.T) store.Store) {
 				t.Fatal(err)
 			}
 		}
-		on, err := s.NICsOnBridge(ctx, "br-x")
-		if err != nil || len(on) != 2 || on[0].VMID != "vm-a" || on[1].VMID != "vm-b" || on[1].HostDevice != "tap-b" {
-			t.Fatalf("on br-x: %v %+v", err, on)
+		for _, tc := range []struct {
+			bridge, except string
+			want           bool
+		}{
+			{"br-x", "", true}, {"br-x", "vm-a", true}, {"br-x", "vm-b", true},
+			{"br-y", "", true}, {"br-y", "vm-a", true}, {"br-y", "vm-b", false}, // only vm-b's second NIC
+			{"br-z", "", false},
+		} {
+			if used, err := s.BridgeUsedBy(ctx, tc.bridge, tc.except); err != nil || used != tc.want {
+				t.Fatalf("%s used by a VM other than %q: %v %v, want %v", tc.bridge, tc.except, used, err, tc.want)
+			}
 		}
 		type held struct {
 			bridge, gw, except string
