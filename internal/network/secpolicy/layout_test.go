@@ -8,19 +8,43 @@ import (
 	"testing"
 )
 
+// port80Pair returns a topology with VMs a and b on br0 in tenant t1, b's
+// ingress admitting TCP port 80 only (pb), and b serving ports 80 and 81.
+func port80Pair(t *testing.T) (tp *topo, a, b *vm, pb NICPolicy) {
+	t.Helper()
+	tp = newTopo(t, 1)
+	a, b = tp.addVM("a", 0, 0x10), tp.addVM("b", 0, 0x11)
+	pb = b.plan("t1")
+	pb.Ingress = rules(t, "ingress", "allow tcp from any to any port 80", "deny all from any to any")
+	tp.upsert(a.plan("t1"))
+	tp.upsert(pb)
+	b.serve(t, "tcp:80", "tcp:81")
+	return tp, a, b, pb
+}
+
+// restartWith81 changes pb to admit port 81 instead of 80 through a new
+// Manager (a restarted metald), closed when the test ends, and returns it.
+func restartWith81(t *testing.T, tp *topo, pb NICPolicy) *Manager {
+	t.Helper()
+	m, err := New(tp.host.Fd())
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { m.Close() })
+	pb.Ingress = rules(t, "ingress", "allow tcp from any to any port 81", "deny all from any to any")
+	if err := m.Upsert(context.Background(), pb); err != nil {
+		t.Fatal(err)
+	}
+	return m
+}
+
 // TestUntrackedNotLetThrough: the shards judge a connection by its first
 // packet (nat chains), so a packet another table exempts from connection
 // tracking would reach no NIC chain. Such packets from or to a VM are
 // dropped by the main table and counted; with the exemption gone the
 // policy applies as before.
 func TestUntrackedNotLetThrough(t *testing.T) {
-	tp := newTopo(t, 1)
-	a, b := tp.addVM("a", 0, 0x10), tp.addVM("b", 0, 0x11)
-	pb := b.plan("t1")
-	pb.Ingress = rules(t, "ingress", "allow tcp from any to any port 80", "deny all from any to any")
-	tp.upsert(a.plan("t1"))
-	tp.upsert(pb)
-	b.serve(t, "tcp:80", "tcp:81")
+	tp, a, b, _ := port80Pair(t)
 	expectFlows(t, flow{a, b, 80, true}, flow{a, b, 81, false})
 
 	// Port 81 untracked both ways: unjudged, the SYN would pass and so
@@ -64,13 +88,7 @@ func untrackedDrops(t *testing.T, tp *topo) int {
 // passed) get the nat base chains on a restarted Manager's first commit,
 // and their former base chains are deleted; the policy holds throughout.
 func TestFilterShardChainsReplaced(t *testing.T) {
-	tp := newTopo(t, 1)
-	a, b := tp.addVM("a", 0, 0x10), tp.addVM("b", 0, 0x11)
-	pb := b.plan("t1")
-	pb.Ingress = rules(t, "ingress", "allow tcp from any to any port 80", "deny all from any to any")
-	tp.upsert(a.plan("t1"))
-	tp.upsert(pb)
-	b.serve(t, "tcp:80", "tcp:81")
+	tp, a, b, pb := port80Pair(t)
 	// The former layout: every shard's dispatch in filter chains.
 	var script strings.Builder
 	for i := range Shards {
@@ -93,15 +111,7 @@ func TestFilterShardChainsReplaced(t *testing.T) {
 	tp.host.MustRun(t, "nft", "-f", f)
 	expectFlows(t, flow{a, b, 80, true}, flow{a, b, 81, false})
 
-	m, err := New(tp.host.Fd()) // a restarted metald
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer m.Close()
-	pb.Ingress = rules(t, "ingress", "allow tcp from any to any port 81", "deny all from any to any")
-	if err := m.Upsert(context.Background(), pb); err != nil {
-		t.Fatal(err)
-	}
+	restartWith81(t, tp, pb)
 	for i := range Shards {
 		out := tp.host.MustRun(t, "nft", "list", "table", "ip6", ShardTable(i))
 		for _, gone := range []string{"chain forward", "chain input", "chain output", "type filter"} {

@@ -333,12 +333,7 @@ func TestSingleTableLayoutCleanedUp(t *testing.T) {
 // was, and moved by its next update: the main rules go into the
 // generation-0 chains and the generation-N chains are deleted.
 func TestTrampolineLayoutMoved(t *testing.T) {
-	tp := newTopo(t, 1)
-	a, b := tp.addVM("a", 0, 0x10), tp.addVM("b", 0, 0x11)
-	pb := b.plan("t1")
-	pb.Ingress = rules(t, "ingress", "allow tcp from any to any port 80", "deny all from any to any")
-	tp.upsert(a.plan("t1"))
-	tp.upsert(pb)
+	tp, a, b, pb := port80Pair(t)
 	// Turn b's chains into the earlier layout: the main chains become
 	// generation 1, new generation-0 chains jump to them, and the maps
 	// point at those (the rename keeps the map's references on the renamed
@@ -359,18 +354,9 @@ func TestTrampolineLayoutMoved(t *testing.T) {
 	if n := chains(); n != 4 {
 		t.Fatalf("%d chains of b in the earlier layout, want 4", n)
 	}
-	b.serve(t, "tcp:80", "tcp:81")
 	expectFlows(t, flow{a, b, 80, true}, flow{a, b, 81, false})
 
-	m, err := New(tp.host.Fd()) // a restarted metald
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer m.Close()
-	pb.Ingress = rules(t, "ingress", "allow tcp from any to any port 81", "deny all from any to any")
-	if err := m.Upsert(context.Background(), pb); err != nil {
-		t.Fatal(err)
-	}
+	m := restartWith81(t, tp, pb)
 	if n := chains(); n != 2 {
 		t.Errorf("%d chains of b after its update, want its 2 generation-0 chains:\n%s", n, listTable(t, tp.host))
 	}
