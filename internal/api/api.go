@@ -251,7 +251,7 @@ func (s *Server) describe(row *store.VM) (*vmv1.GetVmResponse, error) {
 		if i < len(cfg.GetNetwork()) {
 			st.EffectiveSecurity = vm.EffectiveSecurity(cfg, cfg.GetNetwork()[i])
 			st.Controls = vm.ControlStatuses(st.EffectiveSecurity, n, s.vms.Caps())
-			st.PolicyControls = append(policyStatus(cfg.GetNetwork()[i].GetSecurityPolicy(), cfg, s.vms.Caps()), s.bridgeStatus(n.Bridge))
+			st.PolicyControls = append(policyStatus(cfg.GetNetwork()[i], cfg, s.vms.Caps()), s.bridgeStatus(n.Bridge))
 			st.BridgeName = cfg.GetNetwork()[i].GetBridgeName()
 			st.DnsServers = canonicalAddrs(cfg.GetNetwork()[i].GetIpv6().GetDnsServers())
 		}

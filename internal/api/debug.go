@@ -132,7 +132,7 @@ func (s *Server) RegisterDebug(mux *http.ServeMux, counters CounterReader) {
 			entry["ingress_default"] = def(p.GetIngressRules())
 			entry["egress_default"] = def(p.GetEgressRules())
 			entry["security_profile"] = cfg.GetSecurityProfile().GetProfileName()
-			controls := policyStatus(p, cfg, s.vms.Caps())
+			controls := policyStatus(nc, cfg, s.vms.Caps())
 			if i < len(row.NICs) {
 				controls = append(controls, s.bridgeStatus(row.NICs[i].Bridge))
 			}
@@ -212,7 +212,10 @@ func statusJSON(cs []*vmv1.ControlStatus) []json.RawMessage {
 // does not apply it yet. Nothing claims a protection it does not give.
 const notApplied = "bandwidth and packet-rate limits are not yet applied by this daemon"
 
-func policyStatus(p *vmv1.SecurityPolicy, cfg *vmv1.VmConfig, caps vm.Capabilities) []*vmv1.ControlStatus {
+// policyStatus reports, per policy control of NIC nc, whether it is in
+// force.
+func policyStatus(nc *vmv1.NetworkInterface, cfg *vmv1.VmConfig, caps vm.Capabilities) []*vmv1.ControlStatus {
+	p := nc.GetSecurityPolicy()
 	enforced := caps.Policy
 	limits := notApplied
 	if caps.Limits {
@@ -240,7 +243,30 @@ func policyStatus(p *vmv1.SecurityPolicy, cfg *vmv1.VmConfig, caps vm.Capabiliti
 		st("packet_rate_limit", p.GetPacketRateLimit() > 0, limits),
 		st("enable_deep_packet_inspection", p.GetEnableDeepPacketInspection(), "deep packet inspection is not implemented"),
 		st("require_encrypted_traffic", cfg.GetSecurityProfile().GetRequireEncryptedTraffic(), "encrypted-traffic enforcement is not implemented"),
+		st("policy_address_identity", restricts(p, cfg), addressIdentityGap(nc, cfg)),
 	}
+}
+
+// restricts reports whether p (or the profile) limits the NIC's traffic at
+// all, so that which packets the policy can attribute to it matters.
+func restricts(p *vmv1.SecurityPolicy, cfg *vmv1.VmConfig) bool {
+	iso := p.GetTenantIsolationLevel()
+	return len(p.GetIngressRules()) > 0 || len(p.GetEgressRules()) > 0 || len(p.GetAllowedDestinations()) > 0 ||
+		(iso != "" && iso != "none") || cfg.GetSecurityProfile().GetEnableNetworkMicrosegmentation()
+}
+
+// addressIdentityGap says why the policy cannot judge every packet of nc,
+// or "" when it can: the policy's chains are reached through maps keyed on
+// the NIC's configured and link-local addresses, which the source guard
+// makes the only ones it can send from.
+func addressIdentityGap(nc *vmv1.NetworkInterface, cfg *vmv1.VmConfig) string {
+	switch {
+	case nc.GetIpv6().GetEnablePrivacyExtensions():
+		return "the policy is keyed on the NIC's configured and link-local addresses; connections from or to the temporary addresses of enable_privacy_extensions are not judged by its rules, allowed_destinations or tenant isolation"
+	case !vm.EffectiveSecurity(cfg, nc).GetEnableSourceGuard():
+		return "without enable_source_guard the VM can send from addresses the policy does not know, and such packets are not judged by it"
+	}
+	return ""
 }
 
 // bridgeStatus reports whether the host's ip6 hooks see a bridge's traffic.

@@ -101,6 +101,11 @@ func TestPolicyThroughDaemon(t *testing.T) {
 	if enforced["ingress_rules"] != "enforced" || enforced["bridged_traffic_at_l3"] != "enforced" || enforced["bandwidth_limit_mbps"] != "off" {
 		t.Fatalf("GetVm policy controls: %v", enforced)
 	}
+	// No profile, so no source guard: the policy cannot attribute a packet
+	// from an address the VM was not given, and GetVm says so.
+	if enforced["policy_address_identity"] != "not_enforced" {
+		t.Fatalf("GetVm policy controls: %v", enforced)
+	}
 
 	// blocked_sources, by the operator with the nft CLI: the client is cut
 	// off, and metald keeps the element across a restart.
