@@ -109,7 +109,7 @@ func TestJointInstallFailureCommitsNothing(t *testing.T) {
 		"invalid": {VMID: "vm-j", NIC: "eth0"},
 		// Fails after the policy's base objects are queued: vm-a holds the
 		// address.
-		"taken address": {VMID: "vm-j", NIC: "eth0", Addrs: []netip.Addr{netip.MustParseAddr("2001:db8:72::10")}},
+		"taken address": {VMID: "vm-j", NIC: "eth0", MAC: mac, Addrs: []netip.Addr{netip.MustParseAddr("2001:db8:72::10")}},
 	} {
 		before := e.nftGen(t)
 		if err := e.d.InstallJoint(ctx, append([]network.NICPlan(nil), rules...), []secpolicy.NICPolicy{pol}); err == nil {
@@ -125,7 +125,7 @@ func TestJointInstallFailureCommitsNothing(t *testing.T) {
 			t.Fatalf("%s: vm-a's policy chains changed: %v, were %v", name, got, aChains)
 		}
 	}
-	good := secpolicy.NICPolicy{VMID: "vm-j", NIC: "eth0", Tenant: "t1", Bridge: "br-j", Addrs: []netip.Addr{addr}}
+	good := secpolicy.NICPolicy{VMID: "vm-j", NIC: "eth0", Tenant: "t1", Bridge: "br-j", MAC: mac, Addrs: []netip.Addr{addr}}
 	if err := e.d.InstallJoint(ctx, rules, []secpolicy.NICPolicy{good}); err != nil {
 		t.Fatalf("install after failures: %v", err)
 	}

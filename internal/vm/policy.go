@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"net"
 	"net/netip"
 	"slices"
 	"strings"
@@ -155,6 +156,9 @@ func (m *Manager) Policies(ctx context.Context, row *store.VM, cfg *vmv1.VmConfi
 			SecurityGroups:    cfg.GetSecurityProfile().GetSecurityGroups(), LogSecurityEvents: sp.GetLogSecurityEvents()}
 		if p.Isolated {
 			p.ManagementIngress, p.ManagementEgress = m.opt.ManagementAccess, m.opt.ManagementAccess
+		}
+		if mac, err := net.ParseMAC(n.MAC); err == nil {
+			p.MAC = mac
 		}
 		if a, err := netip.ParsePrefix(n.Address); err == nil {
 			p.Addrs = append(p.Addrs, a.Addr())

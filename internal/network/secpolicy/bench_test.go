@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"net"
 	"net/netip"
 	"os/exec"
 	"slices"
@@ -45,7 +46,8 @@ func others(t testing.TB, n int) []NICPolicy {
 		v := &vm{name: fmt.Sprintf("o%d", i), bridge: "br0",
 			addr: netip.MustParseAddr(fmt.Sprintf("2001:db8:99::%x", i+1)),
 			ll:   netip.MustParseAddr(fmt.Sprintf("fe80::99:%x", i+1)),
-			gw:   netip.MustParseAddr("2001:db8:99::ffff")}
+			gw:   netip.MustParseAddr("2001:db8:99::ffff"),
+			mac:  net.HardwareAddr{0x02, 0x99, 0, 0, byte(i >> 8), byte(i)}}
 		out = append(out, example1(t, v, fmt.Sprintf("tenant-%d", i%50)))
 	}
 	return out

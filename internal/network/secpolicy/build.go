@@ -479,7 +479,12 @@ func blockedRules() []nrule {
 // connection (dropped as invalid by the main table) never reach it.
 func shardBaseRules(name string) []nrule {
 	b := &builder{}
-	b.add("dispatch egress", []expr.Any{nh(offSaddr, 16), &expr.Lookup{SourceRegister: 1, SetName: EgressMap, DestRegister: 0, IsDestRegSet: true}})
+	// By the frame's source MAC (link-layer header bytes 6-11): a packet
+	// the host sends or routes in from elsewhere has no VM's MAC there, or
+	// no link-layer header at all (the lookup then does not match).
+	b.add("dispatch egress", []expr.Any{
+		&expr.Payload{DestRegister: 1, Base: expr.PayloadBaseLLHeader, Offset: 6, Len: 6},
+		&expr.Lookup{SourceRegister: 1, SetName: EgressMACMap, DestRegister: 0, IsDestRegSet: true}})
 	if name == ChainNewPostrouting {
 		b.add("dispatch ingress", []expr.Any{nh(offDaddr, 16), &expr.Lookup{SourceRegister: 1, SetName: IngressMap, DestRegister: 0, IsDestRegSet: true}})
 	}

@@ -50,10 +50,10 @@
 //	new_postrouting (hook postrouting, priority -150: forwarded, bridged or
 //	  routed, and host-sent packets; before any other table's source NAT,
 //	  whose binding would end the walk before ours)
-//	    ip6 saddr vmap @egress_by_src
+//	    ether saddr vmap @egress_by_mac   (the frame the packet came in)
 //	    ip6 daddr vmap @ingress_by_dst
 //	new_input (hook input, priority 10: after the main table's input chain)
-//	    ip6 saddr vmap @egress_by_src
+//	    ether saddr vmap @egress_by_mac
 //
 // A new connection's first packet passes the main table's base chain and
 // then the 8 shards' for its hook. Between two local VMs the sender's
@@ -64,9 +64,19 @@
 // at forward, input and output that every packet passed) are deleted by a
 // Manager's first commit.
 //
-// The verdict maps are keyed on every address of a VM (global and link-local);
-// the first-hop source guard in the bridge table makes a source address an
-// identity. Each entry jumps to the NIC's chain for that direction. A NIC
+// Egress is dispatched by the source MAC of the frame the packet arrived
+// in (egress_by_mac): the first-hop table drops a VM port's frames from
+// any other MAC, so whatever source address a VM uses (a temporary address
+// of privacy extensions, or any address without the source guard), its
+// egress rules judge the packet. A packet the host sends has no link-layer
+// header and one routed in from elsewhere carries a router's MAC: neither
+// matches. Ingress is dispatched by destination address (ingress_by_dst,
+// every configured and link-local address of a VM): connections to a
+// temporary address are not judged by the VM's ingress rules (GetVm says
+// so, policy_address_identity). egress_by_src holds the same addresses as
+// ingress_by_dst; no rule looks it up (a Manager learns a NIC's addresses
+// from it after a restart). Each entry jumps to the NIC's chain for that
+// direction. A NIC
 // chain ends with `return` when the packet is allowed and `drop` when it is
 // not, so for traffic between two local VMs the sender's egress chain and
 // the receiver's ingress chain both decide ("both sides' rules").

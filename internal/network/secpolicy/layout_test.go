@@ -127,3 +127,65 @@ func TestFilterShardChainsReplaced(t *testing.T) {
 	}
 	expectFlows(t, flow{a, b, 80, false}, flow{a, b, 81, true})
 }
+
+const connectFromScript = `
+import socket, sys
+s = socket.socket(socket.AF_INET6)
+s.settimeout(0.7)
+s.bind((sys.argv[1], 0))
+try:
+    s.connect((sys.argv[2], int(sys.argv[3]))); s.sendall(b"ping"); print("ok" if s.recv(4) == b"ping" else "noecho")
+except Exception:
+    print("fail")
+`
+
+// TestEgressByMAC: a VM's egress chain is found by the frame's source MAC,
+// so a packet from an address the policy was not given (a temporary
+// address of privacy extensions, or any address when the source guard is
+// off) is judged by the VM's egress rules like one from its own address.
+func TestEgressByMAC(t *testing.T) {
+	tp := newTopo(t, 1)
+	a, b := tp.addVM("a", 0, 0x10), tp.addVM("b", 0, 0x11)
+	pa := a.plan("t1")
+	pa.Egress = rules(t, "egress", "allow tcp from any to any port 80", "deny all from any to any")
+	tp.upsert(pa)
+	tp.upsert(b.plan("t1"))
+	b.serve(t, "tcp:80", "tcp:81")
+	temp := "2001:db8:1::a7"
+	a.ns.MustRun(t, "ip", "-6", "addr", "add", temp+"/64", "dev", "eth0", "nodad")
+	from := func(src string, port int) string {
+		t.Helper()
+		out, err := a.ns.Run(py, "-c", connectFromScript, src, b.addr.String(), fmt.Sprint(port))
+		if err != nil {
+			t.Fatalf("connect: %v\n%s", err, out)
+		}
+		return strings.TrimSpace(out)
+	}
+	denied := func() uint64 {
+		t.Helper()
+		rc, err := tp.mgr.RuleCounters("a", "eth0")
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, r := range rc {
+			if r.Direction == "egress" && strings.Contains(r.Rule, "deny all") {
+				return r.Packets
+			}
+		}
+		t.Fatalf("no egress deny counter in %+v", rc)
+		return 0
+	}
+	before := denied()
+	for _, c := range []struct {
+		src  string
+		port int
+		want string
+	}{{a.addr.String(), 80, "ok"}, {a.addr.String(), 81, "fail"}, {temp, 80, "ok"}, {temp, 81, "fail"}} {
+		if got := from(c.src, c.port); got != c.want {
+			t.Errorf("from %s to b port %d: %s, want %s", c.src, c.port, got, c.want)
+		}
+	}
+	if after := denied(); after < before+2 {
+		t.Errorf("egress deny counter %d -> %d, want both denied connections counted", before, after)
+	}
+}

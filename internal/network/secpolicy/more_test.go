@@ -350,6 +350,8 @@ func TestTrampolineLayoutMoved(t *testing.T) {
 			tp.host.MustRun(t, "nft", "add", "element", "ip6", tbl, d.set, "{", addr.String(), ":", "jump", g0, "}")
 		}
 	}
+	// That layout had no MAC dispatch.
+	tp.host.MustRun(t, "nft", "delete", "element", "ip6", tbl, EgressMACMap, "{", b.mac.String(), "}")
 	chains := func() int { return strings.Count(listTable(t, tp.host), "chain vm-b.eth0-") }
 	if n := chains(); n != 4 {
 		t.Fatalf("%d chains of b in the earlier layout, want 4", n)

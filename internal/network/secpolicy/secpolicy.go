@@ -1,9 +1,11 @@
 package secpolicy
 
 import (
+	"bytes"
 	"context"
 	"errors"
 	"fmt"
+	"net"
 	"net/netip"
 	"reflect"
 	"slices"
@@ -41,6 +43,10 @@ func vmapSet(t *nftables.Table, name string) *nftables.Set {
 	return &nftables.Set{Table: t, Name: name, IsMap: true, KeyType: nftables.TypeIP6Addr, DataType: nftables.TypeVerdict}
 }
 
+func macMapSet(t *nftables.Table) *nftables.Set {
+	return &nftables.Set{Table: t, Name: EgressMACMap, IsMap: true, KeyType: nftables.TypeEtherAddr, DataType: nftables.TypeVerdict}
+}
+
 func blockedSet() *nftables.Set {
 	return &nftables.Set{Table: mainTable(), Name: BlockedSources, KeyType: nftables.TypeIP6Addr, Interval: true}
 }
@@ -68,7 +74,8 @@ type nicState struct {
 	gen    uint64
 	chains []string // chains of generation gen (helpers; in an earlier layout also the main chains), longest name first
 	addrs  []netip.Addr
-	sets   []string // named address sets its addresses are members of
+	mac    net.HardwareAddr // the key of its egress_by_mac element, nil when it has none
+	sets   []string         // named address sets its addresses are members of
 	// tramp is true when the NIC's main chains (generation 0) exist and
 	// the maps point at them (an earlier layout kept the main rules in
 	// generation chains and only a jump to them in generation 0).
@@ -242,6 +249,18 @@ func (m *Manager) load() error {
 			count[s.Name]++
 			if first[s.Name] == nil {
 				first[s.Name] = s
+			}
+			if s.Name == EgressMACMap {
+				els, err := m.conn.GetSetElements(s)
+				if err != nil {
+					return fmt.Errorf("list %s of %s: %w", s.Name, ShardTable(i), err)
+				}
+				for _, e := range els {
+					if k, _, _, ok := parseChainName(verdictChain(e)); ok && len(e.Key) >= 6 {
+						m.nic(k).mac = net.HardwareAddr(slices.Clone(e.Key[:6]))
+					}
+				}
+				continue
 			}
 			if s.Name != EgressMap {
 				continue
@@ -548,6 +567,9 @@ func (m *Manager) queueBase() error {
 				return err
 			}
 		}
+		if err := m.addSet(macMapSet(t)); err != nil {
+			return err
+		}
 		for _, cs := range logChains() {
 			ch := c.AddChain(&nftables.Chain{Name: cs.name, Table: t})
 			c.FlushChain(ch)
@@ -689,6 +711,16 @@ func (m *Manager) queueNIC(b *batch, p *NICPolicy) error {
 			return err
 		}
 	}
+	if !bytes.Equal(st.mac, p.MAC) {
+		if st.mac != nil {
+			if err := c.SetDeleteElements(macMapSet(t), []nftables.SetElement{{Key: st.mac}}); err != nil {
+				return err
+			}
+		}
+		if err := c.SetAddElements(macMapSet(t), []nftables.SetElement{{Key: p.MAC, VerdictData: &expr.Verdict{Kind: expr.VerdictJump, Chain: tout}}}); err != nil {
+			return err
+		}
+	}
 	var gone []nftables.SetElement
 	for _, a := range st.addrs {
 		if !slices.Contains(p.Addrs, a) || !st.tramp {
@@ -730,7 +762,7 @@ func (m *Manager) queueNIC(b *batch, p *NICPolicy) error {
 		m.byAddr[a] = k
 	}
 	cp := *p
-	st.plan, st.gen, st.chains, st.addrs, st.sets = &cp, gen, names, slices.Clone(p.Addrs), newSets
+	st.plan, st.gen, st.chains, st.addrs, st.sets, st.mac = &cp, gen, names, slices.Clone(p.Addrs), newSets, slices.Clone(p.MAC)
 	return nil
 }
 
@@ -753,6 +785,11 @@ func (m *Manager) queueRemove(b *batch, k string) error {
 	}
 	c := m.conn
 	t := nicTable(k)
+	if st.mac != nil {
+		if err := c.SetDeleteElements(macMapSet(t), []nftables.SetElement{{Key: st.mac}}); err != nil {
+			return err
+		}
+	}
 	if len(st.addrs) > 0 {
 		var els []nftables.SetElement
 		for _, a := range st.addrs {

@@ -3,6 +3,7 @@ package secpolicy
 import (
 	"context"
 	"fmt"
+	"net"
 	"net/netip"
 	"os"
 	"os/exec"
@@ -41,6 +42,7 @@ type vm struct {
 	bridge string
 	gw     netip.Addr
 	port   string // host-side device
+	mac    net.HardwareAddr
 }
 
 func noDAD(t testing.TB, n *netnstest.NS) {
@@ -99,6 +101,11 @@ func (tp *topo) addVM(name string, bridge, host int) *vm {
 	if err := v.ns.Handle(t).LinkAdd(veth); err != nil {
 		t.Fatalf("veth: %v", err)
 	}
+	l, err := v.ns.Handle(t).LinkByName("eth0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	v.mac = l.Attrs().HardwareAddr
 	tp.host.MustRun(t, "ip", "link", "set", v.port, "master", v.bridge, "up")
 	v.ns.MustRun(t, "ip", "link", "set", "eth0", "up")
 	v.ns.MustRun(t, "ip", "-6", "addr", "add", v.ll.String()+"/64", "dev", "eth0", "nodad")
@@ -110,7 +117,7 @@ func (tp *topo) addVM(name string, bridge, host int) *vm {
 
 // plan returns an open policy for v (no rules) in tenant.
 func (v *vm) plan(tenant string) NICPolicy {
-	return NICPolicy{VMID: v.name, NIC: "eth0", Tenant: tenant, HostDevice: v.port, Bridge: v.bridge,
+	return NICPolicy{VMID: v.name, NIC: "eth0", Tenant: tenant, HostDevice: v.port, Bridge: v.bridge, MAC: v.mac,
 		Addrs: []netip.Addr{v.addr, v.ll}, Gateways: []netip.Addr{v.gw, netip.MustParseAddr("fe80::1")}}
 }
 

@@ -4,6 +4,7 @@ import (
 	"errors"
 	"fmt"
 	"hash/fnv"
+	"net"
 	"net/netip"
 	"strings"
 
@@ -22,8 +23,12 @@ const (
 
 	BlockedSources = "blocked_sources"
 	EgressMap      = "egress_by_src"
-	IngressMap     = "ingress_by_dst"
-	VMAddrsSet     = "vm_addrs"
+	// EgressMACMap is the egress dispatch: a VM's packets are attributed
+	// by their source MAC (the first-hop table drops a VM port's frames
+	// from any other MAC), whatever address they carry.
+	EgressMACMap = "egress_by_mac"
+	IngressMap   = "ingress_by_dst"
+	VMAddrsSet   = "vm_addrs"
 
 	ChainForward = "forward"
 	ChainInput   = "input"
@@ -81,6 +86,9 @@ type NICPolicy struct {
 	Bridge string
 	// Addrs are every IPv6 address of the VM on this NIC, link-local included.
 	Addrs []netip.Addr
+	// MAC is the NIC's MAC address: its egress chain is found by the
+	// packet's source MAC.
+	MAC net.HardwareAddr
 	// Gateways are the NIC's gateway addresses (global and link-local).
 	Gateways []netip.Addr
 
@@ -213,6 +221,9 @@ func (p *NICPolicy) Validate() error {
 	}
 	if len(p.Addrs) == 0 {
 		return fmt.Errorf("%w: %s: no addresses", ErrInvalid, p.key())
+	}
+	if len(p.MAC) != 6 {
+		return fmt.Errorf("%w: %s: MAC %q is not a 6-byte MAC address", ErrInvalid, p.key(), p.MAC)
 	}
 	for _, a := range p.Addrs {
 		if !a.Is6() || a.Is4In6() {
