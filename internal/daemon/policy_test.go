@@ -337,3 +337,30 @@ func TestLimitsThroughDaemon(t *testing.T) {
 		t.Fatalf("bandwidth policer table left behind:\n%s", out)
 	}
 }
+
+// A MAC is unique on the host (the policy finds a VM's egress rules by
+// it): CreateVm with another VM's MAC, in any case, on another bridge, is
+// invalid_argument naming the field, and builds nothing.
+func TestDuplicateMACRefused(t *testing.T) {
+	e := newEnv(t)
+	n1 := nic("eth0", "br-m", "2001:db8:7a::10/64", "2001:db8:7a::1")
+	n1["mac_address"] = "02:aa:00:00:00:01"
+	e.mustCall("CreateVm", map[string]any{"vm_id": "vm-m1", "config": vmConfig("t1", n1)})
+	n2 := nic("eth0", "br-n", "2001:db8:7b::10/64", "2001:db8:7b::1")
+	n2["mac_address"] = "02:AA:00:00:00:01"
+	code, out := e.call("CreateVm", map[string]any{"vm_id": "vm-m2", "config": vmConfig("t2", n2)})
+	if code != 400 || out["code"] != "invalid_argument" || errorField(out) != "config.network[0].mac_address" || !strings.Contains(str(out, "message"), "vm-m1") {
+		t.Fatalf("CreateVm with vm-m1's MAC: %d %v", code, out)
+	}
+	if code, _ := e.call("GetVm", map[string]any{"vm_id": "vm-m2"}); code != 404 {
+		t.Fatalf("refused VM answers GetVm: %d", code)
+	}
+	for _, l := range e.links() {
+		if l == "tap-vm-m2" || l == "br-n" {
+			t.Fatalf("%s built for a refused VM: %v", l, e.links())
+		}
+	}
+	// Another MAC is fine.
+	n2["mac_address"] = "02:aa:00:00:00:02"
+	e.mustCall("CreateVm", map[string]any{"vm_id": "vm-m2", "config": vmConfig("t2", n2)})
+}

@@ -103,6 +103,9 @@ type Store interface {
 	UpdateVM(ctx context.Context, vm *VM) error
 	// DeleteVM removes a VM and its NICs; ErrNotFound when absent.
 	DeleteVM(ctx context.Context, id string) error
+	// VMWithMAC returns the id of a VM other than exceptVM with a NIC of
+	// MAC mac (as stored: lower-case, colon-separated), or "".
+	VMWithMAC(ctx context.Context, mac, exceptVM string) (string, error)
 	// BridgeUsedBy reports whether a NIC of a VM other than exceptVM is on
 	// bridge.
 	BridgeUsedBy(ctx context.Context, bridge, exceptVM string) (bool, error)

@@ -296,6 +296,19 @@ func (m *Manager) Create(ctx context.Context, req *vmv1.CreateVmRequest) (*store
 		row.NICs = append(row.NICs, nic)
 	}
 
+	// A MAC is unique on the host: the policy finds a VM's egress rules by
+	// its frames' source MAC.
+	for i, n := range row.NICs {
+		other, err := m.opt.Store.VMWithMAC(ctx, n.MAC, id)
+		if err != nil {
+			return nil, err
+		}
+		if other != "" {
+			return nil, &ValidationError{Violations: []FieldViolation{{Field: fmt.Sprintf("config.network[%d].mac_address", i),
+				Reason: fmt.Sprintf("MAC %s is in use by VM %s on this host (a VM's packets are told apart by their MAC)", n.MAC, other)}}}
+		}
+	}
+
 	// Backend-specific checks (a real VMM needs its kernel and disks to
 	// exist) before anything is built.
 	if v, ok := m.opt.Backend.(SpecValidator); ok {

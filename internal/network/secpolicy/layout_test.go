@@ -2,6 +2,7 @@ package secpolicy
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"os"
 	"strings"
@@ -188,4 +189,21 @@ func TestEgressByMAC(t *testing.T) {
 	if after := denied(); after < before+2 {
 		t.Errorf("egress deny counter %d -> %d, want both denied connections counted", before, after)
 	}
+}
+
+// TestDuplicateMACRefused: two NICs cannot share a MAC (the egress
+// dispatch key); the second is refused and nothing of it is programmed.
+func TestDuplicateMACRefused(t *testing.T) {
+	tp := newTopo(t, 1)
+	a, b := tp.addVM("a", 0, 0x10), tp.addVM("b", 0, 0x11)
+	tp.upsert(a.plan("t1"))
+	pb := b.plan("t1")
+	pb.MAC = a.mac
+	if err := tp.mgr.Upsert(context.Background(), pb); !errors.Is(err, ErrInvalid) || !strings.Contains(err.Error(), "MAC") {
+		t.Fatalf("upsert with a's MAC: %v, want ErrInvalid naming the MAC", err)
+	}
+	if strings.Contains(listTable(t, tp.host), "vm-b.eth0") {
+		t.Fatal("chains of the refused NIC exist")
+	}
+	tp.upsert(b.plan("t1")) // its own MAC is fine
 }

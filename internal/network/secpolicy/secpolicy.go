@@ -649,6 +649,13 @@ func (m *Manager) queueNIC(b *batch, p *NICPolicy) error {
 			return fmt.Errorf("%w: %s: address %s belongs to %s", ErrInvalid, k, a, o)
 		}
 	}
+	// The egress dispatch is by MAC: two NICs with one MAC would share a
+	// map key (in one shard) or each be judged by the other's rules.
+	for o, st := range m.nics {
+		if o != k && bytes.Equal(st.mac, p.MAC) {
+			return fmt.Errorf("%w: %s: MAC %s belongs to %s", ErrInvalid, k, p.MAC, o)
+		}
+	}
 	c := m.conn
 	t := nicTable(k)
 	st := m.nic(k)

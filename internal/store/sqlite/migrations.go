@@ -127,4 +127,7 @@ var migrations = []string{
 	// (ipam.NameTx); ipam.Open removes those still tentative at start.
 	// Existing names are confirmed.
 	`ALTER TABLE ipam_subnet_names ADD COLUMN tentative INTEGER NOT NULL DEFAULT 0;`,
+	// 9: NICs by MAC (CreateVm refuses a MAC another VM of the host has:
+	// the policy finds a VM's egress rules by it).
+	`CREATE INDEX nics_mac ON nics (mac);`,
 }

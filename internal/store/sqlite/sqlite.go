@@ -277,6 +277,19 @@ func (s *Store) nicRefs(ctx context.Context, where string, args ...any) ([]store
 	return out, rows.Err()
 }
 
+// VMWithMAC implements store.Store (nics_mac index).
+func (s *Store) VMWithMAC(ctx context.Context, mac, exceptVM string) (string, error) {
+	var id string
+	err := s.db.QueryRowContext(ctx, `SELECT vm_id FROM nics WHERE mac = ? AND vm_id != ? LIMIT 1`, mac, exceptVM).Scan(&id)
+	if errors.Is(err, sql.ErrNoRows) {
+		return "", nil
+	}
+	if err != nil {
+		return "", fmt.Errorf("query nics: %w", err)
+	}
+	return id, nil
+}
+
 // BridgeUsedBy implements store.Store (nics_bridge index).
 func (s *Store) BridgeUsedBy(ctx context.Context, bridge, exceptVM string) (bool, error) {
 	var used bool

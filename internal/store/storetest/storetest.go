@@ -113,6 +113,7 @@ func Run(t *testing.T, open func(t *testing.T) store.Store) {
 		b := sample("vm-b", "tap-b", "tap-b1")
 		b.NICs[0].Address, b.NICs[0].Bridge = "2001:db8::10/64", "br-x"
 		b.NICs[1].Address, b.NICs[1].Bridge = "2001:db8::1/128", "br-y"
+		a.NICs[0].MAC, b.NICs[0].MAC, b.NICs[1].MAC = "02:00:00:00:0a:01", "02:00:00:00:0b:01", "02:00:00:00:0b:02"
 		for _, vm := range []*store.VM{a, b} {
 			if err := s.CreateVM(ctx, vm); err != nil {
 				t.Fatal(err)
@@ -128,6 +129,13 @@ func Run(t *testing.T, open func(t *testing.T) store.Store) {
 		} {
 			if used, err := s.BridgeUsedBy(ctx, tc.bridge, tc.except); err != nil || used != tc.want {
 				t.Fatalf("%s used by a VM other than %q: %v %v, want %v", tc.bridge, tc.except, used, err, tc.want)
+			}
+		}
+		for _, tc := range []struct{ mac, except, want string }{
+			{a.NICs[0].MAC, "", "vm-a"}, {a.NICs[0].MAC, "vm-a", ""}, {b.NICs[1].MAC, "vm-a", "vm-b"}, {"02:00:00:00:ff:ff", "", ""},
+		} {
+			if got, err := s.VMWithMAC(ctx, tc.mac, tc.except); err != nil || got != tc.want {
+				t.Fatalf("VM with MAC %s other than %q: %q %v, want %q", tc.mac, tc.except, got, err, tc.want)
 			}
 		}
 		type held struct {
