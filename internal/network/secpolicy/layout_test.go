@@ -207,3 +207,36 @@ func TestDuplicateMACRefused(t *testing.T) {
 	}
 	tp.upsert(b.plan("t1")) // its own MAC is fine
 }
+
+// TestOtherShardCountReplaced: shard tables of a layout with another
+// shard count (a NIC's chains in a table that is not its shard now) are
+// not loaded; a restarted Manager's Apply recreates them in the same
+// batch and programs every NIC in its shard. Here a stale NIC "ghost"
+// holds b's address in a shard that is not its own, dropping everything.
+func TestOtherShardCountReplaced(t *testing.T) {
+	tp, a, b, pb := port80Pair(t)
+	k := Key("ghost", "eth0")
+	tbl := ShardTable((Shard(k) + 1) % Shards)
+	in := chainName(k, dirIn, 0)
+	tp.host.MustRun(t, "nft", "delete", "element", "ip6", NICTable(b.name, "eth0"), IngressMap, "{", b.addr.String(), "}")
+	tp.host.MustRun(t, "nft", "add", "chain", "ip6", tbl, in)
+	tp.host.MustRun(t, "nft", "add", "rule", "ip6", tbl, in, "drop")
+	tp.host.MustRun(t, "nft", "add", "element", "ip6", tbl, IngressMap, "{", b.addr.String(), ":", "jump", in, "}")
+	expectFlows(t, flow{a, b, 80, false})
+
+	m, err := New(tp.host.Fd()) // a restarted metald
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer m.Close()
+	if n := m.NICs(); len(n) != 0 {
+		t.Fatalf("NICs loaded from a layout with another shard count: %v", n)
+	}
+	if err := m.Apply(context.Background(), []NICPolicy{a.plan("t1"), pb}); err != nil {
+		t.Fatal(err)
+	}
+	if out := listTable(t, tp.host); strings.Contains(out, "ghost") {
+		t.Errorf("stale chain left:\n%s", out)
+	}
+	expectFlows(t, flow{a, b, 80, true}, flow{a, b, 81, false})
+}

@@ -110,6 +110,12 @@ type Manager struct {
 	// this one (filter chains at forward, input and output that judged
 	// every packet); queueBase deletes them.
 	legacyBase []shardChain
+	// staleShards are shard tables of a layout with another shard count
+	// (a NIC's chains in a table that is not its shard): nothing in them is
+	// loaded, queueBase deletes and recreates them, and the Apply that
+	// follows a start programs every NIC again in its shard, in the same
+	// batch.
+	staleShards []int
 	// names names anonymous sets explicitly (see package setname).
 	names *setname.Namer
 	// gens, when set, notes the ruleset generation after each commit
@@ -158,7 +164,7 @@ func (m *Manager) load() error {
 	m.owners = map[string]map[netip.Addr]map[string]struct{}{}
 	m.byAddr = map[netip.Addr]string{}
 	m.present = map[string]bool{}
-	m.mainAddrs, m.legacyChains, m.legacySets, m.legacyBase = nil, nil, nil, nil
+	m.mainAddrs, m.legacyChains, m.legacySets, m.legacyBase, m.staleShards = nil, nil, nil, nil, nil
 	if m.groups == nil {
 		m.groups = map[string][]netip.Addr{}
 	}
@@ -200,6 +206,9 @@ func (m *Manager) load() error {
 			m.legacyBase = append(m.legacyBase, shardChain{i, ch.Name})
 			continue
 		}
+		if k, _, _, ok := parseChainName(ch.Name); ok && Shard(k) != i {
+			m.staleShards = shards
+		}
 		if k, _, gen, ok := parseChainName(ch.Name); ok && gen == 0 {
 			m.nic(k).tramp = true
 		} else if ok {
@@ -211,6 +220,9 @@ func (m *Manager) load() error {
 				st.chains = append(st.chains, ch.Name)
 			}
 		}
+	}
+	if m.staleShards != nil {
+		m.nics, m.legacyBase, shards = map[string]*nicState{}, nil, nil
 	}
 	if hasMain {
 		sets, err := m.conn.GetSets(mainTable())
@@ -548,6 +560,9 @@ func (m *Manager) queueBase() error {
 		if err := c.SetAddElements(addrSet(main, VMAddrsSet), missing); err != nil {
 			return fmt.Errorf("add elements to %s: %w", VMAddrsSet, err)
 		}
+	}
+	for _, i := range m.staleShards {
+		c.DelTable(shardTable(i))
 	}
 	// The former layout's shard base chains: their dispatch rules hold
 	// references to the maps, so flush, then delete.
