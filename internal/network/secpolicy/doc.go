@@ -62,7 +62,10 @@
 // its ingress chain sees, and counts, a packet the sender's egress then
 // drops). Shard base chains of the layout before this one (filter chains
 // at forward, input and output that every packet passed) are deleted by a
-// Manager's first commit.
+// Manager's first commit. Shard tables of a layout with another shard
+// count (a NIC's chains in a table that is not its shard) are not loaded:
+// the first commit deletes and recreates them, and the Apply that follows
+// a start programs every NIC again in its shard, in the same batch.
 //
 // Egress is dispatched by the source MAC of the frame the packet arrived
 // in (egress_by_mac): the first-hop table drops a VM port's frames from
