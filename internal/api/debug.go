@@ -258,15 +258,15 @@ func restricts(p *vmv1.SecurityPolicy, cfg *vmv1.VmConfig) bool {
 // addressIdentityGap says why the policy cannot judge every packet of nc,
 // or "" when it can. A VM's egress chain is found by the frame's source
 // MAC, so everything it sends is judged; its ingress chain by the
-// destination address, among the NIC's configured and link-local
-// addresses; and other VMs' rules and isolation know it by its source
-// address, which only the source guard makes its own.
+// destination address, among the NIC's configured, link-local and
+// learned temporary addresses; and other VMs' rules and isolation know it
+// by its source address, which only the source guard makes its own (with
+// privacy extensions, the source guard binds each temporary address from
+// the guest's DAD and metald adds it to the policy: internal/daemon's
+// tempAddrs).
 func addressIdentityGap(nc *vmv1.NetworkInterface, cfg *vmv1.VmConfig) string {
-	switch {
-	case !vm.EffectiveSecurity(cfg, nc).GetEnableSourceGuard():
+	if !vm.EffectiveSecurity(cfg, nc).GetEnableSourceGuard() {
 		return "without enable_source_guard the VM can send from any address: its egress rules still apply (found by its MAC), but other VMs' rules and tenant isolation judge it by the address it claims, and connections to an address it takes are not judged by its ingress rules"
-	case nc.GetIpv6().GetEnablePrivacyExtensions():
-		return "connections to the temporary addresses of enable_privacy_extensions are not judged by the ingress rules (the ingress dispatch knows the configured and link-local addresses; egress is judged by the VM's MAC), and other VMs' rules and tenant isolation do not know those addresses as the VM's"
 	}
 	return ""
 }

@@ -10,12 +10,12 @@ import (
 )
 
 // TestPolicyAddressIdentity: GetVm says when the policy cannot judge
-// every packet of a NIC (its ingress maps know the configured and
-// link-local addresses; other VMs know it by its source address): with
-// privacy extensions (temporary addresses) and without the source guard
-// (the source guard reason wins when both apply); it says enforced only
-// with the source guard on and no temporary addresses, and off when
-// nothing is restricted.
+// every packet of a NIC (its ingress maps know the configured, link-local
+// and learned temporary addresses; other VMs know it by its source
+// address): without the source guard, with or without privacy extensions;
+// it says enforced with the source guard on (temporary addresses are
+// bound by it and learned by the policy), and off when nothing is
+// restricted.
 func TestPolicyAddressIdentity(t *testing.T) {
 	restricted := &vmv1.SecurityPolicy{EgressRules: []string{"deny all from any to any"}}
 	cases := []struct {
@@ -28,7 +28,7 @@ func TestPolicyAddressIdentity(t *testing.T) {
 	}{
 		{"high profile", "high", &vmv1.Ipv6Config{}, restricted, "enforced", ""},
 		{"source guard set", "", &vmv1.Ipv6Config{Security: &vmv1.Ipv6Security{EnableSourceGuard: proto.Bool(true)}}, restricted, "enforced", ""},
-		{"privacy extensions", "high", &vmv1.Ipv6Config{EnablePrivacyExtensions: proto.Bool(true)}, restricted, "not_enforced", "temporary addresses"},
+		{"privacy extensions", "high", &vmv1.Ipv6Config{EnablePrivacyExtensions: proto.Bool(true)}, restricted, "enforced", ""},
 		{"privacy, no source guard", "low", &vmv1.Ipv6Config{EnablePrivacyExtensions: proto.Bool(true)}, restricted, "not_enforced", "without enable_source_guard"},
 		{"no source guard", "low", &vmv1.Ipv6Config{}, restricted, "not_enforced", "without enable_source_guard"},
 		{"isolation only", "", &vmv1.Ipv6Config{}, &vmv1.SecurityPolicy{TenantIsolationLevel: "strict"}, "not_enforced", "without enable_source_guard"},

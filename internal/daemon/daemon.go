@@ -63,6 +63,10 @@ type Options struct {
 	ShutdownTimeout time.Duration
 	// WatchInterval is how often VM liveness is checked (default 2 s).
 	WatchInterval time.Duration
+	// TempAddrInterval is how often the temporary addresses guests bound
+	// are read again from the first-hop sets (default 10 s; a notice from
+	// the learning rule makes metald read a port's set at once).
+	TempAddrInterval time.Duration
 	// HostNS is the namespace metald's bridges and ports live in; nil means
 	// the daemon's own. Tests pass a private namespace.
 	HostNS *os.File
@@ -120,6 +124,7 @@ type Daemon struct {
 	hostH    *netlink.Handle
 	labels   labelCache
 	events   *secevent.Service
+	temps    *tempAddrs
 	evw      eventWiring
 	joint    *joint
 	registry *prometheus.Registry
@@ -152,6 +157,9 @@ func (o *Options) defaults() {
 	}
 	if o.ShutdownTimeout <= 0 {
 		o.ShutdownTimeout = 10 * time.Second
+	}
+	if o.TempAddrInterval <= 0 {
+		o.TempAddrInterval = 10 * time.Second
 	}
 	if o.WatchInterval <= 0 {
 		o.WatchInterval = 2 * time.Second
@@ -249,9 +257,10 @@ func New(ctx context.Context, opt Options) (d *Daemon, err error) {
 	// read back, aggregated and stored; set before any NIC is programmed.
 	d.fw.SetLogGroup(secevent.DefaultGroup)
 	evMetrics := secevent.NewMetrics(d.reg)
+	d.temps = newTempAddrs()
 	if d.events, err = secevent.New(ctx, secevent.Config{Window: opt.EventWindow, LogDir: opt.LogDir}, secevent.Options{
 		Store: d.store.Events(), Resolve: d.resolveDevice, Metrics: evMetrics, Logger: d.log,
-		FlowtableOffload: flowtableOffload,
+		FlowtableOffload: flowtableOffload, Learned: d.temps.noticeLearned,
 	}); err != nil {
 		return nil, fmt.Errorf("open security events: %w", err)
 	}
@@ -280,7 +289,7 @@ func New(ctx context.Context, opt Options) (d *Daemon, err error) {
 	}
 	d.joint = &joint{fw: d.evw.fw, pol: d.evw.pol, fwMgr: d.fw, polMgr: d.pol, gens: d.gens, opts: nftconn.Options(int(d.hostNS.Fd())),
 		obs: func(t time.Duration) { d.events.ObserveProcessing(secevent.StageRules, t) }}
-	d.vms = vm.NewManager(vm.Options{Store: d.store, Backend: d.backend, Ports: hostPorts, Policy: d.evw.pol, Shaper: hostPorts, Region: opt.Region, ManagementAccess: mgmt, Joint: d.joint,
+	d.vms = vm.NewManager(vm.Options{Store: d.store, Backend: d.backend, Ports: hostPorts, Policy: d.evw.pol, Shaper: hostPorts, Region: opt.Region, ManagementAccess: mgmt, Joint: d.joint, TempAddrs: d.temps.get,
 		Addresses: addresses{d.ipam}, Firewall: d.evw.fw, Router: newRouter(d.hostH), Logger: d.log,
 		// VLANs are separated by nftables port marks whatever the kernel's
 		// bridge VLAN filtering (which metald does not program).
@@ -409,6 +418,7 @@ func (d *Daemon) Serve(ctx context.Context, apiL, metricsL net.Listener) error {
 	defer stopWatch()
 	go d.vms.Watch(watchCtx, d.opt.WatchInterval)
 	go d.ipam.CollectLeaks(watchCtx, d.opt.LeakInterval, d.opt.LeakGrace, d.live)
+	go d.watchTempAddrs(watchCtx, d.opt.TempAddrInterval)
 	evDone := make(chan struct{})
 	go func() { defer close(evDone); d.events.Run(watchCtx) }()
 	defer func() { stopWatch(); <-evDone }()

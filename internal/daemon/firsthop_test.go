@@ -317,18 +317,23 @@ func TestVLANAndPrivacyThroughDaemon(t *testing.T) {
 		t.Fatalf("VLAN 100 reached VLAN 200:\n%s", out)
 	}
 	// A temporary address, bound by the guest's own DAD, works as a source.
-	var temp string
-	for i := 0; i < 50 && temp == ""; i++ {
-		out, _ := e.inVM("vm-v1", "ip", "-6", "-o", "addr", "show", "dev", "eth0", "temporary")
-		if m := regexp.MustCompile(`inet6 (\S+)/64`).FindStringSubmatch(out); m != nil && !strings.Contains(out, "tentative") {
-			temp = m[1]
-		}
-		time.Sleep(100 * time.Millisecond)
-	}
-	if temp == "" {
-		t.Fatal("no temporary address in the guest")
-	}
+	temp := e.tempAddr(t, "vm-v1")
 	if out, err := e.inVM("vm-v1", "ping", "-6", "-c", "1", "-W", "3", "-I", temp, "2001:db8:5::12"); err != nil {
 		t.Fatalf("ping from temporary address %s: %v\n%s", temp, err, out)
 	}
+}
+
+// tempAddr waits for the guest's first temporary address to finish DAD and
+// returns it.
+func (e *env) tempAddr(t *testing.T, id string) string {
+	t.Helper()
+	for range 50 {
+		out, _ := e.inVM(id, "ip", "-6", "-o", "addr", "show", "dev", "eth0", "temporary")
+		if m := regexp.MustCompile(`inet6 (\S+)/64`).FindStringSubmatch(out); m != nil && !strings.Contains(out, "tentative") {
+			return m[1]
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	t.Fatalf("no temporary address in %s", id)
+	return ""
 }

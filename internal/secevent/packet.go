@@ -56,6 +56,9 @@ type Packet struct {
 	FragOffset uint16
 	// ICMPv6 type and code, -1 when not ICMPv6 or not readable.
 	ICMPv6Type, ICMPv6Code int
+	// NDTarget is the target address of a neighbour solicitation or
+	// advertisement (ICMPv6 types 135, 136), when captured.
+	NDTarget netip.Addr
 	// Ports for TCP/UDP (HasPorts false otherwise).
 	SrcPort, DstPort uint16
 	HasPorts         bool
@@ -145,6 +148,9 @@ func Parse(b []byte) (Packet, error) {
 			return p, nil
 		}
 		p.ICMPv6Type, p.ICMPv6Code = int(l4[0]), int(l4[1])
+		if (l4[0] == 135 || l4[0] == 136) && len(l4) >= 24 {
+			p.NDTarget = netip.AddrFrom16([16]byte(l4[8:24]))
+		}
 	case NHTCP, NHUDP:
 		if len(l4) < 4 {
 			p.Truncated = true

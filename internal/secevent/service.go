@@ -68,6 +68,10 @@ func (c *Config) defaults() {
 
 // Options are the service's collaborators.
 type Options struct {
+	// Learned is told of each temporary address a port's guest bound by
+	// its DAD (records of control ControlLearned: notices, not events).
+	// It must not block: the NFLOG reader calls it. Nil: ignored.
+	Learned func(dev string, addr netip.Addr)
 	// Store persists events, sessions and settings. Required.
 	Store Store
 	// Resolve attributes host devices to VMs. Nil: events carry only
@@ -216,6 +220,10 @@ func (s *Service) Ingest(r LogRecord) {
 			}
 		}
 	}
+	if ctl == ControlLearned {
+		s.learned(dev, r)
+		return
+	}
 	s.ingested.Add(1)
 	class, _ := Classify(ctl)
 	var pkt *Packet
@@ -282,6 +290,33 @@ func (s *Service) Ingest(r LogRecord) {
 		b.first = t
 	}
 	s.mu.Unlock()
+}
+
+// ControlLearned is the log control of the first-hop rule that binds a
+// temporary address from the guest's DAD (internal/network/nft).
+const ControlLearned = "learned"
+
+// learned passes a ControlLearned record's address (the DAD's target) to
+// Options.Learned.
+func (s *Service) learned(dev string, r LogRecord) {
+	if s.opts.Learned == nil || dev == "" {
+		return
+	}
+	var pkt *Packet
+	switch {
+	case r.HwProtocol == EtherTypeIPv6 || (r.HwProtocol == 0 && len(r.Payload) > 0 && r.Payload[0]>>4 == 6):
+		if p, err := Parse(r.Payload); err == nil {
+			pkt = &p
+		}
+	case r.HwProtocol == 0:
+		if f, err := ParseFrame(r.Payload); err == nil {
+			pkt = f.IPv6
+		}
+	}
+	if pkt == nil || pkt.ICMPv6Type != 135 || !pkt.NDTarget.IsValid() {
+		return
+	}
+	s.opts.Learned(dev, pkt.NDTarget)
 }
 
 func details(pkt *Packet, etherType uint16, mac net.HardwareAddr, ctl, dev, header string) Details {

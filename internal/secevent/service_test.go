@@ -4,6 +4,7 @@ import (
 	"bufio"
 	"context"
 	"encoding/json"
+	"net/netip"
 	"os"
 	"path/filepath"
 	"strings"
@@ -53,6 +54,12 @@ func resolver(dev string) (string, string, string, bool) {
 // start opens (or reopens) the database in dir and runs a service on it.
 func start(t *testing.T, dir string, cfg secevent.Config, now func() time.Time) *harness {
 	t.Helper()
+	return startWith(t, dir, cfg, now, nil)
+}
+
+// startWith is start with opt changing the service's options.
+func startWith(t *testing.T, dir string, cfg secevent.Config, now func() time.Time, opt func(*secevent.Options)) *harness {
+	t.Helper()
 	ctx := context.Background()
 	db, err := sqlite.Open(ctx, filepath.Join(dir, "metald.db"))
 	if err != nil {
@@ -62,7 +69,7 @@ func start(t *testing.T, dir string, cfg secevent.Config, now func() time.Time) 
 		cfg.LogDir = filepath.Join(dir, "log")
 	}
 	h := &harness{t: t, dir: dir, db: db, reg: prometheus.NewRegistry()}
-	svc, err := secevent.New(ctx, cfg, secevent.Options{
+	o := secevent.Options{
 		Store: db.Events(), Resolve: resolver, Metrics: secevent.NewMetrics(h.reg), Now: now,
 		FlowtableOffload: func() (bool, string) {
 			if h.offload {
@@ -70,7 +77,11 @@ func start(t *testing.T, dir string, cfg secevent.Config, now func() time.Time) 
 			}
 			return false, "kernel has no flowtable offload for these devices"
 		},
-	})
+	}
+	if opt != nil {
+		opt(&o)
+	}
+	svc, err := secevent.New(ctx, cfg, o)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -380,5 +391,49 @@ func TestOptimizeSettings(t *testing.T) {
 	h2.offload = true // (checked at load through the capability func)
 	if s := h2.svc.Settings(); !s.BatchProcessing || !s.CachePolicies {
 		t.Fatal(s)
+	}
+}
+
+// A "learned" record (the first-hop rule that binds a temporary address
+// from the guest's DAD) is a notice: its NS target goes to
+// Options.Learned, with the port, and no event is recorded; other ND
+// packets under that control are ignored.
+func TestLearnedNotice(t *testing.T) {
+	type notice struct {
+		dev  string
+		addr string
+	}
+	var mu sync.Mutex
+	var got []notice
+	h := startWith(t, t.TempDir(), secevent.Config{Window: 10 * time.Millisecond}, nil, func(o *secevent.Options) {
+		o.Learned = func(dev string, a netip.Addr) {
+			mu.Lock()
+			got = append(got, notice{dev, a.String()})
+			mu.Unlock()
+		}
+	})
+	nd := func(typ byte, target string) []byte {
+		b := make([]byte, 40+24)
+		b[0] = 0x60
+		b[5] = 24
+		b[6], b[7] = 58, 255
+		dst := mustAddr("ff02::1:ff00:1234")
+		copy(b[24:40], dst[:])
+		b[40] = typ
+		tg := mustAddr(target)
+		copy(b[48:64], tg[:])
+		return b
+	}
+	prefix := secevent.Prefix("tap-vm1", secevent.ControlLearned)
+	h.svc.Ingest(secevent.LogRecord{Prefix: prefix, HwProtocol: secevent.EtherTypeIPv6, Payload: nd(135, "2001:db8:5::9a3f:1234")})
+	h.svc.Ingest(secevent.LogRecord{Prefix: prefix, HwProtocol: secevent.EtherTypeIPv6, Payload: nd(136, "2001:db8:5::1")})
+	h.svc.Ingest(secevent.LogRecord{Prefix: prefix, HwProtocol: secevent.EtherTypeIPv6, Payload: nd(135, "2001:db8:5::2")[:50]})
+	mu.Lock()
+	defer mu.Unlock()
+	if len(got) != 1 || got[0] != (notice{"tap-vm1", "2001:db8:5::9a3f:1234"}) {
+		t.Fatalf("learned notices %v", got)
+	}
+	if st := h.svc.Stats(); st.Ingested != 0 {
+		t.Fatalf("a notice was aggregated as an event: %+v", st)
 	}
 }

@@ -92,6 +92,10 @@ type Options struct {
 	// Region is the host's region, which compliance.data_residency must
 	// match.
 	Region string
+	// TempAddrs returns the temporary addresses the guest behind a host
+	// device has bound (privacy extensions, learned by the first-hop
+	// rules): the security policy counts them as the NIC's own. Nil: none.
+	TempAddrs func(hostDev string) []netip.Addr
 	// ManagementAccess are the flows that still pass while a VM is
 	// isolated (operator configuration; applied to both directions of
 	// every isolated NIC).

@@ -113,6 +113,7 @@ func (m *Manager) groupMembers(ctx context.Context) (map[string][]netip.Addr, er
 				if ll := m.linkLocal(n); ll.IsValid() {
 					out[g] = append(out[g], ll)
 				}
+				out[g] = append(out[g], m.tempAddrs(n.HostDevice)...)
 			}
 		}
 	}
@@ -166,6 +167,7 @@ func (m *Manager) Policies(ctx context.Context, row *store.VM, cfg *vmv1.VmConfi
 		if ll := m.linkLocal(n); ll.IsValid() {
 			p.Addrs = append(p.Addrs, ll)
 		}
+		p.Addrs = append(p.Addrs, m.tempAddrs(n.HostDevice)...)
 		if gw, err := netip.ParseAddr(n.Gateway); err == nil {
 			p.Gateways = append(p.Gateways, gw)
 			if n.GatewayOnBridge && m.opt.Router != nil {
@@ -205,6 +207,38 @@ func (m *Manager) Policies(ctx context.Context, row *store.VM, cfg *vmv1.VmConfi
 		out = append(out, p)
 	}
 	return out, nil
+}
+
+// tempAddrs returns hostDev's learned temporary addresses (Options.TempAddrs).
+func (m *Manager) tempAddrs(hostDev string) []netip.Addr {
+	if m.opt.TempAddrs == nil || hostDev == "" {
+		return nil
+	}
+	return m.opt.TempAddrs(hostDev)
+}
+
+// ReprogramPolicy programs the security policies of one VM's NICs again
+// (its addresses changed: a temporary address learned or expired) and the
+// members of its security groups, under the VM's lock. It reports false
+// for a VM that is gone or being created or deleted (nothing to do).
+func (m *Manager) ReprogramPolicy(ctx context.Context, id string) (bool, error) {
+	unlock := m.lock(id)
+	defer unlock()
+	row, err := m.opt.Store.GetVM(ctx, id)
+	if errors.Is(err, store.ErrNotFound) {
+		return false, nil
+	}
+	if err != nil {
+		return false, err
+	}
+	if row.State == store.StateCreating || row.State == store.StateDeleting {
+		return false, nil
+	}
+	cfg, err := decodeConfig(row)
+	if err != nil {
+		return false, err
+	}
+	return true, m.installPolicy(ctx, row, cfg)
 }
 
 // installPolicy programs a VM's policies and refreshes the members of its
@@ -369,4 +403,30 @@ func usesGroups(cfg *vmv1.VmConfig) bool {
 		}
 	}
 	return false
+}
+
+// PrivacyDevices returns the host devices of the NICs whose guests use
+// privacy extensions (temporary addresses), of VMs that are neither being
+// created nor deleted.
+func (m *Manager) PrivacyDevices(ctx context.Context) ([]string, error) {
+	all, err := m.opt.Store.ListVMs(ctx)
+	if err != nil {
+		return nil, err
+	}
+	var out []string
+	for _, row := range all {
+		if row.State == store.StateCreating || row.State == store.StateDeleting {
+			continue
+		}
+		cfg, err := decodeConfig(row)
+		if err != nil {
+			continue
+		}
+		for i, n := range row.NICs {
+			if i < len(cfg.GetNetwork()) && cfg.GetNetwork()[i].GetIpv6().GetEnablePrivacyExtensions() && n.HostDevice != "" {
+				out = append(out, n.HostDevice)
+			}
+		}
+	}
+	return out, nil
 }

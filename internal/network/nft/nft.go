@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"maps"
+	"net/netip"
 	"slices"
 	"sync"
 
@@ -934,5 +935,33 @@ func (f *Firewall) Counters(hostDev string) (map[network.Control]uint64, error) 
 		}
 		out[ctl] = v.packets
 	}
+	return out, nil
+}
+
+// TempAddrs returns the temporary addresses hostDev's guest has bound by
+// its DAD (privacy extensions, the port's <dev>-temp set) and not yet
+// expired: the kernel's set is the record, metald keeps no other.
+func (f *Firewall) TempAddrs(hostDev string) ([]netip.Addr, error) {
+	f.mu.Lock()
+	defer f.unlock()
+	if err := f.load(); err != nil {
+		return nil, fmt.Errorf("read temporary addresses of %s: %w", hostDev, err)
+	}
+	shards := f.where[hostDev]
+	if len(shards) == 0 {
+		return nil, fmt.Errorf("read temporary addresses of %s: %w", hostDev, ErrNotFound)
+	}
+	n := network.NamesFor(hostDev)
+	els, err := f.conn.GetSetElements(&nftables.Set{Table: shardTable(shards[0]), Name: n.TempSet(), KeyType: nftables.TypeIP6Addr})
+	if err != nil {
+		return nil, fmt.Errorf("read temporary addresses of %s: %w", hostDev, err)
+	}
+	var out []netip.Addr
+	for _, e := range els {
+		if a, ok := netip.AddrFromSlice(e.Key); ok && a.Is6() {
+			out = append(out, a)
+		}
+	}
+	slices.SortFunc(out, netip.Addr.Compare)
 	return out, nil
 }

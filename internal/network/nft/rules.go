@@ -802,10 +802,31 @@ func privacyLearning(b *builder, ip6 string, c network.Controls) {
 	b.add(learn, ctl, inSet(target, n.AddrSet()), ret)
 	b.add(learn, ctl, inSet(th(8, 16), n.TempSet()), ret)
 	b.add(learn, ctl, inSet(th(8, 16), PrivOwnedSet), ret)
-	b.add(learn, ctl, m(th(8, 16),
+	bind := m(th(8, 16),
 		&expr.Dynset{SrcRegKey: 1, SetName: n.TempSet(), Operation: unix.NFT_DYNSET_OP_ADD, Timeout: life},
-		&expr.Dynset{SrcRegKey: 1, SetName: PrivOwnedSet, Operation: unix.NFT_DYNSET_OP_ADD, Timeout: life}))
+		&expr.Dynset{SrcRegKey: 1, SetName: PrivOwnedSet, Operation: unix.NFT_DYNSET_OP_ADD, Timeout: life})
+	if b.logGroup != 0 {
+		// Tell metald at once (NFLOG, control "learned"): the security
+		// policy judges connections to the new address as to the VM's
+		// others (internal/daemon reads the set again). A missed sample is
+		// caught by metald's periodic read of the set.
+		bind = append(bind,
+			&expr.Limit{Type: expr.LimitTypePkts, Rate: learnLogRate, Unit: expr.LimitTimeSecond, Burst: learnLogBurst},
+			&expr.Log{Key: 1<<unix.NFTA_LOG_GROUP | 1<<unix.NFTA_LOG_PREFIX, Group: b.logGroup, Data: []byte(LogPrefix(b.plan.HostDevice, ControlLearned))})
+	}
+	b.add(learn, ctl, bind)
 }
+
+// ControlLearned is the log control of a temporary address bound by the
+// packet path (privacyLearning): not a drop, a notice to metald.
+const ControlLearned = "learned"
+
+// learnLogRate and learnLogBurst bound the learned notices per port (ND
+// rate limits already bound the DADs that reach the rule).
+const (
+	learnLogRate  = 20
+	learnLogBurst = 20
+)
 
 // extBlocks adds the routing, fragment and destination options header
 // blocks to chain, each rule starting with the expressions of v6.

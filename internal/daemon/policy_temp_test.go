@@ -1,0 +1,95 @@
+package daemon_test
+
+import (
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/metald/metald/internal/daemon"
+	"github.com/metald/metald/internal/network/nft"
+	"github.com/metald/metald/internal/secevent"
+)
+
+// connectFromScript connects from a given source address.
+const connectFromScript = `
+import socket, sys
+try:
+    c = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=2, source_address=(sys.argv[3], 0))
+    print("connected", c.recv(2).decode())
+except Exception as e:
+    print("failed", e)
+`
+
+// The security policy judges a guest's temporary addresses (privacy
+// extensions) as its own: once the first-hop rules bind one from the
+// guest's DAD, a connection to it meets the VM's ingress rules and tenant
+// isolation, and a peer's strict isolation knows it as the tenant's. When
+// the binding goes (here deleted by hand; normally it expires), the policy
+// forgets the address at the next read.
+func TestPolicyJudgesTemporaryAddresses(t *testing.T) {
+	if nft.ControlLearned != secevent.ControlLearned {
+		t.Fatalf("learning rule logs control %q, the event reader expects %q", nft.ControlLearned, secevent.ControlLearned)
+	}
+	e := newEnvWith(t, func(o *daemon.Options) { o.TempAddrInterval = 500 * time.Millisecond })
+	mk := func(id, tenant, addr string, privacy bool, pol map[string]any) {
+		n := map[string]any{"id": "eth0", "bridge_name": "br-tp", "ipv6": map[string]any{
+			"address": addr, "gateway": "2001:db8:77::1", "enable_privacy_extensions": privacy, "temp_valid_lifetime": 600},
+			"security_policy": pol}
+		cfg := vmConfig(tenant, n)
+		cfg["security_profile"] = map[string]any{"profile_name": "high"}
+		e.mustCall("CreateVm", map[string]any{"vm_id": id, "config": cfg})
+		e.mustCall("BootVm", map[string]any{"vm_id": id})
+	}
+	strictWeb := map[string]any{"ingress_rules": []any{"allow tcp from any to any port 80", "deny all from any to any"}, "tenant_isolation_level": "strict"}
+	mk("vm-tp", "t1", "2001:db8:77::10/64", true, strictWeb)
+	mk("vm-tc", "t1", "2001:db8:77::11/64", false, strictWeb)
+	mk("vm-tx", "t2", "2001:db8:77::12/64", false, map[string]any{"tenant_isolation_level": "none"})
+	for _, id := range []string{"vm-tp", "vm-tc", "vm-tx"} {
+		e.waitDAD(id)
+	}
+	temp := e.tempAddr(t, "vm-tp")
+	e.startListener(t, "vm-tp", "80", "22")
+	e.startListener(t, "vm-tc", "80")
+
+	// The configured address and the temporary one get the same verdicts.
+	for _, dst := range []string{"2001:db8:77::10", temp} {
+		if !e.tcpConnect(t, "vm-tc", dst, "80") {
+			t.Fatalf("tcp/80 to %s (allowed) did not connect", dst)
+		}
+		if e.tcpConnect(t, "vm-tc", dst, "22") {
+			t.Fatalf("tcp/22 to %s connected through `deny all`", dst)
+		}
+		if e.tcpConnect(t, "vm-tx", dst, "80") {
+			t.Fatalf("another tenant reached %s of a strictly isolated VM", dst)
+		}
+	}
+	// From the temporary address, a strictly isolated peer of the same
+	// tenant accepts the connection: it knows the address as t1's.
+	out, _ := e.inVM("vm-tp", "python3", "-c", connectFromScript, "2001:db8:77::11", "80", temp)
+	if !strings.Contains(out, "connected hi") {
+		t.Fatalf("from temporary address %s to the same tenant's VM: %s", temp, out)
+	}
+	st := map[string]string{}
+	for _, c := range list(obj(list(e.getVM("vm-tp")["networkStatus"])[0])["policyControls"]) {
+		st[str(c, "control")] = str(c, "status")
+	}
+	if st["policy_address_identity"] != "enforced" {
+		t.Fatalf("GetVm policy controls with privacy extensions: %v", st)
+	}
+
+	// The binding goes: so does the address from the policy's ingress map.
+	if !strings.Contains(e.policyTables(t), temp) {
+		t.Fatalf("temporary address %s not in the policy tables", temp)
+	}
+	dev := str(obj(list(e.getVM("vm-tp")["networkStatus"])[0]), "hostDevice")
+	for _, tbl := range e.fhTables(t) {
+		e.host.Run("nft", "delete", "element", "netdev", tbl, dev+"-temp", "{ "+temp+" }")
+	}
+	deadline := time.Now().Add(10 * time.Second)
+	for strings.Contains(e.policyTables(t), temp) {
+		if time.Now().After(deadline) {
+			t.Fatalf("temporary address %s still in the policy tables after its binding went", temp)
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+}

@@ -1,0 +1,131 @@
+package daemon
+
+import (
+	"context"
+	"errors"
+	"net/netip"
+	"slices"
+	"sync"
+	"time"
+
+	"github.com/metald/metald/internal/network/nft"
+)
+
+// tempAddrs holds, per host device, the temporary addresses its guest has
+// bound by DAD (privacy extensions): the first-hop rules learn them into
+// the port's <dev>-temp set, and the security policy counts them as the
+// NIC's own, so a connection to one is judged by the VM's ingress rules
+// and a peer knows the VM by it (tenant and group sets). The kernel's set
+// is the record: a notice from the learning rule (NFLOG) makes metald read
+// that port's set at once, and every device is read again each interval,
+// which also drops expired addresses and catches a missed notice.
+type tempAddrs struct {
+	mu    sync.Mutex
+	byDev map[string][]netip.Addr
+	// kick carries devices to read now; full, the next pass reads all.
+	kick chan string
+}
+
+func newTempAddrs() *tempAddrs {
+	return &tempAddrs{byDev: map[string][]netip.Addr{}, kick: make(chan string, 256)}
+}
+
+// get returns dev's learned temporary addresses (vm.Options.TempAddrs).
+func (t *tempAddrs) get(dev string) []netip.Addr {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	return slices.Clone(t.byDev[dev])
+}
+
+// set records dev's addresses and reports whether they changed.
+func (t *tempAddrs) set(dev string, addrs []netip.Addr) bool {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	if slices.Equal(t.byDev[dev], addrs) {
+		return false
+	}
+	if len(addrs) == 0 {
+		delete(t.byDev, dev)
+	} else {
+		t.byDev[dev] = addrs
+	}
+	return true
+}
+
+// devices returns the devices with addresses.
+func (t *tempAddrs) devices() []string {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	out := make([]string, 0, len(t.byDev))
+	for dev := range t.byDev {
+		out = append(out, dev)
+	}
+	return out
+}
+
+// noticeLearned is secevent's Learned hook: it must not block.
+func (t *tempAddrs) noticeLearned(dev string, _ netip.Addr) {
+	select {
+	case t.kick <- dev:
+	default:
+	}
+}
+
+// watchTempAddrs keeps d.temps equal to the kernel's sets until ctx ends,
+// programming a VM's policy again when its addresses change.
+func (d *Daemon) watchTempAddrs(ctx context.Context, interval time.Duration) {
+	d.syncTempAddrs(ctx, nil)
+	t := time.NewTicker(interval)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case dev := <-d.temps.kick:
+			d.syncTempAddrs(ctx, []string{dev})
+		case <-t.C:
+			d.syncTempAddrs(ctx, nil)
+		}
+	}
+}
+
+// syncTempAddrs reads the sets of devs (nil: every privacy NIC's, and
+// every device that had addresses) and reprograms the policies of the VMs
+// whose addresses changed.
+func (d *Daemon) syncTempAddrs(ctx context.Context, devs []string) {
+	if devs == nil {
+		all, err := d.vms.PrivacyDevices(ctx)
+		if err != nil {
+			d.log.Error("temporary addresses: list privacy NICs", "err", err)
+			return
+		}
+		devs = append(all, d.temps.devices()...)
+		slices.Sort(devs)
+		devs = slices.Compact(devs)
+	}
+	for _, dev := range devs {
+		addrs, err := d.fw.TempAddrs(dev)
+		if err != nil && !errors.Is(err, nft.ErrNotFound) {
+			d.log.Error("temporary addresses: read learned set", "dev", dev, "err", err)
+			continue
+		}
+		if !d.temps.set(dev, addrs) {
+			continue
+		}
+		vmID, _, nic, ok := d.resolveDevice(dev)
+		if !ok {
+			continue
+		}
+		done, err := d.vms.ReprogramPolicy(ctx, vmID)
+		if err != nil {
+			d.log.Error("temporary addresses: program security policy", "vm_id", vmID, "nic", nic, "err", err)
+			// Read it again next time.
+			d.temps.set(dev, nil)
+			continue
+		}
+		if !done {
+			continue
+		}
+		d.log.Info("temporary addresses: security policy follows the guest's", "vm_id", vmID, "nic", nic, "dev", dev, "addresses", addrs)
+	}
+}
