@@ -74,9 +74,9 @@
 // egress rules judge the packet. A packet the host sends has no link-layer
 // header and one routed in from elsewhere carries a router's MAC: neither
 // matches. Ingress is dispatched by destination address (ingress_by_dst,
-// every configured and link-local address of a VM): connections to a
-// temporary address are not judged by the VM's ingress rules (GetVm says
-// so, policy_address_identity). egress_by_src holds the same addresses as
+// every address of NICPolicy.Addrs: configured, link-local, and the
+// temporary addresses the first-hop rules bound from the guest's DAD,
+// which the daemon adds as it learns them). egress_by_src holds the same addresses as
 // ingress_by_dst; no rule looks it up (a Manager learns a NIC's addresses
 // from it after a restart). Each entry jumps to the NIC's chain for that
 // direction. A NIC
