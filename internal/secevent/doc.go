@@ -44,6 +44,11 @@
 //     allow_sample (allowed, sampled)    policy_allow_sample       low (not a violation)
 //     anything else                      security_drop             low (details.rule)
 //
+//     One control is not an event: "learned" (ControlLearned) is the
+//     first-hop rule that bound a temporary address from the guest's DAD;
+//     its NS target goes to Options.Learned, so that the daemon adds the
+//     address to the VM's security policy.
+//
 //   - The whole prefix is at most 63 bytes (MaxPrefixLen).
 //
 //   - Rules should carry a kernel-side rate limit on the log statement
