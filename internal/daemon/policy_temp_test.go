@@ -93,3 +93,62 @@ func TestPolicyJudgesTemporaryAddresses(t *testing.T) {
 		time.Sleep(100 * time.Millisecond)
 	}
 }
+
+// A temporary address whose binding ended on one port (expired; here
+// deleted) and that another port's guest then takes, first come first
+// served, moves to the new owner's policy: a connection to it meets the
+// new owner's ingress rules, not the old owner's. The old owner's
+// addresses are read again before the new owner's policy is programmed
+// (with no periodic read in between: the interval is an hour).
+func TestTemporaryAddressChangesOwner(t *testing.T) {
+	e := newEnvWith(t, func(o *daemon.Options) { o.TempAddrInterval = time.Hour })
+	mk := func(id, addr string, privacy bool, pol map[string]any) {
+		n := map[string]any{"id": "eth0", "bridge_name": "br-to", "ipv6": map[string]any{
+			"address": addr, "gateway": "2001:db8:78::1", "enable_privacy_extensions": privacy, "temp_valid_lifetime": 600},
+			"security_policy": pol}
+		cfg := vmConfig("t1", n)
+		cfg["security_profile"] = map[string]any{"profile_name": "high"}
+		e.mustCall("CreateVm", map[string]any{"vm_id": id, "config": cfg})
+		e.mustCall("BootVm", map[string]any{"vm_id": id})
+	}
+	only := func(port string) map[string]any {
+		return map[string]any{"ingress_rules": []any{"allow tcp from any to any port " + port, "deny all from any to any"}}
+	}
+	mk("vm-old", "2001:db8:78::10/64", true, only("22"))
+	mk("vm-new", "2001:db8:78::11/64", true, only("80"))
+	mk("vm-peer", "2001:db8:78::12/64", false, nil)
+	for _, id := range []string{"vm-old", "vm-new", "vm-peer"} {
+		e.waitDAD(id)
+	}
+	temp := e.tempAddr(t, "vm-old")
+	e.startListener(t, "vm-old", "22")
+	e.startListener(t, "vm-new", "22", "80")
+	if !e.tcpConnect(t, "vm-peer", temp, "22") {
+		t.Fatalf("tcp/22 to %s, allowed by its owner's rules, did not connect", temp)
+	}
+
+	// The old owner's binding ends and it stops using the address.
+	oldDev := str(obj(list(e.getVM("vm-old")["networkStatus"])[0]), "hostDevice")
+	for _, tbl := range e.fhTables(t) {
+		e.host.Run("nft", "delete", "element", "netdev", tbl, oldDev+"-temp", "{ "+temp+" }")
+		e.host.Run("nft", "delete", "element", "netdev", tbl, nft.PrivOwnedSet, "{ "+temp+" }")
+	}
+	e.inVM("vm-old", "ip", "-6", "addr", "del", temp+"/64", "dev", "eth0")
+	// The new owner's guest takes it (its DAD binds it to its port).
+	if out, err := e.inVM("vm-new", "ip", "-6", "addr", "add", temp+"/64", "dev", "eth0"); err != nil {
+		t.Fatalf("add %s in vm-new: %v\n%s", temp, err, out)
+	}
+	// The peer's neighbour entry still names the old owner's MAC (in a
+	// real takeover the old owner stopped using the address long before).
+	e.inVM("vm-peer", "ip", "-6", "neigh", "flush", "to", temp)
+	deadline := time.Now().Add(10 * time.Second)
+	for !e.tcpConnect(t, "vm-peer", temp, "80") {
+		if time.Now().After(deadline) {
+			t.Fatalf("tcp/80 to %s, allowed by its new owner's rules, did not connect\n%s", temp, e.policyTables(t))
+		}
+		time.Sleep(200 * time.Millisecond)
+	}
+	if e.tcpConnect(t, "vm-peer", temp, "22") {
+		t.Fatalf("tcp/22 to %s connected: judged by its old owner's rules", temp)
+	}
+}

@@ -52,6 +52,19 @@ func (t *tempAddrs) set(dev string, addrs []netip.Addr) bool {
 	return true
 }
 
+// holders returns the devices other than dev that hold one of addrs.
+func (t *tempAddrs) holders(dev string, addrs []netip.Addr) []string {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	var out []string
+	for d, have := range t.byDev {
+		if d != dev && slices.ContainsFunc(have, func(a netip.Addr) bool { return slices.Contains(addrs, a) }) {
+			out = append(out, d)
+		}
+	}
+	return out
+}
+
 // devices returns the devices with addresses.
 func (t *tempAddrs) devices() []string {
 	t.mu.Lock()
@@ -104,28 +117,41 @@ func (d *Daemon) syncTempAddrs(ctx context.Context, devs []string) {
 		devs = slices.Compact(devs)
 	}
 	for _, dev := range devs {
-		addrs, err := d.fw.TempAddrs(dev)
-		if err != nil && !errors.Is(err, nft.ErrNotFound) {
-			d.log.Error("temporary addresses: read learned set", "dev", dev, "err", err)
-			continue
+		d.syncTempAddrsOf(ctx, dev, true)
+	}
+}
+
+// syncTempAddrsOf reads dev's set and, when its addresses changed,
+// reprograms its VM's policy. An address another port held until now
+// (its binding expired and this port's guest took it, first come first
+// served) is first taken off that port's policy (with owners), so the
+// two NICs' policies never claim one address.
+func (d *Daemon) syncTempAddrsOf(ctx context.Context, dev string, owners bool) {
+	addrs, err := d.fw.TempAddrs(dev)
+	if err != nil && !errors.Is(err, nft.ErrNotFound) {
+		d.log.Error("temporary addresses: read learned set", "dev", dev, "err", err)
+		return
+	}
+	if owners {
+		for _, other := range d.temps.holders(dev, addrs) {
+			d.syncTempAddrsOf(ctx, other, false)
 		}
-		if !d.temps.set(dev, addrs) {
-			continue
-		}
-		vmID, _, nic, ok := d.resolveDevice(dev)
-		if !ok {
-			continue
-		}
-		done, err := d.vms.ReprogramPolicy(ctx, vmID)
-		if err != nil {
-			d.log.Error("temporary addresses: program security policy", "vm_id", vmID, "nic", nic, "err", err)
-			// Read it again next time.
-			d.temps.set(dev, nil)
-			continue
-		}
-		if !done {
-			continue
-		}
+	}
+	if !d.temps.set(dev, addrs) {
+		return
+	}
+	vmID, _, nic, ok := d.resolveDevice(dev)
+	if !ok {
+		return
+	}
+	done, err := d.vms.ReprogramPolicy(ctx, vmID)
+	if err != nil {
+		d.log.Error("temporary addresses: program security policy", "vm_id", vmID, "nic", nic, "err", err)
+		// Read it again next time.
+		d.temps.set(dev, nil)
+		return
+	}
+	if done {
 		d.log.Info("temporary addresses: security policy follows the guest's", "vm_id", vmID, "nic", nic, "dev", dev, "addresses", addrs)
 	}
 }
