@@ -247,6 +247,9 @@ func (s *Server) describe(row *store.VM) (*vmv1.GetVmResponse, error) {
 			BridgeName: n.Bridge, BridgeDevice: n.Bridge, VlanId: n.VLAN, Ipv6Address: n.Address, Ipv6Gateway: n.Gateway, GatewayOnBridge: n.GatewayOnBridge,
 			DadState: "unknown", LinkState: "unknown"}
 		st.GuestLinkLocal = n.LinkLocal
+		for _, a := range s.vms.TempAddrs(n.HostDevice) {
+			st.TemporaryAddresses = append(st.TemporaryAddresses, a.String())
+		}
 		st.VlanMode = vm.VLANMode(n, s.vms.Caps())
 		if i < len(cfg.GetNetwork()) {
 			st.EffectiveSecurity = vm.EffectiveSecurity(cfg, cfg.GetNetwork()[i])

@@ -76,6 +76,9 @@ func TestPolicyJudgesTemporaryAddresses(t *testing.T) {
 	if st["policy_address_identity"] != "enforced" {
 		t.Fatalf("GetVm policy controls with privacy extensions: %v", st)
 	}
+	if got := list(obj(list(e.getVM("vm-tp")["networkStatus"])[0])["temporaryAddresses"]); len(got) != 1 || got[0] != temp {
+		t.Fatalf("GetVm temporaryAddresses %v, want [%s]", got, temp)
+	}
 
 	// The binding goes: so does the address from the policy's ingress map.
 	if !strings.Contains(e.policyTables(t), temp) {
@@ -91,6 +94,9 @@ func TestPolicyJudgesTemporaryAddresses(t *testing.T) {
 			t.Fatalf("temporary address %s still in the policy tables after its binding went", temp)
 		}
 		time.Sleep(100 * time.Millisecond)
+	}
+	if got := list(obj(list(e.getVM("vm-tp")["networkStatus"])[0])["temporaryAddresses"]); len(got) != 0 {
+		t.Fatalf("GetVm temporaryAddresses %v after the binding went", got)
 	}
 }
 

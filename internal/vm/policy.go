@@ -209,6 +209,10 @@ func (m *Manager) Policies(ctx context.Context, row *store.VM, cfg *vmv1.VmConfi
 	return out, nil
 }
 
+// TempAddrs returns the temporary addresses the guest behind hostDev has
+// bound (Options.TempAddrs), as the security policy has them.
+func (m *Manager) TempAddrs(hostDev string) []netip.Addr { return m.tempAddrs(hostDev) }
+
 // tempAddrs returns hostDev's learned temporary addresses (Options.TempAddrs).
 func (m *Manager) tempAddrs(hostDev string) []netip.Addr {
 	if m.opt.TempAddrs == nil || hostDev == "" {

@@ -1373,8 +1373,13 @@ type NetworkInterfaceStatus struct {
 	// enforced; "bridged_traffic_at_l3" says whether the host's ip6 hooks see
 	// this bridge's traffic (br_netfilter), which the policy relies on.
 	PolicyControls []*ControlStatus `protobuf:"bytes,18,rep,name=policy_controls,json=policyControls,proto3" json:"policy_controls,omitempty"`
-	unknownFields  protoimpl.UnknownFields
-	sizeCache      protoimpl.SizeCache
+	// temporary_addresses are the guest's temporary addresses (privacy
+	// extensions) that the port has bound from the guest's DAD, first come
+	// first served, and that the security policy counts as the NIC's own;
+	// empty when the VM does not use privacy extensions.
+	TemporaryAddresses []string `protobuf:"bytes,19,rep,name=temporary_addresses,json=temporaryAddresses,proto3" json:"temporary_addresses,omitempty"`
+	unknownFields      protoimpl.UnknownFields
+	sizeCache          protoimpl.SizeCache
 }
 
 func (x *NetworkInterfaceStatus) Reset() {
@@ -1529,6 +1534,13 @@ func (x *NetworkInterfaceStatus) GetGuestLinkLocal() string {
 func (x *NetworkInterfaceStatus) GetPolicyControls() []*ControlStatus {
 	if x != nil {
 		return x.PolicyControls
+	}
+	return nil
+}
+
+func (x *NetworkInterfaceStatus) GetTemporaryAddresses() []string {
+	if x != nil {
+		return x.TemporaryAddresses
 	}
 	return nil
 }
@@ -2897,7 +2909,7 @@ const file_vmprovisioner_v1_vm_proto_rawDesc = "" +
 	"\tIsolation\x12\x1a\n" +
 	"\bisolated\x18\x01 \x01(\bR\bisolated\x12\x16\n" +
 	"\x06reason\x18\x02 \x01(\tR\x06reason\x120\n" +
-	"\x05since\x18\x03 \x01(\v2\x1a.google.protobuf.TimestampR\x05since\"\xd8\x05\n" +
+	"\x05since\x18\x03 \x01(\v2\x1a.google.protobuf.TimestampR\x05since\"\x89\x06\n" +
 	"\x16NetworkInterfaceStatus\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x12\x1f\n" +
 	"\vhost_device\x18\x02 \x01(\tR\n" +
@@ -2922,7 +2934,8 @@ const file_vmprovisioner_v1_vm_proto_rawDesc = "" +
 	"\bcontrols\x18\x0f \x03(\v2\x1f.vmprovisioner.v1.ControlStatusR\bcontrols\x12\x1b\n" +
 	"\tvlan_mode\x18\x10 \x01(\tR\bvlanMode\x12(\n" +
 	"\x10guest_link_local\x18\x11 \x01(\tR\x0eguestLinkLocal\x12H\n" +
-	"\x0fpolicy_controls\x18\x12 \x03(\v2\x1f.vmprovisioner.v1.ControlStatusR\x0epolicyControls\"o\n" +
+	"\x0fpolicy_controls\x18\x12 \x03(\v2\x1f.vmprovisioner.v1.ControlStatusR\x0epolicyControls\x12/\n" +
+	"\x13temporary_addresses\x18\x13 \x03(\tR\x12temporaryAddresses\"o\n" +
 	"\rControlStatus\x12\x18\n" +
 	"\acontrol\x18\x01 \x01(\tR\acontrol\x12\x16\n" +
 	"\x06status\x18\x02 \x01(\tR\x06status\x12\x16\n" +
