@@ -43,7 +43,7 @@
 //
 // `table ip6 metald_security_0` .. `_7` (ShardTable, NICTable): a NIC's
 // chains live in shard FNV-1a(Key(vm, nic)) mod 8 (Shard), with the
-// shard's verdict maps egress_by_src and ingress_by_dst, its log_deny and
+// shard's verdict maps egress_by_mac and ingress_by_dst, its log_deny and
 // log_allow chains, a copy of every managed set, and two base chains of
 // type nat, policy accept:
 //
@@ -76,10 +76,10 @@
 // matches. Ingress is dispatched by destination address (ingress_by_dst,
 // every address of NICPolicy.Addrs: configured, link-local, and the
 // temporary addresses the first-hop rules bound from the guest's DAD,
-// which the daemon adds as it learns them). egress_by_src holds the same addresses as
-// ingress_by_dst; no rule looks it up (a Manager learns a NIC's addresses
-// from it after a restart). Each entry jumps to the NIC's chain for that
-// direction. A NIC
+// which the daemon adds as it learns them; a Manager learns a NIC's
+// addresses from it after a restart). Each entry jumps to the NIC's chain
+// for that direction. (The former layouts' egress_by_src map, by source
+// address, is deleted on a Manager's first commit.) A NIC
 // chain ends with `return` when the packet is allowed and `drop` when it is
 // not, so for traffic between two local VMs the sender's egress chain and
 // the receiver's ingress chain both decide ("both sides' rules").

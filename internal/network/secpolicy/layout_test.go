@@ -86,8 +86,9 @@ func untrackedDrops(t *testing.T, tp *topo) int {
 
 // TestFilterShardChainsReplaced: shard tables of the layout before this one
 // (filter base chains at forward, input and output that every packet
-// passed) get the nat base chains on a restarted Manager's first commit,
-// and their former base chains are deleted; the policy holds throughout.
+// passed, and a map by source address) get the nat base chains on a
+// restarted Manager's first commit, and their former base chains and map
+// are deleted; the policy holds throughout.
 func TestFilterShardChainsReplaced(t *testing.T) {
 	tp, a, b, pb := port80Pair(t)
 	// The former layout: every shard's dispatch in filter chains.
@@ -97,6 +98,8 @@ func TestFilterShardChainsReplaced(t *testing.T) {
 		for _, c := range []string{ChainNewPostrouting, ChainNewInput} {
 			fmt.Fprintf(&script, "flush chain ip6 %s %s\ndelete chain ip6 %s %s\n", tbl, c, tbl, c)
 		}
+		// Its source-address map, which its chains looked up.
+		fmt.Fprintf(&script, "add map ip6 %s %s { type ipv6_addr : verdict; }\n", tbl, EgressMap)
 		for _, c := range []struct{ name, rules string }{
 			{ChainForward, "ip6 saddr vmap @egress_by_src; ip6 daddr vmap @ingress_by_dst;"},
 			{ChainInput, "ip6 saddr vmap @egress_by_src;"},
@@ -115,7 +118,7 @@ func TestFilterShardChainsReplaced(t *testing.T) {
 	restartWith81(t, tp, pb)
 	for i := range Shards {
 		out := tp.host.MustRun(t, "nft", "list", "table", "ip6", ShardTable(i))
-		for _, gone := range []string{"chain forward", "chain input", "chain output", "type filter"} {
+		for _, gone := range []string{"chain forward", "chain input", "chain output", "type filter", EgressMap} {
 			if strings.Contains(out, gone) {
 				t.Errorf("%s still has %q:\n%s", ShardTable(i), gone, out)
 			}

@@ -274,7 +274,7 @@ func (m *Manager) load() error {
 				}
 				continue
 			}
-			if s.Name != EgressMap {
+			if s.Name != IngressMap {
 				continue
 			}
 			els, err := m.conn.GetSetElements(s)
@@ -574,13 +574,17 @@ func (m *Manager) queueBase() error {
 	for i := range Shards {
 		t := shardTable(i)
 		c.AddTable(t)
+		// The former layouts' source-address map (egress is dispatched by
+		// MAC): no rule refers to it once the chains above are gone.
+		if k := presentKey(t, EgressMap); m.present[k] {
+			c.DelSet(vmapSet(t, EgressMap))
+			delete(m.present, k)
+		}
 		if err := m.addSet(addrSet(t, VMAddrsSet)); err != nil {
 			return err
 		}
-		for _, s := range []string{EgressMap, IngressMap} {
-			if err := m.addSet(vmapSet(t, s)); err != nil {
-				return err
-			}
+		if err := m.addSet(vmapSet(t, IngressMap)); err != nil {
+			return err
 		}
 		if err := m.addSet(macMapSet(t)); err != nil {
 			return err
@@ -750,25 +754,18 @@ func (m *Manager) queueNIC(b *batch, p *NICPolicy) error {
 		}
 	}
 	if len(gone) > 0 {
-		if err := c.SetDeleteElements(vmapSet(t, EgressMap), gone); err != nil {
-			return err
-		}
 		if err := c.SetDeleteElements(vmapSet(t, IngressMap), gone); err != nil {
 			return err
 		}
 	}
-	var eg, ig []nftables.SetElement
+	var ig []nftables.SetElement
 	for _, a := range p.Addrs {
 		if slices.Contains(st.addrs, a) && st.tramp {
 			continue // already points at the NIC's chain
 		}
-		eg = append(eg, nftables.SetElement{Key: key16(a), VerdictData: &expr.Verdict{Kind: expr.VerdictJump, Chain: tout}})
 		ig = append(ig, nftables.SetElement{Key: key16(a), VerdictData: &expr.Verdict{Kind: expr.VerdictJump, Chain: tin}})
 	}
-	if len(eg) > 0 {
-		if err := c.SetAddElements(vmapSet(t, EgressMap), eg); err != nil {
-			return err
-		}
+	if len(ig) > 0 {
 		if err := c.SetAddElements(vmapSet(t, IngressMap), ig); err != nil {
 			return err
 		}
@@ -816,9 +813,6 @@ func (m *Manager) queueRemove(b *batch, k string) error {
 		var els []nftables.SetElement
 		for _, a := range st.addrs {
 			els = append(els, nftables.SetElement{Key: key16(a)})
-		}
-		if err := c.SetDeleteElements(vmapSet(t, EgressMap), els); err != nil {
-			return err
 		}
 		if err := c.SetDeleteElements(vmapSet(t, IngressMap), els); err != nil {
 			return err

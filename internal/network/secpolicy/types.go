@@ -22,7 +22,9 @@ const (
 	Shards = 8
 
 	BlockedSources = "blocked_sources"
-	EgressMap      = "egress_by_src"
+	// EgressMap is the former layouts' egress dispatch by source address,
+	// deleted where found.
+	EgressMap = "egress_by_src"
 	// EgressMACMap is the egress dispatch: a VM's packets are attributed
 	// by their source MAC (the first-hop table drops a VM port's frames
 	// from any other MAC), whatever address they carry.
