@@ -222,9 +222,11 @@ func (f *Firewall) load() error {
 }
 
 // dynamicSet is an address set filled from the packet path, with
-// per-element timeouts.
-func dynamicSet(t *nftables.Table, name string) *nftables.Set {
-	return &nftables.Set{Table: t, Name: name, KeyType: nftables.TypeIP6Addr, Dynamic: true, HasTimeout: true}
+// per-element timeouts, holding at most size elements (0: unbounded).
+// Adding it again with another size changes the size and keeps the
+// elements.
+func dynamicSet(t *nftables.Table, name string, size uint32) *nftables.Set {
+	return &nftables.Set{Table: t, Name: name, KeyType: nftables.TypeIP6Addr, Dynamic: true, HasTimeout: true, Size: size}
 }
 
 // queueBase queues the bridge table and its input chain. Re-adding
@@ -268,7 +270,7 @@ func (f *Firewall) queueShard(s int) error {
 	}
 	t := shardTable(s)
 	f.conn.AddTable(t)
-	if err := f.conn.AddSet(dynamicSet(t, PrivOwnedSet), nil); err != nil {
+	if err := f.conn.AddSet(dynamicSet(t, PrivOwnedSet, 0), nil); err != nil {
 		return fmt.Errorf("add set %s: %w", PrivOwnedSet, err)
 	}
 	f.batch.shards[s] = true
@@ -305,7 +307,7 @@ func (f *Firewall) queueNIC(p network.NICPlan, s int, carry map[string]counterVa
 	for _, s := range spec.sets {
 		if s.dynamic {
 			// packet-path state: created once, never flushed
-			if err := c.AddSet(dynamicSet(t, s.name), nil); err != nil {
+			if err := c.AddSet(dynamicSet(t, s.name, s.size), nil); err != nil {
 				return fmt.Errorf("add set %s: %w", s.name, err)
 			}
 			continue

@@ -2,6 +2,7 @@ package nft
 
 import (
 	"fmt"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -85,4 +86,66 @@ func TestPrivacyAddressFCFS(t *testing.T) {
 			t.Error("VM1 still uses an address now bound to VM2")
 		}
 	})
+}
+
+// TestPrivacyBindingsBounded: a guest that DADs for more temporary
+// addresses than MaxTempAddrs (a flood of targets) binds MaxTempAddrs of
+// them; traffic from one bound first passes, from one beyond the bound is
+// dropped and counted, and a NIC programmed before the bound existed (its
+// set unbounded) is reported as drift and repaired without losing its
+// bindings.
+func TestPrivacyBindingsBounded(t *testing.T) {
+	t.Parallel()
+	c := allOn()
+	c.PrivacyExtensions = true
+	tp := newTopo(t, c)
+	for _, p := range tp.plans {
+		if err := tp.fw.UpdateNIC(p); err != nil {
+			t.Fatal(err)
+		}
+	}
+	cap2 := startCapture(t, tp.vm2, "eth0")
+	target := func(i int) string { return fmt.Sprintf("2001:db8:1:0:aaaa:bbbb:cccc:%x", i+1) }
+	var prog strings.Builder
+	for i := range MaxTempAddrs + 4 {
+		// The solicited-node group is not checked by the rules; one will do.
+		fmt.Fprintf(&prog, "send(Ether(src=M1, dst=\"33:33:ff:cc:00:01\")/IPv6(src=\"::\", dst=\"ff02::1:ffcc:1\", hlim=255)/ICMPv6ND_NS(tgt=%q))\n", target(i))
+	}
+	scapy(t, tp.vm1, prog.String())
+	set := TableFor(tp.plans[0])
+	out := tp.host.MustRun(t, "nft", "list", "set", "netdev", set, "tap-vm1-temp")
+	if n := strings.Count(out, "2001:db8:1:0:aaaa:bbbb:cccc:"); n != MaxTempAddrs {
+		t.Fatalf("tap-vm1-temp holds %d of the %d addresses DADed, want %d:\n%s", n, MaxTempAddrs+4, MaxTempAddrs, out)
+	}
+	from := func(src string, fl uint32) string {
+		return fmt.Sprintf(`send(Ether(src=M1, dst=M2)/IPv6(src=%q, dst=IP2, fl=%d)/ICMPv6EchoRequest())`, src, fl)
+	}
+	sendAndMark(t, tp, cap2, false, 0x7101, from(target(0), 0x7101))
+	if cap2.count(0x7101) != 1 {
+		t.Error("traffic from the first bound temporary address did not reach VM2")
+	}
+	b := tp.counters(t, "tap-vm1")
+	sendAndMark(t, tp, cap2, false, 0x7102, from(target(MaxTempAddrs+3), 0x7102))
+	if cap2.count(0x7102) != 0 {
+		t.Error("traffic from a temporary address beyond the bound reached VM2")
+	}
+	if d := deltas(b, tp.counters(t, "tap-vm1")); d[network.CtlSourceGuard] != 1 || len(d) != 1 {
+		t.Errorf("deltas %s, want source_guard+1", fmtDeltas(d))
+	}
+
+	// A set of the layout before the bound: drift, repaired in place.
+	tp.host.MustRun(t, "nft", "add", "set", "netdev", set, "tap-vm2-temp", "{ type ipv6_addr; flags dynamic,timeout; size 65535; }")
+	r, err := tp.fw.Reconcile(t.Context(), tp.plans[:])
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !slices.Contains(r.NICs["tap-vm2"], "set tap-vm2-temp size differs") {
+		t.Fatalf("repairs %s lack the temporary set's size", r)
+	}
+	if out := tp.host.MustRun(t, "nft", "list", "set", "netdev", TableFor(tp.plans[1]), "tap-vm2-temp"); !strings.Contains(out, fmt.Sprintf("size %d", MaxTempAddrs)) {
+		t.Errorf("tap-vm2-temp not bounded after the update:\n%s", out)
+	}
+	if out := tp.host.MustRun(t, "nft", "list", "set", "netdev", set, "tap-vm1-temp"); strings.Count(out, "2001:db8:1:0:aaaa:bbbb:cccc:") != MaxTempAddrs {
+		t.Errorf("tap-vm1-temp lost bindings:\n%s", out)
+	}
 }

@@ -96,8 +96,8 @@ func (r Repairs) String() string {
 // ids of sets blanked) together with their comments. Shared constant sets
 // are compared by reference only: the kernel refuses changes to a constant
 // set, so they cannot drift without their rule being replaced. Dynamic
-// sets (learned privacy addresses) are not compared: their contents are
-// packet-path state.
+// sets (learned privacy addresses) are compared by size only: their
+// contents are packet-path state.
 //
 // Cost: a dump of every shard table's chains, sets and counters, one rule
 // dump per NIC chain and one element dump per NIC set, a few milliseconds
@@ -349,6 +349,9 @@ func (f *Firewall) nicDrift(c *nftables.Conn, st kernelState, p network.NICPlan)
 			continue
 		}
 		if set.dynamic {
+			if ss.setSize[set.name] != set.size {
+				out = append(out, "set "+set.name+" size differs")
+			}
 			continue
 		}
 		els, err := c.GetSetElements(&nftables.Set{Table: t, Name: set.name, KeyType: set.keyType})

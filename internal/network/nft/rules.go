@@ -223,7 +223,17 @@ type setSpec struct {
 	// never flushed or compared by metald.
 	dynamic bool
 	timeout time.Duration
+	// size bounds a dynamic set (0: unbounded); the packet path adds
+	// nothing to a full set.
+	size uint32
 }
+
+// MaxTempAddrs is how many temporary addresses a port binds at once
+// (privacy extensions; Linux's default max_addresses is 16 per interface,
+// every address counted). A guest that DADs for more (a flood of targets)
+// binds no more until one expires: it cannot grow the kernel's sets, nor
+// the security policy that follows them, without bound.
+const MaxTempAddrs = 16
 
 // chainsOf lists every chain a NIC may own, in a fixed order. Only those
 // with rules exist (usedChains): every chain of the namespace costs every
@@ -665,7 +675,7 @@ func buildNIC(p network.NICPlan, logGroup uint16) nicSpec {
 	spec.sets = []setSpec{
 		{name: n.AddrSet(), keyType: nftables.TypeIP6Addr, elems: addrs},
 		{name: n.RASourceSet(), keyType: nftables.TypeIP6Addr, elems: raSrc},
-		{name: n.TempSet(), keyType: nftables.TypeIP6Addr, dynamic: true},
+		{name: n.TempSet(), keyType: nftables.TypeIP6Addr, dynamic: true, size: MaxTempAddrs},
 	}
 	return spec
 }

@@ -105,11 +105,13 @@ type shardState struct {
 	chainsKnown bool
 	chains      map[string]*nftables.Chain
 	sets        map[string]bool
-	counters    map[string]counterVal
+	// setSize is each set's size as the kernel has it (0: unbounded).
+	setSize  map[string]uint32
+	counters map[string]counterVal
 }
 
 func newShardState() *shardState {
-	return &shardState{chains: map[string]*nftables.Chain{}, sets: map[string]bool{}, counters: map[string]counterVal{}}
+	return &shardState{chains: map[string]*nftables.Chain{}, sets: map[string]bool{}, setSize: map[string]uint32{}, counters: map[string]counterVal{}}
 }
 
 // nics lists the host devices with objects in the shard: every NIC owns a
@@ -284,6 +286,7 @@ func readShard(c *nftables.Conn, s int, dev string) (*shardState, error) {
 	ss.exists = true
 	for _, set := range sets {
 		ss.sets[set.Name] = true
+		ss.setSize[set.Name] = set.Size
 	}
 	if ss.counters, err = readNICCounters(c, s, dev); err != nil {
 		return nil, err
@@ -335,6 +338,7 @@ func readShardObjects(c *nftables.Conn, s int, ss *shardState) error {
 	}
 	for _, set := range sets {
 		ss.sets[set.Name] = true
+		ss.setSize[set.Name] = set.Size
 	}
 	return nil
 }
