@@ -100,6 +100,11 @@ type NICPlan struct {
 	// drops log up to 1000 packets/s per rule instead of 10 (see
 	// nft.LogPrefix).
 	Monitor bool
+	// Pending: the NIC's VM is being created. A reconcile neither repairs
+	// nor removes its objects: the create programs them and a failed
+	// create's rollback removes them (a repair racing the rollback would
+	// leave rules of a VM that does not exist).
+	Pending bool
 }
 
 // Plan is the desired state of every VM NIC on a host.

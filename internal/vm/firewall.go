@@ -218,6 +218,13 @@ func (m *Manager) ReconcileFirewall(ctx context.Context) error {
 				m.log.Error("build first-hop plan", "vm_id", row.ID, "err", err)
 				continue
 			}
+			if row.State == store.StateCreating {
+				// The create programs its NICs (or its rollback removes
+				// them): left as they are.
+				for i := range plans {
+					plans[i].Pending = true
+				}
+			}
 			desired = append(desired, plans...)
 		}
 		return desired, nil

@@ -182,6 +182,9 @@ func (f *Firewall) ReconcileFunc(ctx context.Context, list func(context.Context)
 		if err := ctx.Err(); err != nil {
 			return r, err
 		}
+		if p.Pending {
+			continue // kept as it is (want), not compared
+		}
 		d, err := f.nicDrift(rd, st, p)
 		if err != nil {
 			return r, err
@@ -225,8 +228,11 @@ func (f *Firewall) ReconcileFunc(ctx context.Context, list func(context.Context)
 	f.queueBase()
 	// Shards of desired NICs get their shared objects back (priv_owned).
 	wantShard := map[int]bool{}
-	for _, s := range want {
-		if !wantShard[s] {
+	for _, p := range desired {
+		if p.Pending {
+			continue
+		}
+		if s := want[p.HostDevice]; !wantShard[s] {
 			wantShard[s] = true
 			if err := f.queueShard(s); err != nil {
 				return r, f.abort(err)

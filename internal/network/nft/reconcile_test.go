@@ -155,3 +155,51 @@ func TestReconcileRepairsDrift(t *testing.T) {
 		})
 	}
 }
+
+// TestReconcileLeavesPendingNICs: a NIC whose VM is being created
+// (NICPlan.Pending) is neither added, repaired nor removed by a reconcile,
+// even by a Firewall that did not write it: a repair racing a failed
+// create's rollback would leave the rules of a VM that does not exist.
+func TestReconcileLeavesPendingNICs(t *testing.T) {
+	t.Parallel()
+	tp := newTopo(t, allOn())
+	fw2, err := New(tp.host.Fd())
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { fw2.Close() })
+	pending := tp.plans
+	pending[1].Pending = true
+
+	// Not yet programmed: not added.
+	if err := tp.fw.RemoveNIC("tap-vm2"); err != nil {
+		t.Fatal(err)
+	}
+	r, err := fw2.Reconcile(context.Background(), pending[:])
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !r.Empty() || strings.Contains(listTables(t, tp.host), "tap-vm2") {
+		t.Fatalf("reconcile programmed a pending NIC: %s", r)
+	}
+	// Programmed, then changed behind metald's back: neither repaired nor
+	// removed.
+	if err := tp.fw.UpdateNIC(tp.plans[1]); err != nil {
+		t.Fatal(err)
+	}
+	tp.host.MustRun(t, "nft", "flush", "chain", "netdev", TableFor(tp.plans[1]), "vm-tap-vm2-out")
+	if r, err = fw2.Reconcile(context.Background(), pending[:]); err != nil {
+		t.Fatal(err)
+	}
+	out := tp.host.MustRun(t, "nft", "list", "chain", "netdev", TableFor(tp.plans[1]), "vm-tap-vm2-out")
+	if !r.Empty() || strings.Contains(out, "control=") {
+		t.Fatalf("reconcile touched a pending NIC: %s\n%s", r, out)
+	}
+	// Once the create is done, the same drift is repaired.
+	if r, err = fw2.Reconcile(context.Background(), tp.plans[:]); err != nil {
+		t.Fatal(err)
+	}
+	if len(r.NICs["tap-vm2"]) == 0 {
+		t.Fatalf("drift of a created NIC not repaired: %s", r)
+	}
+}
