@@ -917,14 +917,11 @@ func (f *Firewall) NICs() ([]string, error) {
 func (f *Firewall) Counters(hostDev string) (map[network.Control]uint64, error) {
 	f.mu.Lock()
 	defer f.unlock()
-	if err := f.load(); err != nil {
+	s, err := f.nicShard(hostDev)
+	if err != nil {
 		return nil, fmt.Errorf("read counters of %s: %w", hostDev, err)
 	}
-	shards := f.where[hostDev]
-	if len(shards) == 0 {
-		return nil, fmt.Errorf("read counters of %s: %w", hostDev, ErrNotFound)
-	}
-	byName, err := readNICCounters(f.conn, shards[0], hostDev)
+	byName, err := readNICCounters(f.conn, s, hostDev)
 	if err != nil {
 		return nil, fmt.Errorf("read counters of %s: %w", hostDev, err)
 	}
@@ -946,15 +943,12 @@ func (f *Firewall) Counters(hostDev string) (map[network.Control]uint64, error) 
 func (f *Firewall) TempAddrs(hostDev string) ([]netip.Addr, error) {
 	f.mu.Lock()
 	defer f.unlock()
-	if err := f.load(); err != nil {
+	s, err := f.nicShard(hostDev)
+	if err != nil {
 		return nil, fmt.Errorf("read temporary addresses of %s: %w", hostDev, err)
 	}
-	shards := f.where[hostDev]
-	if len(shards) == 0 {
-		return nil, fmt.Errorf("read temporary addresses of %s: %w", hostDev, ErrNotFound)
-	}
 	n := network.NamesFor(hostDev)
-	els, err := f.conn.GetSetElements(&nftables.Set{Table: shardTable(shards[0]), Name: n.TempSet(), KeyType: nftables.TypeIP6Addr})
+	els, err := f.conn.GetSetElements(&nftables.Set{Table: shardTable(s), Name: n.TempSet(), KeyType: nftables.TypeIP6Addr})
 	if err != nil {
 		return nil, fmt.Errorf("read temporary addresses of %s: %w", hostDev, err)
 	}
@@ -966,4 +960,17 @@ func (f *Firewall) TempAddrs(hostDev string) ([]netip.Addr, error) {
 	}
 	slices.SortFunc(out, netip.Addr.Compare)
 	return out, nil
+}
+
+// nicShard returns the shard holding hostDev's objects (ErrNotFound when
+// none does). The caller holds mu.
+func (f *Firewall) nicShard(hostDev string) (int, error) {
+	if err := f.load(); err != nil {
+		return 0, err
+	}
+	shards := f.where[hostDev]
+	if len(shards) == 0 {
+		return 0, ErrNotFound
+	}
+	return shards[0], nil
 }
