@@ -287,6 +287,7 @@ func New(ctx context.Context, opt Options) (d *Daemon, err error) {
 		fw:  newEventFirewall(firewall{f: d.fw, obs: func(t time.Duration) { d.events.ObserveProcessing(secevent.StageRules, t) }}, d.events, evMetrics),
 		pol: newEventPolicy(d.pol, d.events, evMetrics),
 	}
+	d.evw.fw.removed = d.temps.forget
 	d.joint = &joint{fw: d.evw.fw, pol: d.evw.pol, fwMgr: d.fw, polMgr: d.pol, gens: d.gens, opts: nftconn.Options(int(d.hostNS.Fd())),
 		obs: func(t time.Duration) { d.events.ObserveProcessing(secevent.StageRules, t) }}
 	d.vms = vm.NewManager(vm.Options{Store: d.store, Backend: d.backend, Ports: hostPorts, Policy: d.evw.pol, Shaper: hostPorts, Region: opt.Region, ManagementAccess: mgmt, Joint: d.joint, TempAddrs: d.temps.get,

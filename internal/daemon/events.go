@@ -49,6 +49,9 @@ type eventFirewall struct {
 
 	mu   sync.Mutex
 	last map[string]network.NICPlan // host device → plan in the kernel
+	// removed, when set, is told of each NIC removed (its device's
+	// learned temporary addresses go with it).
+	removed func(hostDev string)
 }
 
 func newEventFirewall(inner vm.Firewall, ev *secevent.Service, m *secevent.Metrics) *eventFirewall {
@@ -84,7 +87,11 @@ func (w *eventFirewall) RemoveNIC(hostDev string) error {
 	w.mu.Lock()
 	defer w.mu.Unlock()
 	delete(w.last, hostDev)
-	return w.inner.RemoveNIC(hostDev)
+	err := w.inner.RemoveNIC(hostDev)
+	if err == nil && w.removed != nil {
+		w.removed(hostDev)
+	}
+	return err
 }
 
 // Reconcile marks the listed plans for monitoring. It does not hold w.mu

@@ -1,6 +1,7 @@
 package daemon_test
 
 import (
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -156,5 +157,20 @@ func TestTemporaryAddressChangesOwner(t *testing.T) {
 	}
 	if e.tcpConnect(t, "vm-peer", temp, "22") {
 		t.Fatalf("tcp/22 to %s connected: judged by its old owner's rules", temp)
+	}
+
+	// A VM created again under the same id (so the same port name)
+	// starts with no temporary address of its predecessor.
+	temps := func() []any { return list(obj(list(e.getVM("vm-new")["networkStatus"])[0])["temporaryAddresses"]) }
+	before := temps()
+	if !slices.Contains(before, any(temp)) {
+		t.Fatalf("vm-new's temporary addresses %v lack %s", before, temp)
+	}
+	e.mustCall("DeleteVm", map[string]any{"vm_id": "vm-new"})
+	mk("vm-new", "2001:db8:78::11/64", true, only("80"))
+	for _, a := range temps() {
+		if slices.Contains(before, a) {
+			t.Fatalf("the new vm-new inherited its predecessor's temporary address %v", a)
+		}
 	}
 }

@@ -52,6 +52,10 @@ func (t *tempAddrs) set(dev string, addrs []netip.Addr) bool {
 	return true
 }
 
+// forget drops dev's addresses (its NIC was removed: a NIC that later
+// gets the same device name starts with none).
+func (t *tempAddrs) forget(dev string) { t.set(dev, nil) }
+
 // holders returns the devices other than dev that hold one of addrs.
 func (t *tempAddrs) holders(dev string, addrs []netip.Addr) []string {
 	t.mu.Lock()
