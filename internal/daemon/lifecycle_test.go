@@ -2,6 +2,7 @@ package daemon_test
 
 import (
 	"context"
+	"fmt"
 	"net"
 	"os"
 	"path/filepath"
@@ -209,6 +210,8 @@ func TestTerminatedOutsideMetald(t *testing.T) {
 		e.mustCall("BootVm", map[string]any{"vm_id": id})
 	}
 	syscall.Kill(pidOf(e.getVM("vm-k1")), syscall.SIGKILL)
+	// vm-k2's guest outlives its sandbox's mount.
+	k2 := pidOf(e.getVM("vm-k2"))
 	if err := syscall.Unmount(filepath.Join(e.dir, "netns", "metald-vm-k2"), syscall.MNT_DETACH); err != nil {
 		t.Fatal(err)
 	}
@@ -242,11 +245,18 @@ func TestTerminatedOutsideMetald(t *testing.T) {
 	if found != 2 {
 		t.Fatalf("terminated VMs' ports released early: %v", e.links())
 	}
+	if pidOf(e.getVM("vm-k2")) != k2 {
+		t.Fatalf("vm-k2's live guest (pid %d) no longer recorded: %v", k2, e.getVM("vm-k2")["backendInfo"])
+	}
 	for _, id := range []string{"vm-k1", "vm-k2"} {
 		e.mustCall("DeleteVm", map[string]any{"vm_id": id})
 	}
 	vms, _ := e.d.Manager().List(context.Background())
 	if len(vms) != 0 {
 		t.Fatalf("left: %v", vms)
+	}
+	// DeleteVm killed the guest that had lost its sandbox.
+	if stat, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", k2)); err == nil && !strings.Contains(string(stat), ") Z ") {
+		t.Fatalf("vm-k2's guest (pid %d) still runs after DeleteVm: %s", k2, stat)
 	}
 }

@@ -108,7 +108,7 @@ func (m *Manager) recoverOne(ctx context.Context, vm *store.VM, rep *RecoveryRep
 	h := m.opt.Backend.Check(ctx, Instance(vm))
 	if reason := lostReason(vm.State, h); reason != "" {
 		rep.Terminated = append(rep.Terminated, vm.ID)
-		return m.terminate(ctx, vm, reason)
+		return m.terminate(ctx, vm, reason, h.Running)
 	}
 	// The sandbox is intact: make sure its bridges and gateways are there
 	// and its ports are on their bridges (a bridge may have been recreated
@@ -124,7 +124,7 @@ func (m *Manager) recoverOne(ctx context.Context, vm *store.VM, rep *RecoveryRep
 		}
 		if !exists {
 			rep.Terminated = append(rep.Terminated, vm.ID)
-			return m.terminate(ctx, vm, fmt.Sprintf("port %s vanished", n.HostDevice))
+			return m.terminate(ctx, vm, fmt.Sprintf("port %s vanished", n.HostDevice), h.Running)
 		}
 		if !attached {
 			if err := m.opt.Ports.AttachPort(n.HostDevice, n.Bridge); err != nil {
@@ -157,9 +157,15 @@ func lostReason(state string, h backend.Health) string {
 	return ""
 }
 
-func (m *Manager) terminate(ctx context.Context, vm *store.VM, reason string) error {
+// terminate marks vm TERMINATED for reason. A guest process that is still
+// alive (its sandbox or a port vanished around it) stays recorded, so that
+// DeleteVm's teardown kills it rather than leaving it running where no
+// one can reach it.
+func (m *Manager) terminate(ctx context.Context, vm *store.VM, reason string, guestAlive bool) error {
 	inst := Instance(vm)
-	inst.PID, inst.StartTime = 0, 0
+	if !guestAlive {
+		inst.PID, inst.StartTime = 0, 0
+	}
 	vm.Instance, _ = json.Marshal(inst)
 	vm.State, vm.StateReason, vm.UpdatedAt = store.StateTerminated, reason, m.opt.Now().UTC()
 	m.log.Warn("vm terminated outside metald", "vm_id", vm.ID, "reason", reason)
@@ -200,8 +206,9 @@ func (m *Manager) CheckAll(ctx context.Context) {
 		unlock := m.lock(vm.ID)
 		cur, err := m.opt.Store.GetVM(ctx, vm.ID)
 		if err == nil && watched(cur.State) {
-			if reason := lostReason(cur.State, m.opt.Backend.Check(ctx, Instance(cur))); reason != "" {
-				if err := m.terminate(ctx, cur, reason); err != nil {
+			h := m.opt.Backend.Check(ctx, Instance(cur))
+			if reason := lostReason(cur.State, h); reason != "" {
+				if err := m.terminate(ctx, cur, reason, h.Running); err != nil {
 					m.log.Error("mark vm terminated", "vm_id", vm.ID, "err", err)
 				}
 			}
