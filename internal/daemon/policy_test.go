@@ -340,7 +340,8 @@ func TestLimitsThroughDaemon(t *testing.T) {
 
 // A MAC is unique on the host (the policy finds a VM's egress rules by
 // it): CreateVm with another VM's MAC, in any case, on another bridge, is
-// invalid_argument naming the field, and builds nothing.
+// invalid_argument naming the field, and leaves no row, port, rule or
+// allocation.
 func TestDuplicateMACRefused(t *testing.T) {
 	e := newEnv(t)
 	n1 := nic("eth0", "br-m", "2001:db8:7a::10/64", "2001:db8:7a::1")
@@ -359,6 +360,12 @@ func TestDuplicateMACRefused(t *testing.T) {
 		if l == "tap-vm-m2" || l == "br-n" {
 			t.Fatalf("%s built for a refused VM: %v", l, e.links())
 		}
+	}
+	if rules := e.host.MustRun(t, "nft", "list", "ruleset"); strings.Contains(rules, "vm-m2") {
+		t.Fatalf("rules of a refused VM:\n%s", rules)
+	}
+	if allocs := e.shell(t, `curl -s http://localhost:8080/debug/ipv6/allocations`); strings.Contains(allocs, "2001:db8:7b::10") || strings.Contains(allocs, "vm-m2") {
+		t.Fatalf("allocations of a refused VM: %s", allocs)
 	}
 	// Another MAC is fine.
 	n2["mac_address"] = "02:aa:00:00:00:02"

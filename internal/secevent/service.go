@@ -226,23 +226,7 @@ func (s *Service) Ingest(r LogRecord) {
 	}
 	s.ingested.Add(1)
 	class, _ := Classify(ctl)
-	var pkt *Packet
-	var p Packet
-	etherType := r.HwProtocol
-	switch {
-	case r.HwProtocol == EtherTypeIPv6 || (r.HwProtocol == 0 && len(r.Payload) > 0 && r.Payload[0]>>4 == 6):
-		if p, err = Parse(r.Payload); err == nil {
-			pkt = &p
-		}
-		etherType = EtherTypeIPv6
-	case r.HwProtocol == 0:
-		if f, err := ParseFrame(r.Payload); err == nil || f.Src != nil {
-			if len(r.HwAddr) == 0 {
-				r.HwAddr = f.Src
-			}
-			pkt, etherType = f.IPv6, f.EtherType
-		}
-	}
+	pkt, etherType := decode(&r)
 	key := aggKey{dev: dev, typ: class.Type, rule: ctl}
 	if pkt != nil {
 		key.src = pkt.Src
@@ -292,6 +276,28 @@ func (s *Service) Ingest(r LogRecord) {
 	s.mu.Unlock()
 }
 
+// decode parses a record's payload: an IPv6 packet, or (hardware protocol
+// unknown) an Ethernet frame, whose source MAC fills r.HwAddr when the
+// record had none. It returns the packet (nil when unreadable) and the
+// ethertype.
+func decode(r *LogRecord) (*Packet, uint16) {
+	switch {
+	case r.HwProtocol == EtherTypeIPv6 || (r.HwProtocol == 0 && len(r.Payload) > 0 && r.Payload[0]>>4 == 6):
+		if p, err := Parse(r.Payload); err == nil {
+			return &p, EtherTypeIPv6
+		}
+		return nil, EtherTypeIPv6
+	case r.HwProtocol == 0:
+		if f, err := ParseFrame(r.Payload); err == nil || f.Src != nil {
+			if len(r.HwAddr) == 0 {
+				r.HwAddr = f.Src
+			}
+			return f.IPv6, f.EtherType
+		}
+	}
+	return nil, r.HwProtocol
+}
+
 // ControlLearned is the log control of the first-hop rule that binds a
 // temporary address from the guest's DAD (internal/network/nft).
 const ControlLearned = "learned"
@@ -302,17 +308,7 @@ func (s *Service) learned(dev string, r LogRecord) {
 	if s.opts.Learned == nil || dev == "" {
 		return
 	}
-	var pkt *Packet
-	switch {
-	case r.HwProtocol == EtherTypeIPv6 || (r.HwProtocol == 0 && len(r.Payload) > 0 && r.Payload[0]>>4 == 6):
-		if p, err := Parse(r.Payload); err == nil {
-			pkt = &p
-		}
-	case r.HwProtocol == 0:
-		if f, err := ParseFrame(r.Payload); err == nil {
-			pkt = f.IPv6
-		}
-	}
+	pkt, _ := decode(&r)
 	if pkt == nil || pkt.ICMPv6Type != 135 || !pkt.NDTarget.IsValid() {
 		return
 	}

@@ -96,6 +96,7 @@ type Manager struct {
 	sets   map[string]bool                               // managed named sets that exist in every table of setTables
 	owners map[string]map[netip.Addr]map[string]struct{} // set → addr → owning NIC keys ("" = explicit)
 	byAddr map[netip.Addr]string                         // addr → NIC key
+	byMAC  map[string]string                             // MAC (its 6 bytes) → NIC key
 	groups map[string][]netip.Addr                       // explicit group members
 	// present holds "<table>/<set>" for every set found or created.
 	present map[string]bool
@@ -163,6 +164,7 @@ func (m *Manager) load() error {
 	m.sets = map[string]bool{}
 	m.owners = map[string]map[netip.Addr]map[string]struct{}{}
 	m.byAddr = map[netip.Addr]string{}
+	m.byMAC = map[string]string{}
 	m.present = map[string]bool{}
 	m.mainAddrs, m.legacyChains, m.legacySets, m.legacyBase, m.staleShards = nil, nil, nil, nil, nil
 	if m.groups == nil {
@@ -270,6 +272,7 @@ func (m *Manager) load() error {
 				for _, e := range els {
 					if k, _, _, ok := parseChainName(verdictChain(e)); ok && len(e.Key) >= 6 {
 						m.nic(k).mac = net.HardwareAddr(slices.Clone(e.Key[:6]))
+						m.byMAC[string(e.Key[:6])] = k
 					}
 				}
 				continue
@@ -670,10 +673,8 @@ func (m *Manager) queueNIC(b *batch, p *NICPolicy) error {
 	}
 	// The egress dispatch is by MAC: two NICs with one MAC would share a
 	// map key (in one shard) or each be judged by the other's rules.
-	for o, st := range m.nics {
-		if o != k && bytes.Equal(st.mac, p.MAC) {
-			return fmt.Errorf("%w: %s: MAC %s belongs to %s", ErrInvalid, k, p.MAC, o)
-		}
+	if o, ok := m.byMAC[string(p.MAC)]; ok && o != k {
+		return fmt.Errorf("%w: %s: MAC %s belongs to %s", ErrInvalid, k, p.MAC, o)
 	}
 	c := m.conn
 	t := nicTable(k)
@@ -780,6 +781,8 @@ func (m *Manager) queueNIC(b *batch, p *NICPolicy) error {
 	for _, a := range p.Addrs {
 		m.byAddr[a] = k
 	}
+	delete(m.byMAC, string(st.mac))
+	m.byMAC[string(p.MAC)] = k
 	cp := *p
 	st.plan, st.gen, st.chains, st.addrs, st.sets, st.mac = &cp, gen, names, slices.Clone(p.Addrs), newSets, slices.Clone(p.MAC)
 	return nil
@@ -835,6 +838,7 @@ func (m *Manager) queueRemove(b *batch, k string) error {
 	for _, a := range st.addrs {
 		delete(m.byAddr, a)
 	}
+	delete(m.byMAC, string(st.mac))
 	delete(m.nics, k)
 	return nil
 }
