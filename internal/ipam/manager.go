@@ -622,6 +622,13 @@ func (m *Manager) planExact(req Request, now time.Time) (planned, error) {
 	if !p.Allows(req.TenantID) {
 		return planned{}, &PermissionError{Tenant: req.TenantID, PoolID: p.ID, Address: a, Allowed: m.allowedPools(req.TenantID)}
 	}
+	// The prefix becomes an on-link route on the VM's bridge: one wider
+	// than the address's subnet would take other subnets, other pools or
+	// the outside world onto that bridge.
+	if key := subnetKey(pfx, a); req.Address.Bits() < key.Bits() {
+		return planned{}, invalidf("prefix length /%d is wider than the address's subnet %s (pool '%s'): use /%d or longer",
+			req.Address.Bits(), key, p.ID, key.Bits())
+	}
 	if e := m.byAddr[a]; e != nil {
 		return planned{}, &ConflictError{Address: a, VMID: e.VMID, NICID: e.NICID}
 	}

@@ -361,12 +361,16 @@ func TestConflictAnycastGateway(t *testing.T) {
 		{"2600:BEEF:1000:web::1/64", "2600:BEEF:1000:web::1", "is the gateway"},
 		{"2600:BEEF:1000:web::1/64", "", "gateway of other interfaces"},
 		{"2600:BEEF:1000:web::20/64", "2600:BEEF:1000:dmz::1", "outside the address's prefix"},
+		// An on-link prefix wider than the subnet (a /16 route on the
+		// bridge would take other pools and the outside world).
+		{"2600:beef:1000:1::20/16", "", "wider than the address's subnet 2600:beef:1000:1::/64 (pool 'dmz'): use /64 or longer"},
+		{"2600:beef:1000:1::20/56", "2600:beef:1000:1::1", "wider than the address's subnet"},
 	} {
 		req := Request{VMID: "vm-c", NICID: "eth0", Address: mustPrefix(t, m, tc.addr)}
 		if tc.gw != "" {
 			req.Gateway = mustAddr(t, m, tc.gw)
 		}
-		if _, err := m.Reserve(ctx, req); err == nil || !strings.Contains(err.Error(), tc.want) {
+		if _, err := m.Reserve(ctx, req); err == nil || !strings.Contains(err.Error(), tc.want) || !errors.Is(err, ErrInvalid) {
 			t.Errorf("%s gw %s: %v, want %q", tc.addr, tc.gw, err, tc.want)
 		}
 	}
