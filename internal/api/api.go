@@ -114,6 +114,8 @@ func toConnect(err error) error {
 		return connect.NewError(connect.CodeNotFound, err)
 	case errors.Is(err, vm.ErrExists):
 		return connect.NewError(connect.CodeAlreadyExists, err)
+	case errors.Is(err, vm.ErrHostConflict):
+		return connect.NewError(connect.CodeFailedPrecondition, err)
 	case errors.Is(err, context.Canceled):
 		return connect.NewError(connect.CodeCanceled, err)
 	case errors.Is(err, context.DeadlineExceeded):

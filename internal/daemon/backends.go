@@ -24,7 +24,7 @@ func (d *Daemon) openBackend() (backend.Backend, error) {
 	switch name {
 	case "netns":
 		b, err := bnetns.New(bnetns.Config{NetnsDir: opt.NetnsDir, EtcNetnsDir: opt.EtcNetnsDir,
-			GuestCommand: opt.GuestCommand, HostNS: d.hostNS, Links: d.links, Logger: d.log})
+			GuestCommand: opt.GuestCommand, HostNS: d.hostNS, Links: d.links, Logger: d.log, Owner: d.instance})
 		if err != nil {
 			return nil, fmt.Errorf("open netns backend: %w", err)
 		}

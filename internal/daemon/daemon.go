@@ -113,6 +113,7 @@ type Daemon struct {
 	hostNS   *os.File
 	ownNS    bool
 	store    *sqlite.Store
+	instance string // the database's instance id: the mark on our kernel objects
 	links    *link.Manager
 	backend  backend.Backend
 	vms      *vm.Manager
@@ -135,6 +136,10 @@ type Daemon struct {
 
 // ErrNotRoot reports a daemon started without root privileges.
 var ErrNotRoot = errors.New("metald must run as root: it creates network namespaces, bridges, links and nftables rules")
+
+// ErrOtherInstance reports a host network namespace that keeps VMs of a
+// metald with another database (claimHost).
+var ErrOtherInstance = errors.New("another metald's VMs are on this host")
 
 func (o *Options) defaults() {
 	if o.DataDir == "" {
@@ -186,9 +191,12 @@ func New(ctx context.Context, opt Options) (d *Daemon, err error) {
 		return nil, err
 	}
 	d = &Daemon{opt: opt, log: opt.Logger, registry: opt.Registry}
+	// The returned d is nil on error; close what was opened through a
+	// copy.
+	opened := d
 	defer func() {
 		if err != nil {
-			d.Close()
+			opened.Close()
 		}
 	}()
 	if err := os.MkdirAll(opt.LogDir, 0o750); err != nil {
@@ -204,8 +212,15 @@ func New(ctx context.Context, opt Options) (d *Daemon, err error) {
 	if d.store, err = sqlite.Open(ctx, opt.DBPath); err != nil {
 		return nil, err
 	}
+	if d.instance, err = d.store.InstanceID(ctx); err != nil {
+		return nil, err
+	}
 	if d.links, err = link.New(d.hostNS); err != nil {
 		return nil, fmt.Errorf("open link manager: %w", err)
+	}
+	// Before anything that could treat another metald's VMs as orphans.
+	if err := d.claimHost(); err != nil {
+		return nil, err
 	}
 	if d.backend, err = d.openBackend(); err != nil {
 		return nil, err
@@ -487,3 +502,7 @@ func (t requestNames) Validate() vm.ValidateOptions {
 func validateOptions(parsePrefix func(string) (netip.Prefix, error), parseAddr func(string) (netip.Addr, error)) vm.ValidateOptions {
 	return vm.ValidateOptions{ParsePrefix: parsePrefix, ParseAddr: parseAddr, ParseRule: policy.ParseOptions{ParsePrefix: parsePrefix}.Check}
 }
+
+// InstanceID returns the database's instance id, the mark on this
+// metald's kernel objects.
+func (d *Daemon) InstanceID() string { return d.instance }

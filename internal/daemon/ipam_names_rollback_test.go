@@ -136,7 +136,7 @@ func TestIPAMNamesFailedCreateLeavesNone(t *testing.T) {
 		"egress_rules":         []any{"allow tcp from any to 2600:BEEF:1000:rule::/64 port 443", "deny all from any to any"},
 	}
 	code, out = e.call("CreateVm", map[string]any{"vm_id": "vm-kern", "config": vmConfig("t1", kern)})
-	if code != http.StatusInternalServerError || out["code"] != "internal" || !strings.Contains(str(out, "message"), clash.Name) {
+	if code != http.StatusBadRequest || out["code"] != "failed_precondition" || !strings.Contains(str(out, "message"), clash.Name) {
 		t.Fatalf("host device name taken: %d %v", code, out)
 	}
 	if err := h.LinkDel(clash); err != nil {

@@ -120,6 +120,18 @@ func TestSeedExamplesVerbatim(t *testing.T) {
 	if code != 400 || errorField(out) != "config.network[0].ipv6.address" || !strings.Contains(str(out, "message"), "not inside any pool") {
 		t.Fatalf("outside pools: %d %v", code, out)
 	}
+	// An on-link prefix wider than the address's /64 (it would route a
+	// /16 onto the VM's bridge): refused, and no route appears.
+	dup = loadExample(t, "example1-secure-web-server")
+	obj(obj(list(obj(dup["config"])["network"])[0])["ipv6"])["address"] = "2600:beef:1000:7::10/16"
+	obj(obj(list(obj(dup["config"])["network"])[0])["ipv6"])["gateway"] = "2600:beef:1000:7::1"
+	code, out = e.call("CreateVm", dup)
+	if code != 400 || errorField(out) != "config.network[0].ipv6.address" || !strings.Contains(str(out, "message"), "wider than the address's subnet") {
+		t.Fatalf("wide prefix: %d %v", code, out)
+	}
+	if routes := e.host.MustRun(t, "ip", "-6", "route"); strings.Contains(routes, "2600::/16") {
+		t.Fatalf("route of the refused prefix:\n%s", routes)
+	}
 }
 
 func http_get(url string) ([]byte, error) {

@@ -2,14 +2,17 @@ package daemon_test
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"io"
+	"log/slog"
 	"math/rand/v2"
 	"net"
 	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
+	"regexp"
 	"slices"
 	"strings"
 	"sync"
@@ -19,6 +22,9 @@ import (
 
 	"github.com/vishvananda/netlink"
 
+	bnetns "github.com/metald/metald/internal/backend/netns"
+	"github.com/metald/metald/internal/daemon"
+	"github.com/metald/metald/internal/netnstest"
 	"github.com/metald/metald/internal/network/link"
 	"github.com/metald/metald/internal/network/ns"
 	"github.com/metald/metald/internal/store"
@@ -39,6 +45,7 @@ func TestRestartReadoptsAndCollectsOrphans(t *testing.T) {
 	e.mustCall("PauseVm", map[string]any{"vm_id": "vm-r2"})
 	e.waitDAD("vm-r1")
 	pid1, pid2 := pidOf(e.getVM("vm-r1")), pidOf(e.getVM("vm-r2"))
+	instance := e.d.InstanceID()
 
 	e.stop()
 	// While metald is down: things that are not ours, and orphans that are.
@@ -51,11 +58,15 @@ func TestRestartReadoptsAndCollectsOrphans(t *testing.T) {
 		t.Fatal(err)
 	}
 	h.LinkSetAlias(orphan, link.PortAlias("vm-ghost2", "eth0"))
-	ghostNS, err := ns.CreateNamed(filepath.Join(e.dir, "netns", "metald-vm-ghost"))
-	if err != nil {
-		t.Fatal(err)
+	// Namespaces named like a VM's: one with this metald's owner mark (a
+	// crash after creating it), one with another metald's, one with none.
+	for name, mark := range map[string]string{"metald-vm-ghost": bnetns.OwnerAlias(instance),
+		"metald-vm-other": bnetns.OwnerAlias("0123456789abcdef"), "metald-vm-stranger": ""} {
+		markNamespace(t, filepath.Join(e.dir, "netns", name), mark)
+		if mark != bnetns.OwnerAlias(instance) {
+			t.Cleanup(func() { ns.RemoveNamed(filepath.Join(e.dir, "netns", name)) })
+		}
 	}
-	ghostNS.Close()
 	foreignNS, err := ns.CreateNamed(filepath.Join(e.dir, "netns", "someone-else"))
 	if err != nil {
 		t.Fatal(err)
@@ -88,7 +99,8 @@ func TestRestartReadoptsAndCollectsOrphans(t *testing.T) {
 	if !slices.Contains(links, "operator0") || slices.Contains(links, "tap-ghost") {
 		t.Fatalf("links after recovery: %v", links)
 	}
-	if names := e.netnsNames(); !slices.Contains(names, "someone-else") || slices.Contains(names, "metald-vm-ghost") {
+	if names := e.netnsNames(); !slices.Contains(names, "someone-else") || slices.Contains(names, "metald-vm-ghost") ||
+		!slices.Contains(names, "metald-vm-other") || !slices.Contains(names, "metald-vm-stranger") {
 		t.Fatalf("namespaces after recovery: %v", names)
 	}
 	// Adopted VMs are fully manageable.
@@ -105,6 +117,93 @@ func TestRestartReadoptsAndCollectsOrphans(t *testing.T) {
 	}
 	h.LinkDel(&netlink.Bridge{LinkAttrs: netlink.LinkAttrs{Name: "operator0"}})
 	ns.RemoveNamed(filepath.Join(e.dir, "netns", "someone-else"))
+}
+
+// markNamespace creates a named namespace whose loopback has alias mark
+// (none when empty).
+func markNamespace(t *testing.T, path, mark string) {
+	t.Helper()
+	f, err := ns.CreateNamed(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	if mark == "" {
+		return
+	}
+	h, err := link.HandleAt(int(f.Fd()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer h.Close()
+	lo, err := h.LinkByName("lo")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := h.LinkSetAlias(lo, mark); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// TestOtherInstanceLeftAlone: a metald with another database never
+// removes the first one's VMs. On the same host namespace it refuses to
+// start while they have ports there (its recovery would take them for
+// orphans); sharing only the namespace directory, from another host
+// namespace, it leaves their namespaces alone. The first metald then
+// re-adopts its VM, still running and reachable.
+func TestOtherInstanceLeftAlone(t *testing.T) {
+	e := newEnv(t)
+	e.mustCall("CreateVm", map[string]any{"vm_id": "vm-first", "config": vmConfig("t1", nic("eth0", "br-o", "2001:db8:7::10/64", "2001:db8:7::1"))})
+	e.mustCall("BootVm", map[string]any{"vm_id": "vm-first"})
+	e.waitDAD("vm-first")
+	pid := pidOf(e.getVM("vm-first"))
+	e.stop()
+
+	second := func(host *os.File) (*daemon.Daemon, error) {
+		opt := optionsFor(t.TempDir())
+		opt.HostNS = host
+		opt.NetnsDir, opt.EtcNetnsDir = filepath.Join(e.dir, "netns"), filepath.Join(e.dir, "etc")
+		opt.Logger = slog.New(slog.NewTextHandler(io.Discard, nil))
+		return daemon.New(context.Background(), opt)
+	}
+	// Same host namespace: refused, with the way out in the message.
+	d, err := second(e.host.File)
+	if err == nil {
+		d.Close()
+		t.Fatal("a second metald started on a host namespace with the first one's VMs")
+	}
+	if !errors.Is(err, daemon.ErrOtherInstance) || !strings.Contains(err.Error(), "tap-vm-first") || !strings.Contains(err.Error(), e.dir) {
+		t.Fatalf("error %v", err)
+	}
+	// Another host namespace, the same namespace directory: starts, and
+	// leaves the first metald's namespace alone.
+	other := netnstest.New(t)
+	d, err = second(other.File)
+	if err != nil {
+		t.Fatal(err)
+	}
+	rep := d.Recovery
+	d.Close()
+	if len(rep.OrphanSandboxes) != 0 || !slices.Contains(e.netnsNames(), "metald-vm-first") {
+		t.Fatalf("second metald removed %v; namespaces %v", rep.OrphanSandboxes, e.netnsNames())
+	}
+
+	e.start()
+	got := e.getVM("vm-first")
+	if got["state"] != "VM_STATE_RUNNING" || pidOf(got) != pid {
+		t.Fatalf("after the second metald: %v pid %d (was %d)", got["state"], pidOf(got), pid)
+	}
+	if out, err := e.inVM("vm-first", "ping", "-6", "-c", "1", "-W", "3", "2001:db8:7::1"); err != nil {
+		t.Fatalf("vm lost connectivity: %v\n%s", err, out)
+	}
+	// With no VM of the first metald left, the host is another's to take.
+	e.mustCall("DeleteVm", map[string]any{"vm_id": "vm-first"})
+	e.stop()
+	d, err = second(e.host.File)
+	if err != nil {
+		t.Fatalf("host with no VMs left: %v", err)
+	}
+	d.Close()
 }
 
 // A VM whose guest died while metald was down is TERMINATED on start.
@@ -140,9 +239,11 @@ func TestFailedCreateLeavesNothing(t *testing.T) {
 	if err := h.LinkAdd(&netlink.Bridge{LinkAttrs: netlink.LinkAttrs{Name: "tap-vm-clash"}}); err != nil {
 		t.Fatal(err)
 	}
-	code, out := e.call("CreateVm", map[string]any{"vm_id": "vm-clash", "config": vmConfig("t1", nic("eth0", "br-x", "2001:db8:5::10/64", "2001:db8:5::1"))})
-	if code == 200 {
-		t.Fatalf("create over a taken device succeeded: %v", out)
+	clashCfg := vmConfig("t1", nic("eth0", "br-x", "2001:db8:5::10/64", "2001:db8:5::1"))
+	clashCfg["security_profile"] = map[string]any{"security_groups": []string{"sg-clash"}}
+	code, out := e.call("CreateVm", map[string]any{"vm_id": "vm-clash", "config": clashCfg})
+	if code == 200 || out["code"] != "failed_precondition" {
+		t.Fatalf("create over a taken device: %d %v", code, out)
 	}
 	links := e.links()
 	if slices.Contains(links, "br-x") || !slices.Contains(links, "tap-vm-clash") {
@@ -157,6 +258,12 @@ func TestFailedCreateLeavesNothing(t *testing.T) {
 	// No first-hop or policy rule, limit or allocation of it either.
 	if rules := e.host.MustRun(t, "nft", "list", "ruleset"); strings.Contains(rules, "vm-clash") {
 		t.Fatalf("rules after failed create:\n%s", rules)
+	}
+	// Nor a member of the security group it was to join.
+	for _, set := range regexp.MustCompile(`(?s)set sg-sg-clash \{.*?\n\s*\}`).FindAllString(e.host.MustRun(t, "nft", "list", "ruleset"), -1) {
+		if strings.Contains(set, "elements") {
+			t.Fatalf("security group keeps the failed VM's addresses:\n%s", set)
+		}
 	}
 	if allocs := e.shell(t, `curl -s http://localhost:8080/debug/ipv6/allocations`); strings.Contains(allocs, "2001:db8:5::10") || strings.Contains(allocs, "vm-clash") {
 		t.Fatalf("allocations after failed create: %s", allocs)
@@ -178,6 +285,32 @@ func TestFailedCreateLeavesNothing(t *testing.T) {
 		t.Fatalf("rules after failed 2-NIC create:\n%s", rules)
 	}
 	h.LinkDel(&netlink.Bridge{LinkAttrs: netlink.LinkAttrs{Name: clash}})
+
+	// A bridge name that names another kind of link (a veth): the field, and
+	// nothing of the VM left.
+	if err := h.LinkAdd(&netlink.Veth{LinkAttrs: netlink.LinkAttrs{Name: "br-dummy"}, PeerName: "br-dummy-p"}); err != nil {
+		t.Fatal(err)
+	}
+	code, out = e.call("CreateVm", map[string]any{"vm_id": "vm-nb", "config": vmConfig("t1", nic("eth0", "br-nb", "", ""), nic("eth1", "br-dummy", "", ""))})
+	if code != 400 || out["code"] != "invalid_argument" || errorField(out) != "config.network[1].bridge_name" {
+		t.Fatalf("bridge name of a dummy link: %d %v", code, out)
+	}
+	if links := e.links(); slices.Contains(links, "br-nb") || !slices.Contains(links, "br-dummy") {
+		t.Fatalf("links after the refused bridge: %v", links)
+	}
+	h.LinkDel(&netlink.Veth{LinkAttrs: netlink.LinkAttrs{Name: "br-dummy"}})
+
+	// A namespace of the VM's name that is not metald's: refused as the
+	// host's state, and left as it was.
+	markNamespace(t, filepath.Join(e.dir, "netns", "metald-vm-nsclash"), "")
+	code, out = e.call("CreateVm", map[string]any{"vm_id": "vm-nsclash", "config": vmConfig("t1", nic("eth0", "br-ns", "", ""))})
+	if out["code"] != "failed_precondition" || !strings.Contains(fmt.Sprint(out["message"]), "metald-vm-nsclash") {
+		t.Fatalf("namespace clash: %d %v", code, out)
+	}
+	if !slices.Contains(e.netnsNames(), "metald-vm-nsclash") {
+		t.Fatal("the foreign namespace was removed")
+	}
+	ns.RemoveNamed(filepath.Join(e.dir, "netns", "metald-vm-nsclash"))
 
 	// Duplicate id.
 	e.mustCall("CreateVm", map[string]any{"vm_id": "vm-dup", "config": vmConfig("t1", nic("eth0", "br-d", "", ""))})

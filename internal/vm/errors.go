@@ -15,6 +15,10 @@ var (
 	ErrNotFound = errors.New("vm not found")
 	// ErrExists reports a VM id or host device that is taken.
 	ErrExists = errors.New("vm already exists")
+	// ErrHostConflict reports a host object in the way of a VM that is not
+	// one of this metald's (a sandbox namespace of the VM's name left by
+	// something else); the operator must remove it or pick another id.
+	ErrHostConflict = errors.New("the host already has an object of this VM's name that metald does not own")
 )
 
 // StateError reports an operation that the VM's current state forbids.

@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"log/slog"
 	"net/netip"
+	"os"
 	"slices"
 	"sync"
 	"time"
@@ -15,6 +16,7 @@ import (
 
 	"github.com/metald/metald/internal/backend"
 	vmv1 "github.com/metald/metald/internal/gen/vmprovisioner/v1"
+	"github.com/metald/metald/internal/network/link"
 	"github.com/metald/metald/internal/policy"
 	"github.com/metald/metald/internal/store"
 )
@@ -338,6 +340,11 @@ func (m *Manager) Create(ctx context.Context, req *vmv1.CreateVmRequest) (*store
 		return nil, err
 	}
 
+	// Undone last, once the row is gone: the security groups this VM joined
+	// (members are read from the rows) drop its addresses again.
+	undo = append(undo, func(ctx context.Context) error {
+		return m.refreshGroups(ctx, cfg.GetSecurityProfile().GetSecurityGroups(), nil)
+	})
 	// 1. The row first: an intent record that a restart after a crash uses
 	// to roll the creation back.
 	if err := m.opt.Store.CreateVM(ctx, row); err != nil {
@@ -390,6 +397,10 @@ func (m *Manager) Create(ctx context.Context, req *vmv1.CreateVmRequest) (*store
 	}
 	inst, err := m.opt.Backend.Create(ctx, spec)
 	if err != nil {
+		if errors.Is(err, os.ErrExist) {
+			// A namespace of that name that no VM of this metald owns.
+			return fail(fmt.Errorf("create sandbox: %w: %w", ErrHostConflict, err))
+		}
 		return fail(fmt.Errorf("create sandbox: %w", err))
 	}
 	undo = append(undo, func(ctx context.Context) error { return m.opt.Backend.Destroy(ctx, id, inst) })
@@ -441,6 +452,10 @@ func (m *Manager) ensureBridges(ctx context.Context, vmID string, nics []store.N
 	for i := range nics {
 		n := &nics[i]
 		if err := m.opt.Ports.EnsureBridge(n.Bridge); err != nil {
+			if errors.Is(err, link.ErrNotBridge) {
+				return &ValidationError{Violations: []FieldViolation{{Field: fmt.Sprintf("config.network[%d].bridge_name", n.Index),
+					Reason: fmt.Sprintf("the host's interface %s is not a bridge: name another bridge", n.Bridge)}}}
+			}
 			return fmt.Errorf("ensure bridge %s: %w", n.Bridge, err)
 		}
 		gwp, ok := gatewayPrefix(*n)

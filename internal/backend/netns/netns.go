@@ -68,7 +68,17 @@ type Config struct {
 	// Logger receives undo failures and other best-effort problems;
 	// default slog.Default().
 	Logger *slog.Logger
+	// Owner is this metald's instance id (its database's). Create marks
+	// each namespace with it (OwnerAlias, the alias of the namespace's
+	// loopback) and Owned lists only namespaces with the mark, so a
+	// metald with another database, sharing the namespace directory,
+	// leaves them alone.
+	Owner string
 }
+
+// OwnerAlias is the link alias of the loopback device of a namespace
+// that the metald with instance id owner created.
+func OwnerAlias(owner string) string { return "metald-owner:" + owner }
 
 // Backend is the netns sandbox backend. It is safe for concurrent use on
 // different VMs.
@@ -80,6 +90,7 @@ type Backend struct {
 	ownLinks    bool
 	stopTimeout time.Duration
 	log         *slog.Logger
+	mark        string
 }
 
 var _ backend.Backend = (*Backend)(nil)
@@ -93,6 +104,7 @@ func New(cfg Config) (*Backend, error) {
 		links:       cfg.Links,
 		stopTimeout: cfg.StopTimeout,
 		log:         cfg.Logger,
+		mark:        OwnerAlias(cfg.Owner),
 	}
 	if b.netnsDir == "" {
 		b.netnsDir = "/run/netns"
@@ -212,9 +224,14 @@ func (b *Backend) Create(ctx context.Context, spec *backend.Spec) (inst backend.
 	defer f.Close()
 	undo = append(undo, func() error { return ns.RemoveNamed(path) })
 
+	// The owner mark first: from here on the namespace is recognisably
+	// this metald's (a crash leaves an orphan that Owned finds).
 	if err := inNetns(int(f.Fd()), func(h *netlink.Handle) error {
 		lo, err := h.LinkByName("lo")
 		if err != nil {
+			return err
+		}
+		if err := h.LinkSetAlias(lo, b.mark); err != nil {
 			return err
 		}
 		return h.LinkSetUp(lo)
@@ -388,11 +405,13 @@ func (b *Backend) Destroy(ctx context.Context, vmID string, inst backend.Instanc
 		// After a crash the instance may be empty: find ports by owner.
 		errs = append(errs, err)
 	}
-	if err := ns.RemoveNamed(b.netnsPath(vmID)); err != nil {
-		errs = append(errs, err)
-	}
+	// /etc/netns first: a crash in between leaves the marked namespace,
+	// which Owned finds, not a directory nobody can attribute.
 	if err := os.RemoveAll(b.etcPath(vmID)); err != nil {
 		errs = append(errs, fmt.Errorf("remove %s: %w", b.etcPath(vmID), err))
+	}
+	if err := ns.RemoveNamed(b.netnsPath(vmID)); err != nil {
+		errs = append(errs, err)
 	}
 	if err := errors.Join(errs...); err != nil {
 		return fmt.Errorf("destroy vm %s: %w", vmID, err)
@@ -425,19 +444,31 @@ func (b *Backend) kill(ctx context.Context, pid int, start uint64) error {
 	return guestproc.Kill(ctx, pid, start, 10*time.Second)
 }
 
-// Owned lists the VM ids that have a namespace, a /etc/netns directory or a
-// host port on this host.
+// Owned lists the VM ids that have a namespace with this metald's owner
+// mark, or a host port, on this host. A namespace with another mark (a
+// metald with another database sharing the directory) or none (made by
+// something else, or by a metald before marks) is left alone and logged;
+// so is a /etc/netns directory without its namespace (Create makes it
+// after the namespace, Destroy removes it before).
 func (b *Backend) Owned(ctx context.Context) ([]string, error) {
 	set := map[string]bool{}
-	for _, dir := range []string{b.netnsDir, b.etcDir} {
-		ents, err := os.ReadDir(dir)
-		if err != nil && !errors.Is(err, os.ErrNotExist) {
-			return nil, fmt.Errorf("list owned vms: %w", err)
+	ents, err := os.ReadDir(b.netnsDir)
+	if err != nil && !errors.Is(err, os.ErrNotExist) {
+		return nil, fmt.Errorf("list owned vms: %w", err)
+	}
+	for _, e := range ents {
+		id, ok := strings.CutPrefix(e.Name(), NamePrefix)
+		if !ok || validVMID(id) != nil {
+			continue
 		}
-		for _, e := range ents {
-			if id, ok := strings.CutPrefix(e.Name(), NamePrefix); ok && validVMID(id) == nil {
-				set[id] = true
-			}
+		mark, err := b.ownerMark(id)
+		switch {
+		case err != nil:
+			b.log.Warn("namespace left alone: cannot read its owner mark", "netns", e.Name(), "err", err)
+		case mark == b.mark:
+			set[id] = true
+		default:
+			b.log.Info("namespace left alone: not this metald's", "netns", e.Name(), "owner_mark", mark)
 		}
 	}
 	ports, err := b.links.OwnedPorts()
@@ -453,4 +484,23 @@ func (b *Backend) Owned(ctx context.Context) ([]string, error) {
 	}
 	slices.Sort(ids)
 	return ids, nil
+}
+
+// ownerMark reads the alias of the loopback device in vmID's namespace.
+func (b *Backend) ownerMark(vmID string) (string, error) {
+	f, err := ns.OpenNamed(b.netnsPath(vmID))
+	if err != nil {
+		return "", err
+	}
+	defer f.Close()
+	var alias string
+	err = inNetns(int(f.Fd()), func(h *netlink.Handle) error {
+		lo, err := h.LinkByName("lo")
+		if err != nil {
+			return err
+		}
+		alias = lo.Attrs().Alias
+		return nil
+	})
+	return alias, err
 }

@@ -130,4 +130,9 @@ var migrations = []string{
 	// 9: NICs by MAC (CreateVm refuses a MAC another VM of the host has:
 	// the policy finds a VM's egress rules by it).
 	`CREATE INDEX nics_mac ON nics (mac);`,
+	// 10: the database's instance id, drawn once: the mark on the kernel
+	// objects of this metald (its sandboxes, its claim on the host
+	// namespace), so that a metald with another database leaves them alone.
+	`CREATE TABLE instance (id TEXT NOT NULL);
+	INSERT INTO instance (id) VALUES (lower(hex(randomblob(8))));`,
 }

@@ -49,3 +49,32 @@ func TestReopenKeepsDataAndSchema(t *testing.T) {
 		t.Fatalf("row lost across reopen: %v", err)
 	}
 }
+
+// TestInstanceID: a database draws its instance id once; reopening keeps
+// it, and another database has another.
+func TestInstanceID(t *testing.T) {
+	ctx := context.Background()
+	dir := t.TempDir()
+	open := func(name string) string {
+		s, err := Open(ctx, filepath.Join(dir, name))
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer s.Close()
+		id, err := s.InstanceID(ctx)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return id
+	}
+	a := open("a.db")
+	if len(a) != 16 {
+		t.Fatalf("instance id %q, want 16 hex digits", a)
+	}
+	if again := open("a.db"); again != a {
+		t.Errorf("reopened: instance id %q, want %q", again, a)
+	}
+	if b := open("b.db"); b == a {
+		t.Errorf("two databases share instance id %q", a)
+	}
+}
