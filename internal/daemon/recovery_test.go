@@ -24,6 +24,7 @@ import (
 
 	bnetns "github.com/metald/metald/internal/backend/netns"
 	"github.com/metald/metald/internal/daemon"
+	"github.com/metald/metald/internal/ipam"
 	"github.com/metald/metald/internal/netnstest"
 	"github.com/metald/metald/internal/network/link"
 	"github.com/metald/metald/internal/network/ns"
@@ -515,5 +516,24 @@ func TestKill9Random(t *testing.T) {
 		c.kill()
 		wg.Wait()
 		assertAfterRestart(t, e, fmt.Sprintf("round%d", round))
+	}
+}
+
+// TestNewFailsCleanly: an error late in New (overlapping pools are only
+// found when the address manager opens) is returned, not a panic while
+// closing what was opened.
+func TestNewFailsCleanly(t *testing.T) {
+	host := netnstest.New(t)
+	opt := optionsFor(t.TempDir())
+	opt.HostNS = host.File
+	opt.Logger = slog.New(slog.NewTextHandler(io.Discard, nil))
+	opt.Pools = []ipam.PoolConfig{{ID: "a", Prefixes: []string{"2600:beef::/32"}}, {ID: "b", Prefixes: []string{"2600:beef:1::/48"}}}
+	d, err := daemon.New(context.Background(), opt)
+	if err == nil {
+		d.Close()
+		t.Fatal("overlapping pools accepted")
+	}
+	if !strings.Contains(err.Error(), "overlap") {
+		t.Fatalf("error %v", err)
 	}
 }
