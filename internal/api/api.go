@@ -10,6 +10,7 @@ import (
 	"fmt"
 	"net/http"
 	"net/netip"
+	"regexp"
 	"strconv"
 	"time"
 
@@ -52,7 +53,7 @@ func NewServer(m *vm.Manager, status NICStatuser) *Server {
 // Handler returns the VmService routes, wrapped for curl compatibility, as
 // a path and handler to mount.
 func (s *Server) Handler(opts ...connect.HandlerOption) (string, http.Handler) {
-	opts = append([]connect.HandlerOption{connect.WithCodec(jsonCodec{"json"}), connect.WithCodec(jsonCodec{"json; charset=utf-8"}),
+	opts = append([]connect.HandlerOption{connect.WithCodec(jsonCodec{"json"}), connect.WithCodec(protoCodec{}), connect.WithCodec(jsonCodec{"json; charset=utf-8"}),
 		connect.WithInterceptors(callerInterceptor())}, opts...)
 	path, h := vmprovisionerv1connect.NewVmServiceHandler(s, opts...)
 	sd := vmv1.File_vmprovisioner_v1_vm_proto.Services().ByName("VmService")
@@ -78,8 +79,35 @@ func violationsError(vs []*errdetails.BadRequest_FieldViolation) *connect.Error 
 }
 
 // toConnect maps domain errors to Connect codes; this is the only place
-// that knows about them.
+// that knows about them. An error of the caller's (not internal) whose
+// message starts with a field path ("config.network[0].ipv6.address:
+// ...") carries a google.rpc.BadRequest detail naming it, whatever its
+// code (already_exists, permission_denied, failed_precondition...).
 func toConnect(err error) error {
+	out := toConnectCode(err)
+	var ce *connect.Error
+	if out == nil || !errors.As(out, &ce) || ce.Code() == connect.CodeInternal || ce.Code() == connect.CodeUnknown {
+		return out
+	}
+	for _, d := range ce.Details() {
+		if v, derr := d.Value(); derr == nil {
+			if _, ok := v.(*errdetails.BadRequest); ok {
+				return out
+			}
+		}
+	}
+	if m := fieldPrefix.FindStringSubmatch(ce.Message()); m != nil {
+		if d, derr := connect.NewErrorDetail(&errdetails.BadRequest{FieldViolations: []*errdetails.BadRequest_FieldViolation{{Field: m[1], Description: m[2]}}}); derr == nil {
+			ce.AddDetail(d)
+		}
+	}
+	return out
+}
+
+// fieldPrefix matches a message that starts with a request field's path.
+var fieldPrefix = regexp.MustCompile(`^([a-z_][a-z0-9_]*(?:\[[0-9]+\])?(?:\.[a-z_][a-z0-9_]*(?:\[[0-9]+\])?)*): (.+)$`)
+
+func toConnectCode(err error) error {
 	if err == nil {
 		return nil
 	}

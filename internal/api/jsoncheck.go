@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"io"
+	"math"
 	"strconv"
 
 	"google.golang.org/protobuf/reflect/protoreflect"
@@ -32,6 +33,9 @@ func checkJSON(data []byte, md protoreflect.MessageDescriptor) error {
 	}
 	if _, err := dec.Token(); err != io.EOF {
 		return &FieldError{Field: "(body)", Reason: "invalid JSON: data after the top-level value"}
+	}
+	if v == nil {
+		return &FieldError{Field: "(body)", Reason: "must be an object, got null"}
 	}
 	return walkMessage(v, md, "")
 }
@@ -77,6 +81,7 @@ func walkMessage(v any, md protoreflect.MessageDescriptor, path string) error {
 		return &FieldError{Field: name, Reason: "must be an object, got " + jsonKind(v)}
 	}
 	fields := md.Fields()
+	seen := map[protoreflect.FieldNumber]string{}
 	for k, val := range obj {
 		fd := fields.ByJSONName(k)
 		if fd == nil {
@@ -85,6 +90,10 @@ func walkMessage(v any, md protoreflect.MessageDescriptor, path string) error {
 		if fd == nil {
 			return &FieldError{Field: join(path, k), Reason: "unknown field"}
 		}
+		if other, dup := seen[fd.Number()]; dup {
+			return &FieldError{Field: join(path, string(fd.Name())), Reason: fmt.Sprintf("given twice (as %q and %q)", min(other, k), max(other, k))}
+		}
+		seen[fd.Number()] = k
 		if err := walkField(val, fd, join(path, string(fd.Name()))); err != nil {
 			return err
 		}
@@ -143,14 +152,23 @@ func walkScalarOrMessage(v any, fd protoreflect.FieldDescriptor, path string) er
 			want = "an enum name or number"
 		}
 	default: // numbers: protojson also accepts them quoted
+		var text string
 		switch x := v.(type) {
 		case json.Number:
+			text = string(x)
 		case string:
-			if _, err := strconv.ParseFloat(x, 64); err != nil {
-				want = "a number"
-			}
+			text = x
 		default:
 			want = "a number"
+		}
+		if want == "" {
+			if r := numberRange(fd.Kind()); r != "" {
+				if !inRange(text, fd.Kind()) {
+					return &FieldError{Field: path, Reason: "must be " + r + ", got " + text}
+				}
+			} else if _, err := strconv.ParseFloat(text, 64); err != nil && text != "NaN" && text != "Infinity" && text != "-Infinity" {
+				want = "a number"
+			}
 		}
 	}
 	if want != "" {
@@ -161,4 +179,51 @@ func walkScalarOrMessage(v any, fd protoreflect.FieldDescriptor, path string) er
 
 func isWellKnown(md protoreflect.MessageDescriptor) bool {
 	return md.ParentFile() != nil && md.ParentFile().Package() == "google.protobuf"
+}
+
+// numberRange describes the values an integer kind takes; "" for floats.
+func numberRange(k protoreflect.Kind) string {
+	switch k {
+	case protoreflect.Int32Kind, protoreflect.Sint32Kind, protoreflect.Sfixed32Kind:
+		return "an integer from -2147483648 to 2147483647"
+	case protoreflect.Uint32Kind, protoreflect.Fixed32Kind:
+		return "an integer from 0 to 4294967295"
+	case protoreflect.Int64Kind, protoreflect.Sint64Kind, protoreflect.Sfixed64Kind:
+		return "an integer from -9223372036854775808 to 9223372036854775807"
+	case protoreflect.Uint64Kind, protoreflect.Fixed64Kind:
+		return "an integer from 0 to 18446744073709551615"
+	}
+	return ""
+}
+
+// inRange reports whether text is an integer of kind k's range, written
+// as protojson accepts it (an exponent is fine when the value is whole).
+func inRange(text string, k protoreflect.Kind) bool {
+	bits := 32
+	switch k {
+	case protoreflect.Int64Kind, protoreflect.Sint64Kind, protoreflect.Sfixed64Kind, protoreflect.Uint64Kind, protoreflect.Fixed64Kind:
+		bits = 64
+	}
+	unsigned := k == protoreflect.Uint32Kind || k == protoreflect.Fixed32Kind || k == protoreflect.Uint64Kind || k == protoreflect.Fixed64Kind
+	if unsigned {
+		if _, err := strconv.ParseUint(text, 10, bits); err == nil {
+			return true
+		}
+	} else if _, err := strconv.ParseInt(text, 10, bits); err == nil {
+		return true
+	}
+	// 1e3 and 5.0 are whole numbers protojson takes.
+	f, err := strconv.ParseFloat(text, 64)
+	if err != nil || f != math.Trunc(f) {
+		return false
+	}
+	switch {
+	case unsigned && bits == 32:
+		return f >= 0 && f <= 4294967295
+	case unsigned:
+		return f >= 0 && f < 18446744073709551616
+	case bits == 32:
+		return f >= -2147483648 && f <= 2147483647
+	}
+	return f >= -9223372036854775808 && f < 9223372036854775808
 }

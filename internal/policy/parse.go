@@ -420,6 +420,12 @@ func (p *parser) endpoint() (Endpoint, error) {
 		}
 	}
 	pf, err := p.opts.ParsePrefix(t.s)
+	if err != nil && !strings.Contains(t.s, "/") {
+		// An address is its /128, also for a parser that wants prefixes.
+		if pf128, err128 := p.opts.ParsePrefix(t.s + "/128"); err128 == nil {
+			pf, err = pf128, nil
+		}
+	}
 	if err != nil {
 		return Endpoint{}, errAt(t.col, t.s, "invalid %s %s: %v", what, quote(t.s), err)
 	}

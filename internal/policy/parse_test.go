@@ -720,3 +720,20 @@ func TestStringers(t *testing.T) {
 		}
 	}
 }
+
+// TestAddressWithPrefixParser: an address endpoint means its /128 also
+// when the caller's ParsePrefix accepts prefixes only (the daemon's, which
+// resolves symbolic subnet names).
+func TestAddressWithPrefixParser(t *testing.T) {
+	strict := ParseOptions{ParsePrefix: func(s string) (netip.Prefix, error) { return netip.ParsePrefix(s) }}
+	r, err := Parse("allow tcp from 2001:db8::1 to any port 22", strict)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if r.Src.Prefix != netip.MustParsePrefix("2001:db8::1/128") {
+		t.Fatalf("source %v, want 2001:db8::1/128", r.Src.Prefix)
+	}
+	if _, err := Parse("allow tcp from 2001:db8::zz to any", strict); err == nil || !strings.Contains(err.Error(), `invalid address "2001:db8::zz"`) {
+		t.Fatalf("bad address: %v", err)
+	}
+}
