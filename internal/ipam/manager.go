@@ -167,6 +167,33 @@ type subnet struct {
 	free      *freeSet
 	gateways  map[uint64]int // offset → NICs using it as gateway
 	allocated int
+	// onBridge counts the subnet's allocations by bridge: a subnet is one
+	// bridge's (the host routes it to one), so another bridge's NIC may
+	// not take an address in it.
+	onBridge map[string]int
+}
+
+// otherBridge returns a bridge other than bridge that holds addresses of
+// s, and how many; "" when there is none (or bridge is "").
+func (s *subnet) otherBridge(bridge string) (string, int) {
+	if bridge == "" {
+		return "", 0
+	}
+	for br, n := range s.onBridge {
+		if br != bridge && n > 0 {
+			return br, n
+		}
+	}
+	return "", 0
+}
+
+func (s *subnet) bridgeError(bridge string) error {
+	other, n := s.otherBridge(bridge)
+	if other == "" {
+		return nil
+	}
+	return invalidf("subnet %s is on bridge %s (%d interface(s)): one subnet is routed to one bridge, so an interface on %s cannot use it; use bridge %s or another subnet",
+		s.prefix, other, n, bridge, other)
 }
 
 func lo64(a netip.Addr) uint64 {
@@ -378,7 +405,7 @@ func (m *Manager) subnet(key netip.Prefix, p *poolState) *subnet {
 	if s := m.subnets[key]; s != nil {
 		return s
 	}
-	s := &subnet{prefix: key, pool: p, hi: hi64(key.Addr()), base: lo64(key.Addr()), gateways: map[uint64]int{}}
+	s := &subnet{prefix: key, pool: p, hi: hi64(key.Addr()), base: lo64(key.Addr()), gateways: map[uint64]int{}, onBridge: map[string]int{}}
 	s.max = ^uint64(0) >> (key.Bits() - 64)
 	s.free = newFreeSet(s.max)
 	if s.base == 0 {
@@ -406,6 +433,7 @@ func (m *Manager) index(a Allocation, s *subnet) *entry {
 	s.pool.allocated++
 	if a.Bridge != "" {
 		s.pool.bridges[a.Bridge] = s
+		s.onBridge[a.Bridge]++
 	}
 	return e
 }
@@ -418,6 +446,11 @@ func (m *Manager) unindex(e *entry) {
 	s := e.sub
 	s.free.release(s.offset(e.Address))
 	s.allocated--
+	if e.Bridge != "" {
+		if s.onBridge[e.Bridge]--; s.onBridge[e.Bridge] <= 0 {
+			delete(s.onBridge, e.Bridge)
+		}
+	}
 	if e.Gateway.IsValid() && s.prefix.Contains(e.Gateway) {
 		off := s.offset(e.Gateway)
 		if s.gateways[off]--; s.gateways[off] <= 0 {
@@ -633,6 +666,9 @@ func (m *Manager) planExact(req Request, now time.Time) (planned, error) {
 		return planned{}, &ConflictError{Address: a, VMID: e.VMID, NICID: e.NICID}
 	}
 	s := m.subnet(subnetKey(pfx, a), p)
+	if err := s.bridgeError(req.Bridge); err != nil {
+		return planned{}, err
+	}
 	off := s.offset(a)
 	if s.gateways[off] > 0 {
 		return planned{}, invalidf("address %s is the gateway of other interfaces in %s", a, s.prefix)
@@ -651,6 +687,11 @@ func (m *Manager) planAuto(req Request, now time.Time) (planned, error) {
 	if err != nil {
 		return planned{}, err
 	}
+	// A full pool or a tenant over its rate is that, whichever subnet the
+	// NIC could have had.
+	if err := m.checkLimits(p, req.TenantID, now); err != nil {
+		return planned{}, err
+	}
 	var cands []*subnet
 	switch {
 	case req.Gateway.IsValid() && !req.Gateway.IsLinkLocalUnicast():
@@ -658,16 +699,24 @@ func (m *Manager) planAuto(req Request, now time.Time) (planned, error) {
 		if !ok {
 			return planned{}, invalidf("gateway %s is outside pool '%s'", req.Gateway, p.ID)
 		}
-		cands = []*subnet{m.subnet(subnetKey(pfx, req.Gateway), p)}
-	case req.Bridge != "" && p.bridges[req.Bridge] != nil:
+		s := m.subnet(subnetKey(pfx, req.Gateway), p)
+		if err := s.bridgeError(req.Bridge); err != nil {
+			return planned{}, err
+		}
+		cands = []*subnet{s}
+	case req.Bridge != "" && p.bridges[req.Bridge] != nil && p.bridges[req.Bridge].onBridge[req.Bridge] > 0:
 		cands = []*subnet{p.bridges[req.Bridge]}
 	default:
+		// Each prefix's first subnet that no other bridge uses.
 		for _, pfx := range p.Prefixes {
-			cands = append(cands, m.subnet(subnetKey(pfx, pfx.Addr()), p))
+			if s := m.freeSubnet(pfx, p, req.Bridge); s != nil {
+				cands = append(cands, s)
+			}
 		}
-	}
-	if err := m.checkLimits(p, req.TenantID, now); err != nil {
-		return planned{}, err
+		if len(cands) == 0 {
+			return planned{}, invalidf("every subnet of pool '%s' is on another bridge than %s (one subnet is routed to one bridge): name a gateway or address on %s's subnet, or use another pool",
+				p.ID, req.Bridge, req.Bridge)
+		}
 	}
 	for _, s := range cands {
 		if off, ok := s.pick(req.Gateway); ok {
@@ -679,6 +728,33 @@ func (m *Manager) planAuto(req Request, now time.Time) (planned, error) {
 		ex.Subnet = cands[0].prefix
 	}
 	return planned{}, ex
+}
+
+// maxSubnetScan bounds the /64s of one pool prefix freeSubnet looks at.
+const maxSubnetScan = 4096
+
+// freeSubnet returns pfx's first subnet (its /64s in order, or pfx itself
+// when it is /64 or longer) that no bridge other than bridge uses; nil
+// when the first maxSubnetScan are all taken.
+func (m *Manager) freeSubnet(pfx netip.Prefix, p *poolState, bridge string) *subnet {
+	if pfx.Bits() >= 64 {
+		if s := m.subnet(subnetKey(pfx, pfx.Addr()), p); s.bridgeError(bridge) == nil {
+			return s
+		}
+		return nil
+	}
+	n := uint64(1) << min(64-pfx.Bits(), 62)
+	hi := hi64(pfx.Addr())
+	for i := uint64(0); i < n && i < maxSubnetScan; i++ {
+		var b [16]byte
+		binary.BigEndian.PutUint64(b[:8], hi+i)
+		key := netip.PrefixFrom(netip.AddrFrom16(b), 64)
+		if s := m.subnets[key]; s != nil && s.bridgeError(bridge) != nil {
+			continue
+		}
+		return m.subnet(key, p)
+	}
+	return nil
 }
 
 // pick returns the lowest free offset that is not a gateway.
@@ -990,12 +1066,15 @@ func checkPoolFields(p Pool) error {
 		return invalidf("max_allocations must not be negative")
 	}
 	for _, t := range p.TenantIDs {
-		if t == "" {
-			return invalidf("tenant_ids must not hold an empty id")
+		if !tenantIDRE.MatchString(t) {
+			return invalidf("tenant_ids: %q is not a tenant id (1..63 characters of [a-z0-9._-] starting and ending with [a-z0-9]): no VM could use the pool under it", t)
 		}
 	}
 	return nil
 }
+
+// tenantIDRE is the form of a VM config's tenant_id.
+var tenantIDRE = regexp.MustCompile(`^[a-z0-9]([a-z0-9._-]{0,61}[a-z0-9])?$`)
 
 // CreatePool creates and persists a pool; ErrPoolExists when the id is
 // taken, *OverlapError when a prefix overlaps another pool's.

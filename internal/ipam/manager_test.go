@@ -533,3 +533,76 @@ func TestReserveBatchAllOrNothing(t *testing.T) {
 		t.Fatalf("%v, %d left", err, len(m.Allocations()))
 	}
 }
+
+// TestSubnetOnOneBridge: the host routes a subnet to one bridge, so an
+// interface on another bridge may not take an address in it (explicitly
+// or by its gateway); automatic allocation on a new bridge takes the
+// pool's first subnet no other bridge uses, and a subnet whose last
+// interface left is free for any bridge again.
+func TestSubnetOnOneBridge(t *testing.T) {
+	ctx := context.Background()
+	m, _ := newTestManager(t, NewMemStore(), seedPools)
+	a, err := m.Reserve(ctx, Request{VMID: "a", NICID: "eth0", Bridge: "br-a", Address: netip.MustParsePrefix("2600:beef:1000:5::10/64")})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, req := range []Request{
+		{VMID: "b", NICID: "eth0", Bridge: "br-b", Address: netip.MustParsePrefix("2600:beef:1000:5::20/64")},
+		{VMID: "b", NICID: "eth0", Bridge: "br-b", Gateway: netip.MustParseAddr("2600:beef:1000:5::1"), PoolHint: "dmz"},
+	} {
+		_, err := m.Reserve(ctx, req)
+		if !errors.Is(err, ErrInvalid) || !strings.Contains(err.Error(), "subnet 2600:beef:1000:5::/64 is on bridge br-a (1 interface(s))") {
+			t.Errorf("%+v: %v", req, err)
+		}
+	}
+	// The same bridge may.
+	if _, err := m.Reserve(ctx, Request{VMID: "c", NICID: "eth0", Bridge: "br-a", Address: netip.MustParsePrefix("2600:beef:1000:5::30/64")}); err != nil {
+		t.Fatal(err)
+	}
+	// Automatic, no gateway: br-x takes the first /64, br-y the next.
+	x, err := m.Reserve(ctx, Request{VMID: "x", NICID: "eth0", Bridge: "br-x", PoolHint: "dmz"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	y, err := m.Reserve(ctx, Request{VMID: "y", NICID: "eth0", Bridge: "br-y", PoolHint: "dmz"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if x.Prefix().Masked().String() != "2600:beef:1000::/64" || y.Prefix().Masked().String() != "2600:beef:1000:1::/64" {
+		t.Fatalf("automatic subnets %s and %s", x.Prefix(), y.Prefix())
+	}
+	// Once br-a's interfaces are gone, its subnet is anyone's.
+	for _, id := range []string{"a", "c"} {
+		if _, err := m.Release(ctx, id); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if _, err := m.Reserve(ctx, Request{VMID: "b", NICID: "eth0", Bridge: "br-b", Address: a.Prefix()}); err != nil {
+		t.Fatalf("freed subnet: %v", err)
+	}
+}
+
+// TestPoolFieldsChecked: a pool's id, limits and tenant ids are checked
+// when it is created (config or API): a tenant id no VM could carry
+// would make the pool unusable.
+func TestPoolFieldsChecked(t *testing.T) {
+	ctx := context.Background()
+	m, _ := newTestManager(t, NewMemStore(), seedPools)
+	pfx := []netip.Prefix{netip.MustParsePrefix("2600:beef:7000::/48")}
+	for _, c := range []struct {
+		p    Pool
+		want string
+	}{
+		{Pool{ID: "bad id", Prefixes: pfx}, `pool id "bad id" must match`},
+		{Pool{ID: "p", Prefixes: pfx, RateLimit: -1}, "rate_limit must not be negative"},
+		{Pool{ID: "p", Prefixes: pfx, TenantIDs: []string{"Bad Tenant"}}, `tenant_ids: "Bad Tenant" is not a tenant id`},
+		{Pool{ID: "p", Prefixes: pfx, TenantIDs: []string{""}}, `tenant_ids: "" is not a tenant id`},
+	} {
+		if _, err := m.CreatePool(ctx, c.p); !errors.Is(err, ErrInvalid) || !strings.Contains(err.Error(), c.want) {
+			t.Errorf("%+v: %v, want %q", c.p, err, c.want)
+		}
+	}
+	if _, err := m.CreatePool(ctx, Pool{ID: "p", Prefixes: pfx, TenantIDs: []string{"acme.prod-1"}}); err != nil {
+		t.Fatal(err)
+	}
+}
