@@ -122,7 +122,12 @@
 // main table and every shard), tenant-<t>, bridge-<b>, and sg-<group> for
 // security groups (every shard). The copies of a set have the same
 // elements. Membership changes are element additions and removals in every
-// copy, in the change's one batch; rules are never rewritten for them.
+// copy, in the change's one batch; rules are never rewritten for them. A
+// tenant, bridge or group set with no member left that no NIC's policy
+// references is deleted (every copy) in the batch that left it so; Apply
+// also collects those earlier runs left. While a NIC's policy is known
+// only from the kernel (after a restart, before Apply), nothing is
+// deleted.
 //
 // A main table of the former single-table layout (NIC chains, maps, log
 // chains and managed sets in metald_security) is cleaned up by the first

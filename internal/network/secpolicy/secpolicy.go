@@ -359,10 +359,60 @@ type batch struct {
 	adds    map[string][]netip.Addr
 	dels    map[string][]netip.Addr
 	newSets []string
+	// unused collects managed sets that may have lost their last member
+	// or reference in this batch (collectSets).
+	unused map[string]bool
 }
 
 func (m *Manager) newBatch() *batch {
-	return &batch{m: m, adds: map[string][]netip.Addr{}, dels: map[string][]netip.Addr{}}
+	return &batch{m: m, adds: map[string][]netip.Addr{}, dels: map[string][]netip.Addr{}, unused: map[string]bool{}}
+}
+
+// collectSets queues, at the end of a batch, the deletion of every
+// candidate managed set (tenant-, bridge- and sg- sets; never vm_addrs)
+// that has no member left (neither a NIC's address nor an explicit group
+// member) and that no NIC's policy references: otherwise the sets of
+// every tenant, bridge and group ever seen would pile up (eight copies
+// each). Nothing is collected while a NIC's policy is unknown (loaded
+// from the kernel and not yet applied): its chains may use the set.
+func (b *batch) collectSets() {
+	m := b.m
+	var refs map[string]bool
+	names := make([]string, 0, len(b.unused))
+	for n := range b.unused {
+		names = append(names, n)
+	}
+	slices.Sort(names)
+	for _, name := range names {
+		if name == VMAddrsSet || !m.sets[name] || len(m.owners[name]) > 0 {
+			continue
+		}
+		if refs == nil {
+			refs = map[string]bool{}
+			for _, st := range m.nics {
+				if st.plan == nil {
+					return
+				}
+				for _, s := range referencedSets(st.plan) {
+					refs[s] = true
+				}
+			}
+		}
+		if refs[name] {
+			continue
+		}
+		for _, t := range setTables(name) {
+			m.conn.DelSet(addrSet(t, name))
+			delete(m.present, presentKey(t, name))
+		}
+		delete(m.sets, name)
+		delete(m.owners, name)
+		for g, members := range m.groups {
+			if groupSet(g) == name && len(members) == 0 {
+				delete(m.groups, g)
+			}
+		}
+	}
 }
 
 // addSet queues the creation of set s unless it is known to exist.
@@ -413,6 +463,7 @@ func (b *batch) setOwner(set string, a netip.Addr, owner string, member bool) {
 		b.adds[set] = append(b.adds[set], a)
 	case was && !now:
 		b.dels[set] = append(b.dels[set], a)
+		b.unused[set] = true
 	}
 }
 
@@ -680,6 +731,11 @@ func (m *Manager) queueNIC(b *batch, p *NICPolicy) error {
 	t := nicTable(k)
 	st := m.nic(k)
 	oldGen, hadChains := st.gen, st.gen > 0
+	if st.plan != nil {
+		for _, s := range referencedSets(st.plan) {
+			b.unused[s] = true
+		}
+	}
 	for _, s := range referencedSets(p) {
 		if err := b.ensureSet(s); err != nil {
 			return err
@@ -825,6 +881,12 @@ func (m *Manager) queueRemove(b *batch, k string) error {
 		for _, a := range st.addrs {
 			b.setOwner(s, a, k, false)
 		}
+		b.unused[s] = true
+	}
+	if st.plan != nil {
+		for _, s := range referencedSets(st.plan) {
+			b.unused[s] = true
+		}
 	}
 	if err := b.queueElements(); err != nil {
 		return err
@@ -900,6 +962,7 @@ func (m *Manager) change(ctx context.Context, what string, queue func(b *batch) 
 	if err := queue(b); err != nil {
 		return m.abort(err)
 	}
+	b.collectSets()
 	return m.commit(what)
 }
 
@@ -1044,6 +1107,12 @@ func (m *Manager) Apply(ctx context.Context, desired []NICPolicy) error {
 			}
 		}
 	}
+	// Every managed set is a candidate: Apply also collects what earlier
+	// runs left.
+	for name := range m.sets {
+		b.unused[name] = true
+	}
+	b.collectSets()
 	return m.commit("apply security policies")
 }
 
