@@ -172,6 +172,12 @@ func (f *Firewall) ReconcileFunc(ctx context.Context, list func(context.Context)
 	r.Base = base
 	if !st.bridge {
 		r.Table = true
+		if len(st.nics()) == 0 && !slices.ContainsFunc(desired, func(p network.NICPlan) bool { return !p.Pending }) {
+			// A host with no port to protect and no table yet (a first
+			// start): nothing has drifted, and the first NIC creates the
+			// table.
+			r.Table, r.Base = false, nil
+		}
 	}
 	for _, dev := range st.nics() {
 		if _, ok := want[dev]; !ok {

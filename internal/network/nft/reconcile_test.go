@@ -7,6 +7,7 @@ import (
 	"strings"
 	"testing"
 
+	"github.com/metald/metald/internal/netnstest"
 	"github.com/metald/metald/internal/network"
 )
 
@@ -201,5 +202,39 @@ func TestReconcileLeavesPendingNICs(t *testing.T) {
 	}
 	if len(r.NICs["tap-vm2"]) == 0 {
 		t.Fatalf("drift of a created NIC not repaired: %s", r)
+	}
+}
+
+// TestReconcileFreshHost: on a host with no table and no NIC to protect
+// (a first start), Reconcile reports no drift and creates nothing; once a
+// NIC is desired, a missing table is drift and is repaired.
+func TestReconcileFreshHost(t *testing.T) {
+	t.Parallel()
+	host := netnstest.New(t)
+	fw, err := New(host.Fd())
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { fw.Close() })
+	r, err := fw.Reconcile(context.Background(), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !r.Empty() {
+		t.Fatalf("fresh host reported as drift: %s", r)
+	}
+	if out := host.MustRun(t, "nft", "list", "tables"); strings.Contains(out, "metald") {
+		t.Fatalf("tables created with nothing to protect:\n%s", out)
+	}
+	p := vmPlan(1, allOn())
+	r, err = fw.Reconcile(context.Background(), []network.NICPlan{p})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !r.Table || len(r.NICs[p.HostDevice]) == 0 {
+		t.Fatalf("missing table and NIC with a NIC desired: %s", r)
+	}
+	if out := host.MustRun(t, "nft", "list", "table", "bridge", TableName); !strings.Contains(out, "chain input") {
+		t.Fatalf("bridge table not repaired:\n%s", out)
 	}
 }
