@@ -215,6 +215,9 @@ func requireID(id string) error {
 	if id == "" {
 		return fieldError("vm_id", "required")
 	}
+	if !vm.ValidID(id) {
+		return fieldError("vm_id", fmt.Sprintf("must be a lower-case DNS label of at most 63 characters ([a-z0-9], '-' inside), got %q", id))
+	}
 	return nil
 }
 

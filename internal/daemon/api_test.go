@@ -11,6 +11,7 @@ import (
 
 	"connectrpc.com/connect"
 	"google.golang.org/genproto/googleapis/rpc/errdetails"
+	"google.golang.org/protobuf/encoding/protowire"
 
 	vmv1 "github.com/metald/metald/internal/gen/vmprovisioner/v1"
 	"github.com/metald/metald/internal/gen/vmprovisioner/v1/vmprovisionerv1connect"
@@ -131,6 +132,17 @@ func TestCurlForms(t *testing.T) {
 	if resp.StatusCode != 200 || out["vmId"] != "vm-forms" {
 		t.Fatalf("Connect GET: %d %v", resp.StatusCode, out)
 	}
+	// An unknown field in a Connect GET is named by its path too.
+	resp, err = http.Get(e.url + "/vmprovisioner.v1.VmService/GetVm?encoding=json&message=" + url.QueryEscape(`{"vm_id":"vm-forms","verbose":true}`))
+	if err != nil {
+		t.Fatal(err)
+	}
+	out = nil
+	json.NewDecoder(resp.Body).Decode(&out)
+	resp.Body.Close()
+	if resp.StatusCode != 400 || out["code"] != "invalid_argument" || !strings.Contains(str(out, "message"), "verbose: unknown field") {
+		t.Fatalf("Connect GET with an unknown field: %d %v", resp.StatusCode, out)
+	}
 	// Errors keep the seed's shape: {"code": "...", "message": "..."}.
 	code, out := e.call("GetVm", map[string]any{"vm_id": "vm-nope"})
 	if code != 404 || out["code"] != "not_found" || !strings.Contains(str(out, "message"), "vm-nope") {
@@ -163,6 +175,8 @@ func TestUnknownFieldsRejected(t *testing.T) {
 		{"vlan as number", func(m map[string]any) { obj(list(obj(m["config"])["network"])[0])["vlan_id"] = 100 }, "config.network[0].vlan_id", "must be a string, got number"},
 		{"bool as string", func(m map[string]any) { sec(m)["block_hop_by_hop"] = "yes" }, "config.network[0].ipv6.security.block_hop_by_hop", "must be true or false, got string"},
 		{"rules not a list", func(m map[string]any) { pol(m)["egress_rules"] = "deny all from any to any" }, "config.network[0].security_policy.egress_rules", "must be an array, got string"},
+		{"negative limit", func(m map[string]any) { sec(m)["nd_rate_limit"] = -5 }, "config.network[0].ipv6.security.nd_rate_limit", "must be an integer from 0 to 4294967295, got -5"},
+		{"field twice", func(m map[string]any) { m["vm_id"], m["vmId"] = "one", "other" }, "vm_id", `given twice (as "vmId" and "vm_id")`},
 	}
 	for _, c := range cases {
 		t.Run(c.name, func(t *testing.T) {
@@ -272,6 +286,14 @@ func TestGeneratedClients(t *testing.T) {
 			d, _ := ce.Details()[0].Value()
 			if br, ok := d.(*errdetails.BadRequest); !ok || br.GetFieldViolations()[0].GetField() != "config.cpu" {
 				t.Fatalf("detail %v", d)
+			}
+			// A field this API does not define is refused with its path,
+			// in binary (field number 99 inside ipv6) as in JSON.
+			unknown := &vmv1.CreateVmRequest{VmId: id + "u", Config: &vmv1.VmConfig{Network: []*vmv1.NetworkInterface{{Id: "eth0", Ipv6: &vmv1.Ipv6Config{}}}}}
+			unknown.GetConfig().GetNetwork()[0].GetIpv6().ProtoReflect().SetUnknown(protowire.AppendVarint(protowire.AppendTag(nil, 99, protowire.VarintType), 1))
+			_, err = c.CreateVm(ctx, connect.NewRequest(unknown))
+			if connect.CodeOf(err) != connect.CodeInvalidArgument || !strings.Contains(err.Error(), "config.network[0].ipv6.#99: unknown field number") {
+				t.Fatalf("unknown field number: %v", err)
 			}
 			if _, err := c.DeleteVm(ctx, connect.NewRequest(&vmv1.DeleteVmRequest{VmId: id})); err != nil {
 				t.Fatal(err)

@@ -130,6 +130,10 @@ func checkRuleText(s string) error {
 	return nil
 }
 
+// ValidID reports whether id has the form of a VM id (CreateVm refuses
+// any other, so no VM has one).
+func ValidID(id string) bool { return dnsLabelRE.MatchString(id) }
+
 // ValidateCreate checks a CreateVm request without side effects. It returns
 // nil or a *ValidationError listing every violation, in field order. Checks
 // that depend on a field that is itself invalid are skipped, so one mistake
