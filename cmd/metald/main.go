@@ -22,6 +22,9 @@ import (
 
 func main() {
 	if err := run(os.Args[1:]); err != nil {
+		if errors.Is(err, flag.ErrHelp) {
+			return // -h, --help: the usage is printed, and that is success
+		}
 		fmt.Fprintln(os.Stderr, "metald:", err)
 		os.Exit(1)
 	}
