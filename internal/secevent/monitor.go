@@ -34,6 +34,17 @@ const MaxSessionDuration = 30 * 24 * time.Hour
 // ErrInvalid reports an invalid request (the message says why).
 var ErrInvalid = errors.New("invalid argument")
 
+// invalidf is an error that matches ErrInvalid and says only why (the
+// HTTP answer is already "400 invalid_argument").
+func invalidf(format string, args ...any) error {
+	return invalidError(fmt.Sprintf(format, args...))
+}
+
+type invalidError string
+
+func (e invalidError) Error() string        { return string(e) }
+func (e invalidError) Is(target error) bool { return target == ErrInvalid }
+
 type monitorState struct {
 	mu        sync.Mutex
 	sessions  map[string]*Session
@@ -113,10 +124,10 @@ func (s *Service) stopTimers() {
 // default DEBUG). The session persists across restarts until it expires.
 func (s *Service) StartMonitoring(ctx context.Context, tenant string, duration time.Duration, logLevel string) (Session, error) {
 	if tenant == "" {
-		return Session{}, fmt.Errorf("tenant_id is required: %w", ErrInvalid)
+		return Session{}, invalidf("tenant_id is required")
 	}
 	if duration <= 0 || duration > MaxSessionDuration {
-		return Session{}, fmt.Errorf("duration must be > 0 and at most %s: %w", MaxSessionDuration, ErrInvalid)
+		return Session{}, invalidf("duration must be > 0 and at most %s", MaxSessionDuration)
 	}
 	lvl := strings.ToUpper(strings.TrimSpace(logLevel))
 	if lvl == "" {
@@ -126,7 +137,7 @@ func (s *Service) StartMonitoring(ctx context.Context, tenant string, duration t
 		lvl = "WARN"
 	}
 	if !slices.Contains(LogLevels, lvl) {
-		return Session{}, fmt.Errorf("log_level %q: want one of %s: %w", logLevel, strings.Join(LogLevels, ", "), ErrInvalid)
+		return Session{}, invalidf("log_level %q: want one of %s", logLevel, strings.Join(LogLevels, ", "))
 	}
 	now := s.now()
 	se := Session{TenantID: tenant, LogLevel: lvl, Duration: duration.String(), StartedAt: TS(now), ExpiresAt: TS(now.Add(duration))}

@@ -2,7 +2,6 @@ package secevent
 
 import (
 	"context"
-	"fmt"
 	"slices"
 	"strings"
 	"time"
@@ -63,7 +62,7 @@ const (
 // Report builds the report for [start, end].
 func (s *Service) Report(ctx context.Context, start, end time.Time) (Report, error) {
 	if end.Before(start) {
-		return Report{}, fmt.Errorf("end_time before start_time: %w", ErrInvalid)
+		return Report{}, invalidf("end_time before start_time")
 	}
 	events, err := s.opts.Store.QueryEvents(ctx, Filter{Since: start, Until: end, Limit: ReportMaxEvents + 1})
 	if err != nil {
