@@ -337,3 +337,28 @@ func (e *env) tempAddr(t *testing.T, id string) string {
 	t.Fatalf("no temporary address in %s", id)
 	return ""
 }
+
+// TestBridgeQuerierNotAViolation: the MLD querier metald turns on with
+// snooping sends its queries from the bridge's link-local address from
+// the first one on (the bridge's addresses skip DAD), so the hop-by-hop
+// block of a VM on a new bridge neither drops nor reports them: no
+// ext_hbh drop and no extension-header event after the first VM boots.
+func TestBridgeQuerierNotAViolation(t *testing.T) {
+	e := newEnv(t)
+	e.createHigh("vm-q1", "br-q", "2001:db8:e::10/64", "2001:db8:e::1")
+	e.mustCall("BootVm", map[string]any{"vm_id": "vm-q1"})
+	e.waitDAD("vm-q1")
+	time.Sleep(2 * time.Second)
+	dev := str(list(e.getVM("vm-q1")["networkStatus"])[0], "hostDevice")
+	if n := e.counter(t, dev+"-ext_hbh"); n != 0 {
+		t.Errorf("%d hop-by-hop drops on the VM's port after boot", n)
+	}
+	for _, ev := range e.events(t, "vm_id=vm-q1") {
+		if ev.Type == "extension_header_block" {
+			t.Errorf("event %+v", ev)
+		}
+	}
+	if out := e.host.MustRun(t, "ip", "-6", "addr", "show", "dev", "br-q"); strings.Contains(out, "tentative") || !strings.Contains(out, "fe80::") {
+		t.Errorf("bridge addresses:\n%s", out)
+	}
+}

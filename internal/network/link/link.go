@@ -28,6 +28,7 @@ import (
 	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
 
+	"github.com/metald/metald/internal/network"
 	"github.com/metald/metald/internal/network/ns"
 )
 
@@ -294,6 +295,23 @@ func (m *Manager) EnsureBridge(name string) (created bool, err error) {
 	}
 	if err := m.SetSysctl("net/ipv6/conf/"+name+"/disable_ipv6", "0"); err != nil {
 		return created, fmt.Errorf("enable ipv6 on bridge %s: %w", name, err)
+	}
+	if created {
+		// The bridge's link-local address is the VMs' router address and
+		// the source of its MLD querier's queries. Valid from the start:
+		// without DAD (the segment is metald's), and put there now, not
+		// when the first port brings the carrier up, so that no query
+		// leaves from the gateway's global address (hosts discard those,
+		// RFC 3810, and a VM port's hop-by-hop block would drop and
+		// report it as a violation).
+		if err := m.SetSysctl("net/ipv6/conf/"+name+"/accept_dad", "0"); err != nil {
+			return created, fmt.Errorf("bridge %s: %w", name, err)
+		}
+		ll := network.EUI64LinkLocal(l.Attrs().HardwareAddr)
+		addr := &netlink.Addr{IPNet: &net.IPNet{IP: ll.AsSlice(), Mask: net.CIDRMask(64, 128)}, Flags: unix.IFA_F_NODAD}
+		if err := m.h.AddrAdd(l, addr); err != nil && !errors.Is(err, unix.EEXIST) {
+			return created, fmt.Errorf("link-local address of bridge %s: %w", name, err)
+		}
 	}
 	if err := m.h.LinkSetUp(l); err != nil {
 		return created, fmt.Errorf("set bridge %s up: %w", name, err)
