@@ -306,7 +306,8 @@ func New(ctx context.Context, opt Options) (d *Daemon, err error) {
 	d.joint = &joint{fw: d.evw.fw, pol: d.evw.pol, fwMgr: d.fw, polMgr: d.pol, gens: d.gens, opts: nftconn.Options(int(d.hostNS.Fd())),
 		obs: func(t time.Duration) { d.events.ObserveProcessing(secevent.StageRules, t) }}
 	d.vms = vm.NewManager(vm.Options{Store: d.store, Backend: d.backend, Ports: hostPorts, Policy: d.evw.pol, Shaper: hostPorts, Region: opt.Region, ManagementAccess: mgmt, Joint: d.joint, TempAddrs: d.temps.get,
-		Addresses: addresses{d.ipam}, Firewall: d.evw.fw, Router: newRouter(d.hostH), Logger: d.log,
+		TenantGone: func(tenant string) { evMetrics.ForgetTenant(tenant); fh.ForgetTenant(tenant) },
+		Addresses:  addresses{d.ipam}, Firewall: d.evw.fw, Router: newRouter(d.hostH), Logger: d.log,
 		// VLANs are separated by nftables port marks whatever the kernel's
 		// bridge VLAN filtering (which metald does not program).
 		Emit: func(typ, sev string, row *store.VM, reason string) {

@@ -3,6 +3,7 @@ package daemon_test
 import (
 	"encoding/json"
 	"fmt"
+	"io"
 	"net/http"
 	"strconv"
 	"strings"
@@ -222,4 +223,78 @@ func (e *env) policyCounter(t *testing.T, chain, prefix string) uint64 {
 		}
 	}
 	return n
+}
+
+// TestRAFromUnguardedVMReported: a VM whose port has no RA guard still
+// cannot advertise itself as a router (the policy table drops RAs from
+// VM addresses), and that drop is reported like the guard's: an
+// ra_guard_block event attributed to the VM, the security-event metric
+// moving.
+func TestRAFromUnguardedVMReported(t *testing.T) {
+	e := newEnv(t)
+	for _, v := range []struct{ id, addr string }{{"vm-ru", "2001:db8:73::10/64"}, {"vm-rn", "2001:db8:73::11/64"}} {
+		e.mustCall("CreateVm", map[string]any{"vm_id": v.id, "config": vmConfig("t1", nic("eth0", "br-ru", v.addr, "2001:db8:73::1"))})
+		e.mustCall("BootVm", map[string]any{"vm_id": v.id})
+	}
+	e.waitDAD("vm-ru")
+	e.waitDAD("vm-rn")
+	highBefore := e.metric0(`metald_network_security_events_total{severity="high",tenant_id="t1"}`)
+	got := e.sniffWhile(t, "vm-rn", "icmp6 and ip6[40] == 134", func() {
+		out, err := e.scapy("vm-ru", `
+p = Ether(src=get_if_hwaddr("eth0"), dst="33:33:00:00:00:01")/IPv6(src="2001:db8:73::10", dst="ff02::1", hlim=255)/ICMPv6ND_RA()/ICMPv6NDOptPrefixInfo(prefix="2001:db8:bad::", prefixlen=64)
+sendp([p]*3, iface="eth0")`)
+		if err != nil {
+			t.Fatalf("send RA: %v\n%s", err, out)
+		}
+	})
+	if got != 0 {
+		t.Fatalf("%d RAs from an unguarded VM reached its neighbour", got)
+	}
+	ev := e.waitEvent(t, "vm_id=vm-ru&event_type=ra_guard_block", func(ev event) bool { return detail(ev, "src") == "2001:db8:73::10" })
+	if ev.TenantID != "t1" || ev.Severity != "high" || detail(ev, "dst") != "ff02::1" {
+		t.Fatalf("ra_guard_block: %+v", ev)
+	}
+	if d := e.metric0(`metald_network_security_events_total{severity="high",tenant_id="t1"}`) - highBefore; d < 1 {
+		t.Fatalf("metald_network_security_events_total{severity=high} moved by %v", d)
+	}
+
+	// The tenant label comes from API callers: once a tenant's last VM is
+	// deleted its series end, so /metrics does not keep every tenant ever
+	// seen.
+	if !strings.Contains(e.metricsText(t), `tenant_id="t1"`) {
+		t.Fatal("no series of tenant t1 while its VMs run")
+	}
+	e.mustCall("DeleteVm", map[string]any{"vm_id": "vm-ru"})
+	if !strings.Contains(e.metricsText(t), `metald_ipv6_ra_guard_blocks_total{tenant_id="t1"}`) {
+		t.Fatal("tenant t1's first-hop series ended while it still has a VM")
+	}
+	e.mustCall("DeleteVm", map[string]any{"vm_id": "vm-rn"})
+	if text := e.metricsText(t); strings.Contains(text, `tenant_id="t1"`) {
+		t.Fatalf("series of tenant t1 after its last VM was deleted:\n%s", grepLines(text, `tenant_id="t1"`))
+	}
+}
+
+// metricsText returns the whole metrics page.
+func (e *env) metricsText(t *testing.T) string {
+	t.Helper()
+	resp, err := http.Get(e.metrics)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	b, err := io.ReadAll(resp.Body)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return string(b)
+}
+
+func grepLines(text, sub string) string {
+	var out []string
+	for _, l := range strings.Split(text, "\n") {
+		if strings.Contains(l, sub) {
+			out = append(out, l)
+		}
+	}
+	return strings.Join(out, "\n")
 }

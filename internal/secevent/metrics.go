@@ -103,6 +103,16 @@ func (m *Metrics) ObserveProcessing(stage string, d time.Duration) {
 	m.processing.WithLabelValues(stage).Observe(d.Seconds())
 }
 
+// ForgetTenant removes tenant's series (its last VM is gone: the tenant
+// label comes from API callers, and series kept for every tenant ever
+// seen would grow without bound).
+func (m *Metrics) ForgetTenant(tenant string) {
+	if m == nil {
+		return
+	}
+	m.events.DeletePartialMatch(prometheus.Labels{"tenant_id": tenant})
+}
+
 func (m *Metrics) event(e *Event) {
 	if m == nil {
 		return

@@ -106,6 +106,8 @@ type Store interface {
 	// VMWithMAC returns the id of a VM other than exceptVM with a NIC of
 	// MAC mac (as stored: lower-case, colon-separated), or "".
 	VMWithMAC(ctx context.Context, mac, exceptVM string) (string, error)
+	// TenantHasVMs reports whether any VM of tenant exists.
+	TenantHasVMs(ctx context.Context, tenant string) (bool, error)
 	// BridgeUsedBy reports whether a NIC of a VM other than exceptVM is on
 	// bridge.
 	BridgeUsedBy(ctx context.Context, bridge, exceptVM string) (bool, error)

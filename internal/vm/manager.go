@@ -98,6 +98,9 @@ type Options struct {
 	// device has bound (privacy extensions, learned by the first-hop
 	// rules): the security policy counts them as the NIC's own. Nil: none.
 	TempAddrs func(hostDev string) []netip.Addr
+	// TenantGone is called after DeleteVm removed a tenant's last VM
+	// (per-tenant metric series end). Nil: not called.
+	TenantGone func(tenant string)
 	// ManagementAccess are the flows that still pass while a VM is
 	// isolated (operator configuration; applied to both directions of
 	// every isolated NIC).
@@ -773,6 +776,11 @@ func (m *Manager) Delete(ctx context.Context, id string) error {
 	if cfg, err := decodeConfig(vm); err == nil {
 		if err := m.refreshGroups(ctx, cfg.GetSecurityProfile().GetSecurityGroups(), nil); err != nil {
 			m.log.Error("update security groups", "vm_id", id, "err", err)
+		}
+	}
+	if m.opt.TenantGone != nil {
+		if has, err := m.opt.Store.TenantHasVMs(ctx, vm.TenantID); err == nil && !has {
+			m.opt.TenantGone(vm.TenantID)
 		}
 	}
 	m.log.Info("vm deleted", "vm_id", id)

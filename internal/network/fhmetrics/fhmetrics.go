@@ -271,6 +271,20 @@ func (c *Collector) Collect(ch chan<- prometheus.Metric) {
 	}
 }
 
+// ForgetTenant drops the counts kept for tenant's removed NICs (its last
+// VM is gone), so that its series end instead of staying for good: the
+// tenant label comes from API callers. A NIC of the tenant still in the
+// table keeps its own series.
+func (c *Collector) ForgetTenant(tenant string) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	for l := range c.offset {
+		if l.TenantID == tenant {
+			delete(c.offset, l)
+		}
+	}
+}
+
 // NICRemoved implements nft.Observer: the final counter values of a
 // removed NIC join its labels' offset.
 func (c *Collector) NICRemoved(hostDev string, final map[network.Control]uint64) {

@@ -443,7 +443,7 @@ func baseRules(name string) []nrule {
 		b.add("nd mld ra", b.icmpTypes(append(slices.Clone(ndMLD), raRedirect...)), []expr.Any{verdict(expr.VerdictAccept)})
 	} else {
 		b.add("nd mld", b.icmpTypes(ndMLD), []expr.Any{verdict(expr.VerdictAccept)})
-		b.add("ra redirect from vm", inNamed(offSaddr, VMAddrsSet, false), b.icmpTypes(raRedirect), []expr.Any{&expr.Counter{}, verdict(expr.VerdictDrop)})
+		b.add("ra redirect from vm", inNamed(offSaddr, VMAddrsSet, false), b.icmpTypes(raRedirect), []expr.Any{&expr.Counter{}, &expr.Verdict{Kind: expr.VerdictJump, Chain: chainRAFromVM}})
 	}
 	if name == ChainForward {
 		// An RA from a router that is not a VM: the first-hop RA guard
@@ -470,6 +470,17 @@ const chainBlocked = "blocked"
 // blockedRules returns the rules of chainBlocked.
 func blockedRules() []nrule {
 	return []nrule{blockedSourceLog(), {comment: "blocked", exprs: []expr.Any{verdict(expr.VerdictDrop)}}}
+}
+
+// chainRAFromVM is the main table's chain of router advertisements and
+// redirects a VM sent (whatever its port's RA guard): a rate-limited
+// ra_guard event sample, attributed to the port the packet came in, then
+// drop.
+const chainRAFromVM = "ra_from_vm"
+
+// raFromVMRules returns the rules of chainRAFromVM.
+func raFromVMRules() []nrule {
+	return []nrule{raFromVMLog(), {comment: "ra redirect from vm", exprs: []expr.Any{verdict(expr.VerdictDrop)}}}
 }
 
 // shardBaseRules returns the rules of a shard table's base chain name

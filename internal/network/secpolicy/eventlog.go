@@ -53,6 +53,7 @@ const (
 	evPolicyDeny      = "policy_deny"
 	evTenantIsolation = "tenant_isolation"
 	evBlockedSource   = "blocked_source"
+	evRAGuard         = "ra_guard"
 	evAllowSample     = "allow_sample"
 )
 
@@ -188,6 +189,11 @@ func eventLogRules(p *NICPolicy, dir string, rules []nrule) []nrule {
 // (chain blocked, reached from the forward chain for a source or
 // destination in blocked_sources): rate-limited, logged to EventLogGroup.
 // Both directions share the one rate limit.
+func raFromVMLog() nrule {
+	exprs := []expr.Any{pktLimit(EventLogRate, eventLogBurst), nflogExpr(EventLogGroup, EventLogPrefix("", evRAGuard, ""))}
+	return nrule{exprs: exprs, comment: "ra from vm event log"}
+}
+
 func blockedSourceLog() nrule {
 	exprs := []expr.Any{pktLimit(EventLogRate, eventLogBurst), nflogExpr(EventLogGroup, EventLogPrefix("", evBlockedSource, ""))}
 	return nrule{exprs: exprs, comment: "blocked source event log"}

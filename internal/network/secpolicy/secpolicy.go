@@ -569,6 +569,11 @@ func (m *Manager) queueBase() error {
 	if err := m.queueRules(main, bl, blockedRules()); err != nil {
 		return err
 	}
+	ra := c.AddChain(&nftables.Chain{Name: chainRAFromVM, Table: main})
+	c.FlushChain(ra)
+	if err := m.queueRules(main, ra, raFromVMRules()); err != nil {
+		return err
+	}
 	accept := nftables.ChainPolicyAccept
 	for _, b := range baseChains {
 		ch := c.AddChain(&nftables.Chain{Name: b.name, Table: main, Type: nftables.ChainTypeFilter,

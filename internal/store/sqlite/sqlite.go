@@ -300,6 +300,15 @@ func (s *Store) VMWithMAC(ctx context.Context, mac, exceptVM string) (string, er
 	return id, nil
 }
 
+// TenantHasVMs implements store.Store (vms_tenant index).
+func (s *Store) TenantHasVMs(ctx context.Context, tenant string) (bool, error) {
+	var has bool
+	if err := s.db.QueryRowContext(ctx, `SELECT EXISTS (SELECT 1 FROM vms WHERE tenant_id = ?)`, tenant).Scan(&has); err != nil {
+		return false, fmt.Errorf("query vms: %w", err)
+	}
+	return has, nil
+}
+
 // BridgeUsedBy implements store.Store (nics_bridge index).
 func (s *Store) BridgeUsedBy(ctx context.Context, bridge, exceptVM string) (bool, error) {
 	var used bool

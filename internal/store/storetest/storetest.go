@@ -131,6 +131,11 @@ func Run(t *testing.T, open func(t *testing.T) store.Store) {
 				t.Fatalf("%s used by a VM other than %q: %v %v, want %v", tc.bridge, tc.except, used, err, tc.want)
 			}
 		}
+		for tenant, want := range map[string]bool{a.TenantID: true, "nobody": false} {
+			if has, err := s.TenantHasVMs(ctx, tenant); err != nil || has != want {
+				t.Fatalf("tenant %q has VMs: %v %v, want %v", tenant, has, err, want)
+			}
+		}
 		for _, tc := range []struct{ mac, except, want string }{
 			{a.NICs[0].MAC, "", "vm-a"}, {a.NICs[0].MAC, "vm-a", ""}, {b.NICs[1].MAC, "vm-a", "vm-b"}, {"02:00:00:00:ff:ff", "", ""},
 		} {
