@@ -74,6 +74,8 @@ func TestRestartReadoptsAndCollectsOrphans(t *testing.T) {
 	}
 	foreignNS.Close()
 	t.Cleanup(func() { ns.RemoveNamed(filepath.Join(e.dir, "netns", "someone-else")) })
+	// vm-r2's namespace predates the owner marks: recovery gives it ours.
+	setLoAlias(t, filepath.Join(e.dir, "netns", "metald-vm-r2"), "")
 	// A bridge port detached by an operator is put back.
 	tap, _ := h.LinkByName("tap-vm-r1")
 	h.LinkSetNoMaster(tap)
@@ -100,6 +102,9 @@ func TestRestartReadoptsAndCollectsOrphans(t *testing.T) {
 	if !slices.Contains(links, "operator0") || slices.Contains(links, "tap-ghost") {
 		t.Fatalf("links after recovery: %v", links)
 	}
+	if got := loAlias(t, filepath.Join(e.dir, "netns", "metald-vm-r2")); got != bnetns.OwnerAlias(instance) {
+		t.Fatalf("adopted namespace without a mark: alias %q after recovery", got)
+	}
 	if names := e.netnsNames(); !slices.Contains(names, "someone-else") || slices.Contains(names, "metald-vm-ghost") ||
 		!slices.Contains(names, "metald-vm-other") || !slices.Contains(names, "metald-vm-stranger") {
 		t.Fatalf("namespaces after recovery: %v", names)
@@ -118,6 +123,48 @@ func TestRestartReadoptsAndCollectsOrphans(t *testing.T) {
 	}
 	h.LinkDel(&netlink.Bridge{LinkAttrs: netlink.LinkAttrs{Name: "operator0"}})
 	ns.RemoveNamed(filepath.Join(e.dir, "netns", "someone-else"))
+}
+
+// setLoAlias sets the alias of the loopback of the named namespace at path.
+func setLoAlias(t *testing.T, path, alias string) {
+	t.Helper()
+	f, err := ns.OpenNamed(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	h, err := link.HandleAt(int(f.Fd()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer h.Close()
+	lo, err := h.LinkByName("lo")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := h.LinkSetAlias(lo, alias); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// loAlias reads the alias of the loopback of the named namespace at path.
+func loAlias(t *testing.T, path string) string {
+	t.Helper()
+	f, err := ns.OpenNamed(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	h, err := link.HandleAt(int(f.Fd()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer h.Close()
+	lo, err := h.LinkByName("lo")
+	if err != nil {
+		t.Fatal(err)
+	}
+	return lo.Attrs().Alias
 }
 
 // markNamespace creates a named namespace whose loopback has alias mark

@@ -486,6 +486,28 @@ func (b *Backend) Owned(ctx context.Context) ([]string, error) {
 	return ids, nil
 }
 
+// MarkOwned gives vmID's namespace this metald's owner mark when it has
+// none (a namespace made before the marks existed, whose VM this metald's
+// database holds); a namespace with another mark is left as it is. A
+// missing namespace is not an error.
+func (b *Backend) MarkOwned(vmID string) error {
+	f, err := ns.OpenNamed(b.netnsPath(vmID))
+	if errors.Is(err, ns.ErrNotExist) {
+		return nil
+	}
+	if err != nil {
+		return err
+	}
+	defer f.Close()
+	return inNetns(int(f.Fd()), func(h *netlink.Handle) error {
+		lo, err := h.LinkByName("lo")
+		if err != nil || lo.Attrs().Alias != "" {
+			return err
+		}
+		return h.LinkSetAlias(lo, b.mark)
+	})
+}
+
 // ownerMark reads the alias of the loopback device in vmID's namespace.
 func (b *Backend) ownerMark(vmID string) (string, error) {
 	f, err := ns.OpenNamed(b.netnsPath(vmID))
