@@ -120,6 +120,7 @@ type Daemon struct {
 	ipam     *ipam.Manager
 	fw       *nft.Firewall
 	gens     *nftgen.Tracker
+	polGens  *nftgen.Tracker // the policy tables' drift check (linked to gens)
 	shaper   *shape.Shaper
 	pol      *secpolicy.Manager
 	hostH    *netlink.Handle
@@ -264,6 +265,12 @@ func New(ctx context.Context, opt Options) (d *Daemon, err error) {
 	}
 	d.fw.SetGenTracker(d.gens)
 	d.pol.SetGenTracker(d.gens)
+	// The policy tables have their own drift check (vm.Options.PolicyDrift):
+	// a second tracker, noted on every metald commit.
+	if d.polGens, err = nftgen.New(int(d.hostNS.Fd())); err != nil {
+		return nil, fmt.Errorf("open nftables generation: %w", err)
+	}
+	d.gens.Link(d.polGens)
 	if d.hostH, err = link.HandleAt(int(d.hostNS.Fd())); err != nil {
 		return nil, fmt.Errorf("open netlink: %w", err)
 	}
@@ -307,7 +314,27 @@ func New(ctx context.Context, opt Options) (d *Daemon, err error) {
 		obs: func(t time.Duration) { d.events.ObserveProcessing(secevent.StageRules, t) }}
 	d.vms = vm.NewManager(vm.Options{Store: d.store, Backend: d.backend, Ports: hostPorts, Policy: d.evw.pol, Shaper: hostPorts, Region: opt.Region, ManagementAccess: mgmt, Joint: d.joint, TempAddrs: d.temps.get,
 		TenantGone: func(tenant string) { evMetrics.ForgetTenant(tenant); fh.ForgetTenant(tenant) },
-		Addresses:  addresses{d.ipam}, Firewall: d.evw.fw, Router: newRouter(d.hostH), Logger: d.log,
+		PolicyDrift: func() bool {
+			if d.polGens.Unchanged() {
+				return false
+			}
+			// Someone else committed (an operator's nft command; adding to
+			// blocked_sources is one): rebuild only if the policy tables'
+			// structure changed.
+			d.polGens.BeginCompare()
+			drifted, why, err := d.pol.Drifted()
+			if err != nil {
+				d.polGens.Abandon()
+				d.log.Error("compare security policy tables", "err", err)
+				return false
+			}
+			if drifted {
+				d.log.Warn("security policy tables changed outside metald", "change", why)
+				fh.CountRepair("policy")
+			}
+			return drifted
+		},
+		Addresses: addresses{d.ipam}, Firewall: d.evw.fw, Router: newRouter(d.hostH), Logger: d.log,
 		// VLANs are separated by nftables port marks whatever the kernel's
 		// bridge VLAN filtering (which metald does not program).
 		Emit: func(typ, sev string, row *store.VM, reason string) {
@@ -320,6 +347,9 @@ func New(ctx context.Context, opt Options) (d *Daemon, err error) {
 
 	rep, err := d.vms.Recover(ctx)
 	d.Recovery = rep
+	// Recovery programmed every policy from what the kernel held: the
+	// policy drift check starts from here.
+	d.polGens.BeginCompare()
 	if err != nil {
 		// Recovery problems are logged and retried by the next start; the
 		// VMs that did recover are served.
@@ -477,6 +507,9 @@ func (d *Daemon) Close() error {
 	}
 	if d.shaper != nil {
 		d.shaper.Close()
+	}
+	if d.polGens != nil {
+		d.polGens.Close()
 	}
 	if d.gens != nil {
 		d.gens.Close()

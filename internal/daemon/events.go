@@ -182,6 +182,28 @@ func (w *eventPolicy) Apply(ctx context.Context, all []secpolicy.NICPolicy) erro
 	return err
 }
 
+// Resync implements vm.PolicyResyncer (the inner enforcer must too).
+func (w *eventPolicy) Resync(ctx context.Context, all []secpolicy.NICPolicy) error {
+	r, ok := w.inner.(vm.PolicyResyncer)
+	if !ok {
+		return w.Apply(ctx, all)
+	}
+	marked := make([]secpolicy.NICPolicy, len(all))
+	for i, p := range all {
+		marked[i] = w.mark(p)
+	}
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	err := r.Resync(ctx, marked)
+	clear(w.last)
+	if err == nil {
+		for _, p := range marked {
+			w.last[secpolicy.Key(p.VMID, p.NIC)] = p
+		}
+	}
+	return err
+}
+
 func (w *eventPolicy) SetGroupMembers(ctx context.Context, group string, addrs []netip.Addr) error {
 	return w.inner.SetGroupMembers(ctx, group, addrs)
 }

@@ -298,3 +298,57 @@ func grepLines(text, sub string) string {
 	}
 	return strings.Join(out, "\n")
 }
+
+// TestPolicyDriftRepaired: an operator's nft command that empties a VM's
+// policy chain opens the VM up; metald notices the foreign commit, finds
+// the chain changed, and programs every policy again within a few watch
+// intervals (packets), counting the repair. Adding an element to
+// blocked_sources, also a foreign commit, is not drift.
+func TestPolicyDriftRepaired(t *testing.T) {
+	e := newEnv(t)
+	server := vmConfig("t1", nic("eth0", "br-dr", "2001:db8:74::10/64", "2001:db8:74::1"))
+	obj(list(server["network"])[0])["security_policy"] = map[string]any{
+		"ingress_rules": []any{"allow tcp from any to any port 80", "deny all from any to any"},
+	}
+	e.mustCall("CreateVm", map[string]any{"vm_id": "vm-ds", "config": server})
+	e.mustCall("CreateVm", map[string]any{"vm_id": "vm-dc", "config": vmConfig("t1", nic("eth0", "br-dr", "2001:db8:74::11/64", "2001:db8:74::1"))})
+	for _, id := range []string{"vm-ds", "vm-dc"} {
+		e.mustCall("BootVm", map[string]any{"vm_id": id})
+	}
+	e.waitDAD("vm-ds")
+	e.waitDAD("vm-dc")
+	e.startListener(t, "vm-ds", "80", "22")
+	if !e.tcpConnect(t, "vm-dc", "2001:db8:74::10", "80") || e.tcpConnect(t, "vm-dc", "2001:db8:74::10", "22") {
+		t.Fatal("policy not in force before the test")
+	}
+	repairs := func() float64 { return e.metric0(`metald_firewall_repairs_total{kind="policy"}`) }
+
+	e.host.MustRun(t, "nft", "add", "element", "ip6", secpolicy.TableName, secpolicy.BlockedSources, "{ 2001:db8:bad::1 }")
+	time.Sleep(time.Second)
+	if n := repairs(); n != 0 {
+		t.Fatalf("a blocked_sources element counted as %v policy repairs", n)
+	}
+
+	k := secpolicy.Key("vm-ds", "eth0")
+	chain := "vm-" + k + "-in-g0"
+	e.host.MustRun(t, "nft", "flush", "chain", "ip6", secpolicy.ShardTable(secpolicy.Shard(k)), chain)
+	deadline := time.Now().Add(5 * time.Second)
+	for repairs() < 1 {
+		if time.Now().After(deadline) {
+			t.Fatal("the flushed policy chain was not repaired")
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	if e.tcpConnect(t, "vm-dc", "2001:db8:74::10", "22") {
+		t.Fatal("tcp/22 connects after the repair")
+	}
+	if !e.tcpConnect(t, "vm-dc", "2001:db8:74::10", "80") {
+		t.Fatal("tcp/80 refused after the repair")
+	}
+	e.logs.mu.Lock()
+	logged := strings.Contains(e.logs.buf.String(), "repaired security policy drift")
+	e.logs.mu.Unlock()
+	if !logged {
+		t.Fatal("repair not logged")
+	}
+}

@@ -98,6 +98,11 @@ type Options struct {
 	// device has bound (privacy extensions, learned by the first-hop
 	// rules): the security policy counts them as the NIC's own. Nil: none.
 	TempAddrs func(hostDev string) []netip.Addr
+	// PolicyDrift reports whether the policy tables may have been changed
+	// by someone else since it last answered true (a foreign nftables
+	// commit); Watch then programs every policy again (ResyncPolicies).
+	// Nil: never.
+	PolicyDrift func() bool
 	// TenantGone is called after DeleteVm removed a tenant's last VM
 	// (per-tenant metric series end). Nil: not called.
 	TenantGone func(tenant string)

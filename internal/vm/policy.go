@@ -318,12 +318,37 @@ func (m *Manager) removePolicy(ctx context.Context, vmID string, nics []store.NI
 	return errors.Join(errs...)
 }
 
+// PolicyResyncer is implemented by enforcers that can program every
+// policy again whatever the kernel holds (secpolicy.Manager.Resync).
+type PolicyResyncer interface {
+	Resync(ctx context.Context, all []secpolicy.NICPolicy) error
+}
+
+// ResyncPolicies programs every VM's policies again from scratch (after a
+// foreign change to the policy tables: an operator's nft command that
+// flushed a chain or deleted a table), and logs that it did.
+func (m *Manager) ResyncPolicies(ctx context.Context) error {
+	r, ok := m.opt.Policy.(PolicyResyncer)
+	if !ok {
+		return m.ReconcilePolicies(ctx)
+	}
+	if err := m.reconcilePolicies(ctx, r.Resync); err != nil {
+		return err
+	}
+	m.log.Warn("repaired security policy drift: every policy programmed again")
+	return nil
+}
+
 // ReconcilePolicies makes the kernel hold exactly the policies of the VMs
 // that exist.
 func (m *Manager) ReconcilePolicies(ctx context.Context) error {
 	if m.opt.Policy == nil {
 		return nil
 	}
+	return m.reconcilePolicies(ctx, m.opt.Policy.Apply)
+}
+
+func (m *Manager) reconcilePolicies(ctx context.Context, apply func(context.Context, []secpolicy.NICPolicy) error) error {
 	all, err := m.opt.Store.ListVMs(ctx)
 	if err != nil {
 		return err
@@ -344,7 +369,7 @@ func (m *Manager) ReconcilePolicies(ctx context.Context) error {
 		}
 		desired = append(desired, plans...)
 	}
-	if err := m.opt.Policy.Apply(ctx, desired); err != nil {
+	if err := apply(ctx, desired); err != nil {
 		return err
 	}
 	for g, addrs := range groups {

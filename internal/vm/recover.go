@@ -195,6 +195,11 @@ func (m *Manager) Watch(ctx context.Context, interval time.Duration) {
 			if err := m.ReconcileFirewall(ctx); err != nil {
 				m.log.Error("reconcile first-hop rules", "err", err)
 			}
+			if m.opt.PolicyDrift != nil && m.opt.PolicyDrift() {
+				if err := m.ResyncPolicies(ctx); err != nil {
+					m.log.Error("rebuild security policies after a foreign nftables change", "err", err)
+				}
+			}
 		}
 	}
 }

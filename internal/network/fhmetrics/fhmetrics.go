@@ -128,7 +128,7 @@ func New(reg prometheus.Registerer, src Source, opts Options) (*Collector, error
 		last: map[string]devState{}, offset: map[Labels]map[network.Control]uint64{}, folded: map[string]map[network.Control]uint64{},
 		repairs: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "metald_firewall_repairs_total",
-			Help: "Firewall drift repaired by reconciliation, by kind (table, base, nic, removed).",
+			Help: "Firewall drift repaired by reconciliation, by kind (first-hop table, base, nic, removed; policy: the security policy tables rebuilt).",
 		}, []string{"kind"}),
 	}
 	c.specs = []metricSpec{
@@ -147,7 +147,7 @@ func New(reg prometheus.Registerer, src Source, opts Options) (*Collector, error
 	for _, ctl := range network.AllControls {
 		c.specs = append(c.specs, metricSpec{desc: all, value: string(ctl), ctls: []network.Control{ctl}})
 	}
-	for _, k := range []string{"table", "base", "nic", "removed"} {
+	for _, k := range []string{"table", "base", "nic", "removed", "policy"} {
 		c.repairs.WithLabelValues(k)
 	}
 	for _, col := range []prometheus.Collector{c, c.repairs} {
@@ -314,6 +314,9 @@ func (c *Collector) Repaired(r nft.Repairs) {
 		c.repairs.WithLabelValues(k).Add(float64(n))
 	}
 }
+
+// CountRepair counts one repair of kind (see metald_firewall_repairs_total).
+func (c *Collector) CountRepair(kind string) { c.repairs.WithLabelValues(kind).Inc() }
 
 // String names the label set, for logs.
 func (l Labels) String() string {

@@ -25,6 +25,7 @@ import (
 // foreign is set when a commit it cannot attribute to metald happened since
 // the last full comparison.
 type Tracker struct {
+	linked  []*Tracker // noted with this one (Link)
 	mu      sync.Mutex
 	c       *netlink.Conn
 	seen    uint32
@@ -91,6 +92,9 @@ func (t *Tracker) gen() (uint32, error) {
 // else (another commit in between, an unreadable generation) counts as
 // foreign.
 func (t *Tracker) Note() {
+	for _, o := range t.linked {
+		o.Note()
+	}
 	t.mu.Lock()
 	defer t.mu.Unlock()
 	g, err := t.gen()
@@ -99,6 +103,11 @@ func (t *Tracker) Note() {
 	}
 	t.seen, t.valid = g, err == nil
 }
+
+// Link makes every Note of t note o too: o is a second drift check's
+// tracker (its own last comparison and foreign flag) over the same
+// writers. Call before any Note.
+func (t *Tracker) Link(o *Tracker) { t.linked = append(t.linked, o) }
 
 // Unchanged reports whether every commit since the last full comparison
 // was metald's own.

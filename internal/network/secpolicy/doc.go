@@ -147,6 +147,15 @@
 // in chains of generation N and only a jump to them in generation 0; the
 // first update of such a NIC moves them.)
 //
+// # Drift
+//
+// Drifted compares the tables' structure with what the Manager programmed
+// (tables; base, log and NIC chains; each chain's rule count), one rule
+// dump per chain, for callers that run it after a foreign commit
+// (internal/network/nftgen). Resync reads the kernel again and programs
+// every NIC whole, as a restart does, re-creating missing tables, maps and
+// sets and re-adding their elements; blocked_sources elements are kept.
+//
 // # Bridged traffic
 //
 // Bridged IPv6 reaches the ip6 hooks only through br_netfilter. See

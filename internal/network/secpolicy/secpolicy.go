@@ -1121,6 +1121,42 @@ func (m *Manager) Apply(ctx context.Context, desired []NICPolicy) error {
 	return m.commit("apply security policies")
 }
 
+// Resync programs every desired NIC's policy again as after a restart:
+// the kernel's tables are read again, the tables, base chains, maps and
+// sets are queued again (what is missing is created), and every NIC's
+// chains, map elements and memberships are rewritten, whatever the kernel
+// holds. It undoes foreign changes (an operator's nft command that
+// flushed a chain or deleted a table) that Apply, which skips NICs whose
+// policy did not change, would not see. Committed like Apply, in batches
+// of applyChunk NICs; rule counters start again from zero.
+func (m *Manager) Resync(ctx context.Context, desired []NICPolicy) error {
+	if err := ctx.Err(); err != nil {
+		return err
+	}
+	m.mu.Lock()
+	err := m.load() // loaded NICs have no plan: Apply rewrites every one
+	if err == nil {
+		// A set missing from a table (the table was deleted) is created
+		// there again, empty: its members are queued again, to every
+		// copy (adding an element a copy has is a no-op).
+		for name := range m.owners {
+			if !m.sets[name] {
+				delete(m.owners, name)
+				for _, st := range m.nics {
+					st.sets = slices.DeleteFunc(st.sets, func(s string) bool { return s == name })
+				}
+			}
+		}
+	} else {
+		m.loaded = false
+	}
+	m.mu.Unlock()
+	if err != nil {
+		return err
+	}
+	return m.Apply(ctx, desired)
+}
+
 // SetGroupMembers sets the explicit members of security group group (in
 // addition to the addresses of NICs that list the group). It changes set
 // elements only.
