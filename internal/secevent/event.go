@@ -5,6 +5,8 @@ import (
 	"encoding/hex"
 	"encoding/json"
 	"fmt"
+	"math"
+	"slices"
 	"strings"
 	"time"
 )
@@ -37,6 +39,15 @@ const (
 	// VM's tenant is under enhanced monitoring.
 	TypePolicyAllowSample EventType = "policy_allow_sample"
 )
+
+// Types lists every event type, violations first.
+var Types = []EventType{TypeRAGuardBlock, TypeSourceGuardViolation, TypeExtensionHeaderBlock, TypeNDRateLimitExceeded,
+	TypeICMPv6RateLimitExceeded, TypeRARateLimitExceeded, TypeMulticastRateLimitExceeded, TypePolicyDeny,
+	TypeBlockedSource, TypeTenantIsolationBlock, TypeL2Violation, TypeSecurityDrop,
+	TypeVMIsolated, TypeVMReleased, TypeFirewallDriftRepaired, TypeMonitoredPacket, TypePolicyAllowSample}
+
+// Valid reports whether t is one of Types.
+func (t EventType) Valid() bool { return slices.Contains(Types, t) }
 
 // Violation reports whether events of this type are IPv6 security
 // violations (a packet dropped for a security reason).
@@ -134,14 +145,32 @@ func ParseTime(s string) (time.Time, error) {
 	}
 	for _, layout := range []string{time.RFC3339Nano, "2006-01-02T15:04:05Z0700", "2006-01-02T15:04:05", "2006-01-02"} {
 		if t, err := time.Parse(layout, s); err == nil {
-			return t.UTC(), nil
+			return clampTime(t), nil
 		}
 	}
 	var n int64
 	if _, err := fmt.Sscanf(s, "%d", &n); err == nil && fmt.Sprint(n) == s {
-		return time.Unix(n, 0).UTC(), nil
+		return clampTime(time.Unix(n, 0)), nil
 	}
 	return time.Time{}, fmt.Errorf("parse time %q: want RFC 3339 (e.g. 2024-05-01T10:00:00Z)", s)
+}
+
+// Event times are stored as Unix nanoseconds: a bound outside what they
+// hold (years 1678-2262) is taken as the nearest one they do, so "until
+// 3000-01-01" means "until the end", not an overflowed date in 1677.
+var (
+	minTime = time.Unix(0, math.MinInt64).UTC()
+	maxTime = time.Unix(0, math.MaxInt64).UTC()
+)
+
+func clampTime(t time.Time) time.Time {
+	switch {
+	case t.Before(minTime):
+		return minTime
+	case t.After(maxTime):
+		return maxTime
+	}
+	return t.UTC()
 }
 
 // Details are the type-specific facts of an event. Packet events fill the

@@ -114,6 +114,20 @@ func (h *Handler) events(w http.ResponseWriter, r *http.Request) {
 		invalid(w, "severity %q: want low, medium, high or critical", f.Severity)
 		return
 	}
+	if f.Type != "" && !f.Type.Valid() {
+		names := make([]string, len(secevent.Types))
+		for i, t := range secevent.Types {
+			names[i] = string(t)
+		}
+		invalid(w, "event_type %q: want one of %s", f.Type, strings.Join(names, ", "))
+		return
+	}
+	for k, vs := range q {
+		if len(vs) > 1 {
+			invalid(w, "query parameter %q given %d times", k, len(vs))
+			return
+		}
+	}
 	var err error
 	if f.Since, err = parseTimeParam(q, "since"); err != nil {
 		invalid(w, "%v", err)

@@ -145,6 +145,8 @@ func TestSeedCommands(t *testing.T) {
 		"vm_id=vm-a": 6, "tenant_id=tenant-1": 7, "event_type=ra_guard_block": 2, "severity=high": 3,
 		"since=" + strings.Replace(hourAgo, "+", "%2B", 1): 7, "since=" + hourAgo: 7,
 		"until=" + now.Add(-time.Hour).Format(time.RFC3339): 1, "limit=2": 2, "vm_id=vm-a&severity=medium&limit=3": 3,
+		// Bounds beyond what Unix nanoseconds hold mean "no bound".
+		"until=3000-01-01T00:00:00Z": 8, "since=1600-01-01T00:00:00Z": 8,
 	} {
 		code, b := do(t, "GET", f.srv.URL+"/debug/security/events?"+q, "")
 		var evs []secevent.Event
@@ -156,7 +158,7 @@ func TestSeedCommands(t *testing.T) {
 	if got := jq(t, b, `.[0].timestamp`); code != 200 || got != `"`+secevent.TS(now.Add(-2*time.Hour)).String()+`"` {
 		t.Errorf("oldest first: %s", got)
 	}
-	for _, q := range []string{"vmid=x", "severity=urgent", "since=yesterday", "limit=0"} {
+	for _, q := range []string{"vmid=x", "severity=urgent", "since=yesterday", "limit=0", "event_type=bogus", "limit=1&limit=2"} {
 		if code, b := do(t, "GET", f.srv.URL+"/debug/security/events?"+q, ""); code != 400 {
 			t.Errorf("%s: %d %s", q, code, b)
 		}
