@@ -301,3 +301,48 @@ func TestGeneratedClients(t *testing.T) {
 		})
 	}
 }
+
+// TestDebugEndpointsStrict: a debug endpoint refuses a query parameter it
+// does not read (a filter it does not have would be ignored in silence),
+// and a path or method the API port does not serve answers in the same
+// JSON error shape as everything else.
+func TestDebugEndpointsStrict(t *testing.T) {
+	e := newEnv(t)
+	get := func(method, path string) (int, map[string]any) {
+		t.Helper()
+		req, err := http.NewRequest(method, e.url+path, nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		resp, err := http.DefaultClient.Do(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer resp.Body.Close()
+		var out map[string]any
+		if err := json.NewDecoder(resp.Body).Decode(&out); err != nil && resp.StatusCode != 200 {
+			t.Fatalf("%s %s: %d, body not JSON: %v", method, path, resp.StatusCode, err)
+		}
+		return resp.StatusCode, out
+	}
+	for _, c := range []struct {
+		method, path string
+		code         int
+		errCode, msg string
+	}{
+		{"GET", "/debug/ipv6/allocations?vm_id=vm-x", 400, "invalid_argument", `unknown query parameter "vm_id"`},
+		{"GET", "/debug/network/vm/vm-x?interface_id=eth9", 400, "invalid_argument", `unknown query parameter "interface_id"`},
+		{"PATCH", "/debug/ipv6/pools/default", 405, "unimplemented", "method not allowed"},
+		{"GET", "/debug/no-such-thing", 404, "not_found", "no such endpoint"},
+	} {
+		code, out := get(c.method, c.path)
+		if code != c.code || str(out, "code") != c.errCode || !strings.Contains(str(out, "message"), c.msg) {
+			t.Errorf("%s %s: %d %v", c.method, c.path, code, out)
+		}
+	}
+	for _, path := range []string{"/debug/security/events?limit=1", "/debug/audit?vm_id=vm-x"} {
+		if code, out := get("GET", path); code != 200 {
+			t.Errorf("GET %s: %d %v", path, code, out)
+		}
+	}
+}

@@ -437,7 +437,7 @@ func (d *Daemon) live(vmID string) (bool, time.Time) {
 func (d *Daemon) Manager() *vm.Manager { return d.vms }
 
 // Handler returns the API port's handler (VmService and debug endpoints).
-func (d *Daemon) Handler() http.Handler { return d.mux }
+func (d *Daemon) Handler() http.Handler { return debugGuard{d.mux} }
 
 // MetricsHandler returns the Prometheus endpoint's handler.
 func (d *Daemon) MetricsHandler() http.Handler {
@@ -456,7 +456,7 @@ func NewHTTPServer(h http.Handler) *http.Server {
 // Serve serves the API and metrics on the given listeners and watches VM
 // liveness until ctx ends, then shuts the servers down. VMs keep running.
 func (d *Daemon) Serve(ctx context.Context, apiL, metricsL net.Listener) error {
-	apiSrv := NewHTTPServer(d.mux)
+	apiSrv := NewHTTPServer(d.Handler())
 	metSrv := NewHTTPServer(d.MetricsHandler())
 	errc := make(chan error, 2)
 	go func() { errc <- apiSrv.Serve(apiL) }()
