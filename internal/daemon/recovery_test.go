@@ -125,72 +125,60 @@ func TestRestartReadoptsAndCollectsOrphans(t *testing.T) {
 	ns.RemoveNamed(filepath.Join(e.dir, "netns", "someone-else"))
 }
 
+// withLo runs fn with a netlink handle in the named namespace at path
+// (created first when create is set) and its loopback device.
+func withLo(t *testing.T, path string, create bool, fn func(h *netlink.Handle, lo netlink.Link)) {
+	t.Helper()
+	open := ns.OpenNamed
+	if create {
+		open = ns.CreateNamed
+	}
+	f, err := open(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	h, err := link.HandleAt(int(f.Fd()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer h.Close()
+	lo, err := h.LinkByName("lo")
+	if err != nil {
+		t.Fatal(err)
+	}
+	fn(h, lo)
+}
+
 // setLoAlias sets the alias of the loopback of the named namespace at path.
 func setLoAlias(t *testing.T, path, alias string) {
 	t.Helper()
-	f, err := ns.OpenNamed(path)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer f.Close()
-	h, err := link.HandleAt(int(f.Fd()))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer h.Close()
-	lo, err := h.LinkByName("lo")
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := h.LinkSetAlias(lo, alias); err != nil {
-		t.Fatal(err)
-	}
+	withLo(t, path, false, func(h *netlink.Handle, lo netlink.Link) {
+		if err := h.LinkSetAlias(lo, alias); err != nil {
+			t.Fatal(err)
+		}
+	})
 }
 
 // loAlias reads the alias of the loopback of the named namespace at path.
-func loAlias(t *testing.T, path string) string {
+func loAlias(t *testing.T, path string) (alias string) {
 	t.Helper()
-	f, err := ns.OpenNamed(path)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer f.Close()
-	h, err := link.HandleAt(int(f.Fd()))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer h.Close()
-	lo, err := h.LinkByName("lo")
-	if err != nil {
-		t.Fatal(err)
-	}
-	return lo.Attrs().Alias
+	withLo(t, path, false, func(_ *netlink.Handle, lo netlink.Link) { alias = lo.Attrs().Alias })
+	return alias
 }
 
 // markNamespace creates a named namespace whose loopback has alias mark
 // (none when empty).
 func markNamespace(t *testing.T, path, mark string) {
 	t.Helper()
-	f, err := ns.CreateNamed(path)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer f.Close()
-	if mark == "" {
-		return
-	}
-	h, err := link.HandleAt(int(f.Fd()))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer h.Close()
-	lo, err := h.LinkByName("lo")
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := h.LinkSetAlias(lo, mark); err != nil {
-		t.Fatal(err)
-	}
+	withLo(t, path, true, func(h *netlink.Handle, lo netlink.Link) {
+		if mark == "" {
+			return
+		}
+		if err := h.LinkSetAlias(lo, mark); err != nil {
+			t.Fatal(err)
+		}
+	})
 }
 
 // TestOtherInstanceLeftAlone: a metald with another database never
