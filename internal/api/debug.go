@@ -169,6 +169,12 @@ func (s *Server) RegisterDebug(mux *http.ServeMux, counters CounterReader) {
 	})
 }
 
+// DebugQueryParams are the query parameters the debug routes of this
+// package read (by mux pattern; the others read none).
+var DebugQueryParams = map[string][]string{
+	"GET /debug/audit": {"vm_id"},
+}
+
 // RegisterAudit adds GET /debug/audit?vm_id= (every VM when vm_id is
 // absent): the persisted audit log of VMs with compliance.audit_logging.
 func (s *Server) RegisterAudit(mux *http.ServeMux) {

@@ -152,6 +152,13 @@ func TestCurlForms(t *testing.T) {
 	if code != 400 || out["code"] != "invalid_argument" || errorField(out) != "vm_id" {
 		t.Fatalf("missing vm_id: %d %v", code, out)
 	}
+	// A vm_id no VM can have is a bad argument, not an unknown VM.
+	for _, proc := range []string{"GetVm", "DeleteVm", "BootVm"} {
+		code, out = e.call(proc, map[string]any{"vm_id": "BAD ID"})
+		if code != 400 || out["code"] != "invalid_argument" || errorField(out) != "vm_id" || !strings.Contains(str(out, "message"), "DNS label") {
+			t.Fatalf("%s with a malformed vm_id: %d %v", proc, code, out)
+		}
+	}
 }
 
 // Unknown JSON fields are rejected, naming the full path, and create

@@ -324,8 +324,10 @@ func New(ctx context.Context, opt Options) (d *Daemon, err error) {
 			d.polGens.BeginCompare()
 			drifted, why, err := d.pol.Drifted()
 			if err != nil {
-				d.polGens.Abandon()
-				d.log.Error("compare security policy tables", "err", err)
+				d.polGens.Abandon() // compare again at the next pass
+				if !errors.Is(err, secpolicy.ErrChangedMeanwhile) {
+					d.log.Error("compare security policy tables", "err", err)
+				}
 				return false
 			}
 			if drifted {

@@ -2,24 +2,29 @@ package daemon
 
 import (
 	"fmt"
+	"maps"
 	"net/http"
 	"slices"
 	"strings"
 
+	"github.com/metald/metald/internal/api"
 	"github.com/metald/metald/internal/httpjson"
+	"github.com/metald/metald/internal/ipam/ipamhttp"
+	"github.com/metald/metald/internal/secevent/eventhttp"
 )
 
-// debugQueryParams lists the query parameters each debug endpoint reads.
-// Any other is refused: a filter an endpoint does not have would otherwise
-// be ignored in silence (`/debug/ipv6/allocations?vm_id=x` listing every
-// VM's allocations as if filtered).
-var debugQueryParams = map[string][]string{
-	"GET /debug/security/events":           {"vm_id", "tenant_id", "event_type", "severity", "since", "until", "limit", "order"},
-	"GET /debug/security/report":           {"start_time", "end_time"},
-	"POST /debug/security/report":          {"start_time", "end_time"},
-	"POST /debug/ipv6/cleanup-allocations": {"dry_run"},
-	"GET /debug/audit":                     {"vm_id"},
-}
+// debugQueryParams are the query parameters each debug endpoint reads,
+// as its package declares them. Any other is refused: a filter an
+// endpoint does not have would otherwise be ignored in silence
+// (`/debug/ipv6/allocations?vm_id=x` listing every VM's allocations as if
+// filtered).
+var debugQueryParams = func() map[string][]string {
+	m := map[string][]string{}
+	for _, p := range []map[string][]string{eventhttp.QueryParams, ipamhttp.QueryParams, api.DebugQueryParams} {
+		maps.Copy(m, p)
+	}
+	return m
+}()
 
 // debugGuard serves the API port's mux, and for /debug/ paths refuses
 // unknown query parameters (debugQueryParams) and answers a path or method

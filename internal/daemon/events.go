@@ -166,13 +166,19 @@ func (w *eventPolicy) Remove(ctx context.Context, vmID, nic string) error {
 }
 
 func (w *eventPolicy) Apply(ctx context.Context, all []secpolicy.NICPolicy) error {
+	return w.applyAll(ctx, all, w.inner.Apply)
+}
+
+// applyAll marks every policy, programs them all with apply, and caches
+// what is now in the kernel.
+func (w *eventPolicy) applyAll(ctx context.Context, all []secpolicy.NICPolicy, apply func(context.Context, []secpolicy.NICPolicy) error) error {
 	marked := make([]secpolicy.NICPolicy, len(all))
 	for i, p := range all {
 		marked[i] = w.mark(p)
 	}
 	w.mu.Lock()
 	defer w.mu.Unlock()
-	err := w.inner.Apply(ctx, marked)
+	err := apply(ctx, marked)
 	clear(w.last)
 	if err == nil {
 		for _, p := range marked {
@@ -182,26 +188,13 @@ func (w *eventPolicy) Apply(ctx context.Context, all []secpolicy.NICPolicy) erro
 	return err
 }
 
-// Resync implements vm.PolicyResyncer (the inner enforcer must too).
+// Resync implements vm.PolicyResyncer (Apply when the inner enforcer
+// cannot resync).
 func (w *eventPolicy) Resync(ctx context.Context, all []secpolicy.NICPolicy) error {
-	r, ok := w.inner.(vm.PolicyResyncer)
-	if !ok {
-		return w.Apply(ctx, all)
+	if r, ok := w.inner.(vm.PolicyResyncer); ok {
+		return w.applyAll(ctx, all, r.Resync)
 	}
-	marked := make([]secpolicy.NICPolicy, len(all))
-	for i, p := range all {
-		marked[i] = w.mark(p)
-	}
-	w.mu.Lock()
-	defer w.mu.Unlock()
-	err := r.Resync(ctx, marked)
-	clear(w.last)
-	if err == nil {
-		for _, p := range marked {
-			w.last[secpolicy.Key(p.VMID, p.NIC)] = p
-		}
-	}
-	return err
+	return w.Apply(ctx, all)
 }
 
 func (w *eventPolicy) SetGroupMembers(ctx context.Context, group string, addrs []netip.Addr) error {

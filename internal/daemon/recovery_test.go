@@ -346,6 +346,19 @@ func TestFailedCreateLeavesNothing(t *testing.T) {
 	if !slices.Contains(e.netnsNames(), "metald-vm-nsclash") {
 		t.Fatal("the foreign namespace was removed")
 	}
+	// Nothing of the refused VM is left: bridge, rules, row, allocation.
+	if links := e.links(); slices.Contains(links, "br-ns") || slices.Contains(links, "tap-vm-nsclash") {
+		t.Fatalf("links after the refused create: %v", links)
+	}
+	if rules := e.host.MustRun(t, "nft", "list", "ruleset"); strings.Contains(rules, "vm-nsclash") {
+		t.Fatalf("rules after the refused create:\n%s", rules)
+	}
+	if code, _ := e.call("GetVm", map[string]any{"vm_id": "vm-nsclash"}); code != 404 {
+		t.Fatalf("GetVm of the refused VM: %d", code)
+	}
+	if allocs := e.shell(t, `curl -s http://localhost:8080/debug/ipv6/allocations`); strings.Contains(allocs, "vm-nsclash") {
+		t.Fatalf("allocations after the refused create: %s", allocs)
+	}
 	ns.RemoveNamed(filepath.Join(e.dir, "netns", "metald-vm-nsclash"))
 
 	// Duplicate id.

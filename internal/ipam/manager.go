@@ -1066,15 +1066,17 @@ func checkPoolFields(p Pool) error {
 		return invalidf("max_allocations must not be negative")
 	}
 	for _, t := range p.TenantIDs {
-		if !tenantIDRE.MatchString(t) {
+		if !TenantIDPattern.MatchString(t) {
 			return invalidf("tenant_ids: %q is not a tenant id (1..63 characters of [a-z0-9._-] starting and ending with [a-z0-9]): no VM could use the pool under it", t)
 		}
 	}
 	return nil
 }
 
-// tenantIDRE is the form of a VM config's tenant_id.
-var tenantIDRE = regexp.MustCompile(`^[a-z0-9]([a-z0-9._-]{0,61}[a-z0-9])?$`)
+// TenantIDPattern is the form of a tenant id (a VM config's tenant_id,
+// a pool's tenant_ids) and of a security group name: a DNS label that may
+// also hold '.' and '_'.
+var TenantIDPattern = regexp.MustCompile(`^[a-z0-9]([a-z0-9._-]{0,61}[a-z0-9])?$`)
 
 // CreatePool creates and persists a pool; ErrPoolExists when the id is
 // taken, *OverlapError when a prefix overlaps another pool's.

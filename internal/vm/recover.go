@@ -45,17 +45,17 @@ func (m *Manager) Recover(ctx context.Context) (*RecoveryReport, error) {
 			errs = append(errs, fmt.Errorf("recover vm %s: %w", vm.ID, err))
 		}
 	}
-	// Sandboxes of our rows that predate ownership marks get ours, so
-	// that they stay recognisably ours.
-	if mk, ok := m.opt.Backend.(interface{ MarkOwned(vmID string) error }); ok {
-		for _, vm := range all {
-			if err := mk.MarkOwned(vm.ID); err != nil {
-				m.log.Warn("mark sandbox as this metald's", "vm_id", vm.ID, "err", err)
-			}
-		}
+	// Orphans: resources of ours that no row claims. A backend that marks
+	// its sandboxes gives those of our rows that predate the marks ours in
+	// the same pass, so that they stay recognisably ours.
+	var owned []string
+	if mk, ok := m.opt.Backend.(interface {
+		OwnedMarking(ctx context.Context, known func(vmID string) bool) ([]string, error)
+	}); ok {
+		owned, err = mk.OwnedMarking(ctx, func(id string) bool { return known[id] })
+	} else {
+		owned, err = m.opt.Backend.Owned(ctx)
 	}
-	// Orphans: resources of ours that no row claims.
-	owned, err := m.opt.Backend.Owned(ctx)
 	if err != nil {
 		errs = append(errs, fmt.Errorf("list backend resources: %w", err))
 	}

@@ -15,6 +15,7 @@ import (
 	"strings"
 
 	vmprovisionerv1 "github.com/metald/metald/internal/gen/vmprovisioner/v1"
+	"github.com/metald/metald/internal/ipam"
 )
 
 // Limits enforced by ValidateCreate.
@@ -46,8 +47,9 @@ var (
 	// dnsLabelRE is an RFC 1123 label in lower case: vm_id and storage ids.
 	dnsLabelRE = regexp.MustCompile(`^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$`)
 	// tenantNameRE is a tenant id or security group name: a DNS label that
-	// may also contain '.' and '_' inside.
-	tenantNameRE = regexp.MustCompile(`^[a-z0-9]([a-z0-9._-]{0,61}[a-z0-9])?$`)
+	// may also contain '.' and '_' inside (the pools' tenant_ids have the
+	// same form).
+	tenantNameRE = ipam.TenantIDPattern
 )
 
 // FieldViolation is one problem with one field of a request.

@@ -451,6 +451,15 @@ func (b *Backend) kill(ctx context.Context, pid int, start uint64) error {
 // so is a /etc/netns directory without its namespace (Create makes it
 // after the namespace, Destroy removes it before).
 func (b *Backend) Owned(ctx context.Context) ([]string, error) {
+	return b.OwnedMarking(ctx, nil)
+}
+
+// OwnedMarking is Owned, and in the same pass over the namespaces gives
+// the namespace of every VM known reports (the caller's database holds
+// it) this metald's mark when it has none: a namespace made before the
+// marks existed stays recognisably this metald's. Such a namespace is not
+// listed (its VM is known). A namespace with another mark is left alone.
+func (b *Backend) OwnedMarking(ctx context.Context, known func(vmID string) bool) ([]string, error) {
 	set := map[string]bool{}
 	ents, err := os.ReadDir(b.netnsDir)
 	if err != nil && !errors.Is(err, os.ErrNotExist) {
@@ -461,7 +470,7 @@ func (b *Backend) Owned(ctx context.Context) ([]string, error) {
 		if !ok || validVMID(id) != nil {
 			continue
 		}
-		mark, err := b.ownerMark(id)
+		mark, err := b.ownerMark(id, known != nil && known(id))
 		switch {
 		case err != nil:
 			b.log.Warn("namespace left alone: cannot read its owner mark", "netns", e.Name(), "err", err)
@@ -486,30 +495,9 @@ func (b *Backend) Owned(ctx context.Context) ([]string, error) {
 	return ids, nil
 }
 
-// MarkOwned gives vmID's namespace this metald's owner mark when it has
-// none (a namespace made before the marks existed, whose VM this metald's
-// database holds); a namespace with another mark is left as it is. A
-// missing namespace is not an error.
-func (b *Backend) MarkOwned(vmID string) error {
-	f, err := ns.OpenNamed(b.netnsPath(vmID))
-	if errors.Is(err, ns.ErrNotExist) {
-		return nil
-	}
-	if err != nil {
-		return err
-	}
-	defer f.Close()
-	return inNetns(int(f.Fd()), func(h *netlink.Handle) error {
-		lo, err := h.LinkByName("lo")
-		if err != nil || lo.Attrs().Alias != "" {
-			return err
-		}
-		return h.LinkSetAlias(lo, b.mark)
-	})
-}
-
-// ownerMark reads the alias of the loopback device in vmID's namespace.
-func (b *Backend) ownerMark(vmID string) (string, error) {
+// ownerMark reads the alias of the loopback device in vmID's namespace;
+// with claim, an empty alias is first set to this metald's mark.
+func (b *Backend) ownerMark(vmID string, claim bool) (string, error) {
 	f, err := ns.OpenNamed(b.netnsPath(vmID))
 	if err != nil {
 		return "", err
@@ -522,6 +510,12 @@ func (b *Backend) ownerMark(vmID string) (string, error) {
 			return err
 		}
 		alias = lo.Attrs().Alias
+		if alias == "" && claim {
+			if err := h.LinkSetAlias(lo, b.mark); err != nil {
+				return err
+			}
+			alias = b.mark
+		}
 		return nil
 	})
 	return alias, err

@@ -55,6 +55,13 @@ func New(m *ipam.Manager, opts Options) *Handler {
 	return h
 }
 
+// QueryParams are the query parameters each route reads (by mux
+// pattern; the others read none): the daemon's guard of the API port
+// refuses any other.
+var QueryParams = map[string][]string{
+	"POST /debug/ipv6/cleanup-allocations": {"dry_run"},
+}
+
 // Register adds the routes to mux.
 func (h *Handler) Register(mux *http.ServeMux) {
 	mux.HandleFunc("GET /debug/ipv6/pools", h.listPools)

@@ -87,17 +87,20 @@ type nicState struct {
 // connection. Each method is one netlink batch; methods are safe for
 // concurrent use.
 type Manager struct {
-	mu     sync.Mutex
-	conn   *nftables.Conn
-	opts   []nftables.ConnOption
-	loaded bool
-	based  bool // base chains (re)written by this manager
-	nics   map[string]*nicState
-	sets   map[string]bool                               // managed named sets that exist in every table of setTables
-	owners map[string]map[netip.Addr]map[string]struct{} // set → addr → owning NIC keys ("" = explicit)
-	byAddr map[netip.Addr]string                         // addr → NIC key
-	byMAC  map[string]string                             // MAC (its 6 bytes) → NIC key
-	groups map[string][]netip.Addr                       // explicit group members
+	mu   sync.Mutex
+	conn *nftables.Conn
+	opts []nftables.ConnOption
+	// commits counts committed changes (Drifted tells a comparison that
+	// raced one of them).
+	commits uint64
+	loaded  bool
+	based   bool // base chains (re)written by this manager
+	nics    map[string]*nicState
+	sets    map[string]bool                               // managed named sets that exist in every table of setTables
+	owners  map[string]map[netip.Addr]map[string]struct{} // set → addr → owning NIC keys ("" = explicit)
+	byAddr  map[netip.Addr]string                         // addr → NIC key
+	byMAC   map[string]string                             // MAC (its 6 bytes) → NIC key
+	groups  map[string][]netip.Addr                       // explicit group members
 	// present holds "<table>/<set>" for every set found or created.
 	present map[string]bool
 	// mainAddrs are the elements of the main table's vm_addrs as loaded;
@@ -920,6 +923,7 @@ func (m *Manager) commit(what string) error {
 		return fmt.Errorf("%s: %w", what, err)
 	}
 	m.based = true
+	m.commits++
 	if m.gens != nil {
 		m.gens.Note()
 	}
@@ -1024,6 +1028,7 @@ func (m *Manager) Stage(ctx context.Context, ps []NICPolicy, c *nftables.Conn) (
 			resync()
 		} else {
 			m.based = true
+			m.commits++
 		}
 		m.mu.Unlock()
 	}, nil

@@ -42,6 +42,15 @@ func New(s *secevent.Service) *Handler {
 	return h
 }
 
+// QueryParams are the query parameters each route reads (by mux
+// pattern); the handlers refuse any other, and so does the daemon's guard
+// of the API port.
+var QueryParams = map[string][]string{
+	"GET /debug/security/events":  {"vm_id", "tenant_id", "event_type", "severity", "since", "until", "limit", "order"},
+	"GET /debug/security/report":  {"start_time", "end_time"},
+	"POST /debug/security/report": {"start_time", "end_time"},
+}
+
 // Register adds the routes to mux.
 func (h *Handler) Register(mux *http.ServeMux) {
 	mux.HandleFunc("GET /debug/security/events", h.events)
@@ -104,7 +113,7 @@ func parseTimeParam(q url.Values, name string) (time.Time, error) {
 // severity, since, until (RFC 3339), limit (default 10000, max 100000).
 func (h *Handler) events(w http.ResponseWriter, r *http.Request) {
 	q := r.URL.Query()
-	if err := checkParams(q, "vm_id", "tenant_id", "event_type", "severity", "since", "until", "limit", "order"); err != nil {
+	if err := checkParams(q, QueryParams["GET /debug/security/events"]...); err != nil {
 		invalid(w, "%v", err)
 		return
 	}
@@ -172,7 +181,7 @@ type reportRequest struct {
 func (h *Handler) report(w http.ResponseWriter, r *http.Request) {
 	var req reportRequest
 	q := r.URL.Query()
-	if err := checkParams(q, "start_time", "end_time"); err != nil {
+	if err := checkParams(q, QueryParams["GET /debug/security/report"]...); err != nil {
 		invalid(w, "%v", err)
 		return
 	}
