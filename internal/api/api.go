@@ -403,10 +403,10 @@ func (s *Server) UpdateSecurityPolicy(ctx context.Context, req *connect.Request[
 	if err := requireID(req.Msg.GetVmId()); err != nil {
 		return nil, err
 	}
-	if req.Msg.GetSecurityPolicy() == nil {
-		return nil, fieldError("security_policy", "required")
+	if req.Msg.GetSecurityPolicy() == nil && len(req.Msg.GetClearFields()) == 0 {
+		return nil, fieldError("security_policy", "required (or clear_fields)")
 	}
-	row, err := s.vms.UpdateSecurityPolicy(ctx, req.Msg.GetVmId(), req.Msg.GetInterfaceId(), req.Msg.GetSecurityPolicy())
+	row, err := s.vms.UpdateSecurityPolicy(ctx, req.Msg.GetVmId(), req.Msg.GetInterfaceId(), req.Msg.GetSecurityPolicy(), req.Msg.GetClearFields())
 	if err != nil {
 		return nil, toConnect(err)
 	}
@@ -422,10 +422,10 @@ func (s *Server) UpdateVmNetwork(ctx context.Context, req *connect.Request[vmv1.
 	if err := requireID(req.Msg.GetVmId()); err != nil {
 		return nil, err
 	}
-	if req.Msg.GetIpv6() == nil {
-		return nil, fieldError("ipv6", "required")
+	if req.Msg.GetIpv6() == nil && len(req.Msg.GetClearFields()) == 0 {
+		return nil, fieldError("ipv6", "required (or clear_fields)")
 	}
-	row, i, err := s.vms.UpdateVmNetwork(ctx, req.Msg.GetVmId(), req.Msg.GetInterfaceId(), req.Msg.GetIpv6())
+	row, i, err := s.vms.UpdateVmNetwork(ctx, req.Msg.GetVmId(), req.Msg.GetInterfaceId(), req.Msg.GetIpv6(), req.Msg.GetClearFields())
 	if err != nil {
 		return nil, toConnect(err)
 	}

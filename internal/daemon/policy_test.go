@@ -207,6 +207,53 @@ func TestLiveUpdatesThroughDaemon(t *testing.T) {
 	if rules := list(obj(obj(list(e.getVM("vm-u1")["network"])[0])["securityPolicy"])["ingressRules"]); len(rules) != 3 {
 		t.Fatalf("stored rules: %v", rules)
 	}
+
+	// A list cannot be emptied by sending [] (JSON cannot tell it from
+	// absent), so clear_fields names it: with no ingress rules the VM is
+	// open again. A field both given and cleared, an unknown one and a
+	// boot-time one are refused and change nothing.
+	e.startListener(t, "vm-u1", "8080")
+	if e.tcpConnect(t, "vm-u2", "2001:db8:71::10", "8080") {
+		t.Fatal("tcp/8080 connected through `deny all`")
+	}
+	for _, c := range []struct {
+		method string
+		req    map[string]any
+		field  string
+		reason string
+	}{
+		{"UpdateSecurityPolicy", map[string]any{"vm_id": "vm-u1", "security_policy": map[string]any{"ingress_rules": []any{"allow all from any to any"}}, "clear_fields": []any{"ingress_rules"}}, "clear_fields[0]", "clear it or set it, not both"},
+		{"UpdateSecurityPolicy", map[string]any{"vm_id": "vm-u1", "clear_fields": []any{"ingres_rules"}}, "clear_fields[0]", `SecurityPolicy has no field "ingres_rules"`},
+		{"UpdateSecurityPolicy", map[string]any{"vm_id": "vm-u1", "clear_fields": []any{"egress_rules", "ingress_rules.x"}}, "clear_fields[1]", "not a message"},
+		{"UpdateVmNetwork", map[string]any{"vm_id": "vm-u1", "clear_fields": []any{"address"}}, "clear_fields[0]", "cannot change on an existing vm"},
+		{"UpdateVmNetwork", map[string]any{"vm_id": "vm-u1", "clear_fields": []any{"security.allowed_ra_source"}}, "clear_fields[0]", `Ipv6Security has no field "allowed_ra_source"`},
+		{"UpdateSecurityPolicy", map[string]any{"vm_id": "vm-u1"}, "security_policy", "required"},
+	} {
+		code, out := e.call(c.method, c.req)
+		if code != 400 || errorField(out) != c.field || !strings.Contains(str(out, "message"), c.reason) {
+			t.Fatalf("%s %v: %d %v", c.method, c.req, code, out)
+		}
+	}
+	if e.tcpConnect(t, "vm-u2", "2001:db8:71::10", "8080") {
+		t.Fatal("a refused clear changed the policy")
+	}
+	e.shell(t, `curl -sf -X PUT http://localhost:8080/vmprovisioner.v1.VmService/UpdateSecurityPolicy \
+  -d '{"vm_id": "vm-u1", "clear_fields": ["ingress_rules"]}'`)
+	if !e.tcpConnect(t, "vm-u2", "2001:db8:71::10", "8080") {
+		t.Fatal("tcp/8080 still denied after ingress_rules were cleared")
+	}
+	if pol := obj(list(e.getVM("vm-u1")["network"])[0])["securityPolicy"]; pol != nil && obj(pol)["ingressRules"] != nil {
+		t.Fatalf("stored policy after the clear: %v", pol)
+	}
+	// Under "high", clearing a guard falls back to the profile's default
+	// (on), and clearing allowed_ra_sources empties the list.
+	e.mustCall("UpdateVmNetwork", map[string]any{"vm_id": "vm-u1", "clear_fields": []any{"security.allowed_ra_sources", "security.block_hop_by_hop"}})
+	eff = obj(obj(list(e.getVM("vm-u1")["networkStatus"])[0])["effectiveSecurity"])
+	if eff["blockHopByHop"] != true || eff["enableRaGuard"] != true || len(list(eff["allowedRaSources"])) != 0 {
+		t.Fatalf("after clearing: %v", eff)
+	}
+	e.mustCall("UpdateSecurityPolicy", map[string]any{"vm_id": "vm-u1", "security_policy": map[string]any{"ingress_rules": []any{
+		"allow tcp from 2001:db8:71::/64 to any port 80,443", "allow icmpv6 from any to any", "deny all from any to any"}}})
 	// Persisted: a restart keeps the new policy in force.
 	e.stop()
 	e.start()

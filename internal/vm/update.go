@@ -9,6 +9,7 @@ import (
 	"time"
 
 	"google.golang.org/protobuf/proto"
+	"google.golang.org/protobuf/reflect/protoreflect"
 
 	vmv1 "github.com/metald/metald/internal/gen/vmprovisioner/v1"
 	"github.com/metald/metald/internal/store"
@@ -16,7 +17,8 @@ import (
 
 // Patches: a field present in the request replaces the configured one, an
 // absent field stays. Lists replace when the request gives a non-empty
-// list (proto3 cannot tell an absent list from an empty one).
+// list (proto3 cannot tell an absent list from an empty one); the
+// request's clear_fields empties a list or unsets a field (clearFields).
 
 func patchPolicy(cur, p *vmv1.SecurityPolicy) *vmv1.SecurityPolicy {
 	out := proto.Clone(cur).(*vmv1.SecurityPolicy)
@@ -62,6 +64,53 @@ func patchSecurity(cur, p *vmv1.Ipv6Security) *vmv1.Ipv6Security {
 		out.AllowedRaSources = p.GetAllowedRaSources()
 	}
 	return out
+}
+
+// clearFields resets the fields of msg named by paths (the request's
+// clear_fields: dotted field names under the patched message, as the config
+// spells them) to unset; a list becomes empty. given is the request's patch
+// of msg: a field it sets may not be cleared as well. fixed lists fields
+// that cannot be changed at all (their reason). Errors name
+// clear_fields[i].
+func clearFields(msg, given protoreflect.Message, paths []string, fixed map[string]string) error {
+	var ve ValidationError
+	for i, path := range paths {
+		field := fmt.Sprintf("clear_fields[%d]", i)
+		if reason, ok := fixed[path]; ok {
+			ve.Violations = append(ve.Violations, FieldViolation{Field: field, Reason: reason})
+			continue
+		}
+		if reason := clearPath(msg, given, path); reason != "" {
+			ve.Violations = append(ve.Violations, FieldViolation{Field: field, Reason: reason})
+		}
+	}
+	if len(ve.Violations) > 0 {
+		return &ve
+	}
+	return nil
+}
+
+// clearPath clears one dotted path of msg; it returns why it cannot.
+func clearPath(msg, given protoreflect.Message, path string) string {
+	segs := strings.Split(path, ".")
+	for j, seg := range segs {
+		fd := msg.Descriptor().Fields().ByName(protoreflect.Name(seg))
+		if fd == nil {
+			return fmt.Sprintf("%q: %s has no field %q", path, msg.Descriptor().Name(), seg)
+		}
+		if j == len(segs)-1 {
+			if given.Has(fd) {
+				return fmt.Sprintf("%q is given in the request as well: clear it or set it, not both", path)
+			}
+			msg.Clear(fd)
+			return ""
+		}
+		if fd.Message() == nil || fd.IsList() || fd.IsMap() {
+			return fmt.Sprintf("%q: %s is not a message", path, seg)
+		}
+		msg, given = msg.Mutable(fd).Message(), given.Get(fd).Message()
+	}
+	return ""
 }
 
 // nicIndexes resolves interface_id to NIC indexes (all when empty and all
@@ -171,7 +220,7 @@ func (m *Manager) applyConfig(ctx context.Context, row *store.VM, cfg *vmv1.VmCo
 
 // UpdateSecurityPolicy patches the security policy of one NIC, or of every
 // NIC when nicID is empty.
-func (m *Manager) UpdateSecurityPolicy(ctx context.Context, id, nicID string, patch *vmv1.SecurityPolicy) (*store.VM, error) {
+func (m *Manager) UpdateSecurityPolicy(ctx context.Context, id, nicID string, patch *vmv1.SecurityPolicy, clear []string) (*store.VM, error) {
 	unlock := m.lock(id)
 	defer unlock()
 	row, err := m.Get(ctx, id)
@@ -186,9 +235,15 @@ func (m *Manager) UpdateSecurityPolicy(ctx context.Context, id, nicID string, pa
 	if err != nil {
 		return nil, err
 	}
+	if patch == nil {
+		patch = &vmv1.SecurityPolicy{}
+	}
 	for _, i := range idx {
 		n := cfg.GetNetwork()[i]
 		n.SecurityPolicy = patchPolicy(n.GetSecurityPolicy(), patch)
+		if err := clearFields(n.SecurityPolicy.ProtoReflect(), patch.ProtoReflect(), clear, nil); err != nil {
+			return nil, err
+		}
 	}
 	from := "config.network[" + fmt.Sprint(idx[0]) + "].security_policy"
 	if len(idx) > 1 {
@@ -202,7 +257,7 @@ func (m *Manager) UpdateSecurityPolicy(ctx context.Context, id, nicID string, pa
 // UpdateVmNetwork patches one NIC's ipv6 settings: its security block and
 // DNS servers. Addresses and privacy settings belong to the guest's boot
 // and cannot be changed on a live VM.
-func (m *Manager) UpdateVmNetwork(ctx context.Context, id, nicID string, patch *vmv1.Ipv6Config) (*store.VM, int, error) {
+func (m *Manager) UpdateVmNetwork(ctx context.Context, id, nicID string, patch *vmv1.Ipv6Config, clear []string) (*store.VM, int, error) {
 	unlock := m.lock(id)
 	defer unlock()
 	row, err := m.Get(ctx, id)
@@ -217,6 +272,10 @@ func (m *Manager) UpdateVmNetwork(ctx context.Context, id, nicID string, patch *
 	if err != nil {
 		return nil, 0, err
 	}
+	if patch == nil {
+		patch = &vmv1.Ipv6Config{}
+	}
+	const bootOnly = "cannot change on an existing vm (the guest configures it at boot); create a new vm"
 	var ve ValidationError
 	for field, set := range map[string]bool{
 		"ipv6.address": patch.GetAddress() != "", "ipv6.gateway": patch.GetGateway() != "",
@@ -224,11 +283,15 @@ func (m *Manager) UpdateVmNetwork(ctx context.Context, id, nicID string, patch *
 		"ipv6.enable_stable_privacy":     patch.EnableStablePrivacy != nil, "ipv6.temp_valid_lifetime": patch.TempValidLifetime != nil,
 	} {
 		if set {
-			ve.Violations = append(ve.Violations, FieldViolation{Field: field, Reason: "cannot change on an existing vm (the guest configures it at boot); create a new vm"})
+			ve.Violations = append(ve.Violations, FieldViolation{Field: field, Reason: bootOnly})
 		}
 	}
 	if len(ve.Violations) > 0 {
 		return nil, 0, &ve
+	}
+	fixed := map[string]string{}
+	for _, f := range []string{"address", "gateway", "enable_privacy_extensions", "enable_stable_privacy", "temp_valid_lifetime"} {
+		fixed[f] = fmt.Sprintf("%q %s", f, bootOnly)
 	}
 	i := idx[0]
 	n := cfg.GetNetwork()[i]
@@ -240,6 +303,9 @@ func (m *Manager) UpdateVmNetwork(ctx context.Context, id, nicID string, patch *
 	}
 	if len(patch.GetDnsServers()) > 0 {
 		n.Ipv6.DnsServers = patch.GetDnsServers()
+	}
+	if err := clearFields(n.Ipv6.ProtoReflect(), patch.ProtoReflect(), clear, fixed); err != nil {
+		return nil, 0, err
 	}
 	ctx, cancel := m.detached(ctx)
 	defer cancel()

@@ -2381,8 +2381,14 @@ type UpdateSecurityPolicyRequest struct {
 	// interface_id names the NIC; empty means every NIC.
 	InterfaceId    string          `protobuf:"bytes,2,opt,name=interface_id,json=interfaceId,proto3" json:"interface_id,omitempty"`
 	SecurityPolicy *SecurityPolicy `protobuf:"bytes,3,opt,name=security_policy,json=securityPolicy,proto3" json:"security_policy,omitempty"`
-	unknownFields  protoimpl.UnknownFields
-	sizeCache      protoimpl.SizeCache
+	// clear_fields names fields of security_policy to reset: a list to
+	// empty, anything else to unset (the profile's default). JSON cannot
+	// tell an empty list from an absent one, so a patch cannot empty a list
+	// by sending []: name it here, e.g. ["allowed_destinations"]. A field may
+	// not be both given and cleared.
+	ClearFields   []string `protobuf:"bytes,4,rep,name=clear_fields,json=clearFields,proto3" json:"clear_fields,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
 }
 
 func (x *UpdateSecurityPolicyRequest) Reset() {
@@ -2436,6 +2442,13 @@ func (x *UpdateSecurityPolicyRequest) GetSecurityPolicy() *SecurityPolicy {
 	return nil
 }
 
+func (x *UpdateSecurityPolicyRequest) GetClearFields() []string {
+	if x != nil {
+		return x.ClearFields
+	}
+	return nil
+}
+
 type UpdateSecurityPolicyResponse struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	// network is the VM's NICs after the update, as configured.
@@ -2485,8 +2498,13 @@ type UpdateVmNetworkRequest struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	VmId  string                 `protobuf:"bytes,1,opt,name=vm_id,json=vmId,proto3" json:"vm_id,omitempty"`
 	// interface_id names the NIC; empty means the VM's only NIC.
-	InterfaceId   string      `protobuf:"bytes,2,opt,name=interface_id,json=interfaceId,proto3" json:"interface_id,omitempty"`
-	Ipv6          *Ipv6Config `protobuf:"bytes,3,opt,name=ipv6,proto3" json:"ipv6,omitempty"`
+	InterfaceId string      `protobuf:"bytes,2,opt,name=interface_id,json=interfaceId,proto3" json:"interface_id,omitempty"`
+	Ipv6        *Ipv6Config `protobuf:"bytes,3,opt,name=ipv6,proto3" json:"ipv6,omitempty"`
+	// clear_fields names fields of ipv6 to reset, as dotted paths under it
+	// (e.g. "security.allowed_ra_sources", "dns_servers", "security" for the
+	// whole block): a list to empty, anything else to unset (the profile's
+	// default). A field may not be both given and cleared.
+	ClearFields   []string `protobuf:"bytes,4,rep,name=clear_fields,json=clearFields,proto3" json:"clear_fields,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -2538,6 +2556,13 @@ func (x *UpdateVmNetworkRequest) GetInterfaceId() string {
 func (x *UpdateVmNetworkRequest) GetIpv6() *Ipv6Config {
 	if x != nil {
 		return x.Ipv6
+	}
+	return nil
+}
+
+func (x *UpdateVmNetworkRequest) GetClearFields() []string {
+	if x != nil {
+		return x.ClearFields
 	}
 	return nil
 }
@@ -2983,17 +3008,19 @@ const file_vmprovisioner_v1_vm_proto_rawDesc = "" +
 	"\x0fRebootVmRequest\x12\x13\n" +
 	"\x05vm_id\x18\x01 \x01(\tR\x04vmId\"C\n" +
 	"\x10RebootVmResponse\x12/\n" +
-	"\x05state\x18\x01 \x01(\x0e2\x19.vmprovisioner.v1.VmStateR\x05state\"\xa0\x01\n" +
+	"\x05state\x18\x01 \x01(\x0e2\x19.vmprovisioner.v1.VmStateR\x05state\"\xc3\x01\n" +
 	"\x1bUpdateSecurityPolicyRequest\x12\x13\n" +
 	"\x05vm_id\x18\x01 \x01(\tR\x04vmId\x12!\n" +
 	"\finterface_id\x18\x02 \x01(\tR\vinterfaceId\x12I\n" +
-	"\x0fsecurity_policy\x18\x03 \x01(\v2 .vmprovisioner.v1.SecurityPolicyR\x0esecurityPolicy\"\\\n" +
+	"\x0fsecurity_policy\x18\x03 \x01(\v2 .vmprovisioner.v1.SecurityPolicyR\x0esecurityPolicy\x12!\n" +
+	"\fclear_fields\x18\x04 \x03(\tR\vclearFields\"\\\n" +
 	"\x1cUpdateSecurityPolicyResponse\x12<\n" +
-	"\anetwork\x18\x01 \x03(\v2\".vmprovisioner.v1.NetworkInterfaceR\anetwork\"\x82\x01\n" +
+	"\anetwork\x18\x01 \x03(\v2\".vmprovisioner.v1.NetworkInterfaceR\anetwork\"\xa5\x01\n" +
 	"\x16UpdateVmNetworkRequest\x12\x13\n" +
 	"\x05vm_id\x18\x01 \x01(\tR\x04vmId\x12!\n" +
 	"\finterface_id\x18\x02 \x01(\tR\vinterfaceId\x120\n" +
-	"\x04ipv6\x18\x03 \x01(\v2\x1c.vmprovisioner.v1.Ipv6ConfigR\x04ipv6\"W\n" +
+	"\x04ipv6\x18\x03 \x01(\v2\x1c.vmprovisioner.v1.Ipv6ConfigR\x04ipv6\x12!\n" +
+	"\fclear_fields\x18\x04 \x03(\tR\vclearFields\"W\n" +
 	"\x17UpdateVmNetworkResponse\x12<\n" +
 	"\anetwork\x18\x01 \x01(\v2\".vmprovisioner.v1.NetworkInterfaceR\anetwork\"?\n" +
 	"\x10IsolateVmRequest\x12\x13\n" +

@@ -1,0 +1,64 @@
+package vm
+
+import (
+	"errors"
+	"strings"
+	"testing"
+
+	"google.golang.org/protobuf/proto"
+
+	vmv1 "github.com/metald/metald/internal/gen/vmprovisioner/v1"
+)
+
+// clear_fields resets lists to empty and fields to unset, at any depth,
+// refuses unknown names, paths through non-messages, fields the patch sets
+// too and fixed fields, and names each bad entry by its index.
+func TestClearFields(t *testing.T) {
+	cur := &vmv1.Ipv6Config{
+		Address:    "2001:db8::10/64",
+		DnsServers: []string{"2001:db8::53"},
+		Security: &vmv1.Ipv6Security{
+			EnableRaGuard: proto.Bool(true), AllowedRaSources: []string{"fe80::1"}, NdRateLimit: proto.Uint32(5),
+		},
+	}
+	fixed := map[string]string{"address": "boot only"}
+
+	got := proto.Clone(cur).(*vmv1.Ipv6Config)
+	patch := &vmv1.Ipv6Config{Security: &vmv1.Ipv6Security{EnableRaGuard: proto.Bool(false)}}
+	if err := clearFields(got.ProtoReflect(), patch.ProtoReflect(), []string{"dns_servers", "security.allowed_ra_sources", "security.nd_rate_limit"}, fixed); err != nil {
+		t.Fatal(err)
+	}
+	want := &vmv1.Ipv6Config{Address: cur.Address, Security: &vmv1.Ipv6Security{EnableRaGuard: proto.Bool(true)}}
+	if !proto.Equal(got, want) {
+		t.Fatalf("after clearing: %v, want %v", got, want)
+	}
+
+	// A whole block; a path into a block the config does not have.
+	got = proto.Clone(cur).(*vmv1.Ipv6Config)
+	if err := clearFields(got.ProtoReflect(), (&vmv1.Ipv6Config{}).ProtoReflect(), []string{"security"}, fixed); err != nil || got.Security != nil {
+		t.Fatalf("clear security: %v %v", err, got)
+	}
+	if err := clearFields(got.ProtoReflect(), (&vmv1.Ipv6Config{}).ProtoReflect(), []string{"security.enable_ra_guard"}, fixed); err != nil || got.GetSecurity().EnableRaGuard != nil {
+		t.Fatalf("clear under an absent block: %v %v", err, got)
+	}
+
+	for _, c := range []struct {
+		paths []string
+		field string
+		why   string
+	}{
+		{[]string{"dns_servers", "dns_server"}, "clear_fields[1]", `Ipv6Config has no field "dns_server"`},
+		{[]string{"security.enable_ra_guard"}, "clear_fields[0]", "clear it or set it, not both"},
+		{[]string{"dns_servers.x"}, "clear_fields[0]", `"dns_servers.x": dns_servers is not a message`},
+		{[]string{"address"}, "clear_fields[0]", "boot only"},
+		{[]string{""}, "clear_fields[0]", `Ipv6Config has no field ""`},
+		{[]string{"dnsServers"}, "clear_fields[0]", `has no field "dnsServers"`},
+	} {
+		got := proto.Clone(cur).(*vmv1.Ipv6Config)
+		err := clearFields(got.ProtoReflect(), patch.ProtoReflect(), c.paths, fixed)
+		var ve *ValidationError
+		if !errors.As(err, &ve) || len(ve.Violations) != 1 || ve.Violations[0].Field != c.field || !strings.Contains(ve.Violations[0].Reason, c.why) {
+			t.Errorf("%v: %v, want %s: %s", c.paths, err, c.field, c.why)
+		}
+	}
+}
