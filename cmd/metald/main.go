@@ -18,6 +18,7 @@ import (
 
 	"github.com/metald/metald/internal/config"
 	"github.com/metald/metald/internal/daemon"
+	"github.com/metald/metald/internal/logfile"
 )
 
 func main() {
@@ -54,9 +55,11 @@ func run(args []string) error {
 	if err := os.MkdirAll(cfg.LogDir, 0o750); err != nil {
 		return fmt.Errorf("create log directory: %w", err)
 	}
-	logFile, err := os.OpenFile(filepath.Join(cfg.LogDir, "metald.log"), os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o640)
+	// metald.log rotates like security.log: metald.log.1 is the newest old
+	// file, five are kept, each at most 100 MiB.
+	logFile, err := logfile.Open(filepath.Join(cfg.LogDir, "metald.log"), 0, 0)
 	if err != nil {
-		return fmt.Errorf("open log file: %w", err)
+		return err
 	}
 	defer logFile.Close()
 	log := slog.New(slog.NewJSONHandler(io.MultiWriter(os.Stderr, logFile), &slog.HandlerOptions{Level: cfg.SlogLevel()}))

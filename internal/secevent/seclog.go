@@ -6,6 +6,8 @@ import (
 	"os"
 	"path/filepath"
 	"sync"
+
+	"github.com/metald/metald/internal/logfile"
 )
 
 // SecurityLogName is the file name of the security log in the log directory.
@@ -14,73 +16,28 @@ const SecurityLogName = "security.log"
 // LogFile is <log-dir>/security.log: one JSON object per line per event.
 // Violations carry "marker":"IPv6_VIOLATION" as their first field, so
 // `grep IPv6_VIOLATION` selects them. When a write would take the file past
-// MaxSize bytes the file is rotated: security.log.1 is the newest old file,
-// security.log.<MaxFiles> the oldest kept.
+// MaxSize bytes the file is rotated (package logfile): security.log.1 is
+// the newest old file, security.log.<MaxFiles> the oldest kept.
 type LogFile struct {
-	path     string
-	maxSize  int64
-	maxFiles int
-
-	mu   sync.Mutex
-	f    *os.File
-	size int64
+	mu sync.Mutex
+	f  *logfile.File
 }
 
-// DefaultLogMaxSize and DefaultLogMaxFiles are the rotation defaults.
-const (
-	DefaultLogMaxSize  = 100 << 20
-	DefaultLogMaxFiles = 5
-)
-
 // OpenLogFile opens (appending) dir/security.log. maxSize <= 0 and
-// maxFiles <= 0 take the defaults.
+// maxFiles <= 0 take logfile's defaults.
 func OpenLogFile(dir string, maxSize int64, maxFiles int) (*LogFile, error) {
-	if maxSize <= 0 {
-		maxSize = DefaultLogMaxSize
-	}
-	if maxFiles <= 0 {
-		maxFiles = DefaultLogMaxFiles
-	}
 	if err := os.MkdirAll(dir, 0o750); err != nil {
 		return nil, fmt.Errorf("create log directory: %w", err)
 	}
-	l := &LogFile{path: filepath.Join(dir, SecurityLogName), maxSize: maxSize, maxFiles: maxFiles}
-	if err := l.open(); err != nil {
+	f, err := logfile.Open(filepath.Join(dir, SecurityLogName), maxSize, maxFiles)
+	if err != nil {
 		return nil, err
 	}
-	return l, nil
+	return &LogFile{f: f}, nil
 }
 
 // Path returns the log file's path.
-func (l *LogFile) Path() string { return l.path }
-
-func (l *LogFile) open() error {
-	f, err := os.OpenFile(l.path, os.O_WRONLY|os.O_APPEND|os.O_CREATE, 0o640)
-	if err != nil {
-		return fmt.Errorf("open security log: %w", err)
-	}
-	st, err := f.Stat()
-	if err != nil {
-		f.Close()
-		return fmt.Errorf("stat security log: %w", err)
-	}
-	l.f, l.size = f, st.Size()
-	return nil
-}
-
-func (l *LogFile) rotate() error {
-	if err := l.f.Close(); err != nil {
-		return fmt.Errorf("close security log: %w", err)
-	}
-	os.Remove(fmt.Sprintf("%s.%d", l.path, l.maxFiles))
-	for i := l.maxFiles - 1; i >= 1; i-- {
-		os.Rename(fmt.Sprintf("%s.%d", l.path, i), fmt.Sprintf("%s.%d", l.path, i+1))
-	}
-	if err := os.Rename(l.path, l.path+".1"); err != nil {
-		return fmt.Errorf("rotate security log: %w", err)
-	}
-	return l.open()
-}
+func (l *LogFile) Path() string { return l.f.Path() }
 
 // logLine is the security.log form of an event: the marker first, then the
 // event's own fields.
@@ -99,35 +56,28 @@ func Line(e *Event) []byte {
 	return append(b, '\n')
 }
 
-// Write appends events, rotating as needed.
+// Write appends events, rotating as needed: lines are written in as few
+// writes as fit the current file, and a file ends at a line's end.
 func (l *LogFile) Write(events []Event) error {
 	l.mu.Lock()
 	defer l.mu.Unlock()
-	if l.f == nil {
-		return os.ErrClosed
-	}
 	var buf []byte
 	flush := func() error {
 		if len(buf) == 0 {
 			return nil
 		}
-		n, err := l.f.Write(buf)
-		l.size += int64(n)
+		_, err := l.f.Write(buf)
 		buf = buf[:0]
-		if err != nil {
-			return fmt.Errorf("write security log: %w", err)
-		}
-		return nil
+		return err
 	}
+	room := l.f.Room()
 	for i := range events {
 		line := Line(&events[i])
-		if l.size+int64(len(buf)+len(line)) > l.maxSize && l.size+int64(len(buf)) > 0 {
+		if len(buf) > 0 && int64(len(buf)+len(line)) > room {
 			if err := flush(); err != nil {
 				return err
 			}
-			if err := l.rotate(); err != nil {
-				return err
-			}
+			room = l.f.Room()
 		}
 		buf = append(buf, line...)
 	}
@@ -138,10 +88,5 @@ func (l *LogFile) Write(events []Event) error {
 func (l *LogFile) Close() error {
 	l.mu.Lock()
 	defer l.mu.Unlock()
-	if l.f == nil {
-		return nil
-	}
-	err := l.f.Close()
-	l.f = nil
-	return err
+	return l.f.Close()
 }
