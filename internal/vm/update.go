@@ -67,21 +67,17 @@ func patchSecurity(cur, p *vmv1.Ipv6Security) *vmv1.Ipv6Security {
 }
 
 // clearFields resets the fields of msg named by paths (the request's
-// clear_fields: dotted field names under the patched message, as the config
-// spells them) to unset; a list becomes empty. given is the request's patch
-// of msg: a field it sets may not be cleared as well. fixed lists fields
-// that cannot be changed at all (their reason). Errors name
-// clear_fields[i].
+// clear_fields: dotted field names under the patched message, as the
+// config spells them or as GetVm prints them) to unset; a list becomes
+// empty. given is the request's patch of msg: a field it sets may not be
+// cleared as well. fixed maps the fields that cannot change at all (by
+// their config spelling) to the reason. Errors name clear_fields[i]. On an
+// error msg may be partly cleared: callers discard it.
 func clearFields(msg, given protoreflect.Message, paths []string, fixed map[string]string) error {
 	var ve ValidationError
 	for i, path := range paths {
-		field := fmt.Sprintf("clear_fields[%d]", i)
-		if reason, ok := fixed[path]; ok {
-			ve.Violations = append(ve.Violations, FieldViolation{Field: field, Reason: reason})
-			continue
-		}
-		if reason := clearPath(msg, given, path); reason != "" {
-			ve.Violations = append(ve.Violations, FieldViolation{Field: field, Reason: reason})
+		if reason := clearPath(msg, given, path, fixed); reason != "" {
+			ve.Violations = append(ve.Violations, FieldViolation{Field: fmt.Sprintf("clear_fields[%d]", i), Reason: reason})
 		}
 	}
 	if len(ve.Violations) > 0 {
@@ -91,14 +87,23 @@ func clearFields(msg, given protoreflect.Message, paths []string, fixed map[stri
 }
 
 // clearPath clears one dotted path of msg; it returns why it cannot.
-func clearPath(msg, given protoreflect.Message, path string) string {
+func clearPath(msg, given protoreflect.Message, path string, fixed map[string]string) string {
 	segs := strings.Split(path, ".")
+	var canon []string
 	for j, seg := range segs {
-		fd := msg.Descriptor().Fields().ByName(protoreflect.Name(seg))
+		fields := msg.Descriptor().Fields()
+		fd := fields.ByName(protoreflect.Name(seg))
+		if fd == nil {
+			fd = fields.ByJSONName(seg) // as GetVm prints it
+		}
 		if fd == nil {
 			return fmt.Sprintf("%q: %s has no field %q", path, msg.Descriptor().Name(), seg)
 		}
+		canon = append(canon, string(fd.Name()))
 		if j == len(segs)-1 {
+			if reason, ok := fixed[strings.Join(canon, ".")]; ok {
+				return reason
+			}
 			if given.Has(fd) {
 				return fmt.Sprintf("%q is given in the request as well: clear it or set it, not both", path)
 			}

@@ -21,7 +21,7 @@ func TestClearFields(t *testing.T) {
 			EnableRaGuard: proto.Bool(true), AllowedRaSources: []string{"fe80::1"}, NdRateLimit: proto.Uint32(5),
 		},
 	}
-	fixed := map[string]string{"address": "boot only"}
+	fixed := map[string]string{"address": "boot only", "temp_valid_lifetime": "boot only"}
 
 	got := proto.Clone(cur).(*vmv1.Ipv6Config)
 	patch := &vmv1.Ipv6Config{Security: &vmv1.Ipv6Security{EnableRaGuard: proto.Bool(false)}}
@@ -31,6 +31,12 @@ func TestClearFields(t *testing.T) {
 	want := &vmv1.Ipv6Config{Address: cur.Address, Security: &vmv1.Ipv6Security{EnableRaGuard: proto.Bool(true)}}
 	if !proto.Equal(got, want) {
 		t.Fatalf("after clearing: %v, want %v", got, want)
+	}
+
+	// GetVm's spelling (JSON names) works as well.
+	got = proto.Clone(cur).(*vmv1.Ipv6Config)
+	if err := clearFields(got.ProtoReflect(), (&vmv1.Ipv6Config{}).ProtoReflect(), []string{"dnsServers", "security.allowedRaSources"}, fixed); err != nil || got.DnsServers != nil || got.Security.AllowedRaSources != nil {
+		t.Fatalf("JSON names: %v %v", err, got)
 	}
 
 	// A whole block; a path into a block the config does not have.
@@ -51,8 +57,8 @@ func TestClearFields(t *testing.T) {
 		{[]string{"security.enable_ra_guard"}, "clear_fields[0]", "clear it or set it, not both"},
 		{[]string{"dns_servers.x"}, "clear_fields[0]", `"dns_servers.x": dns_servers is not a message`},
 		{[]string{"address"}, "clear_fields[0]", "boot only"},
+		{[]string{"dns_servers", "tempValidLifetime"}, "clear_fields[1]", "boot only"},
 		{[]string{""}, "clear_fields[0]", `Ipv6Config has no field ""`},
-		{[]string{"dnsServers"}, "clear_fields[0]", `has no field "dnsServers"`},
 	} {
 		got := proto.Clone(cur).(*vmv1.Ipv6Config)
 		err := clearFields(got.ProtoReflect(), patch.ProtoReflect(), c.paths, fixed)
