@@ -2,6 +2,7 @@ package vm
 
 import (
 	"fmt"
+	"strings"
 
 	"google.golang.org/protobuf/proto"
 
@@ -10,7 +11,8 @@ import (
 
 // Security profile defaults. A NIC's ipv6.security fields that the config
 // leaves unset take these values; fields it sets win, except that under
-// "high" a control may not be switched off (see checkProfile).
+// "high" a control may not be switched off: no guard set to false, no rate
+// limit set to 0 (see checkProfile).
 //
 //	control                    high   medium  low   (none)
 //	enable_ra_guard            on     on      on    off
@@ -66,19 +68,28 @@ func EffectiveSecurity(cfg *vmv1.VmConfig, nic *vmv1.NetworkInterface) *vmv1.Ipv
 	return out
 }
 
-// weakening lists the switches a "high" profile may not turn off.
+// weakening lists the controls a "high" profile may not turn off: a
+// guard set to false, or a rate limit set to 0 (no limit).
 var weakening = []struct {
 	field string
-	get   func(*vmv1.Ipv6Security) *bool
+	off   func(*vmv1.Ipv6Security) bool // set, and set to off
 }{
-	{"enable_ra_guard", func(s *vmv1.Ipv6Security) *bool { return s.EnableRaGuard }},
-	{"enable_source_guard", func(s *vmv1.Ipv6Security) *bool { return s.EnableSourceGuard }},
-	{"strict_source_validation", func(s *vmv1.Ipv6Security) *bool { return s.StrictSourceValidation }},
-	{"block_hop_by_hop", func(s *vmv1.Ipv6Security) *bool { return s.BlockHopByHop }},
-	{"block_routing_header", func(s *vmv1.Ipv6Security) *bool { return s.BlockRoutingHeader }},
-	{"block_fragment_header", func(s *vmv1.Ipv6Security) *bool { return s.BlockFragmentHeader }},
-	{"block_destination_options", func(s *vmv1.Ipv6Security) *bool { return s.BlockDestinationOptions }},
+	{"enable_ra_guard", func(s *vmv1.Ipv6Security) bool { return isFalse(s.EnableRaGuard) }},
+	{"enable_source_guard", func(s *vmv1.Ipv6Security) bool { return isFalse(s.EnableSourceGuard) }},
+	{"strict_source_validation", func(s *vmv1.Ipv6Security) bool { return isFalse(s.StrictSourceValidation) }},
+	{"block_hop_by_hop", func(s *vmv1.Ipv6Security) bool { return isFalse(s.BlockHopByHop) }},
+	{"block_routing_header", func(s *vmv1.Ipv6Security) bool { return isFalse(s.BlockRoutingHeader) }},
+	{"block_fragment_header", func(s *vmv1.Ipv6Security) bool { return isFalse(s.BlockFragmentHeader) }},
+	{"block_destination_options", func(s *vmv1.Ipv6Security) bool { return isFalse(s.BlockDestinationOptions) }},
+	{"enable_mld_snooping", func(s *vmv1.Ipv6Security) bool { return isFalse(s.EnableMldSnooping) }},
+	{"nd_rate_limit", func(s *vmv1.Ipv6Security) bool { return isZero(s.NdRateLimit) }},
+	{"icmpv6_rate_limit", func(s *vmv1.Ipv6Security) bool { return isZero(s.Icmpv6RateLimit) }},
+	{"ra_rate_limit", func(s *vmv1.Ipv6Security) bool { return isZero(s.RaRateLimit) }},
+	{"multicast_rate_limit", func(s *vmv1.Ipv6Security) bool { return isZero(s.MulticastRateLimit) }},
 }
+
+func isFalse(b *bool) bool  { return b != nil && !*b }
+func isZero(v *uint32) bool { return v != nil && *v == 0 }
 
 // checkProfile rejects explicit weakening of first-hop controls under the
 // "high" profile.
@@ -93,12 +104,17 @@ func checkProfile(cfg *vmv1.VmConfig) error {
 			continue
 		}
 		for _, w := range weakening {
-			if v := w.get(sec); v != nil && !*v {
-				ve.Violations = append(ve.Violations, FieldViolation{
-					Field:  fmt.Sprintf("config.network[%d].ipv6.security.%s", i, w.field),
-					Reason: `must not be false under security profile "high" (config.security_profile.profile_name)`,
-				})
+			if !w.off(sec) {
+				continue
 			}
+			reason := `must not be false under security profile "high" (config.security_profile.profile_name)`
+			if strings.HasSuffix(w.field, "_rate_limit") {
+				reason = `must not be 0 (no limit) under security profile "high" (config.security_profile.profile_name)`
+			}
+			ve.Violations = append(ve.Violations, FieldViolation{
+				Field:  fmt.Sprintf("config.network[%d].ipv6.security.%s", i, w.field),
+				Reason: reason,
+			})
 		}
 	}
 	if len(ve.Violations) > 0 {

@@ -68,3 +68,46 @@ func TestClearFields(t *testing.T) {
 		}
 	}
 }
+
+// Under "high" no control may be switched off: a guard set to false or a
+// rate limit set to 0 is refused by name; stricter settings and other
+// profiles pass.
+func TestCheckProfileWeakening(t *testing.T) {
+	cfg := func(profile string, sec *vmv1.Ipv6Security) *vmv1.VmConfig {
+		return &vmv1.VmConfig{
+			SecurityProfile: &vmv1.SecurityProfile{ProfileName: profile},
+			Network:         []*vmv1.NetworkInterface{{Id: "eth0"}, {Id: "eth1", Ipv6: &vmv1.Ipv6Config{Security: sec}}},
+		}
+	}
+	off := &vmv1.Ipv6Security{
+		EnableMldSnooping: proto.Bool(false), NdRateLimit: proto.Uint32(0), Icmpv6RateLimit: proto.Uint32(0),
+		RaRateLimit: proto.Uint32(0), MulticastRateLimit: proto.Uint32(0), BlockHopByHop: proto.Bool(false),
+	}
+	err := checkProfile(cfg("high", off))
+	var ve *ValidationError
+	if !errors.As(err, &ve) {
+		t.Fatalf("weakening under high accepted: %v", err)
+	}
+	got := map[string]string{}
+	for _, v := range ve.Violations {
+		got[v.Field] = v.Reason
+	}
+	for _, f := range []string{"enable_mld_snooping", "block_hop_by_hop", "nd_rate_limit", "icmpv6_rate_limit", "ra_rate_limit", "multicast_rate_limit"} {
+		reason, ok := got["config.network[1].ipv6.security."+f]
+		if !ok || !strings.Contains(reason, `profile "high"`) {
+			t.Errorf("%s: %q", f, reason)
+		}
+		if strings.HasSuffix(f, "_rate_limit") && !strings.Contains(reason, "must not be 0") {
+			t.Errorf("%s: %q", f, reason)
+		}
+	}
+	if len(got) != 6 {
+		t.Errorf("violations %v", got)
+	}
+	stricter := &vmv1.Ipv6Security{NdRateLimit: proto.Uint32(10), EnableMldSnooping: proto.Bool(true), BlockHopByHop: proto.Bool(true)}
+	for _, c := range []*vmv1.VmConfig{cfg("high", stricter), cfg("medium", off), cfg("", off)} {
+		if err := checkProfile(c); err != nil {
+			t.Errorf("%v: %v", c.GetSecurityProfile(), err)
+		}
+	}
+}
