@@ -1,6 +1,7 @@
 package vm
 
 import (
+	"context"
 	"errors"
 	"fmt"
 	"regexp"
@@ -51,6 +52,13 @@ func joinOr(s []string) string {
 // the host (the qemu backend checks that kernel and disks exist).
 type SpecValidator interface {
 	Validate(spec *backend.Spec) error
+}
+
+// DNSUpdater is implemented by backends that can give a live guest new DNS
+// servers (netns: the VM's resolv.conf). With other backends a change of
+// dns_servers reaches the guest at its next boot.
+type DNSUpdater interface {
+	UpdateDNS(ctx context.Context, spec *backend.Spec, inst backend.Instance) error
 }
 
 var specField = regexp.MustCompile(`^([a-z_]+(\[[0-9]+\])?(\.[a-z_]+(\[[0-9]+\])?)*)( \([^)]*\))?: (.+)$`)

@@ -2,15 +2,18 @@ package vm
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"net/netip"
+	"slices"
 	"strings"
 	"time"
 
 	"google.golang.org/protobuf/proto"
 	"google.golang.org/protobuf/reflect/protoreflect"
 
+	"github.com/metald/metald/internal/backend"
 	vmv1 "github.com/metald/metald/internal/gen/vmprovisioner/v1"
 	"github.com/metald/metald/internal/store"
 )
@@ -314,8 +317,47 @@ func (m *Manager) UpdateVmNetwork(ctx context.Context, id, nicID string, patch *
 	}
 	ctx, cancel := m.detached(ctx)
 	defer cancel()
+	// New DNS servers reach a live guest where the backend can give them
+	// (netns: resolv.conf), written before the rest and put back if the
+	// rest fails; other backends pass them at the next boot.
+	old, err := decodeConfig(row)
+	if err != nil {
+		return nil, 0, err
+	}
+	var restoreDNS func()
+	if u, ok := m.opt.Backend.(DNSUpdater); ok && !slices.Equal(old.GetNetwork()[i].GetIpv6().GetDnsServers(), n.GetIpv6().GetDnsServers()) {
+		if restoreDNS, err = m.updateDNS(ctx, u, row, cfg, old); err != nil {
+			return nil, 0, err
+		}
+	}
 	next, err := m.applyConfig(ctx, row, cfg, fmt.Sprintf("config.network[%d].ipv6", i), "ipv6")
+	if err != nil && restoreDNS != nil {
+		restoreDNS()
+	}
 	return next, i, err
+}
+
+// updateDNS gives the guest cfg's DNS servers through u and returns the
+// function that gives it old's again.
+func (m *Manager) updateDNS(ctx context.Context, u DNSUpdater, row *store.VM, cfg, old *vmv1.VmConfig) (func(), error) {
+	var inst backend.Instance
+	if len(row.Instance) > 0 {
+		_ = json.Unmarshal(row.Instance, &inst)
+	}
+	spec, err := m.spec(row, cfg)
+	if err != nil {
+		return nil, err
+	}
+	if err := u.UpdateDNS(ctx, spec, inst); err != nil {
+		return nil, err
+	}
+	return func() {
+		if spec, err := m.spec(row, old); err == nil {
+			if err := u.UpdateDNS(ctx, spec, inst); err != nil {
+				m.log.Error("restore dns after a failed update", "vm_id", row.ID, "err", err)
+			}
+		}
+	}, nil
 }
 
 // Isolate quarantines a VM: its policies drop everything to and from it

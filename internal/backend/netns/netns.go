@@ -280,6 +280,16 @@ func (b *Backend) Create(ctx context.Context, spec *backend.Spec) (inst backend.
 	}, nil
 }
 
+// UpdateDNS rewrites the VM's resolv.conf from spec's DNS servers (replaced
+// whole: `ip netns exec` binds the current file at each exec).
+func (b *Backend) UpdateDNS(ctx context.Context, spec *backend.Spec, inst backend.Instance) error {
+	path := filepath.Join(b.etcPath(spec.VMID), "resolv.conf")
+	if err := writeFileAtomic(path, resolvConf(spec.VMID, spec.NICs)); err != nil {
+		return fmt.Errorf("update dns of vm %s: %w", spec.VMID, err)
+	}
+	return nil
+}
+
 // resolvConf renders the VM's resolv.conf: the DNS servers of all NICs in
 // order, without duplicates.
 func resolvConf(vmID string, nics []backend.NIC) []byte {
