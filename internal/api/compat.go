@@ -2,6 +2,7 @@ package api
 
 import (
 	"bytes"
+	"fmt"
 	"io"
 	"mime"
 	"net/http"
@@ -9,6 +10,7 @@ import (
 
 	"connectrpc.com/connect"
 	"google.golang.org/protobuf/reflect/protoreflect"
+	"google.golang.org/protobuf/types/descriptorpb"
 )
 
 // maxBody bounds a request body.
@@ -21,18 +23,24 @@ const maxBody = 4 << 20
 // untouched. JSON bodies are checked for unknown or mistyped fields first so
 // the error names the full field path.
 type compat struct {
-	next    http.Handler
-	prefix  string
-	inputs  map[string]protoreflect.MessageDescriptor // procedure → request type
-	errorsW *connect.ErrorWriter
+	next   http.Handler
+	prefix string
+	inputs map[string]protoreflect.MessageDescriptor // procedure → request type
+	// readOnly are the procedures without side effects, the only ones
+	// Connect serves by GET.
+	readOnly map[string]bool
+	errorsW  *connect.ErrorWriter
 }
 
 func newCompat(next http.Handler, sd protoreflect.ServiceDescriptor) *compat {
 	c := &compat{next: next, prefix: "/" + string(sd.FullName()) + "/", inputs: map[string]protoreflect.MessageDescriptor{},
-		errorsW: connect.NewErrorWriter()}
+		readOnly: map[string]bool{}, errorsW: connect.NewErrorWriter()}
 	ms := sd.Methods()
 	for i := 0; i < ms.Len(); i++ {
-		c.inputs[c.prefix+string(ms.Get(i).Name())] = ms.Get(i).Input()
+		path := c.prefix + string(ms.Get(i).Name())
+		c.inputs[path] = ms.Get(i).Input()
+		opts, _ := ms.Get(i).Options().(*descriptorpb.MethodOptions)
+		c.readOnly[path] = opts.GetIdempotencyLevel() == descriptorpb.MethodOptions_NO_SIDE_EFFECTS
 	}
 	return c
 }
@@ -59,6 +67,16 @@ func (c *compat) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	mt := mediaType(r)
 	switch {
 	case r.Method == http.MethodGet && r.URL.Query().Has("message"):
+		if !c.readOnly[r.URL.Path] {
+			// Connect answers 405 with an empty body; say why, in the error
+			// shape every other failure has.
+			w.Header().Set("Allow", "POST, PUT")
+			w.Header().Set("Content-Type", "application/json")
+			w.WriteHeader(http.StatusMethodNotAllowed)
+			fmt.Fprintf(w, `{"code":"unimplemented","message":%q}`+"\n",
+				strings.TrimPrefix(r.URL.Path, c.prefix)+" changes state: Connect's GET form is only for GetVm and ListVms; use POST or PUT")
+			return
+		}
 		c.next.ServeHTTP(w, r) // Connect GET
 		return
 	case r.Method == http.MethodGet:

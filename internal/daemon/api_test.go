@@ -143,6 +143,21 @@ func TestCurlForms(t *testing.T) {
 	if resp.StatusCode != 400 || out["code"] != "invalid_argument" || !strings.Contains(str(out, "message"), "verbose: unknown field") {
 		t.Fatalf("Connect GET with an unknown field: %d %v", resp.StatusCode, out)
 	}
+	// Connect serves GET only for methods without side effects; for the
+	// others the 405 says so in the JSON error shape, and nothing happens.
+	resp, err = http.Get(e.url + "/vmprovisioner.v1.VmService/DeleteVm?encoding=json&message=" + url.QueryEscape(`{"vm_id":"vm-forms"}`))
+	if err != nil {
+		t.Fatal(err)
+	}
+	out = nil
+	json.NewDecoder(resp.Body).Decode(&out)
+	resp.Body.Close()
+	if resp.StatusCode != 405 || out["code"] != "unimplemented" || !strings.Contains(str(out, "message"), "DeleteVm changes state") || resp.Header.Get("Allow") != "POST, PUT" {
+		t.Fatalf("Connect GET of DeleteVm: %d %v", resp.StatusCode, out)
+	}
+	if code, _ := e.call("GetVm", map[string]any{"vm_id": "vm-forms"}); code != 200 {
+		t.Fatal("the refused GET deleted the VM")
+	}
 	// Errors keep the seed's shape: {"code": "...", "message": "..."}.
 	code, out := e.call("GetVm", map[string]any{"vm_id": "vm-nope"})
 	if code != 404 || out["code"] != "not_found" || !strings.Contains(str(out, "message"), "vm-nope") {
