@@ -177,11 +177,12 @@ func TestIPAMNamesFailedUpdateLeavesNone(t *testing.T) {
 	e.mustCall("CreateVm", map[string]any{"vm_id": "vm-pci", "config": cfg})
 	wantSubnetNames(t, e, "after create", map[string]int{})
 
-	// PCI-DSS is checked after the new destination's name was resolved.
+	// PCI-DSS is checked after the new destination's name was resolved; the
+	// error names the field as the request spells it.
 	code, out := e.call("UpdateSecurityPolicy", map[string]any{"vm_id": "vm-pci", "security_policy": map[string]any{
 		"allowed_destinations": []any{"2600:BEEF:1000:dst::/64"}, "tenant_isolation_level": "moderate"}})
 	if code != http.StatusBadRequest || out["code"] != "failed_precondition" || !strings.Contains(str(out, "message"), "PCI-DSS") ||
-		!strings.HasPrefix(str(out, "message"), "config.network[0].security_policy.tenant_isolation_level: ") {
+		!strings.HasPrefix(str(out, "message"), "security_policy.tenant_isolation_level: ") {
 		t.Fatalf("weakening PCI-DSS: %d %v", code, out)
 	}
 	wantSubnetNames(t, e, "after the failed policy update", map[string]int{})

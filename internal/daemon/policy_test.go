@@ -228,6 +228,9 @@ func TestLiveUpdatesThroughDaemon(t *testing.T) {
 		{"UpdateVmNetwork", map[string]any{"vm_id": "vm-u1", "clear_fields": []any{"address"}}, "clear_fields[0]", "cannot change on an existing vm"},
 		{"UpdateVmNetwork", map[string]any{"vm_id": "vm-u1", "clear_fields": []any{"security.allowed_ra_source"}}, "clear_fields[0]", `Ipv6Security has no field "allowed_ra_source"`},
 		{"UpdateSecurityPolicy", map[string]any{"vm_id": "vm-u1"}, "security_policy", "required"},
+		{"UpdateSecurityPolicy", map[string]any{"vm_id": "vm-u1", "security_policy": map[string]any{"ingress_rules": []any{}}}, "security_policy", "to empty a list, name it in clear_fields"},
+		{"UpdateVmNetwork", map[string]any{"vm_id": "vm-u1", "ipv6": map[string]any{"security": map[string]any{}}}, "ipv6", "sets no field"},
+		{"UpdateSecurityPolicy", map[string]any{"vm_id": "vm-u1", "clear_fields": []any{"ingress_rules", "ingressRules"}}, "clear_fields[1]", "named twice"},
 	} {
 		code, out := e.call(c.method, c.req)
 		if code != 400 || errorField(out) != c.field || !strings.Contains(str(out, "message"), c.reason) {

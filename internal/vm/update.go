@@ -78,10 +78,17 @@ func patchSecurity(cur, p *vmv1.Ipv6Security) *vmv1.Ipv6Security {
 // error msg may be partly cleared: callers discard it.
 func clearFields(msg, given protoreflect.Message, paths []string, fixed map[string]string) error {
 	var ve ValidationError
+	seen := map[string]int{}
 	for i, path := range paths {
-		if reason := clearPath(msg, given, path, fixed); reason != "" {
-			ve.Violations = append(ve.Violations, FieldViolation{Field: fmt.Sprintf("clear_fields[%d]", i), Reason: reason})
+		canon, reason := clearPath(msg, given, path, fixed)
+		if j, dup := seen[canon]; dup && reason == "" {
+			reason = fmt.Sprintf("%q is named twice (also clear_fields[%d])", path, j)
 		}
+		if reason != "" {
+			ve.Violations = append(ve.Violations, FieldViolation{Field: fmt.Sprintf("clear_fields[%d]", i), Reason: reason})
+			continue
+		}
+		seen[canon] = i
 	}
 	if len(ve.Violations) > 0 {
 		return &ve
@@ -89,8 +96,9 @@ func clearFields(msg, given protoreflect.Message, paths []string, fixed map[stri
 	return nil
 }
 
-// clearPath clears one dotted path of msg; it returns why it cannot.
-func clearPath(msg, given protoreflect.Message, path string, fixed map[string]string) string {
+// clearPath clears one dotted path of msg; it returns the path in the
+// config's spelling, or why it cannot.
+func clearPath(msg, given protoreflect.Message, path string, fixed map[string]string) (string, string) {
 	segs := strings.Split(path, ".")
 	var canon []string
 	for j, seg := range segs {
@@ -100,26 +108,45 @@ func clearPath(msg, given protoreflect.Message, path string, fixed map[string]st
 			fd = fields.ByJSONName(seg) // as GetVm prints it
 		}
 		if fd == nil {
-			return fmt.Sprintf("%q: %s has no field %q", path, msg.Descriptor().Name(), seg)
+			return "", fmt.Sprintf("%q: %s has no field %q", path, msg.Descriptor().Name(), seg)
 		}
 		canon = append(canon, string(fd.Name()))
 		if j == len(segs)-1 {
-			if reason, ok := fixed[strings.Join(canon, ".")]; ok {
-				return reason
+			name := strings.Join(canon, ".")
+			if reason, ok := fixed[name]; ok {
+				return "", reason
 			}
 			if given.Has(fd) {
-				return fmt.Sprintf("%q is given in the request as well: clear it or set it, not both", path)
+				return "", fmt.Sprintf("%q is given in the request as well: clear it or set it, not both", path)
 			}
 			msg.Clear(fd)
-			return ""
+			return name, ""
 		}
 		if fd.Message() == nil || fd.IsList() || fd.IsMap() {
-			return fmt.Sprintf("%q: %s is not a message", path, seg)
+			return "", fmt.Sprintf("%q: %s is not a message", path, seg)
 		}
 		msg, given = msg.Mutable(fd).Message(), given.Get(fd).Message()
 	}
-	return ""
+	return "", ""
 }
+
+// emptyPatch reports whether a patch sets nothing: no field, or only
+// empty messages. An empty list is absent in proto3, so a request meant to
+// empty one by sending [] arrives as an empty patch.
+func emptyPatch(m protoreflect.Message) bool {
+	empty := true
+	m.Range(func(fd protoreflect.FieldDescriptor, v protoreflect.Value) bool {
+		if fd.Message() != nil && !fd.IsList() && !fd.IsMap() && emptyPatch(v.Message()) {
+			return true
+		}
+		empty = false
+		return false
+	})
+	return empty
+}
+
+// emptyPatchReason explains an empty patch.
+const emptyPatchReason = "sets no field, so nothing would change (an empty list [] reads as absent: to empty a list, name it in clear_fields)"
 
 // nicIndexes resolves interface_id to NIC indexes (all when empty and all
 // is allowed, else the only NIC).
@@ -149,6 +176,14 @@ func nicIndexes(cfg *vmv1.VmConfig, id string, all bool) ([]int, error) {
 // renameFields maps validation paths of the whole config to the request's
 // own field names (config.network[0].security_policy.x → security_policy.x).
 func renameFields(err error, from, to string) error {
+	var ce *ComplianceError
+	if errors.As(err, &ce) {
+		out := *ce
+		if rest, ok := strings.CutPrefix(out.Field, from); ok {
+			out.Field = to + rest
+		}
+		return &out
+	}
 	var ve *ValidationError
 	if !errors.As(err, &ve) {
 		return err
@@ -180,7 +215,7 @@ func (m *Manager) applyConfig(ctx context.Context, row *store.VM, cfg *vmv1.VmCo
 		return nil, renameFields(err, from, to)
 	}
 	if err := checkCompliance(cfg, m.opt.Region); err != nil {
-		return nil, err
+		return nil, renameFields(err, from, to)
 	}
 	raw, err := configJSON.Marshal(cfg)
 	if err != nil {
@@ -246,6 +281,9 @@ func (m *Manager) UpdateSecurityPolicy(ctx context.Context, id, nicID string, pa
 	if patch == nil {
 		patch = &vmv1.SecurityPolicy{}
 	}
+	if emptyPatch(patch.ProtoReflect()) && len(clear) == 0 {
+		return nil, &ValidationError{Violations: []FieldViolation{{Field: "security_policy", Reason: emptyPatchReason}}}
+	}
 	for _, i := range idx {
 		n := cfg.GetNetwork()[i]
 		n.SecurityPolicy = patchPolicy(n.GetSecurityPolicy(), patch)
@@ -283,15 +321,21 @@ func (m *Manager) UpdateVmNetwork(ctx context.Context, id, nicID string, patch *
 	if patch == nil {
 		patch = &vmv1.Ipv6Config{}
 	}
+	if emptyPatch(patch.ProtoReflect()) && len(clear) == 0 {
+		return nil, 0, &ValidationError{Violations: []FieldViolation{{Field: "ipv6", Reason: emptyPatchReason}}}
+	}
 	const bootOnly = "cannot change on an existing vm (the guest configures it at boot); create a new vm"
 	var ve ValidationError
-	for field, set := range map[string]bool{
-		"ipv6.address": patch.GetAddress() != "", "ipv6.gateway": patch.GetGateway() != "",
-		"ipv6.enable_privacy_extensions": patch.EnablePrivacyExtensions != nil,
-		"ipv6.enable_stable_privacy":     patch.EnableStablePrivacy != nil, "ipv6.temp_valid_lifetime": patch.TempValidLifetime != nil,
+	for _, f := range []struct {
+		field string
+		set   bool
+	}{
+		{"ipv6.address", patch.GetAddress() != ""}, {"ipv6.gateway", patch.GetGateway() != ""},
+		{"ipv6.enable_privacy_extensions", patch.EnablePrivacyExtensions != nil},
+		{"ipv6.enable_stable_privacy", patch.EnableStablePrivacy != nil}, {"ipv6.temp_valid_lifetime", patch.TempValidLifetime != nil},
 	} {
-		if set {
-			ve.Violations = append(ve.Violations, FieldViolation{Field: field, Reason: bootOnly})
+		if f.set {
+			ve.Violations = append(ve.Violations, FieldViolation{Field: f.field, Reason: bootOnly})
 		}
 	}
 	if len(ve.Violations) > 0 {

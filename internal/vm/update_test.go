@@ -59,6 +59,8 @@ func TestClearFields(t *testing.T) {
 		{[]string{"address"}, "clear_fields[0]", "boot only"},
 		{[]string{"dns_servers", "tempValidLifetime"}, "clear_fields[1]", "boot only"},
 		{[]string{""}, "clear_fields[0]", `Ipv6Config has no field ""`},
+		{[]string{"dns_servers", "dnsServers"}, "clear_fields[1]", `"dnsServers" is named twice (also clear_fields[0])`},
+		{[]string{"security.nd_rate_limit", "security.ndRateLimit"}, "clear_fields[1]", "named twice"},
 	} {
 		got := proto.Clone(cur).(*vmv1.Ipv6Config)
 		err := clearFields(got.ProtoReflect(), patch.ProtoReflect(), c.paths, fixed)
@@ -108,6 +110,28 @@ func TestCheckProfileWeakening(t *testing.T) {
 	for _, c := range []*vmv1.VmConfig{cfg("high", stricter), cfg("medium", off), cfg("", off)} {
 		if err := checkProfile(c); err != nil {
 			t.Errorf("%v: %v", c.GetSecurityProfile(), err)
+		}
+	}
+}
+
+// A patch that sets nothing (no field, or only empty messages: what a
+// request sending [] to empty a list arrives as) is empty; any set field,
+// at any depth, is not.
+func TestEmptyPatch(t *testing.T) {
+	for _, c := range []struct {
+		m     proto.Message
+		empty bool
+	}{
+		{&vmv1.SecurityPolicy{}, true},
+		{&vmv1.SecurityPolicy{IngressRules: []string{}}, true},
+		{&vmv1.Ipv6Config{Security: &vmv1.Ipv6Security{}}, true},
+		{&vmv1.SecurityPolicy{LogSecurityEvents: proto.Bool(false)}, false},
+		{&vmv1.SecurityPolicy{EgressRules: []string{"deny all from any to any"}}, false},
+		{&vmv1.Ipv6Config{Security: &vmv1.Ipv6Security{NdRateLimit: proto.Uint32(0)}}, false},
+		{&vmv1.Ipv6Config{DnsServers: []string{"2001:db8::53"}, Security: &vmv1.Ipv6Security{}}, false},
+	} {
+		if got := emptyPatch(c.m.ProtoReflect()); got != c.empty {
+			t.Errorf("%v: empty %v, want %v", c.m, got, c.empty)
 		}
 	}
 }
