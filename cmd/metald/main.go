@@ -63,6 +63,11 @@ func run(args []string) error {
 	}
 	defer logFile.Close()
 	log := slog.New(slog.NewJSONHandler(io.MultiWriter(os.Stderr, logFile), &slog.HandlerOptions{Level: cfg.SlogLevel()}))
+	if cfg.ResolvedBackend() == "netns" && privateMounts("/proc/self/ns/mnt", "/proc/1/ns/mnt") {
+		log.Warn("metald runs in a mount namespace of its own (under `ip netns exec`, unshare, or a systemd unit with private mounts): "+
+			"the VM namespaces it mounts under netns.dir vanish when it exits, and a metald started later finds those VMs TERMINATED; "+
+			"run it in the host's mount namespace", "netns_dir", cfg.Netns.Dir)
+	}
 
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
 	defer stop()
@@ -93,4 +98,12 @@ func run(args []string) error {
 	}
 	log.Info("metald stopped; VMs keep running")
 	return err
+}
+
+// privateMounts reports whether the mount namespaces at self and init (two
+// /proc/<pid>/ns/mnt links) differ; false when either cannot be read.
+func privateMounts(self, init string) bool {
+	a, err1 := os.Readlink(self)
+	b, err2 := os.Readlink(init)
+	return err1 == nil && err2 == nil && a != b
 }

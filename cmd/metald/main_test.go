@@ -1,10 +1,12 @@
 package main
 
 import (
+	"fmt"
 	"os"
 	"os/exec"
 	"strings"
 	"testing"
+	"time"
 )
 
 // TestHelpIsSuccess: `metald --help` prints the usage and exits 0; an
@@ -29,4 +31,28 @@ func TestHelpIsSuccess(t *testing.T) {
 	if ee, ok := err.(*exec.ExitError); !ok || ee.ExitCode() != 1 || !strings.Contains(out, "no-such-flag") {
 		t.Fatalf("unknown flag: %v\n%s", err, out)
 	}
+}
+
+// A mount namespace of its own is told from the host's: the same link is
+// not private, a child unshared into a new mount namespace is.
+func TestPrivateMounts(t *testing.T) {
+	if privateMounts("/proc/self/ns/mnt", "/proc/self/ns/mnt") {
+		t.Fatal("a namespace differs from itself")
+	}
+	if privateMounts("/proc/self/ns/mnt", "/nonexistent") {
+		t.Fatal("an unreadable link counted as private")
+	}
+	child := exec.Command("unshare", "--mount", "--propagation", "private", "sleep", "30")
+	if err := child.Start(); err != nil {
+		t.Fatal(err)
+	}
+	defer func() { child.Process.Kill(); child.Wait() }()
+	link := fmt.Sprintf("/proc/%d/ns/mnt", child.Process.Pid)
+	for range 100 { // until unshare has execed sleep
+		if privateMounts("/proc/self/ns/mnt", link) {
+			return
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	t.Fatal("a process in its own mount namespace was not told apart")
 }
