@@ -91,6 +91,10 @@ type NICPlan struct {
 	MAC        net.HardwareAddr
 	// Addresses are the global addresses bound to the NIC.
 	Addresses []netip.Addr
+	// Gateway is the NIC's default router when it is a global address (the
+	// address metald puts on the bridge, or another router's): privacy
+	// learning never binds it to the port (zero: none).
+	Gateway netip.Addr
 	// LinkLocal is the VM's link-local address; zero means the EUI-64
 	// address derived from MAC.
 	LinkLocal netip.Addr

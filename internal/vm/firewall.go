@@ -90,6 +90,9 @@ func (m *Manager) Plans(row *store.VM, cfg *vmv1.VmConfig) ([]network.NICPlan, e
 		if a, err := netip.ParsePrefix(n.Address); err == nil {
 			p.Addresses = []netip.Addr{a.Addr()}
 		}
+		if gw, err := netip.ParseAddr(n.Gateway); err == nil && !gw.IsLinkLocalUnicast() {
+			p.Gateway = gw
+		}
 		if ll, err := netip.ParseAddr(n.LinkLocal); err == nil {
 			p.LinkLocal = ll
 		} else if _, reads := m.opt.Backend.(LinkLocalReader); !reads && n.StableSecret != "" {

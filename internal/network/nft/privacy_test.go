@@ -2,6 +2,7 @@ package nft
 
 import (
 	"fmt"
+	"net/netip"
 	"slices"
 	"strings"
 	"testing"
@@ -20,14 +21,34 @@ func TestPrivacyAddressFCFS(t *testing.T) {
 	c.PrivacyExtensions = true
 	c.TempValidLifetime = 3 * time.Second
 	tp := newTopo(t, c)
-	for _, p := range tp.plans {
-		if err := tp.fw.UpdateNIC(p); err != nil {
+	for i := range tp.plans {
+		tp.plans[i].Gateway = netip.MustParseAddr("2001:db8:1::1") // on br0
+		if err := tp.fw.UpdateNIC(tp.plans[i]); err != nil {
 			t.Fatal(err)
 		}
 	}
 	cap2 := startCapture(t, tp.vm2, "eth0")
 	capH := startCapture(t, tp.host, "br0")
 	const temp = "2001:db8:1:0:1c2d:3e4f:5a6b:7c8d"
+
+	// A DAD for the gateway's address is a claim on the router: never
+	// bound, dropped and counted, and the override NA that would follow
+	// (poisoning the neighbours' caches) is dropped too.
+	t.Run("the gateway's address is never bound", func(t *testing.T) {
+		b := tp.counters(t, "tap-vm1")
+		sendAndMark(t, tp, cap2, false, 0x7010,
+			`send(Ether(src=M1, dst="33:33:ff:00:00:01")/IPv6(src="::", dst="ff02::1:ff00:1", hlim=255)/ICMPv6ND_NS(tgt="2001:db8:1::1"))`+"\n"+
+				`send(Ether(src=M1, dst=M2)/IPv6(src="2001:db8:1::1", dst=IP2, hlim=255, fl=0x7010)/ICMPv6ND_NA(tgt="2001:db8:1::1", R=1, O=1)/ICMPv6NDOptDstLLAddr(lladdr=M1))`)
+		if cap2.count(0x7010) != 0 {
+			t.Error("VM1's NA for the gateway's address reached VM2")
+		}
+		if out := tp.host.MustRun(t, "nft", "list", "set", "netdev", TableFor(tp.plans[0]), "tap-vm1-temp"); strings.Contains(out, "2001:db8:1::1 ") || strings.Contains(out, "2001:db8:1::1,") {
+			t.Errorf("tap-vm1-temp bound the gateway's address:\n%s", out)
+		}
+		if d := deltas(b, tp.counters(t, "tap-vm1")); d[network.CtlSourceGuard] < 2 {
+			t.Errorf("deltas %s, want source_guard +2 (the DAD and the NA)", fmtDeltas(d))
+		}
+	})
 	dad := func(mac string) string {
 		return fmt.Sprintf(`send(Ether(src=%s, dst="33:33:ff:6b:7c:8d")/IPv6(src="::", dst="ff02::1:ff6b:7c8d", hlim=255)/ICMPv6ND_NS(tgt=%q))`, mac, temp)
 	}

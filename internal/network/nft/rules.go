@@ -809,6 +809,13 @@ func privacyLearning(b *builder, ip6 string, c network.Controls) {
 		b.add(priv, ctl, m(th(8, 8), eq(a[:8])), goTo(learn))
 	}
 	target := th(8, 16)
+	if gw := b.plan.Gateway; gw.IsValid() && !gw.IsLinkLocalUnicast() {
+		// The router's address is never a temporary address of a VM: a
+		// DAD for it is a claim on the gateway (a man in the middle for
+		// every neighbour), dropped and counted.
+		a := gw.As16()
+		b.add(learn, "source_guard", m(target, eq(a[:])), cnt(n, network.CtlSourceGuard), drop)
+	}
 	b.add(learn, ctl, inSet(target, n.AddrSet()), ret)
 	b.add(learn, ctl, inSet(th(8, 16), n.TempSet()), ret)
 	b.add(learn, ctl, inSet(th(8, 16), PrivOwnedSet), ret)
