@@ -287,6 +287,13 @@ func TestIsolateThroughDaemon(t *testing.T) {
 	e.shell(t, `VM_ID="vm-suspicious-123"
 curl -sf -X POST http://localhost:8080/vmprovisioner.v1.VmService/IsolateVm \
   -d "{\"vm_id\":\"$VM_ID\", \"reason\":\"Security violation investigation\"}"`)
+	// The reason is bounded: it is stored and written to both logs.
+	if code, out := e.call("IsolateVm", map[string]any{"vm_id": "vm-peer", "reason": strings.Repeat("r", 1025)}); code != 400 || errorField(out) != "reason" || !strings.Contains(str(out, "message"), "at most 1024 bytes") {
+		t.Fatalf("oversized reason: %d %v", code, out)
+	}
+	if e.getVM("vm-peer")["isolation"] != nil {
+		t.Fatal("a refused IsolateVm isolated the VM")
+	}
 	iso := obj(e.getVM("vm-suspicious-123")["isolation"])
 	if iso["isolated"] != true || iso["reason"] != "Security violation investigation" || iso["since"] == nil {
 		t.Fatalf("GetVm isolation: %v", iso)

@@ -9,6 +9,7 @@ import (
 	"slices"
 	"strings"
 	"time"
+	"unicode/utf8"
 
 	"google.golang.org/protobuf/proto"
 	"google.golang.org/protobuf/reflect/protoreflect"
@@ -404,6 +405,9 @@ func (m *Manager) updateDNS(ctx context.Context, u DNSUpdater, row *store.VM, cf
 	}, nil
 }
 
+// MaxIsolationReason bounds IsolateVm's reason, in bytes.
+const MaxIsolationReason = 1024
+
 // Isolate quarantines a VM: its policies drop everything to and from it
 // (ND/MLD excepted) but the operator's management access
 // (Options.ManagementAccess, from isolation.management_access; no request
@@ -419,6 +423,16 @@ func (m *Manager) Release(ctx context.Context, id string) (*store.VM, error) {
 }
 
 func (m *Manager) setIsolation(ctx context.Context, id, reason string, on bool) (*store.VM, error) {
+	if on {
+		// The reason is stored, shown by GetVm and written to both logs:
+		// bounded, and text.
+		switch {
+		case len(reason) > MaxIsolationReason:
+			return nil, &ValidationError{Violations: []FieldViolation{{Field: "reason", Reason: fmt.Sprintf("must be at most %d bytes, got %d", MaxIsolationReason, len(reason))}}}
+		case !utf8.ValidString(reason):
+			return nil, &ValidationError{Violations: []FieldViolation{{Field: "reason", Reason: "must be UTF-8 text"}}}
+		}
+	}
 	unlock := m.lock(id)
 	defer unlock()
 	row, err := m.Get(ctx, id)
