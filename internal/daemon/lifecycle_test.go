@@ -8,10 +8,12 @@ import (
 	"path/filepath"
 	"slices"
 	"strings"
+	"sync/atomic"
 	"syscall"
 	"testing"
 	"time"
 
+	"github.com/metald/metald/internal/daemon"
 	"github.com/metald/metald/internal/network/ns"
 	"github.com/metald/metald/internal/vm"
 )
@@ -281,5 +283,49 @@ func TestTerminatedOutsideMetald(t *testing.T) {
 	// DeleteVm killed the guest that had lost its sandbox.
 	if stat, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", k2)); err == nil && !strings.Contains(string(stat), ") Z ") {
 		t.Fatalf("vm-k2's guest (pid %d) still runs after DeleteVm: %s", k2, stat)
+	}
+}
+
+// A delete racing a create on the same bridge: the create took the gateway
+// as present (the deleted VM's row recorded it) before its own row records
+// it; the delete must leave the gateway on the bridge for it.
+func TestGatewayKeptForCreateInFlight(t *testing.T) {
+	var pause atomic.Bool
+	reached, release := make(chan struct{}), make(chan struct{})
+	e := newEnvWith(t, func(o *daemon.Options) {
+		o.Step = func(step string) {
+			if step == "create:bridges" && pause.CompareAndSwap(true, false) {
+				close(reached)
+				<-release
+			}
+		}
+	})
+	e.mustCall("CreateVm", map[string]any{"vm_id": "vm-r1", "config": vmConfig("t1", nic("eth0", "br-r", "2001:db8:7a::10/64", "2001:db8:7a::1"))})
+	pause.Store(true)
+	done := make(chan error, 1)
+	go func() {
+		code, out := e.call("CreateVm", map[string]any{"vm_id": "vm-r2", "config": vmConfig("t1", nic("eth0", "br-r", "2001:db8:7a::11/64", "2001:db8:7a::1"))})
+		if code != 200 {
+			done <- fmt.Errorf("create vm-r2: %d %v", code, out)
+			return
+		}
+		done <- nil
+	}()
+	<-reached
+	e.mustCall("DeleteVm", map[string]any{"vm_id": "vm-r1"})
+	close(release)
+	if err := <-done; err != nil {
+		t.Fatal(err)
+	}
+	if out := e.host.MustRun(t, "ip", "-6", "addr", "show", "dev", "br-r"); !strings.Contains(out, "2001:db8:7a::1/64") {
+		t.Fatalf("the gateway left br-r while vm-r2 counts on it:\n%s", out)
+	}
+	if st := list(e.getVM("vm-r2")["networkStatus"])[0]; obj(st)["gatewayOnBridge"] != true {
+		t.Fatalf("status %v", st)
+	}
+	// vm-r2's own delete then takes it away with the bridge.
+	e.mustCall("DeleteVm", map[string]any{"vm_id": "vm-r2"})
+	if slices.Contains(e.links(), "br-r") {
+		t.Fatal("br-r left after its last VM's delete")
 	}
 }

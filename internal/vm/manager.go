@@ -197,6 +197,36 @@ type Manager struct {
 	// netMu serialises decisions about shared bridge state (gateway
 	// addresses, bridge removal) across VMs.
 	netMu sync.Mutex
+	// gwClaims (under netMu) are the gateways creates in flight count on
+	// (bridge|gateway -> VM ids) before their rows record it: a delete
+	// racing such a create must not take the gateway away.
+	gwClaims map[string]map[string]bool
+}
+
+func gwKey(bridge, gw string) string { return bridge + "|" + gw }
+
+// dropClaims forgets vmID's gateway claims (its row records them now, or
+// its create failed).
+func (m *Manager) dropClaims(vmID string) {
+	m.netMu.Lock()
+	defer m.netMu.Unlock()
+	for k, ids := range m.gwClaims {
+		delete(ids, vmID)
+		if len(ids) == 0 {
+			delete(m.gwClaims, k)
+		}
+	}
+}
+
+// claimedByOther reports whether a create in flight other than vmID counts
+// on the gateway (under netMu).
+func (m *Manager) claimedByOther(bridge, gw, vmID string) bool {
+	for id := range m.gwClaims[gwKey(bridge, gw)] {
+		if id != vmID {
+			return true
+		}
+	}
+	return false
 }
 
 type vmLock struct {
@@ -384,6 +414,7 @@ func (m *Manager) Create(ctx context.Context, req *vmv1.CreateVmRequest) (*store
 
 	// 3. Bridges and gateways.
 	undo = append(undo, func(ctx context.Context) error { return m.releaseBridges(ctx, id, row.NICs) })
+	defer m.dropClaims(id) // after the row records them, or after the rollback
 	if err := m.ensureBridges(ctx, id, row.NICs, false); err != nil {
 		return fail(err)
 	}
@@ -486,6 +517,7 @@ func (m *Manager) ensureBridges(ctx context.Context, vmID string, nics []store.N
 				// Another VM's creation put it there; Recover re-checks
 				// the kernel on every start.
 				n.GatewayOnBridge = true
+				m.claim(n.Bridge, n.Gateway, vmID)
 				continue
 			}
 		}
@@ -494,8 +526,23 @@ func (m *Manager) ensureBridges(ctx context.Context, vmID string, nics []store.N
 			return fmt.Errorf("put gateway %s on bridge %s: %w", gwp, n.Bridge, err)
 		}
 		n.GatewayOnBridge = on
+		if on && !force {
+			m.claim(n.Bridge, n.Gateway, vmID)
+		}
 	}
 	return nil
+}
+
+// claim records (under netMu) that vmID's create counts on the gateway.
+func (m *Manager) claim(bridge, gw, vmID string) {
+	if m.gwClaims == nil {
+		m.gwClaims = map[string]map[string]bool{}
+	}
+	k := gwKey(bridge, gw)
+	if m.gwClaims[k] == nil {
+		m.gwClaims[k] = map[string]bool{}
+	}
+	m.gwClaims[k][vmID] = true
 }
 
 // releaseBridges undoes ensureBridges for a VM that is going away: gateways
@@ -521,7 +568,7 @@ func (m *Manager) releaseBridges(ctx context.Context, vmID string, nics []store.
 				errs = append(errs, err)
 				continue
 			}
-			if held {
+			if held || m.claimedByOther(n.Bridge, mine.Gateway, vmID) {
 				continue
 			}
 			if err := m.opt.Ports.RemoveGateway(n.Bridge, gwp); err != nil {
