@@ -174,3 +174,51 @@ func TestTemporaryAddressChangesOwner(t *testing.T) {
 		}
 	}
 }
+
+// A guest with privacy extensions claims, by DAD, another VM's configured
+// address in its /64 (first come, first served learning binds anything
+// that looks free): metald unbinds it from the claimant's port, records a
+// source_guard_violation, and the claimant's traffic from the address is
+// dropped from then on.
+func TestTemporaryAddressClaimOfAnotherNIC(t *testing.T) {
+	e := newEnvWith(t, func(o *daemon.Options) { o.TempAddrInterval = 500 * time.Millisecond })
+	mk := func(id, tenant, addr string, privacy bool) {
+		n := map[string]any{"id": "eth0", "bridge_name": "br-ts", "ipv6": map[string]any{
+			"address": addr, "gateway": "2001:db8:78::1", "enable_privacy_extensions": privacy, "temp_valid_lifetime": 600}}
+		cfg := vmConfig(tenant, n)
+		cfg["security_profile"] = map[string]any{"profile_name": "high"} // source guard on
+		e.mustCall("CreateVm", map[string]any{"vm_id": id, "config": cfg})
+		e.mustCall("BootVm", map[string]any{"vm_id": id})
+	}
+	mk("vm-sa", "t1", "2001:db8:78::10/64", true)
+	mk("vm-sv", "t2", "2001:db8:78::20/64", false)
+	e.waitDAD("vm-sa")
+	e.waitDAD("vm-sv")
+	dev := str(obj(list(e.getVM("vm-sa")["networkStatus"])[0]), "hostDevice")
+	if out, err := e.scapy("vm-sa", `
+sendp(Ether(src=get_if_hwaddr("eth0"), dst="33:33:ff:00:00:20")/IPv6(src="::", dst="ff02::1:ff00:20", hlim=255)/ICMPv6ND_NS(tgt="2001:db8:78::20"), iface="eth0")`); err != nil {
+		t.Fatalf("send DAD: %v\n%s", err, out)
+	}
+	ev := e.waitEvent(t, "vm_id=vm-sa&event_type=source_guard_violation", func(ev event) bool { return detail(ev, "src") == "2001:db8:78::20" })
+	if ev.TenantID != "t1" || ev.Severity != "high" || !strings.Contains(detail(ev, "reason"), "vm-sv.eth0") {
+		t.Fatalf("event %+v", ev)
+	}
+	for _, tbl := range e.fhTables(t) {
+		if out, _ := e.host.Run("nft", "list", "set", "netdev", tbl, dev+"-temp"); strings.Contains(out, "2001:db8:78::20") {
+			t.Fatalf("vm-sa's port still binds vm-sv's address:\n%s", out)
+		}
+	}
+	if got := list(obj(list(e.getVM("vm-sa")["networkStatus"])[0])["temporaryAddresses"]); slices.Contains(got, any("2001:db8:78::20")) {
+		t.Fatalf("GetVm temporaryAddresses %v", got)
+	}
+	// Its override NA for the address no longer leaves its port.
+	got := e.sniffWhile(t, "vm-sv", "icmp6 and ip6[40] == 136", func() {
+		if out, err := e.scapy("vm-sa", `
+sendp(Ether(src=get_if_hwaddr("eth0"), dst="33:33:00:00:00:01")/IPv6(src="2001:db8:78::20", dst="ff02::1", hlim=255)/ICMPv6ND_NA(tgt="2001:db8:78::20", R=0, S=0, O=1)/ICMPv6NDOptDstLLAddr(lladdr=get_if_hwaddr("eth0")), iface="eth0")`); err != nil {
+			t.Fatalf("send NA: %v\n%s", err, out)
+		}
+	})
+	if got != 0 {
+		t.Fatalf("%d NAs for vm-sv's address from vm-sa reached vm-sv", got)
+	}
+}

@@ -9,6 +9,7 @@ import (
 	"time"
 
 	"github.com/metald/metald/internal/network/nft"
+	"github.com/metald/metald/internal/secevent"
 )
 
 // tempAddrs holds, per host device, the temporary addresses its guest has
@@ -136,6 +137,7 @@ func (d *Daemon) syncTempAddrsOf(ctx context.Context, dev string, owners bool) {
 		d.log.Error("temporary addresses: read learned set", "dev", dev, "err", err)
 		return
 	}
+	addrs = d.evictStolen(ctx, dev, addrs)
 	if owners {
 		for _, other := range d.temps.holders(dev, addrs) {
 			d.syncTempAddrsOf(ctx, other, false)
@@ -158,4 +160,42 @@ func (d *Daemon) syncTempAddrsOf(ctx context.Context, dev string, owners bool) {
 	if done {
 		d.log.Info("temporary addresses: security policy follows the guest's", "vm_id", vmID, "nic", nic, "dev", dev, "addresses", addrs)
 	}
+}
+
+// evictStolen unbinds from dev the learned temporary addresses that are
+// another NIC's configured address (first come, first served learning
+// binds any free-looking address of the /64; a VM's static address, or one
+// a create is about to give a new VM, is not free), records a
+// source_guard_violation event for the VM that claimed it, and returns
+// addrs without them.
+func (d *Daemon) evictStolen(ctx context.Context, dev string, addrs []netip.Addr) []netip.Addr {
+	var stolen []netip.Addr
+	var owners []string
+	for _, a := range addrs {
+		// Every pass checks every binding, also older ones: an address
+		// can become a NIC's after a guest bound it (a create given it).
+		refs, err := d.store.NICsWithAddress(ctx, a.String())
+		if err != nil {
+			d.log.Error("temporary addresses: look up owner", "address", a, "err", err)
+			continue
+		}
+		if len(refs) > 0 {
+			stolen = append(stolen, a)
+			owners = append(owners, refs[0].VMID+"."+refs[0].ID)
+		}
+	}
+	if len(stolen) == 0 {
+		return addrs
+	}
+	vmID, tenant, nic, _ := d.resolveDevice(dev)
+	if err := d.fw.EvictTemp(dev, stolen); err != nil {
+		d.log.Error("temporary addresses: unbind another NIC's address", "vm_id", vmID, "dev", dev, "addresses", stolen, "err", err)
+		return addrs
+	}
+	for i, a := range stolen {
+		d.log.Warn("temporary addresses: a guest claimed another NIC's address; unbound", "vm_id", vmID, "nic", nic, "address", a, "owner", owners[i])
+		d.events.Emit(secevent.Event{Type: secevent.TypeSourceGuardViolation, Severity: secevent.SeverityHigh, VMID: vmID, TenantID: tenant, InterfaceID: nic,
+			Details: secevent.Details{Src: a.String(), Reason: "claimed " + a.String() + " by DAD, the configured address of " + owners[i] + ": unbound"}})
+	}
+	return slices.DeleteFunc(addrs, func(a netip.Addr) bool { return slices.Contains(stolen, a) })
 }

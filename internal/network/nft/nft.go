@@ -962,6 +962,35 @@ func (f *Firewall) TempAddrs(hostDev string) ([]netip.Addr, error) {
 	return out, nil
 }
 
+// EvictTemp unbinds temporary addresses from hostDev's port (its
+// <dev>-temp set and its shard's priv_owned), in one batch: metald found
+// them bound to another NIC (its configured address), which the first
+// come, first served learning cannot know. An address no longer in the sets
+// (its binding expired meanwhile) is not an error.
+func (f *Firewall) EvictTemp(hostDev string, addrs []netip.Addr) error {
+	f.mu.Lock()
+	defer f.unlock()
+	s, err := f.nicShard(hostDev)
+	if err != nil {
+		return fmt.Errorf("evict temporary addresses of %s: %w", hostDev, err)
+	}
+	n := network.NamesFor(hostDev)
+	for _, a := range addrs {
+		// One batch per address: a missing element fails its batch only.
+		els := []nftables.SetElement{{Key: a.AsSlice()}}
+		for _, set := range []string{n.TempSet(), PrivOwnedSet} {
+			if err := f.conn.SetDeleteElements(&nftables.Set{Table: shardTable(s), Name: set, KeyType: nftables.TypeIP6Addr}, els); err != nil {
+				return fmt.Errorf("evict %s from %s: %w", a, hostDev, err)
+			}
+			f.batch.queued = true
+			if err := f.flush("evict " + a.String() + " from " + set); err != nil && !errors.Is(err, unix.ENOENT) {
+				return err
+			}
+		}
+	}
+	return nil
+}
+
 // nicShard returns the shard holding hostDev's objects (ErrNotFound when
 // none does). The caller holds mu.
 func (f *Firewall) nicShard(hostDev string) (int, error) {
