@@ -585,3 +585,46 @@ func TestNewFailsCleanly(t *testing.T) {
 		t.Fatalf("error %v", err)
 	}
 }
+
+// metald killed while RebootVm has the guest down (the row says RUNNING,
+// reason "rebooting"; the guest process is gone): on restart the VM is
+// SHUTDOWN, not TERMINATED, and BootVm starts it again.
+func TestInterruptedRebootLeavesVMBootable(t *testing.T) {
+	e := newEnv(t)
+	e.mustCall("CreateVm", map[string]any{"vm_id": "vm-rb", "config": vmConfig("t1", nic("eth0", "br-rb", "2001:db8:7b::10/64", "2001:db8:7b::1"))})
+	e.mustCall("BootVm", map[string]any{"vm_id": "vm-rb"})
+	pid := pidOf(e.getVM("vm-rb"))
+	e.stop()
+	// The state RebootVm records before it stops the guest, and the guest
+	// stopped.
+	s, err := sqlite.Open(context.Background(), filepath.Join(e.dir, "data", "metald.db"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	row, err := s.GetVM(context.Background(), "vm-rb")
+	if err != nil {
+		t.Fatal(err)
+	}
+	row.StateReason = "rebooting"
+	if err := s.UpdateVM(context.Background(), row); err != nil {
+		t.Fatal(err)
+	}
+	s.Close()
+	syscall.Kill(pid, syscall.SIGKILL)
+	for syscall.Kill(pid, 0) == nil {
+		time.Sleep(10 * time.Millisecond)
+	}
+	e.start()
+	vm := e.getVM("vm-rb")
+	if vm["state"] != "VM_STATE_SHUTDOWN" || !strings.Contains(str(vm, "stateReason"), "reboot interrupted") {
+		t.Fatalf("after the restart: %v %v", vm["state"], vm["stateReason"])
+	}
+	if out := e.mustCall("BootVm", map[string]any{"vm_id": "vm-rb"}); out["state"] != "VM_STATE_RUNNING" {
+		t.Fatalf("boot after an interrupted reboot: %v", out)
+	}
+	// A real reboot clears the mark.
+	e.mustCall("RebootVm", map[string]any{"vm_id": "vm-rb"})
+	if vm := e.getVM("vm-rb"); vm["state"] != "VM_STATE_RUNNING" || str(vm, "stateReason") != "" {
+		t.Fatalf("after RebootVm: %v %q", vm["state"], vm["stateReason"])
+	}
+}

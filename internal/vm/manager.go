@@ -797,6 +797,13 @@ func (m *Manager) Reboot(ctx context.Context, id string) (*store.VM, error) {
 			if err != nil {
 				return inst, "", err
 			}
+			// Recorded first: a metald killed while the guest is down
+			// between its stop and its start finds it so on restart, and
+			// leaves it SHUTDOWN (bootable) rather than TERMINATED.
+			vm.StateReason, vm.UpdatedAt = reasonRebooting, m.opt.Now().UTC()
+			if err := m.opt.Store.UpdateVM(ctx, vm); err != nil {
+				return inst, "", fmt.Errorf("persist vm state: %w", err)
+			}
 			inst, err = m.opt.Backend.Reboot(ctx, spec, inst)
 			if err == nil {
 				m.afterBoot(vm)
@@ -804,6 +811,10 @@ func (m *Manager) Reboot(ctx context.Context, id string) (*store.VM, error) {
 			return inst, store.StateRunning, err
 		})
 }
+
+// reasonRebooting is the state reason of a RUNNING VM while RebootVm has
+// its guest down.
+const reasonRebooting = "rebooting"
 
 // Delete stops the VM if needed and releases everything it holds.
 func (m *Manager) Delete(ctx context.Context, id string) error {

@@ -115,7 +115,18 @@ func (m *Manager) recoverOne(ctx context.Context, vm *store.VM, rep *RecoveryRep
 		return nil
 	}
 	h := m.opt.Backend.Check(ctx, Instance(vm))
-	if reason := lostReason(vm.State, h); reason != "" {
+	if vm.State == store.StateRunning && vm.StateReason == reasonRebooting && h.SandboxOK && !h.Running {
+		// metald stopped while RebootVm had the guest down: the guest did
+		// not die outside metald. SHUTDOWN, so BootVm starts it again.
+		inst := Instance(vm)
+		inst.PID, inst.StartTime = 0, 0
+		vm.Instance, _ = json.Marshal(inst)
+		vm.State, vm.StateReason, vm.UpdatedAt = store.StateShutdown, "reboot interrupted by a metald restart: boot it again", m.opt.Now().UTC()
+		m.log.Warn("interrupted reboot: vm left shut down", "vm_id", vm.ID)
+		if err := m.opt.Store.UpdateVM(ctx, vm); err != nil {
+			return err
+		}
+	} else if reason := lostReason(vm.State, h); reason != "" {
 		rep.Terminated = append(rep.Terminated, vm.ID)
 		return m.terminate(ctx, vm, reason, h.Running)
 	}
