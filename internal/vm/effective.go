@@ -1,7 +1,9 @@
 package vm
 
 import (
+	"errors"
 	"fmt"
+	"slices"
 	"strings"
 
 	"google.golang.org/protobuf/proto"
@@ -121,4 +123,21 @@ func checkProfile(cfg *vmv1.VmConfig) error {
 		return &ve
 	}
 	return nil
+}
+
+// validateWithProfile validates a config and its profile together: a
+// control the profile forbids switching off is named first, before what
+// switching it off implies elsewhere (enable_ra_guard: false under "high"
+// is reported as such, not as allowed_ra_sources having to be empty).
+func validateWithProfile(req *vmv1.CreateVmRequest, opts ValidateOptions) error {
+	perr := checkProfile(req.GetConfig())
+	verr := ValidateCreate(req, opts)
+	var pv, vv *ValidationError
+	switch {
+	case perr == nil:
+		return verr
+	case verr == nil || !errors.As(perr, &pv) || !errors.As(verr, &vv):
+		return perr
+	}
+	return &ValidationError{Violations: append(slices.Clone(pv.Violations), vv.Violations...)}
 }

@@ -297,13 +297,10 @@ func (m *Manager) Create(ctx context.Context, req *vmv1.CreateVmRequest) (*store
 	// release among them) on a failure.
 	defer func() { names.Finish(created) }()
 	ctx = names.Bind(ctx)
-	if err := ValidateCreate(req, vopt); err != nil {
+	if err := validateWithProfile(req, vopt); err != nil {
 		return nil, err
 	}
 	cfg := req.GetConfig()
-	if err := checkProfile(cfg); err != nil {
-		return nil, err
-	}
 	if err := checkCompliance(cfg, m.opt.Region); err != nil {
 		return nil, err
 	}

@@ -209,10 +209,7 @@ func (m *Manager) applyConfig(ctx context.Context, row *store.VM, cfg *vmv1.VmCo
 	applied := false
 	defer func() { names.Finish(applied) }()
 	ctx = names.Bind(ctx)
-	if err := ValidateCreate(&vmv1.CreateVmRequest{VmId: row.ID, Config: cfg}, vopt); err != nil {
-		return nil, renameFields(err, from, to)
-	}
-	if err := checkProfile(cfg); err != nil {
+	if err := validateWithProfile(&vmv1.CreateVmRequest{VmId: row.ID, Config: cfg}, vopt); err != nil {
 		return nil, renameFields(err, from, to)
 	}
 	if err := checkCompliance(cfg, m.opt.Region); err != nil {

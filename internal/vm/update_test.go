@@ -135,3 +135,24 @@ func TestEmptyPatch(t *testing.T) {
 		}
 	}
 }
+
+// Under "high", switching RA guard off while RA sources are listed is
+// reported as the profile's refusal first, then what it implies.
+func TestValidateWithProfileOrder(t *testing.T) {
+	req := loadExample1(t)
+	sec := req.Config.Network[0].Ipv6.Security
+	if req.Config.GetSecurityProfile().GetProfileName() != "high" || len(sec.GetAllowedRaSources()) == 0 {
+		t.Fatal("Example 1 is expected to be high with RA sources")
+	}
+	sec.EnableRaGuard = proto.Bool(false)
+	err := validateWithProfile(req, ValidateOptions{})
+	var ve *ValidationError
+	if !errors.As(err, &ve) || len(ve.Violations) != 2 ||
+		ve.Violations[0].Field != "config.network[0].ipv6.security.enable_ra_guard" || !strings.Contains(ve.Violations[0].Reason, `profile "high"`) ||
+		ve.Violations[1].Field != "config.network[0].ipv6.security.allowed_ra_sources" {
+		t.Fatalf("%v", err)
+	}
+	if err := validateWithProfile(loadExample1(t), ValidateOptions{}); err != nil {
+		t.Fatalf("Example 1: %v", err)
+	}
+}
