@@ -57,6 +57,10 @@ func (a addresses) Reserve(ctx context.Context, req vm.AddressRequest) (vm.Resol
 		if ireq.Address.IsValid() {
 			return r, fieldError(req.Field+".address", err)
 		}
+		if errors.Is(err, ipam.ErrNotInPool) {
+			return r, &vm.ValidationError{Violations: []vm.FieldViolation{{Field: req.Field + ".address", Reason: fmt.Sprintf(
+				"not given, and no pool allocates for tenant %q (no pool lists it, and there is no pool %q): give an address or add a pool", req.TenantID, ipam.DefaultPoolID)}}}
+		}
 		return r, err
 	}
 	r.Address = alloc.Prefix()

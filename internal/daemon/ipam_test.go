@@ -120,6 +120,12 @@ func TestSeedExamplesVerbatim(t *testing.T) {
 	if code != 400 || errorField(out) != "config.network[0].ipv6.address" || !strings.Contains(str(out, "message"), "not inside any pool") {
 		t.Fatalf("outside pools: %d %v", code, out)
 	}
+	// No address, and no pool allocates for the tenant: the address field
+	// is named, with what to do.
+	code, out = e.call("CreateVm", map[string]any{"config": vmConfig("t-nopool", nic("eth0", "br-np", "", ""))})
+	if code != 400 || errorField(out) != "config.network[0].ipv6.address" || !strings.Contains(str(out, "message"), `not given, and no pool allocates for tenant "t-nopool"`) {
+		t.Fatalf("no pool for the tenant: %d %v", code, out)
+	}
 	// An on-link prefix wider than the address's /64 (it would route a
 	// /16 onto the VM's bridge): refused, and no route appears.
 	dup = loadExample(t, "example1-secure-web-server")

@@ -364,7 +364,7 @@ func TestFailedCreateLeavesNothing(t *testing.T) {
 	// Duplicate id.
 	e.mustCall("CreateVm", map[string]any{"vm_id": "vm-dup", "config": vmConfig("t1", nic("eth0", "br-d", "", ""))})
 	code, out = e.call("CreateVm", map[string]any{"vm_id": "vm-dup", "config": vmConfig("t2", nic("eth0", "br-other", "", ""))})
-	if code != 409 || out["code"] != "already_exists" {
+	if code != 409 || out["code"] != "already_exists" || errorField(out) != "vm_id" || str(out, "message") != `vm_id: "vm-dup": vm already exists` {
 		t.Fatalf("duplicate: %d %v", code, out)
 	}
 	if vm := e.getVM("vm-dup"); vm["tenantId"] != "t1" || slices.Contains(e.links(), "br-other") {

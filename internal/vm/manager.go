@@ -384,7 +384,7 @@ func (m *Manager) Create(ctx context.Context, req *vmv1.CreateVmRequest) (*store
 	// to roll the creation back.
 	if err := m.opt.Store.CreateVM(ctx, row); err != nil {
 		if errors.Is(err, store.ErrConflict) {
-			return nil, fmt.Errorf("create vm %s: %w: %w", id, ErrExists, err)
+			return nil, fmt.Errorf("vm_id: %q: %w", id, ErrExists)
 		}
 		return nil, fmt.Errorf("create vm %s: %w", id, err)
 	}
