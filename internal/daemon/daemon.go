@@ -291,7 +291,7 @@ func New(ctx context.Context, opt Options) (d *Daemon, err error) {
 	if err != nil {
 		return nil, fmt.Errorf("register first-hop metrics: %w", err)
 	}
-	d.fw.SetObserver(fh)
+	d.fw.SetObserver(observers{fh, restoreAfterRepair{d}})
 
 	// Addresses in requests may use symbolic subnet names everywhere: each
 	// request's validator parses them through its own name transaction

@@ -169,29 +169,6 @@ func TestGuestIPv6Settings(t *testing.T) {
 	if err != nil || !strings.Contains(string(raw), "nameserver 2001:4860:4860::8888\nnameserver 2001:4860:4860::8844") {
 		t.Fatalf("resolv.conf: %q %v", raw, err)
 	}
-	// New DNS servers reach the live guest's resolv.conf; a refused update
-	// leaves it as it was; clearing them empties it.
-	resolv := func() string {
-		raw, err := os.ReadFile(filepath.Join(e.dir, "etc", "metald-vm-g", "resolv.conf"))
-		if err != nil {
-			t.Fatal(err)
-		}
-		return string(raw)
-	}
-	e.mustCall("UpdateVmNetwork", map[string]any{"vm_id": "vm-g", "ipv6": map[string]any{"dns_servers": []any{"2001:db8:9::53"}}})
-	if got := resolv(); !strings.Contains(got, "nameserver 2001:db8:9::53\n") || strings.Contains(got, "8888") {
-		t.Fatalf("resolv.conf after the update: %q", got)
-	}
-	if code, out := e.call("UpdateVmNetwork", map[string]any{"vm_id": "vm-g", "ipv6": map[string]any{"dns_servers": []any{"2001:db8:9::54"}, "security": map[string]any{"ra_rate_limit": 1 << 20}}}); code != 400 {
-		t.Fatalf("bad update: %d %v", code, out)
-	}
-	if got := resolv(); !strings.Contains(got, "nameserver 2001:db8:9::53\n") || strings.Contains(got, "::54") {
-		t.Fatalf("resolv.conf after a refused update: %q", got)
-	}
-	e.mustCall("UpdateVmNetwork", map[string]any{"vm_id": "vm-g", "clear_fields": []any{"dns_servers"}})
-	if got := resolv(); strings.Contains(got, "nameserver") {
-		t.Fatalf("resolv.conf after clearing: %q", got)
-	}
 	f := e.vmNS("vm-g")
 	for key, want := range map[string]string{
 		"net/ipv6/conf/eth0/use_tempaddr":   "2",
@@ -217,6 +194,29 @@ func TestGuestIPv6Settings(t *testing.T) {
 	want, ok := vm.StableLinkLocal(row.NICs[0].StableSecret, make(net.HardwareAddr, 6))
 	if got := str(list(e.getVM("vm-g")["networkStatus"])[0], "guestLinkLocal"); !ok || got != want.String() {
 		t.Fatalf("guest link-local %s, computed %s", got, want)
+	}
+	// New DNS servers reach the live guest's resolv.conf; a refused update
+	// leaves it as it was; clearing them empties it.
+	resolv := func() string {
+		raw, err := os.ReadFile(filepath.Join(e.dir, "etc", "metald-vm-g", "resolv.conf"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		return string(raw)
+	}
+	e.mustCall("UpdateVmNetwork", map[string]any{"vm_id": "vm-g", "ipv6": map[string]any{"dns_servers": []any{"2001:db8:9::53"}}})
+	if got := resolv(); !strings.Contains(got, "nameserver 2001:db8:9::53\n") || strings.Contains(got, "8888") {
+		t.Fatalf("resolv.conf after the update: %q", got)
+	}
+	if code, out := e.call("UpdateVmNetwork", map[string]any{"vm_id": "vm-g", "ipv6": map[string]any{"dns_servers": []any{"2001:db8:9::54"}, "security": map[string]any{"ra_rate_limit": 1 << 20}}}); code != 400 {
+		t.Fatalf("bad update: %d %v", code, out)
+	}
+	if got := resolv(); !strings.Contains(got, "nameserver 2001:db8:9::53\n") || strings.Contains(got, "::54") {
+		t.Fatalf("resolv.conf after a refused update: %q", got)
+	}
+	e.mustCall("UpdateVmNetwork", map[string]any{"vm_id": "vm-g", "clear_fields": []any{"dns_servers"}})
+	if got := resolv(); strings.Contains(got, "nameserver") {
+		t.Fatalf("resolv.conf after clearing: %q", got)
 	}
 	// The secret is persisted: a reboot keeps it.
 	e.mustCall("RebootVm", map[string]any{"vm_id": "vm-g"})

@@ -222,3 +222,64 @@ sendp(Ether(src=get_if_hwaddr("eth0"), dst="33:33:00:00:00:01")/IPv6(src="2001:d
 		t.Fatalf("%d NAs for vm-sv's address from vm-sa reached vm-sv", got)
 	}
 }
+
+// An operator deletes the first-hop table of a privacy guest's port: the
+// repair rewrites it, and the guest's learned temporary address is bound
+// again (for the time it had left), so its connections from it go on.
+func TestRepairRestoresTemporaryAddresses(t *testing.T) {
+	e := newEnvWith(t, func(o *daemon.Options) { o.TempAddrInterval = 300 * time.Millisecond })
+	for _, v := range []struct {
+		id, addr string
+		privacy  bool
+	}{{"vm-ra", "2001:db8:79::10/64", true}, {"vm-rp", "2001:db8:79::11/64", false}} {
+		n := map[string]any{"id": "eth0", "bridge_name": "br-rt", "ipv6": map[string]any{
+			"address": v.addr, "gateway": "2001:db8:79::1", "enable_privacy_extensions": v.privacy, "temp_valid_lifetime": 600}}
+		cfg := vmConfig("t1", n)
+		cfg["security_profile"] = map[string]any{"profile_name": "high"}
+		e.mustCall("CreateVm", map[string]any{"vm_id": v.id, "config": cfg})
+		e.mustCall("BootVm", map[string]any{"vm_id": v.id})
+		e.waitDAD(v.id)
+	}
+	temp := e.tempAddr(t, "vm-ra")
+	e.startListener(t, "vm-rp", "80")
+	connect := func() string {
+		out, _ := e.inVM("vm-ra", "python3", "-c", connectFromScript, "2001:db8:79::11", "80", temp)
+		return out
+	}
+	if out := connect(); !strings.Contains(out, "connected hi") {
+		t.Fatalf("from %s before the repair: %s", temp, out)
+	}
+	// metald has read the binding (GetVm shows it) before the table goes.
+	deadline := time.Now().Add(5 * time.Second)
+	for !slices.Contains(list(obj(list(e.getVM("vm-ra")["networkStatus"])[0])["temporaryAddresses"]), any(temp)) {
+		if time.Now().After(deadline) {
+			t.Fatal("metald never read the binding")
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	dev := str(obj(list(e.getVM("vm-ra")["networkStatus"])[0]), "hostDevice")
+	var table string
+	for _, tbl := range e.fhTables(t) {
+		if out, _ := e.host.Run("nft", "list", "set", "netdev", tbl, dev+"-temp"); strings.Contains(out, temp) {
+			table = tbl
+		}
+	}
+	if table == "" {
+		t.Fatal("no table binds the temporary address")
+	}
+	e.host.MustRun(t, "nft", "delete", "table", "netdev", table)
+	deadline = time.Now().Add(10 * time.Second)
+	for {
+		out, _ := e.host.Run("nft", "list", "set", "netdev", table, dev+"-temp")
+		if strings.Contains(out, temp) {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("after the repair %s-temp lacks %s:\n%s", dev, temp, out)
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	if out := connect(); !strings.Contains(out, "connected hi") {
+		t.Fatalf("from %s after the repair: %s", temp, out)
+	}
+}

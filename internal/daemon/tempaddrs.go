@@ -8,6 +8,7 @@ import (
 	"sync"
 	"time"
 
+	"github.com/metald/metald/internal/network"
 	"github.com/metald/metald/internal/network/nft"
 	"github.com/metald/metald/internal/secevent"
 )
@@ -23,12 +24,61 @@ import (
 type tempAddrs struct {
 	mu    sync.Mutex
 	byDev map[string][]netip.Addr
+	// until is when each binding ends, as last read: a repair that
+	// rewrote a port's sets empty (its table was deleted) restores them
+	// from it (restoreAfterRepair). Kept through empty reads, pruned as
+	// bindings end.
+	until map[string]map[netip.Addr]time.Time
 	// kick carries devices to read now; full, the next pass reads all.
 	kick chan string
 }
 
 func newTempAddrs() *tempAddrs {
-	return &tempAddrs{byDev: map[string][]netip.Addr{}, kick: make(chan string, 256)}
+	return &tempAddrs{byDev: map[string][]netip.Addr{}, until: map[string]map[netip.Addr]time.Time{}, kick: make(chan string, 256)}
+}
+
+// record notes when dev's bindings end (left: as read at now).
+func (t *tempAddrs) record(dev string, left map[netip.Addr]time.Duration, now time.Time) {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	u := t.until[dev]
+	if u == nil {
+		u = map[netip.Addr]time.Time{}
+		t.until[dev] = u
+	}
+	for a, d := range left {
+		u[a] = now.Add(d)
+	}
+	for a, end := range u {
+		if !end.After(now) {
+			delete(u, a)
+		}
+	}
+	if len(u) == 0 {
+		delete(t.until, dev)
+	}
+}
+
+// unbound forgets bindings metald itself took away.
+func (t *tempAddrs) unbound(dev string, addrs []netip.Addr) {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	for _, a := range addrs {
+		delete(t.until[dev], a)
+	}
+}
+
+// left returns the time dev's recorded bindings have left at now.
+func (t *tempAddrs) left(dev string, now time.Time) map[netip.Addr]time.Duration {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	out := map[netip.Addr]time.Duration{}
+	for a, end := range t.until[dev] {
+		if d := end.Sub(now); d > 0 {
+			out[a] = d
+		}
+	}
+	return out
 }
 
 // get returns dev's learned temporary addresses (vm.Options.TempAddrs).
@@ -55,7 +105,12 @@ func (t *tempAddrs) set(dev string, addrs []netip.Addr) bool {
 
 // forget drops dev's addresses (its NIC was removed: a NIC that later
 // gets the same device name starts with none).
-func (t *tempAddrs) forget(dev string) { t.set(dev, nil) }
+func (t *tempAddrs) forget(dev string) {
+	t.set(dev, nil)
+	t.mu.Lock()
+	delete(t.until, dev)
+	t.mu.Unlock()
+}
 
 // holders returns the devices other than dev that hold one of addrs.
 func (t *tempAddrs) holders(dev string, addrs []netip.Addr) []string {
@@ -132,11 +187,17 @@ func (d *Daemon) syncTempAddrs(ctx context.Context, devs []string) {
 // served) is first taken off that port's policy (with owners), so the
 // two NICs' policies never claim one address.
 func (d *Daemon) syncTempAddrsOf(ctx context.Context, dev string, owners bool) {
-	addrs, err := d.fw.TempAddrs(dev)
+	bindings, err := d.fw.TempBindings(dev)
 	if err != nil && !errors.Is(err, nft.ErrNotFound) {
 		d.log.Error("temporary addresses: read learned set", "dev", dev, "err", err)
 		return
 	}
+	d.temps.record(dev, bindings, time.Now())
+	addrs := make([]netip.Addr, 0, len(bindings))
+	for a := range bindings {
+		addrs = append(addrs, a)
+	}
+	slices.SortFunc(addrs, netip.Addr.Compare)
 	addrs = d.evictStolen(ctx, dev, addrs)
 	if owners {
 		for _, other := range d.temps.holders(dev, addrs) {
@@ -192,10 +253,51 @@ func (d *Daemon) evictStolen(ctx context.Context, dev string, addrs []netip.Addr
 		d.log.Error("temporary addresses: unbind another NIC's address", "vm_id", vmID, "dev", dev, "addresses", stolen, "err", err)
 		return addrs
 	}
+	d.temps.unbound(dev, stolen)
 	for i, a := range stolen {
 		d.log.Warn("temporary addresses: a guest claimed another NIC's address; unbound", "vm_id", vmID, "nic", nic, "address", a, "owner", owners[i])
 		d.events.Emit(secevent.Event{Type: secevent.TypeSourceGuardViolation, Severity: secevent.SeverityHigh, VMID: vmID, TenantID: tenant, InterfaceID: nic,
 			Details: secevent.Details{Src: a.String(), Reason: "claimed " + a.String() + " by DAD, the configured address of " + owners[i] + ": unbound"}})
 	}
 	return slices.DeleteFunc(addrs, func(a netip.Addr) bool { return slices.Contains(stolen, a) })
+}
+
+// restoreAfterRepair is a first-hop observer: a repair rewrites a NIC's
+// objects, and when their table had been deleted its learned temporary
+// addresses went with it, which would cut the guest's connections from
+// them until it made new ones. They are bound again for the time they had
+// left, and read again.
+type restoreAfterRepair struct{ d *Daemon }
+
+func (r restoreAfterRepair) NICRemoved(string, map[network.Control]uint64) {}
+
+func (r restoreAfterRepair) Repaired(rep nft.Repairs) {
+	d := r.d
+	for dev := range rep.NICs {
+		left := d.temps.left(dev, time.Now())
+		if len(left) == 0 {
+			continue
+		}
+		if err := d.fw.RestoreTemp(dev, left); err != nil {
+			d.log.Error("temporary addresses: restore after a repair", "dev", dev, "err", err)
+			continue
+		}
+		d.log.Warn("temporary addresses: bindings restored after a repair", "dev", dev, "count", len(left))
+		d.temps.noticeLearned(dev, netip.Addr{})
+	}
+}
+
+// observers fans first-hop notifications out.
+type observers []nft.Observer
+
+func (o observers) NICRemoved(dev string, final map[network.Control]uint64) {
+	for _, x := range o {
+		x.NICRemoved(dev, final)
+	}
+}
+
+func (o observers) Repaired(r nft.Repairs) {
+	for _, x := range o {
+		x.Repaired(r)
+	}
 }

@@ -8,6 +8,7 @@ import (
 	"net/netip"
 	"slices"
 	"sync"
+	"time"
 
 	"github.com/google/nftables"
 	"golang.org/x/sys/unix"
@@ -31,8 +32,10 @@ type Firewall struct {
 	conn     *nftables.Conn
 	obs      Observer
 	// pending are removal notifications queued under mu and delivered
-	// after it is released (see notifyRemoved).
-	pending []removed
+	// after it is released (see notifyRemoved); pendingRepairs likewise
+	// (Reconcile).
+	pending        []removed
+	pendingRepairs *Repairs
 	// shared are the shared constant sets known to exist; pendingShared
 	// those queued in the batch being built (-> batch id). Sets are
 	// table-scoped: every shard has its own.
@@ -941,6 +944,21 @@ func (f *Firewall) Counters(hostDev string) (map[network.Control]uint64, error) 
 // its DAD (privacy extensions, the port's <dev>-temp set) and not yet
 // expired: the kernel's set is the record, metald keeps no other.
 func (f *Firewall) TempAddrs(hostDev string) ([]netip.Addr, error) {
+	b, err := f.TempBindings(hostDev)
+	if err != nil {
+		return nil, err
+	}
+	out := make([]netip.Addr, 0, len(b))
+	for a := range b {
+		out = append(out, a)
+	}
+	slices.SortFunc(out, netip.Addr.Compare)
+	return out, nil
+}
+
+// TempBindings returns hostDev's learned temporary addresses (as
+// TempAddrs) with the time each binding has left.
+func (f *Firewall) TempBindings(hostDev string) (map[netip.Addr]time.Duration, error) {
 	f.mu.Lock()
 	defer f.unlock()
 	s, err := f.nicShard(hostDev)
@@ -952,14 +970,56 @@ func (f *Firewall) TempAddrs(hostDev string) ([]netip.Addr, error) {
 	if err != nil {
 		return nil, fmt.Errorf("read temporary addresses of %s: %w", hostDev, err)
 	}
-	var out []netip.Addr
+	out := map[netip.Addr]time.Duration{}
 	for _, e := range els {
 		if a, ok := netip.AddrFromSlice(e.Key); ok && a.Is6() {
-			out = append(out, a)
+			out[a] = e.Expires
 		}
 	}
-	slices.SortFunc(out, netip.Addr.Compare)
 	return out, nil
+}
+
+// RestoreTemp binds temporary addresses to hostDev's port again (its
+// <dev>-temp set and its shard's priv_owned), each for the time it had
+// left: metald's record of bindings a repair lost (the table was deleted
+// and rewritten empty). An address another port bound meanwhile stays
+// that port's (it is skipped). One batch.
+func (f *Firewall) RestoreTemp(hostDev string, left map[netip.Addr]time.Duration) error {
+	f.mu.Lock()
+	defer f.unlock()
+	s, err := f.nicShard(hostDev)
+	if err != nil {
+		return fmt.Errorf("restore temporary addresses of %s: %w", hostDev, err)
+	}
+	t := shardTable(s)
+	owned, err := f.conn.GetSetElements(&nftables.Set{Table: t, Name: PrivOwnedSet, KeyType: nftables.TypeIP6Addr})
+	if err != nil {
+		return fmt.Errorf("restore temporary addresses of %s: %w", hostDev, err)
+	}
+	taken := map[netip.Addr]bool{}
+	for _, e := range owned {
+		if a, ok := netip.AddrFromSlice(e.Key); ok {
+			taken[a] = true
+		}
+	}
+	n := network.NamesFor(hostDev)
+	var els []nftables.SetElement
+	for a, d := range left {
+		if d <= 0 || taken[a] {
+			continue
+		}
+		els = append(els, nftables.SetElement{Key: a.AsSlice(), Timeout: d})
+	}
+	if len(els) == 0 {
+		return nil
+	}
+	for _, set := range []string{n.TempSet(), PrivOwnedSet} {
+		if err := f.conn.SetAddElements(&nftables.Set{Table: t, Name: set, KeyType: nftables.TypeIP6Addr, HasTimeout: true}, els); err != nil {
+			return fmt.Errorf("restore temporary addresses of %s: %w", hostDev, err)
+		}
+	}
+	f.batch.queued = true
+	return f.flush("restore temporary addresses of " + hostDev)
 }
 
 // EvictTemp unbinds temporary addresses from hostDev's port (its

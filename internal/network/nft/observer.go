@@ -38,13 +38,18 @@ func (f *Firewall) notifyRemoved(dev string, final map[network.Control]uint64) {
 
 // unlock releases f.mu and then delivers queued notifications.
 func (f *Firewall) unlock() {
-	p, o := f.pending, f.obs
-	f.pending = nil
+	p, rep, o := f.pending, f.pendingRepairs, f.obs
+	f.pending, f.pendingRepairs = nil, nil
 	f.mu.Unlock()
 	if o == nil {
 		return
 	}
 	for _, r := range p {
 		o.NICRemoved(r.dev, r.final)
+	}
+	if rep != nil {
+		// Observers may call the Firewall again (metald restores learned
+		// bindings a repair lost): f.mu is free here.
+		o.Repaired(*rep)
 	}
 }

@@ -278,9 +278,8 @@ func (f *Firewall) ReconcileFunc(ctx context.Context, list func(context.Context)
 		f.notifyRemoved(g.dev, g.final)
 	}
 	if f.obs != nil {
-		o := f.obs
 		rr := r
-		defer o.Repaired(rr) // runs after f.unlock (deferred earlier, so later)
+		f.pendingRepairs = &rr // delivered by f.unlock, after f.mu is released
 	}
 	return r, nil
 }
