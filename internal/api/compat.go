@@ -61,6 +61,14 @@ func native(mt string) bool {
 func (c *compat) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	in, ok := c.inputs[r.URL.Path]
 	if !ok {
+		if name, under := strings.CutPrefix(r.URL.Path, c.prefix); under {
+			// A mistyped procedure: say so in the JSON error shape (the
+			// mux would answer a plain-text 404).
+			w.Header().Set("Content-Type", "application/json")
+			w.WriteHeader(http.StatusNotFound)
+			fmt.Fprintf(w, `{"code":"unimplemented","message":%q}`+"\n", fmt.Sprintf("no procedure %q in %s", name, strings.Trim(c.prefix, "/")))
+			return
+		}
 		c.next.ServeHTTP(w, r)
 		return
 	}

@@ -158,6 +158,10 @@ func TestCurlForms(t *testing.T) {
 	if code, _ := e.call("GetVm", map[string]any{"vm_id": "vm-forms"}); code != 200 {
 		t.Fatal("the refused GET deleted the VM")
 	}
+	// A mistyped procedure is a JSON error too.
+	if code, out := e.call("GetVms", map[string]any{}); code != 404 || out["code"] != "unimplemented" || str(out, "message") != `no procedure "GetVms" in vmprovisioner.v1.VmService` {
+		t.Fatalf("unknown procedure: %d %v", code, out)
+	}
 	// Errors keep the seed's shape: {"code": "...", "message": "..."}.
 	code, out := e.call("GetVm", map[string]any{"vm_id": "vm-nope"})
 	if code != 404 || out["code"] != "not_found" || !strings.Contains(str(out, "message"), "vm-nope") {
