@@ -64,9 +64,7 @@ func (c *compat) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		if name, under := strings.CutPrefix(r.URL.Path, c.prefix); under {
 			// A mistyped procedure: say so in the JSON error shape (the
 			// mux would answer a plain-text 404).
-			w.Header().Set("Content-Type", "application/json")
-			w.WriteHeader(http.StatusNotFound)
-			fmt.Fprintf(w, `{"code":"unimplemented","message":%q}`+"\n", fmt.Sprintf("no procedure %q in %s", name, strings.Trim(c.prefix, "/")))
+			writeJSONError(w, http.StatusNotFound, fmt.Sprintf("no procedure %q in %s", name, strings.Trim(c.prefix, "/")))
 			return
 		}
 		c.next.ServeHTTP(w, r)
@@ -79,9 +77,7 @@ func (c *compat) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 			// Connect answers 405 with an empty body; say why, in the error
 			// shape every other failure has.
 			w.Header().Set("Allow", "POST, PUT")
-			w.Header().Set("Content-Type", "application/json")
-			w.WriteHeader(http.StatusMethodNotAllowed)
-			fmt.Fprintf(w, `{"code":"unimplemented","message":%q}`+"\n",
+			writeJSONError(w, http.StatusMethodNotAllowed,
 				strings.TrimPrefix(r.URL.Path, c.prefix)+" changes state: Connect's GET form is only for GetVm and ListVms; use POST or PUT")
 			return
 		}
@@ -127,4 +123,13 @@ func (c *compat) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	r.Body = io.NopCloser(bytes.NewReader(body))
 	r.ContentLength = int64(len(body))
 	c.next.ServeHTTP(w, r)
+}
+
+// writeJSONError answers what Connect's own handlers answer without a body
+// (an unknown procedure, a GET it does not serve) in the error shape of
+// every other failure, code unimplemented.
+func writeJSONError(w http.ResponseWriter, status int, msg string) {
+	w.Header().Set("Content-Type", "application/json")
+	w.WriteHeader(status)
+	fmt.Fprintf(w, `{"code":"unimplemented","message":%q}`+"\n", msg)
 }

@@ -802,10 +802,17 @@ func (m *Manager) Reboot(ctx context.Context, id string) (*store.VM, error) {
 				return inst, "", fmt.Errorf("persist vm state: %w", err)
 			}
 			inst, err = m.opt.Backend.Reboot(ctx, spec, inst)
-			if err == nil {
-				m.afterBoot(vm)
+			if err != nil {
+				// Failed, not interrupted: the mark goes (the liveness
+				// watch judges the guest as it is).
+				vm.StateReason = ""
+				if perr := m.opt.Store.UpdateVM(ctx, vm); perr != nil {
+					m.log.Error("clear reboot mark", "vm_id", vm.ID, "err", perr)
+				}
+				return inst, "", err
 			}
-			return inst, store.StateRunning, err
+			m.afterBoot(vm)
+			return inst, store.StateRunning, nil
 		})
 }
 

@@ -2,7 +2,6 @@ package vm
 
 import (
 	"context"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"net/netip"
@@ -14,7 +13,6 @@ import (
 	"google.golang.org/protobuf/proto"
 	"google.golang.org/protobuf/reflect/protoreflect"
 
-	"github.com/metald/metald/internal/backend"
 	vmv1 "github.com/metald/metald/internal/gen/vmprovisioner/v1"
 	"github.com/metald/metald/internal/store"
 )
@@ -224,10 +222,21 @@ func (m *Manager) applyConfig(ctx context.Context, row *store.VM, cfg *vmv1.VmCo
 	if _, err := m.Policies(ctx, &next, cfg, nil); err != nil {
 		return nil, renameFields(err, from, to)
 	}
+	old, err := decodeConfig(row)
+	if err != nil {
+		return nil, err
+	}
+	// New DNS servers reach a live guest where the backend can give them
+	// (netns: resolv.conf); other backends pass them at the next boot.
+	dns := m.dnsChange(ctx, row, old, cfg)
+	if err := dns(cfg); err != nil {
+		return nil, err
+	}
 	restore := func() {
 		m.installFirewall(row, nil)
-		if old, err := decodeConfig(row); err == nil {
-			m.installPolicy(ctx, row, old)
+		m.installPolicy(ctx, row, old)
+		if err := dns(old); err != nil {
+			m.log.Error("restore dns after a failed update", "vm_id", row.ID, "err", err)
 		}
 	}
 	if err := m.installFirewall(&next, cfg); err != nil {
@@ -240,9 +249,7 @@ func (m *Manager) applyConfig(ctx context.Context, row *store.VM, cfg *vmv1.VmCo
 	}
 	if err := m.applyLimits(&next, cfg); err != nil {
 		restore()
-		if old, derr := decodeConfig(row); derr == nil {
-			m.applyLimits(row, old)
-		}
+		m.applyLimits(row, old)
 		return nil, err
 	}
 	next.UpdatedAt = m.opt.Now().UTC()
@@ -322,26 +329,19 @@ func (m *Manager) UpdateVmNetwork(ctx context.Context, id, nicID string, patch *
 	if emptyPatch(patch.ProtoReflect()) && len(clear) == 0 {
 		return nil, 0, &ValidationError{Violations: []FieldViolation{{Field: "ipv6", Reason: emptyPatchReason}}}
 	}
+	// Fields the guest configures at boot: neither set nor cleared here.
 	const bootOnly = "cannot change on an existing vm (the guest configures it at boot); create a new vm"
 	var ve ValidationError
-	for _, f := range []struct {
-		field string
-		set   bool
-	}{
-		{"ipv6.address", patch.GetAddress() != ""}, {"ipv6.gateway", patch.GetGateway() != ""},
-		{"ipv6.enable_privacy_extensions", patch.EnablePrivacyExtensions != nil},
-		{"ipv6.enable_stable_privacy", patch.EnableStablePrivacy != nil}, {"ipv6.temp_valid_lifetime", patch.TempValidLifetime != nil},
-	} {
-		if f.set {
-			ve.Violations = append(ve.Violations, FieldViolation{Field: f.field, Reason: bootOnly})
+	fixed := map[string]string{}
+	pr := patch.ProtoReflect()
+	for _, f := range []protoreflect.Name{"address", "gateway", "enable_privacy_extensions", "enable_stable_privacy", "temp_valid_lifetime"} {
+		if pr.Has(pr.Descriptor().Fields().ByName(f)) {
+			ve.Violations = append(ve.Violations, FieldViolation{Field: "ipv6." + string(f), Reason: bootOnly})
 		}
+		fixed[string(f)] = fmt.Sprintf("%q %s", f, bootOnly)
 	}
 	if len(ve.Violations) > 0 {
 		return nil, 0, &ve
-	}
-	fixed := map[string]string{}
-	for _, f := range []string{"address", "gateway", "enable_privacy_extensions", "enable_stable_privacy", "temp_valid_lifetime"} {
-		fixed[f] = fmt.Sprintf("%q %s", f, bootOnly)
 	}
 	i := idx[0]
 	n := cfg.GetNetwork()[i]
@@ -359,47 +359,28 @@ func (m *Manager) UpdateVmNetwork(ctx context.Context, id, nicID string, patch *
 	}
 	ctx, cancel := m.detached(ctx)
 	defer cancel()
-	// New DNS servers reach a live guest where the backend can give them
-	// (netns: resolv.conf), written before the rest and put back if the
-	// rest fails; other backends pass them at the next boot.
-	old, err := decodeConfig(row)
-	if err != nil {
-		return nil, 0, err
-	}
-	var restoreDNS func()
-	if u, ok := m.opt.Backend.(DNSUpdater); ok && !slices.Equal(old.GetNetwork()[i].GetIpv6().GetDnsServers(), n.GetIpv6().GetDnsServers()) {
-		if restoreDNS, err = m.updateDNS(ctx, u, row, cfg, old); err != nil {
-			return nil, 0, err
-		}
-	}
 	next, err := m.applyConfig(ctx, row, cfg, fmt.Sprintf("config.network[%d].ipv6", i), "ipv6")
-	if err != nil && restoreDNS != nil {
-		restoreDNS()
-	}
 	return next, i, err
 }
 
-// updateDNS gives the guest cfg's DNS servers through u and returns the
-// function that gives it old's again.
-func (m *Manager) updateDNS(ctx context.Context, u DNSUpdater, row *store.VM, cfg, old *vmv1.VmConfig) (func(), error) {
-	var inst backend.Instance
-	if len(row.Instance) > 0 {
-		_ = json.Unmarshal(row.Instance, &inst)
+// dnsChange returns what gives the guest a config's DNS servers: the
+// backend's DNSUpdater when the update changes them (from old to cfg) and
+// the backend has one, else nothing.
+func (m *Manager) dnsChange(ctx context.Context, row *store.VM, old, cfg *vmv1.VmConfig) func(*vmv1.VmConfig) error {
+	u, ok := m.opt.Backend.(DNSUpdater)
+	same := slices.EqualFunc(old.GetNetwork(), cfg.GetNetwork(), func(a, b *vmv1.NetworkInterface) bool {
+		return slices.Equal(a.GetIpv6().GetDnsServers(), b.GetIpv6().GetDnsServers())
+	})
+	if !ok || same {
+		return func(*vmv1.VmConfig) error { return nil }
 	}
-	spec, err := m.spec(row, cfg)
-	if err != nil {
-		return nil, err
-	}
-	if err := u.UpdateDNS(ctx, spec, inst); err != nil {
-		return nil, err
-	}
-	return func() {
-		if spec, err := m.spec(row, old); err == nil {
-			if err := u.UpdateDNS(ctx, spec, inst); err != nil {
-				m.log.Error("restore dns after a failed update", "vm_id", row.ID, "err", err)
-			}
+	return func(c *vmv1.VmConfig) error {
+		spec, err := m.spec(row, c)
+		if err != nil {
+			return err
 		}
-	}, nil
+		return u.UpdateDNS(ctx, spec, Instance(row))
+	}
 }
 
 // MaxIsolationReason bounds IsolateVm's reason, in bytes.

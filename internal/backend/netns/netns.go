@@ -264,8 +264,7 @@ func (b *Backend) Create(ctx context.Context, spec *backend.Spec) (inst backend.
 		return backend.Instance{}, fmt.Errorf("create vm %s: %w", vmID, err)
 	}
 	undo = append(undo, func() error { return os.RemoveAll(etc) })
-	resolv := filepath.Join(etc, "resolv.conf")
-	if err := writeFileAtomic(resolv, resolvConf(vmID, spec.NICs)); err != nil {
+	if err := b.UpdateDNS(ctx, spec, backend.Instance{}); err != nil {
 		return backend.Instance{}, fmt.Errorf("create vm %s: %w", vmID, err)
 	}
 
@@ -275,19 +274,21 @@ func (b *Backend) Create(ctx context.Context, spec *backend.Spec) (inst backend.
 		Details: map[string]string{
 			DetailNetnsPath:   path,
 			DetailHostDevices: strings.Join(hostDevs, ","),
-			DetailResolvConf:  resolv,
+			DetailResolvConf:  b.resolvPath(vmID),
 		},
 	}, nil
 }
 
 // UpdateDNS rewrites the VM's resolv.conf from spec's DNS servers (replaced
 // whole: `ip netns exec` binds the current file at each exec).
+// Create writes the first one through it.
 func (b *Backend) UpdateDNS(ctx context.Context, spec *backend.Spec, inst backend.Instance) error {
-	path := filepath.Join(b.etcPath(spec.VMID), "resolv.conf")
-	if err := writeFileAtomic(path, resolvConf(spec.VMID, spec.NICs)); err != nil {
-		return fmt.Errorf("update dns of vm %s: %w", spec.VMID, err)
-	}
-	return nil
+	return writeFileAtomic(b.resolvPath(spec.VMID), resolvConf(spec.VMID, spec.NICs))
+}
+
+// resolvPath is the VM's resolv.conf under the etc directory.
+func (b *Backend) resolvPath(vmID string) string {
+	return filepath.Join(b.etcPath(vmID), "resolv.conf")
 }
 
 // resolvConf renders the VM's resolv.conf: the DNS servers of all NICs in

@@ -940,24 +940,9 @@ func (f *Firewall) Counters(hostDev string) (map[network.Control]uint64, error) 
 	return out, nil
 }
 
-// TempAddrs returns the temporary addresses hostDev's guest has bound by
-// its DAD (privacy extensions, the port's <dev>-temp set) and not yet
-// expired: the kernel's set is the record, metald keeps no other.
-func (f *Firewall) TempAddrs(hostDev string) ([]netip.Addr, error) {
-	b, err := f.TempBindings(hostDev)
-	if err != nil {
-		return nil, err
-	}
-	out := make([]netip.Addr, 0, len(b))
-	for a := range b {
-		out = append(out, a)
-	}
-	slices.SortFunc(out, netip.Addr.Compare)
-	return out, nil
-}
-
-// TempBindings returns hostDev's learned temporary addresses (as
-// TempAddrs) with the time each binding has left.
+// TempBindings returns the temporary addresses hostDev's guest has bound
+// by its DAD (privacy extensions, the port's <dev>-temp set) and not yet
+// expired, with the time each binding has left.
 func (f *Firewall) TempBindings(hostDev string) (map[netip.Addr]time.Duration, error) {
 	f.mu.Lock()
 	defer f.unlock()
@@ -1035,20 +1020,22 @@ func (f *Firewall) EvictTemp(hostDev string, addrs []netip.Addr) error {
 		return fmt.Errorf("evict temporary addresses of %s: %w", hostDev, err)
 	}
 	n := network.NamesFor(hostDev)
+	var errs []error
 	for _, a := range addrs {
-		// One batch per address: a missing element fails its batch only.
+		// One batch per element: a missing one fails its batch only.
 		els := []nftables.SetElement{{Key: a.AsSlice()}}
 		for _, set := range []string{n.TempSet(), PrivOwnedSet} {
 			if err := f.conn.SetDeleteElements(&nftables.Set{Table: shardTable(s), Name: set, KeyType: nftables.TypeIP6Addr}, els); err != nil {
-				return fmt.Errorf("evict %s from %s: %w", a, hostDev, err)
+				errs = append(errs, fmt.Errorf("evict %s from %s: %w", a, hostDev, err))
+				continue
 			}
 			f.batch.queued = true
 			if err := f.flush("evict " + a.String() + " from " + set); err != nil && !errors.Is(err, unix.ENOENT) {
-				return err
+				errs = append(errs, err)
 			}
 		}
 	}
-	return nil
+	return errors.Join(errs...)
 }
 
 // nicShard returns the shard holding hostDev's objects (ErrNotFound when
