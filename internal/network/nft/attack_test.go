@@ -78,6 +78,15 @@ send([first, second])`, want: ctl(network.CtlHeaderChain, 1, network.CtlExtFragm
 	{name: "fragment header", script: `send(fragment6(` + toVM2 + `/IPv6ExtHdrFragment(id=12)/ICMPv6EchoRequest(data=b"y"*1400), 800))`, want: ctl(network.CtlExtFragment, 2)},
 	{name: "atomic fragment", script: `send(` + toVM2 + `/IPv6ExtHdrFragment(id=13, m=0, offset=0)/ICMPv6EchoRequest())`, want: ctl(network.CtlExtFragment, 1)},
 	{name: "destination options header", script: `send(` + toVM2 + `/IPv6ExtHdrDestOpt()/ICMPv6EchoRequest())`, want: ctl(network.CtlExtDestOpts, 1)},
+	// TCP meets the fast path first (one 16-byte link-layer match, the
+	// next header, the bound source); what it does not take must meet
+	// every other rule.
+	{name: "TCP from a spoofed source", script: `send([Ether(src=M1, dst=M2)/IPv6(src="2001:db8:1::99", dst=IP2, fl=FL)/TCP(dport=80, flags="S")]*2)`, want: ctl(network.CtlSourceGuard, 2)},
+	{name: "TCP from a spoofed MAC", script: `send(Ether(src="02:00:00:00:09:09", dst=M2)/IPv6(src=IP1, dst=IP2, fl=FL)/TCP(dport=80, flags="S"))`, want: ctl(network.CtlMACSpoof, 1)},
+	{name: "TCP VLAN tagged", script: `send(Ether(src=M1, dst=M2)/Dot1Q(vlan=100)/IPv6(src=IP1, dst=IP2, fl=FL)/TCP(dport=80, flags="S"))`, want: ctl(network.CtlL2Violation, 1)},
+	{name: "TCP behind hop-by-hop", script: `send(` + toVM2 + `/IPv6ExtHdrHopByHop()/TCP(dport=80, flags="S"))`, want: ctl(network.CtlExtHopByHop, 1)},
+	{name: "TCP behind a routing header", script: `send(` + toVM2 + `/IPv6ExtHdrRouting(addresses=["2001:db8:1::1"])/TCP(dport=80, flags="S"))`, want: ctl(network.CtlExtRouting, 1)},
+	{name: "TCP header cut short", script: `send(Ether(src=M1, dst=M2)/IPv6(src=IP1, dst=IP2, fl=FL, nh=6)/Raw(b"\x00\x50"))`, want: ctl(network.CtlHeaderChain, 1)},
 }
 
 // Attacks that only RA guard (plus source guard) must stop: the extension

@@ -480,6 +480,21 @@ func saddrLinkLocal() []expr.Any {
 }
 func hopLimit(v byte) []expr.Any { return []expr.Any{nh(7, 1), eq([]byte{v})} }
 
+// l2Fast matches, with one 16-byte load, a frame to a unicast MAC (I/G
+// bit 0) from mac with ethertype IPv6 and no VLAN tag (a tag shows as
+// ethertype 0x8100); the load's last two bytes, the start of the IPv6
+// header, are masked out.
+func l2Fast(mac net.HardwareAddr) []expr.Any {
+	mask, want := make([]byte, 16), make([]byte, 16)
+	mask[0] = 1
+	for i := 6; i < 14; i++ {
+		mask[i] = 0xff
+	}
+	copy(want[6:12], mac)
+	binary.BigEndian.PutUint16(want[12:14], unix.ETH_P_IPV6)
+	return []expr.Any{ll(0, 16), &expr.Bitwise{SourceRegister: 1, DestRegister: 1, Len: 16, Mask: mask, Xor: make([]byte, 16)}, eq(want)}
+}
+
 // etherUnicast matches frames whose destination MAC is unicast (I/G bit 0).
 func etherUnicast() []expr.Any {
 	return []expr.Any{ll(0, 1), &expr.Bitwise{SourceRegister: 1, DestRegister: 1, Len: 1, Mask: []byte{1}, Xor: []byte{0}}, eq([]byte{0})}
@@ -514,11 +529,13 @@ func m(e ...expr.Any) []expr.Any { return e }
 //
 // Bit srcOK of the mark says that the from-VM chain found the frame's
 // header chain readable and its source bound to the port (see buildNIC);
-// the VLAN comparison leaves it out.
+// bit fastTCP (with srcOK) that its fast path passed it: unicast TCP
+// with no extension header. The VLAN comparison leaves both out.
 const (
 	vlanTag  = 0x6d6c0000 // "ml"
 	vlanMask = 0xffff0000
 	srcOK    = 0x8000 // above the 12 bits of a VLAN id
+	fastTCP  = 0x4000
 )
 
 func native32(v uint32) []byte { return binaryutil.NativeEndian.PutUint32(v) }
@@ -544,11 +561,17 @@ func markNot(v uint32) []expr.Any {
 	return []expr.Any{&expr.Meta{Key: expr.MetaKeyMARK, Register: 1}, neq(native32(v))}
 }
 
-// markVLANNot matches a mark whose VLAN part (srcOK left out) is not v's.
+// markIs matches the mark v.
+func markIs(v uint32) []expr.Any {
+	return []expr.Any{&expr.Meta{Key: expr.MetaKeyMARK, Register: 1}, eq(native32(v))}
+}
+
+// markVLANNot matches a mark whose VLAN part (srcOK and fastTCP left out)
+// is not v's.
 func markVLANNot(v uint32) []expr.Any {
 	return []expr.Any{
 		&expr.Meta{Key: expr.MetaKeyMARK, Register: 1},
-		&expr.Bitwise{SourceRegister: 1, DestRegister: 1, Len: 4, Mask: native32(^uint32(srcOK)), Xor: native32(0)},
+		&expr.Bitwise{SourceRegister: 1, DestRegister: 1, Len: 4, Mask: native32(^uint32(srcOK | fastTCP)), Xor: native32(0)},
 		neq(native32(v)),
 	}
 }
@@ -571,7 +594,6 @@ func buildNIC(p network.NICPlan, logGroup uint16) nicSpec {
 	// ---- from the VM ----
 	out := n.FromChain()
 	vlanMark := vlanTag | uint32(p.VLAN)
-	b.add(out, string(network.CtlVLAN), setMark(vlanMark))
 	// Untagged IPv6 from the VM's MAC whose header chain reaches the
 	// upper-layer header (RFC 7112), or a non-first fragment, and (source
 	// guard) whose source is bound to the port, goes on; positive matches
@@ -593,10 +615,31 @@ func buildNIC(p network.NICPlan, logGroup uint16) nicSpec {
 	// Fast path for the bulk of traffic: when the IPv6 header's next
 	// header is TCP there is no extension header, no ICMPv6 and no UDP,
 	// and a unicast destination keeps it out of the multicast limit, so
-	// every later check would let it pass.
-	for _, src := range srcs {
-		b.add(out, "fast_path", l2, readable, src, nextHeader(protoTCP), etherUnicast(), accept)
+	// every later check would let it pass. It comes first, before the
+	// VLAN mark, and sets its own mark: fastTCP tells the to-VM chain of
+	// the port the frame leaves by that this chain found it untagged IPv6
+	// whose upper-layer header is a readable TCP header, so that chain
+	// accepts it with one comparison. Each bound address gets its own rule
+	// (a 16-byte comparison runs inline in nf_tables, a set lookup hashes),
+	// and the matches do without the `meta protocol` dependency (the
+	// 16-byte link-layer match has the ethertype): a bulk transfer meets
+	// this rule some 30,000 times a second per direction, and on this
+	// path each expression counts (docs/PERFORMANCE.md, "First-hop rules").
+	fast := func(src []expr.Any) {
+		b.add(out, "fast_path", l2Fast(mac), nextHeader(protoTCP), upperLayerReadable(), src, setMark(vlanMark|srcOK|fastTCP), accept)
 	}
+	if c.SourceGuard {
+		for _, a := range p.BoundAddresses() {
+			s := a.As16()
+			fast(m(nh(8, 16), eq(s[:])))
+		}
+		if c.PrivacyExtensions {
+			fast(inSet(nh(8, 16), n.TempSet()))
+		}
+	} else {
+		fast(nil)
+	}
+	b.add(out, string(network.CtlVLAN), setMark(vlanMark))
 	for _, src := range srcs {
 		b.add(out, "l2", l2, readable, src, goOn)
 		b.add(out, "l2", l2, nonFirst, src, goOn)
@@ -646,9 +689,13 @@ func buildNIC(p network.NICPlan, logGroup uint16) nicSpec {
 	// rest of IPv6 meets the header_chain drop at the end.
 	in := n.ToChain()
 	v6 := etherTypeIP6()
+	// A frame the from-VM fast path of a port in the same VLAN group
+	// passed (its mark is exactly that) is TCP with a readable header and
+	// no extension header: no later rule would stop it.
+	b.add(in, "fast_path", markIs(vlanMark|srcOK|fastTCP), accept)
 	b.add(in, string(network.CtlVLAN), markTagged(), markVLANNot(vlanMark), cnt(network.CtlVLAN), drop)
-	// Fast path toward the VM, as above: TCP with no extension header
-	// meets no later rule.
+	// Fast path toward the VM for frames from elsewhere (the host, an
+	// uplink), as above: TCP with no extension header meets no later rule.
 	b.add(in, "fast_path", readable, nextHeader(protoTCP), accept)
 	if c.RAGuard {
 		b.add(in, string(network.CtlRAGuard), v6, exthdrExists(nhFragment),
