@@ -3,7 +3,7 @@ SHELL := /bin/bash
 GO ?= go
 BIN := build/bin
 
-.PHONY: all build run test test-unit bench bench-net bench-pool generate check-generated deps fmt vet clean
+.PHONY: all build run test test-unit bench bench-net bench-firsthop bench-pool generate check-generated deps fmt vet clean
 
 all: build
 
@@ -50,6 +50,7 @@ test: deps check-generated vet
 BENCH_CREATE = $(GO) test -run '^$$' -bench 'BenchmarkCreateBootLatency' -benchtime 1x -timeout 30m ./internal/daemon/
 BENCH_IPAM = $(GO) test -run '^$$' -bench 'BenchmarkReserve100k' -benchtime 3s -count 3 -timeout 30m ./internal/store/sqlite/
 BENCH_QEMU = $(GO) test -run '^$$' -bench 'BenchmarkCreateToNetworkUp' -benchtime 3x -timeout 30m ./internal/backend/qemu/
+BENCH_FIRSTHOP = $(GO) test -run '^$$' -bench . -benchtime 1x -timeout 30m ./internal/network/nft/
 BENCH_NET = $(GO) test -p 1 -run '^$$' -bench . -benchtime 1x -timeout 30m ./internal/network/nft/ ./internal/network/secpolicy/
 
 bench: deps
@@ -63,10 +64,24 @@ bench-net: deps
 	@mkdir -p build
 	$(BENCH_NET) | tee build/bench.txt
 
-# bench-pool judges every target on all committed runs together
-# (docs/bench/run-*.txt: copies of build/bench.txt; docs/PERFORMANCE.md).
+# bench-firsthop runs the first-hop benchmarks alone (issue 4: throughput
+# with every control on, with 1000 NICs, AddNIC, the ND flood).
+bench-firsthop: deps
+	@mkdir -p build
+	$(BENCH_FIRSTHOP) | tee build/bench.txt
+
+# bench-pool judges every target on the committed runs of one code state
+# together (copies of build/bench.txt; docs/PERFORMANCE.md):
+# docs/bench/run-*.txt were made before the first-hop TCP fast path of
+# 2026-11-28 10:30 (commit 257d06f), docs/bench/fastpath/run-*.txt after.
 bench-pool:
+	@echo "Runs before the TCP fast path of 257d06f (docs/bench/run-*.txt):"
+	@echo
 	@$(GO) run ./scripts/benchpool docs/bench/run-*.txt
+	@echo
+	@echo "Runs on the TCP fast path of 257d06f (docs/bench/fastpath/run-*.txt):"
+	@echo
+	@$(GO) run ./scripts/benchpool docs/bench/fastpath/run-*.txt
 
 clean:
 	rm -rf build

@@ -5,6 +5,9 @@ need=()
 command -v nft >/dev/null || need+=(nftables)
 command -v ip >/dev/null || need+=(iproute2)
 command -v protoc >/dev/null || need+=(protobuf-compiler)
+# protoc's well-known types (google/protobuf/timestamp.proto): protobuf-compiler
+# only recommends them, and recommends are not installed below.
+[ -f /usr/include/google/protobuf/timestamp.proto ] || need+=(libprotobuf-dev)
 command -v ping >/dev/null || need+=(iputils-ping)
 command -v iperf3 >/dev/null || need+=(iperf3)
 command -v tcpdump >/dev/null || need+=(tcpdump)
