@@ -61,6 +61,15 @@ func (a addresses) Reserve(ctx context.Context, req vm.AddressRequest) (vm.Resol
 			return r, &vm.ValidationError{Violations: []vm.FieldViolation{{Field: req.Field + ".address", Reason: fmt.Sprintf(
 				"not given, and no pool allocates for tenant %q (no pool lists it, and there is no pool %q): give an address or add a pool", req.TenantID, ipam.DefaultPoolID)}}}
 		}
+		// An automatic allocation refused as invalid: a global gateway
+		// chose the subnet (outside the pool, or a subnet another bridge
+		// uses), or no subnet is left for the bridge (the address).
+		if errors.Is(err, ipam.ErrInvalid) {
+			if ireq.Gateway.IsValid() && !ireq.Gateway.IsLinkLocalUnicast() {
+				return r, fieldError(req.Field+".gateway", err)
+			}
+			return r, fieldError(req.Field+".address", err)
+		}
 		return r, err
 	}
 	r.Address = alloc.Prefix()

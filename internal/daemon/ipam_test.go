@@ -126,6 +126,12 @@ func TestSeedExamplesVerbatim(t *testing.T) {
 	if code != 400 || errorField(out) != "config.network[0].ipv6.address" || !strings.Contains(str(out, "message"), `not given, and no pool allocates for tenant "t-nopool"`) {
 		t.Fatalf("no pool for the tenant: %d %v", code, out)
 	}
+	// No address, and a gateway on the subnet Example 1's bridge uses:
+	// the gateway field is named.
+	code, out = e.call("CreateVm", map[string]any{"config": vmConfig("t-gw", nic("eth0", "br-elsewhere", "", "2600:beef:1000:1::1"))})
+	if code != 400 || errorField(out) != "config.network[0].ipv6.gateway" || !strings.Contains(str(out, "message"), "is on bridge") {
+		t.Fatalf("gateway on another bridge's subnet: %d %v", code, out)
+	}
 	// An on-link prefix wider than the address's /64 (it would route a
 	// /16 onto the VM's bridge): refused, and no route appears.
 	dup = loadExample(t, "example1-secure-web-server")
