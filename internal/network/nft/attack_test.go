@@ -3,6 +3,7 @@ package nft
 import (
 	"fmt"
 	"maps"
+	"net/netip"
 	"testing"
 	"time"
 
@@ -174,4 +175,32 @@ func TestRecreatedPortFilteredAgain(t *testing.T) {
 		{name: "rogue RA", script: `send([` + raMC + `/` + ra + `]*3)`, want: ctl(network.CtlRAGuard, 3)},
 		{name: "spoofed source", script: `send([Ether(src=M1, dst=M2)/IPv6(src="2001:db8:1::99", dst=IP2, fl=FL)/ICMPv6EchoRequest()]*2)`, want: ctl(network.CtlSourceGuard, 2)},
 	}, 0x3000)
+}
+
+// TestFastPathFollowsAddressChange: the TCP fast path compares the source
+// with each bound address inline, so an address change must rewrite it:
+// after VM1's address moves, TCP from the old address is dropped and
+// counted, and TCP from the new one arrives.
+func TestFastPathFollowsAddressChange(t *testing.T) {
+	t.Parallel()
+	tp := newTopo(t, allOn())
+	cap := startCapture(t, tp.vm2, "eth0")
+	p := tp.plans[0]
+	p.Addresses = []netip.Addr{netip.MustParseAddr("2001:db8:1::20")}
+	if err := tp.fw.UpdateNIC(p); err != nil {
+		t.Fatal(err)
+	}
+	before := tp.counters(t, "tap-vm1")
+	scapy(t, tp.vm1, `
+send(Ether(src=M1, dst=M2)/IPv6(src=IP1, dst=IP2, fl=0x7201)/TCP(dport=80, flags="S"))
+send(Ether(src=M1, dst=M2)/IPv6(src="2001:db8:1::20", dst=IP2, fl=0x7202)/TCP(dport=80, flags="S"))
+`)
+	cap.waitFor(t, 0x7202)
+	time.Sleep(20 * time.Millisecond)
+	if n := cap.count(0x7201); n != 0 {
+		t.Errorf("TCP from the old address reached VM2 %d times", n)
+	}
+	if d := deltas(before, tp.counters(t, "tap-vm1")); !maps.Equal(d, ctl(network.CtlSourceGuard, 1)) {
+		t.Errorf("counter deltas on tap-vm1: got %q, want source_guard+1", fmtDeltas(d))
+	}
 }

@@ -620,11 +620,12 @@ func buildNIC(p network.NICPlan, logGroup uint16) nicSpec {
 	// the port the frame leaves by that this chain found it untagged IPv6
 	// whose upper-layer header is a readable TCP header, so that chain
 	// accepts it with one comparison. Each bound address gets its own rule
-	// (a 16-byte comparison runs inline in nf_tables, a set lookup hashes),
-	// and the matches do without the `meta protocol` dependency (the
-	// 16-byte link-layer match has the ethertype): a bulk transfer meets
-	// this rule some 30,000 times a second per direction, and on this
-	// path each expression counts (docs/PERFORMANCE.md, "First-hop rules").
+	// (nf_tables compares up to 16 bytes inline; a set lookup is a call
+	// and a hash), and the matches do without the `meta protocol`
+	// dependency (the 16-byte link-layer match has the ethertype): a bulk
+	// transfer meets this rule some 30,000 times a second per direction,
+	// and on this path each expression counts (docs/PERFORMANCE.md, "The
+	// TCP fast path of 2026-11-28").
 	fast := func(src []expr.Any) {
 		b.add(out, "fast_path", l2Fast(mac), nextHeader(protoTCP), upperLayerReadable(), src, setMark(vlanMark|srcOK|fastTCP), accept)
 	}
