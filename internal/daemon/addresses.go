@@ -54,20 +54,17 @@ func (a addresses) Reserve(ctx context.Context, req vm.AddressRequest) (vm.Resol
 	}
 	alloc, err := a.m.Reserve(ctx, ireq)
 	if err != nil {
-		if ireq.Address.IsValid() {
+		var gwErr *ipam.GatewayError
+		switch {
+		case errors.As(err, &gwErr):
+			return r, fieldError(req.Field+".gateway", err)
+		case ireq.Address.IsValid():
 			return r, fieldError(req.Field+".address", err)
-		}
-		if errors.Is(err, ipam.ErrNotInPool) {
+		case errors.Is(err, ipam.ErrNotInPool):
 			return r, &vm.ValidationError{Violations: []vm.FieldViolation{{Field: req.Field + ".address", Reason: fmt.Sprintf(
 				"not given, and no pool allocates for tenant %q (no pool lists it, and there is no pool %q): give an address or add a pool", req.TenantID, ipam.DefaultPoolID)}}}
-		}
-		// An automatic allocation refused as invalid: a global gateway
-		// chose the subnet (outside the pool, or a subnet another bridge
-		// uses), or no subnet is left for the bridge (the address).
-		if errors.Is(err, ipam.ErrInvalid) {
-			if ireq.Gateway.IsValid() && !ireq.Gateway.IsLinkLocalUnicast() {
-				return r, fieldError(req.Field+".gateway", err)
-			}
+		case errors.Is(err, ipam.ErrInvalid):
+			// No subnet of the pool is left for the bridge.
 			return r, fieldError(req.Field+".address", err)
 		}
 		return r, err

@@ -132,6 +132,17 @@ func TestSeedExamplesVerbatim(t *testing.T) {
 	if code != 400 || errorField(out) != "config.network[0].ipv6.gateway" || !strings.Contains(str(out, "message"), "is on bridge") {
 		t.Fatalf("gateway on another bridge's subnet: %d %v", code, out)
 	}
+	// No address, and a gateway outside every pool: the gateway is named
+	// (not "no pool allocates for the tenant").
+	code, out = e.call("CreateVm", map[string]any{"config": vmConfig("t-gw", nic("eth0", "br-elsewhere", "", "2600:beef:9000::1"))})
+	if code != 400 || errorField(out) != "config.network[0].ipv6.gateway" || !strings.Contains(str(out, "message"), "gateway 2600:beef:9000::1: not inside any pool") {
+		t.Fatalf("gateway outside every pool: %d %v", code, out)
+	}
+	// An address with a gateway outside its prefix: the gateway is named.
+	code, out = e.call("CreateVm", map[string]any{"config": vmConfig("t-gw", nic("eth0", "br-elsewhere", "2600:beef:1000:8::10/64", "2600:beef:1000:9::1"))})
+	if code != 400 || errorField(out) != "config.network[0].ipv6.gateway" || !strings.Contains(str(out, "message"), "outside the address's prefix") {
+		t.Fatalf("gateway outside the address's prefix: %d %v", code, out)
+	}
 	// An on-link prefix wider than the address's /64 (it would route a
 	// /16 onto the VM's bridge): refused, and no route appears.
 	dup = loadExample(t, "example1-secure-web-server")

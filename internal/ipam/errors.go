@@ -137,6 +137,17 @@ func (e *UnknownSubnetNameError) Error() string {
 // Is makes errors.Is(err, ErrUnknownSubnetName) true.
 func (e *UnknownSubnetNameError) Is(target error) bool { return target == ErrUnknownSubnetName }
 
+// GatewayError marks an error of Reserve that the request's gateway
+// caused (outside every pool or the address's prefix, not unicast, on a
+// subnet another bridge uses), so that a caller names the gateway field,
+// not the address.
+type GatewayError struct{ Err error }
+
+func (e *GatewayError) Error() string { return e.Err.Error() }
+func (e *GatewayError) Unwrap() error { return e.Err }
+
+func gatewayErr(err error) error { return &GatewayError{Err: err} }
+
 func invalidf(format string, args ...any) error {
 	return fmt.Errorf("%w: %s", ErrInvalid, fmt.Sprintf(format, args...))
 }

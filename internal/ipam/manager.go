@@ -617,7 +617,7 @@ func (m *Manager) plan(req Request, now time.Time) (planned, error) {
 	}
 	if req.Gateway.IsValid() {
 		if err := CheckUnicast(req.Gateway); err != nil && !req.Gateway.IsLinkLocalUnicast() {
-			return planned{}, fmt.Errorf("gateway: %w", err)
+			return planned{}, gatewayErr(fmt.Errorf("gateway: %w", err))
 		}
 	}
 	if e := m.byVM[req.VMID][req.NICID]; e != nil {
@@ -645,7 +645,7 @@ func (m *Manager) planExact(req Request, now time.Time) (planned, error) {
 			return planned{}, invalidf("address %s is the gateway", a)
 		}
 		if !req.Gateway.IsLinkLocalUnicast() && !req.Address.Contains(req.Gateway) {
-			return planned{}, invalidf("gateway %s is outside the address's prefix %s", req.Gateway, req.Address.Masked())
+			return planned{}, gatewayErr(invalidf("gateway %s is outside the address's prefix %s", req.Gateway, req.Address.Masked()))
 		}
 	}
 	p, pfx := m.poolFor(a)
@@ -697,11 +697,11 @@ func (m *Manager) planAuto(req Request, now time.Time) (planned, error) {
 	case req.Gateway.IsValid() && !req.Gateway.IsLinkLocalUnicast():
 		pfx, ok := p.prefixOf(req.Gateway)
 		if !ok {
-			return planned{}, invalidf("gateway %s is outside pool '%s'", req.Gateway, p.ID)
+			return planned{}, gatewayErr(invalidf("gateway %s is outside pool '%s'", req.Gateway, p.ID))
 		}
 		s := m.subnet(subnetKey(pfx, req.Gateway), p)
 		if err := s.bridgeError(req.Bridge); err != nil {
-			return planned{}, err
+			return planned{}, gatewayErr(err)
 		}
 		cands = []*subnet{s}
 	case req.Bridge != "" && p.bridges[req.Bridge] != nil && p.bridges[req.Bridge].onBridge[req.Bridge] > 0:
@@ -797,7 +797,7 @@ func (m *Manager) choosePool(req Request) (*poolState, error) {
 	if req.Gateway.IsValid() && !req.Gateway.IsLinkLocalUnicast() {
 		p, _ := m.poolFor(req.Gateway)
 		if p == nil {
-			return nil, fmt.Errorf("gateway %s: %w", req.Gateway, ErrNotInPool)
+			return nil, gatewayErr(fmt.Errorf("gateway %s: %w", req.Gateway, ErrNotInPool))
 		}
 		if !p.Allows(req.TenantID) {
 			return nil, deny(p)

@@ -495,10 +495,6 @@ func l2Fast(mac net.HardwareAddr) []expr.Any {
 	return []expr.Any{ll(0, 16), &expr.Bitwise{SourceRegister: 1, DestRegister: 1, Len: 16, Mask: mask, Xor: make([]byte, 16)}, eq(want)}
 }
 
-// etherUnicast matches frames whose destination MAC is unicast (I/G bit 0).
-func etherUnicast() []expr.Any {
-	return []expr.Any{ll(0, 1), &expr.Bitwise{SourceRegister: 1, DestRegister: 1, Len: 1, Mask: []byte{1}, Xor: []byte{0}}, eq([]byte{0})}
-}
 func nextHeader(v byte) []expr.Any   { return []expr.Any{nh(6, 1), eq([]byte{v})} }
 func payloadLen(v uint16) []expr.Any { return []expr.Any{nh(4, 2), eq(u16(v))} }
 
@@ -604,11 +600,18 @@ func buildNIC(p network.NICPlan, logGroup uint16) nicSpec {
 	readable, nonFirst := m(etherTypeIP6()...), m(etherTypeIP6()...)
 	readable = append(readable, upperLayerReadable()...)
 	nonFirst = append(nonFirst, nonFirstFragment()...)
-	srcs := [][]expr.Any{nil}
+	// srcs: the source checks (none without source guard); fastSrcs: the
+	// same for the fast path, one inline compare per bound address.
+	srcs, fastSrcs := [][]expr.Any{nil}, [][]expr.Any{nil}
 	if c.SourceGuard {
-		srcs = [][]expr.Any{saddrIn(n.AddrSet())}
+		srcs, fastSrcs = [][]expr.Any{saddrIn(n.AddrSet())}, nil
+		for _, a := range p.BoundAddresses() {
+			s := a.As16()
+			fastSrcs = append(fastSrcs, m(nh(8, 16), eq(s[:])))
+		}
 		if c.PrivacyExtensions {
 			srcs = append(srcs, saddrIn(n.TempSet()))
+			fastSrcs = append(fastSrcs, inSet(nh(8, 16), n.TempSet()))
 		}
 	}
 	goOn := setMark(vlanMark | srcOK)
@@ -626,19 +629,8 @@ func buildNIC(p network.NICPlan, logGroup uint16) nicSpec {
 	// transfer meets this rule some 30,000 times a second per direction,
 	// and on this path each expression counts (docs/PERFORMANCE.md, "The
 	// TCP fast path of 2026-11-28").
-	fast := func(src []expr.Any) {
+	for _, src := range fastSrcs {
 		b.add(out, "fast_path", l2Fast(mac), nextHeader(protoTCP), upperLayerReadable(), src, setMark(vlanMark|srcOK|fastTCP), accept)
-	}
-	if c.SourceGuard {
-		for _, a := range p.BoundAddresses() {
-			s := a.As16()
-			fast(m(nh(8, 16), eq(s[:])))
-		}
-		if c.PrivacyExtensions {
-			fast(inSet(nh(8, 16), n.TempSet()))
-		}
-	} else {
-		fast(nil)
 	}
 	b.add(out, string(network.CtlVLAN), setMark(vlanMark))
 	for _, src := range srcs {
