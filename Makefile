@@ -65,7 +65,8 @@ bench-net: deps
 	$(BENCH_NET) | tee build/bench.txt
 
 # bench-firsthop runs the first-hop benchmarks alone (issue 4: throughput
-# with every control on, with 1000 NICs, AddNIC, the ND flood).
+# with every control on and with 1000 NICs, side by side and one after the
+# other; AddNIC; the ND flood).
 bench-firsthop: deps
 	@mkdir -p build
 	$(BENCH_FIRSTHOP) | tee build/bench.txt

@@ -136,7 +136,9 @@ func fill(b testing.TB, tp *topo, n int) {
 // control on, back to back in alternating order (plain first in odd
 // rounds); reports the median rates, the median of the nine rounds'
 // ratios (ratio, target >= 0.95: drift between rounds cancels in each)
-// and the ratio of the medians.
+// and the ratio of the medians. Since 2026-11-28 the target is judged by
+// BenchmarkSideBySideControlsOverPlain (this machine's vCPUs change speed
+// between rounds); this one is reported beside it.
 func BenchmarkIperfControlsOverPlain(b *testing.B) {
 	for range b.N {
 		steal := netnstest.StartSteal()
@@ -196,7 +198,8 @@ func scale(v []float64, k float64) []float64 {
 // alternating order (10 first in odd rounds), 3 s runs of which the first
 // second is left out (TCP's start and the kernel's deferred work after
 // Apply); reports the medians, the median of the rounds' ratios 1000/10
-// (ratio, target >= 0.97) and the ratio of the medians.
+// (ratio, target >= 0.97) and the ratio of the medians. Judged by
+// BenchmarkSideBySideAt1000NICs since 2026-11-28; reported beside it.
 func BenchmarkIperfAt1000NICs(b *testing.B) {
 	for range b.N {
 		steal := netnstest.StartSteal()
