@@ -37,22 +37,44 @@ func iperf(t testing.TB, server, client *netnstest.NS, addr string, secs int, ex
 // client that raced the server's start, or any run iperf3 itself reports
 // as an error (in its JSON, even with exit status 0), is an error.
 func iperfOnce(server, client *netnstest.NS, addr string, secs int, extra ...string) (float64, []byte, error) {
-	// Server on CPU 0, client on CPU 1 (with the softirq work it raises:
-	// bridge, hooks and the receiver's TCP): unpinned, the scheduler
-	// sometimes puts both on one CPU and a run loses 40%.
-	srv := exec.Command("iperf3", "-s", "-1", "-B", addr, "-A", "0")
-	if err := ns.Start(server.Fd(), srv); err != nil {
-		return 0, nil, fmt.Errorf("iperf3 server: %w", err)
+	srv, err := startIperfServer(server, addr)
+	if err != nil {
+		return 0, nil, err
 	}
 	defer func() { srv.Process.Kill(); srv.Wait() }()
+	out, err := ns.Command(client.Fd(), exec.Command("iperf3", append([]string{"-6", "-c", addr, "-t", fmt.Sprint(secs), "-J", "-A", "1"}, extra...)...))
+	bps, perr := iperfResult(out, err)
+	if perr != nil {
+		return 0, out, perr
+	}
+	return bps, out, err
+}
+
+// startIperfServer starts a one-shot iperf3 server bound to addr inside n
+// and waits until it listens. Server on CPU 0, client on CPU 1 (with the
+// softirq work it raises: bridge, hooks and the receiver's TCP):
+// unpinned, the scheduler sometimes puts both on one CPU and a run loses
+// 40%.
+func startIperfServer(n *netnstest.NS, addr string) (*exec.Cmd, error) {
+	srv := exec.Command("iperf3", "-s", "-1", "-B", addr, "-A", "0")
+	if err := ns.Start(n.Fd(), srv); err != nil {
+		return nil, fmt.Errorf("iperf3 server: %w", err)
+	}
 	for range 50 { // until the server listens
-		out, _ := server.Run("ss", "-Hltn", "sport", "= :5201")
+		out, _ := n.Run("ss", "-Hltn", "sport", "= :5201")
 		if strings.Contains(out, "5201") {
 			break
 		}
 		time.Sleep(50 * time.Millisecond)
 	}
-	out, err := ns.Command(client.Fd(), exec.Command("iperf3", append([]string{"-6", "-c", addr, "-t", fmt.Sprint(secs), "-J", "-A", "1"}, extra...)...))
+	return srv, nil
+}
+
+// iperfResult reads an iperf3 client's JSON output (exit status werr):
+// the received rate in bit/s, or an error when the output is not iperf3's
+// JSON, reports an error (iperf3 does so even with exit status 0), or
+// received nothing.
+func iperfResult(out []byte, werr error) (float64, error) {
 	var r struct {
 		Error string `json:"error"`
 		End   struct {
@@ -61,13 +83,16 @@ func iperfOnce(server, client *netnstest.NS, addr string, secs int, extra ...str
 			} `json:"sum_received"`
 		} `json:"end"`
 	}
-	if jerr := json.Unmarshal(out, &r); jerr != nil {
-		return 0, out, fmt.Errorf("iperf3 output: %v (exit: %v)", jerr, err)
+	if err := json.Unmarshal(out, &r); err != nil {
+		return 0, fmt.Errorf("iperf3 output: %v (exit: %v)", err, werr)
 	}
 	if r.Error != "" {
-		return 0, out, fmt.Errorf("iperf3: %s", r.Error)
+		return 0, fmt.Errorf("iperf3: %s", r.Error)
 	}
-	return r.End.SumReceived.BitsPerSecond, out, err
+	if r.End.SumReceived.BitsPerSecond <= 0 {
+		return 0, fmt.Errorf("iperf3 received nothing (exit: %v)", werr)
+	}
+	return r.End.SumReceived.BitsPerSecond, nil
 }
 
 // TestOverblockingTransfer: with every control on (privacy learning and

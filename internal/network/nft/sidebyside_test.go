@@ -3,7 +3,6 @@ package nft
 import (
 	"bytes"
 	"context"
-	"encoding/json"
 	"fmt"
 	"os/exec"
 	"strings"
@@ -46,20 +45,11 @@ func iperfSideBySide(t testing.TB, tps []*topo, secs, first int) []float64 {
 func iperfSideBySideOnce(tps []*topo, secs, first int) ([]float64, string, error) {
 	n := len(tps)
 	for _, tp := range tps {
-		srv := exec.Command("iperf3", "-s", "-1", "-B", vm2IP, "-A", "0")
-		if err := ns.Start(tp.vm2.Fd(), srv); err != nil {
-			return nil, "", fmt.Errorf("iperf3 server: %w", err)
+		srv, err := startIperfServer(tp.vm2, vm2IP)
+		if err != nil {
+			return nil, "", err
 		}
 		defer func() { srv.Process.Kill(); srv.Wait() }()
-	}
-	for _, tp := range tps {
-		for range 50 {
-			out, _ := tp.vm2.Run("ss", "-Hltn", "sport", "= :5201")
-			if strings.Contains(out, "5201") {
-				break
-			}
-			time.Sleep(50 * time.Millisecond)
-		}
 	}
 	clis := make([]*exec.Cmd, n)
 	outs := make([]bytes.Buffer, n)
@@ -76,23 +66,11 @@ func iperfSideBySideOnce(tps []*topo, secs, first int) ([]float64, string, error
 	var text strings.Builder
 	for i, cli := range clis {
 		werr := cli.Wait()
-		var r struct {
-			Error string `json:"error"`
-			End   struct {
-				SumReceived struct {
-					BitsPerSecond float64 `json:"bits_per_second"`
-				} `json:"sum_received"`
-			} `json:"end"`
+		bps, err := iperfResult(outs[i].Bytes(), werr)
+		if err != nil {
+			failed = fmt.Errorf("copy %d: %w", i, err)
 		}
-		switch jerr := json.Unmarshal(outs[i].Bytes(), &r); {
-		case jerr != nil:
-			failed = fmt.Errorf("copy %d: iperf3 output: %v (exit: %v)", i, jerr, werr)
-		case r.Error != "":
-			failed = fmt.Errorf("copy %d: iperf3: %s", i, r.Error)
-		case r.End.SumReceived.BitsPerSecond <= 0:
-			failed = fmt.Errorf("copy %d: no bytes received", i)
-		}
-		rates[i] = r.End.SumReceived.BitsPerSecond
+		rates[i] = bps
 		text.Write(outs[i].Bytes())
 	}
 	return rates, text.String(), failed
@@ -151,11 +129,7 @@ func BenchmarkSideBySideControlsOverPlain(b *testing.B) {
 		}
 		plain, ctl := sideBySide(b, tps, 12, set)
 		b.Logf("side by side, Gbit/s: plain %.2f; controls %.2f", scale(plain, 1e-9), scale(ctl, 1e-9))
-		b.ReportMetric(netnstest.Median(plain)/1e9, "plain_Gbit/s")
-		b.ReportMetric(netnstest.Median(ctl)/1e9, "controls_Gbit/s")
-		b.ReportMetric(netnstest.PairedRatio(plain, ctl), "ratio")
-		b.ReportMetric(netnstest.Median(ctl)/netnstest.Median(plain), "ratio_of_medians")
-		b.ReportMetric(steal.Percent(), "steal_%")
+		reportSideBySide(b, plain, ctl, "plain", "controls", steal)
 	}
 }
 
@@ -177,12 +151,19 @@ func BenchmarkSideBySideAt1000NICs(b *testing.B) {
 		}
 		at10, at1000 := sideBySide(b, tps, 12, set)
 		b.Logf("side by side, Gbit/s: at 10 %.2f; at 1000 %.2f", scale(at10, 1e-9), scale(at1000, 1e-9))
-		b.ReportMetric(netnstest.Median(at10)/1e9, "at10_Gbit/s")
-		b.ReportMetric(netnstest.Median(at1000)/1e9, "at1000_Gbit/s")
-		b.ReportMetric(netnstest.PairedRatio(at10, at1000), "ratio")
-		b.ReportMetric(netnstest.Median(at1000)/netnstest.Median(at10), "ratio_of_medians")
-		b.ReportMetric(steal.Percent(), "steal_%")
+		reportSideBySide(b, at10, at1000, "at10", "at1000", steal)
 	}
+}
+
+// reportSideBySide reports both arms' median rates (<name>_Gbit/s), the
+// median of the rounds' ratios test ÷ base (ratio), the ratio of the
+// medians and the CPU time stolen meanwhile.
+func reportSideBySide(b *testing.B, base, test []float64, baseName, testName string, steal netnstest.StealMeter) {
+	b.ReportMetric(netnstest.Median(base)/1e9, baseName+"_Gbit/s")
+	b.ReportMetric(netnstest.Median(test)/1e9, testName+"_Gbit/s")
+	b.ReportMetric(netnstest.PairedRatio(base, test), "ratio")
+	b.ReportMetric(netnstest.Median(test)/netnstest.Median(base), "ratio_of_medians")
+	b.ReportMetric(steal.Percent(), "steal_%")
 }
 
 // setPlain removes the NICs' state and metald's bridge table (a plain
