@@ -5,6 +5,7 @@ import (
 	"math"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
 )
@@ -119,15 +120,20 @@ func TestBootstrapTightensWithRuns(t *testing.T) {
 	}
 }
 
-// TestCommittedRuns: every committed run log parses and carries the
-// rounds or value of every target whose benchmark it ran (a `make
-// bench-net` run has no CreateVm figures).
+// TestCommittedRuns: every committed run log (before and after the TCP
+// fast path) parses and carries the rounds or value of every target whose
+// benchmark it ran (a `make bench-net` run has no CreateVm figures, a
+// `make bench-firsthop` run no policy ones, and runs made before the
+// side-by-side benchmarks existed none of theirs), and every target's
+// benchmark ran in some committed run.
 func TestCommittedRuns(t *testing.T) {
-	paths, err := filepath.Glob("../../docs/bench/run-*.txt")
-	if err != nil || len(paths) == 0 {
-		t.Fatalf("no committed runs: %v", err)
+	before, err := filepath.Glob("../../docs/bench/run-*.txt")
+	after, aerr := filepath.Glob("../../docs/bench/fastpath/run-*.txt")
+	if err != nil || aerr != nil || len(before) == 0 || len(after) == 0 {
+		t.Fatalf("no committed runs: %v %v", err, aerr)
 	}
-	for _, p := range paths {
+	seen := map[string]bool{}
+	for _, p := range append(before, after...) {
 		f, err := os.Open(p)
 		if err != nil {
 			t.Fatal(err)
@@ -138,15 +144,10 @@ func TestCommittedRuns(t *testing.T) {
 			t.Fatal(err)
 		}
 		for _, tg := range targets {
-			if tg.Issue == 2 && r.Metrics["BenchmarkCreateBootLatency/existing=10 p50_ms"] == 0 {
+			if !r.ran(tg.Bench) {
 				continue
 			}
-			if tg.Issue == 5 && r.Metrics["BenchmarkPolicy upsert-p50-ms"] == 0 {
-				continue // make bench-firsthop
-			}
-			if strings.HasSuffix(tg.Name, "side by side") && r.Metrics["BenchmarkSideBySideControlsOverPlain ratio"] == 0 {
-				continue
-			}
+			seen[tg.Bench] = true
 			if tg.Rounds != nil && len(tg.Rounds(r)) == 0 {
 				t.Errorf("%s: no rounds for %q", p, tg.Name)
 			}
@@ -155,6 +156,11 @@ func TestCommittedRuns(t *testing.T) {
 					t.Errorf("%s: no value for %q", p, tg.Name)
 				}
 			}
+		}
+	}
+	for _, tg := range append(slices.Clone(targets), references...) {
+		if tg.Bench == "" || !seen[tg.Bench] {
+			t.Errorf("target %q: benchmark %q ran in no committed run", tg.Name, tg.Bench)
 		}
 	}
 }

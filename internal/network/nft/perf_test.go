@@ -170,22 +170,11 @@ func BenchmarkIperfControlsOverPlain(b *testing.B) {
 		tp := newTopo(b, allOn())
 		var plain, on []float64
 		measurePlain := func() {
-			for _, p := range tp.plans {
-				if err := tp.fw.RemoveNIC(p.HostDevice); err != nil {
-					b.Fatal(err)
-				}
-			}
-			// The bridge table (only its input chain is left) goes too, if
-			// metald recreated it.
-			tp.host.Run("nft", "delete", "table", "bridge", TableName)
+			tp.setPlain(b)
 			plain = append(plain, iperf(b, tp.vm2, tp.vm1, vm2IP, 3, "-O", "1"))
 		}
 		measureOn := func() {
-			for _, p := range tp.plans {
-				if err := tp.fw.AddNIC(p); err != nil {
-					b.Fatal(err)
-				}
-			}
+			tp.setOn(b)
 			on = append(on, iperf(b, tp.vm2, tp.vm1, vm2IP, 3, "-O", "1"))
 		}
 		// Alternating rounds, compared pairwise: the machine's speed moves

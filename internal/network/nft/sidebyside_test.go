@@ -58,6 +58,12 @@ func iperfSideBySideOnce(tps []*topo, secs, first int) ([]float64, string, error
 		clis[i] = exec.Command("iperf3", "-6", "-c", vm2IP, "-t", fmt.Sprint(secs), "-O", "1", "-J", "-A", "1")
 		clis[i].Stdout, clis[i].Stderr = &outs[i], &outs[i]
 		if err := ns.Start(tps[i].vm1.Fd(), clis[i]); err != nil {
+			for _, c := range clis { // the clients already started
+				if c != nil && c.Process != nil {
+					c.Process.Kill()
+					c.Wait()
+				}
+			}
 			return nil, "", fmt.Errorf("iperf3 client: %w", err)
 		}
 	}
@@ -166,8 +172,9 @@ func reportSideBySide(b *testing.B, base, test []float64, baseName, testName str
 	b.ReportMetric(steal.Percent(), "steal_%")
 }
 
-// setPlain removes the NICs' state and metald's bridge table (a plain
-// bridge); setOn programs both NICs again.
+// setPlain removes the NICs' state and metald's bridge table (only its
+// input chain is left, if metald recreated it): a plain bridge. setOn
+// programs both NICs again.
 func (tp *topo) setPlain(t testing.TB) {
 	t.Helper()
 	for _, p := range tp.plans {
