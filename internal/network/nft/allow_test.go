@@ -38,6 +38,12 @@ func TestNoOverblocking(t *testing.T) {
 			t.Errorf("neighbour entry for %s not REACHABLE: %q", vm2IP, out)
 		}
 	})
+	t.Run("TCP with ports 0 and 0 (misses the fast path, passes the full checks)", func(t *testing.T) {
+		sendAndMark(t, tp, cap, false, 0x3009, `send(Ether(src=M1, dst=M2)/IPv6(src=IP1, dst=IP2, fl=FL)/TCP(sport=0, dport=0, flags="S"))`)
+		if n := cap.count(0x3009); n != 1 {
+			t.Errorf("TCP with ports 0 reached VM2 %d times, want 1", n)
+		}
+	})
 	t.Run("large ping (fragment-free PMTU path)", func(t *testing.T) {
 		tp.vm1.MustRun(t, "ping", "-6", "-c", "2", "-i", "0.2", "-s", "1400", "-M", "do", "-W", "2", vm2IP)
 	})

@@ -3,6 +3,7 @@ package nft
 import (
 	"context"
 	"flag"
+	"fmt"
 	"math/rand/v2"
 	"net/netip"
 	"os"
@@ -12,6 +13,8 @@ import (
 	"sort"
 	"strings"
 	"testing"
+
+	"github.com/google/nftables/expr"
 
 	"github.com/metald/metald/internal/netnstest"
 	"github.com/metald/metald/internal/network"
@@ -385,5 +388,57 @@ func TestChainsOnlyWhereControlsFillThem(t *testing.T) {
 		if !slices.Equal(got, tc.want) {
 			t.Errorf("controls %+v: chains %v, want %v", tc.c, got, tc.want)
 		}
+	}
+}
+
+// outOfLine reports whether nf_tables evaluates e with a function call
+// rather than inline in its rule loop (nft_do_chain in
+// net/netfilter/nf_tables_core.c: loads of 1, 2 or 4 aligned bytes of the
+// network or transport header, compares for equality of up to 16 bytes
+// and 4-byte mask-and-xor run inline).
+func outOfLine(e expr.Any) bool {
+	switch e := e.(type) {
+	case *expr.Payload:
+		inlineLen := e.Len == 1 || e.Len == 2 || e.Len == 4
+		return e.Base == expr.PayloadBaseLLHeader || !inlineLen || e.Offset%e.Len != 0
+	case *expr.Cmp:
+		return (e.Op != expr.CmpOpEq && e.Op != expr.CmpOpNeq) || len(e.Data) > 16
+	case *expr.Bitwise:
+		return e.Len != 4
+	}
+	return true
+}
+
+// TestFastPathCalls pins the from-VM TCP fast path's cost: every
+// VM-to-VM TCP segment meets it, and each call there costs about 0.15% of
+// a bulk transfer's CPU time (docs/PERFORMANCE.md, "Inline fast path").
+// The only calls are the link-layer load and its mask, the mark (value
+// and set) and the verdict: the network- and transport-header matches
+// are all inline.
+func TestFastPathCalls(t *testing.T) {
+	c := allOn()
+	spec := buildNIC(vmPlan(1, c), 0)
+	var fast int
+	for _, r := range spec.rules {
+		if r.chain != spec.names.FromChain() || !strings.HasSuffix(r.comment, "control=fast_path") {
+			continue
+		}
+		fast++
+		var calls []string
+		for _, e := range r.exprs {
+			if p, ok := e.(*expr.Payload); ok && p.Base != expr.PayloadBaseLLHeader && outOfLine(e) {
+				t.Errorf("fast path loads %d bytes at %d of header %d out of line", p.Len, p.Offset, p.Base)
+			}
+			if outOfLine(e) {
+				calls = append(calls, fmt.Sprintf("%T", e))
+			}
+		}
+		want := []string{"*expr.Payload", "*expr.Bitwise", "*expr.Immediate", "*expr.Meta", "*expr.Verdict"}
+		if !slices.Equal(calls, want) {
+			t.Errorf("fast path rule %d makes calls %v, want %v", fast, calls, want)
+		}
+	}
+	if want := len(vmPlan(1, c).BoundAddresses()); fast != want {
+		t.Errorf("%d fast path rules, want one per bound address (%d)", fast, want)
 	}
 }

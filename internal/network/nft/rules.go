@@ -450,6 +450,15 @@ func nonFirstFragment() []expr.Any {
 
 // upperLayerReadable matches when the first 4 bytes of the upper-layer
 // header are in the packet (and the packet is not a non-first fragment).
+// upperLayerInline is the fast path's form of upperLayerReadable: a
+// compare that runs inline in nf_tables (a range is a call). The load
+// fails, and the rule with it, exactly when upperLayerReadable's does; a
+// TCP segment with ports 0 and 0 misses the fast path and meets the full
+// checks.
+func upperLayerInline() []expr.Any {
+	return []expr.Any{th(0, 4), neq(make([]byte, 4))}
+}
+
 func upperLayerReadable() []expr.Any {
 	return []expr.Any{th(0, 4), &expr.Range{Op: expr.CmpOpEq, Register: 1, FromData: make([]byte, 4), ToData: []byte{0xff, 0xff, 0xff, 0xff}}}
 }
@@ -484,6 +493,21 @@ func hopLimit(v byte) []expr.Any { return []expr.Any{nh(7, 1), eq([]byte{v})} }
 // bit 0) from mac with ethertype IPv6 and no VLAN tag (a tag shows as
 // ethertype 0x8100); the load's last two bytes, the start of the IPv6
 // header, are masked out.
+// saddrInline matches the IPv6 source a as four 4-byte loads and
+// compares: nf_tables runs loads of 1, 2 or 4 aligned bytes of the
+// network or transport header and compares of up to 16 bytes inline in
+// its rule loop, while a 16-byte load is two calls (nft_payload_eval,
+// skb_copy_bits). On the fast path every call counts (docs/PERFORMANCE.md,
+// "Inline fast path").
+func saddrInline(a netip.Addr) []expr.Any {
+	s := a.As16()
+	var out []expr.Any
+	for i := uint32(0); i < 16; i += 4 {
+		out = append(out, nh(8+i, 4), eq(s[i:i+4]))
+	}
+	return out
+}
+
 func l2Fast(mac net.HardwareAddr) []expr.Any {
 	mask, want := make([]byte, 16), make([]byte, 16)
 	mask[0] = 1
@@ -606,8 +630,7 @@ func buildNIC(p network.NICPlan, logGroup uint16) nicSpec {
 	if c.SourceGuard {
 		srcs, fastSrcs = [][]expr.Any{saddrIn(n.AddrSet())}, nil
 		for _, a := range p.BoundAddresses() {
-			s := a.As16()
-			fastSrcs = append(fastSrcs, m(nh(8, 16), eq(s[:])))
+			fastSrcs = append(fastSrcs, saddrInline(a))
 		}
 		if c.PrivacyExtensions {
 			srcs = append(srcs, saddrIn(n.TempSet()))
@@ -623,14 +646,16 @@ func buildNIC(p network.NICPlan, logGroup uint16) nicSpec {
 	// the port the frame leaves by that this chain found it untagged IPv6
 	// whose upper-layer header is a readable TCP header, so that chain
 	// accepts it with one comparison. Each bound address gets its own rule
-	// (nf_tables compares up to 16 bytes inline; a set lookup is a call
-	// and a hash), and the matches do without the `meta protocol`
-	// dependency (the 16-byte link-layer match has the ethertype): a bulk
-	// transfer meets this rule some 30,000 times a second per direction,
-	// and on this path each expression counts (docs/PERFORMANCE.md, "The
-	// TCP fast path of 2026-11-28").
+	// (compared in 4-byte pieces, which nf_tables loads and compares
+	// inline; a set lookup is a call and a hash), the upper-layer check is
+	// an inline compare too, and the matches do without the `meta
+	// protocol` dependency (the 16-byte link-layer match has the
+	// ethertype): a bulk transfer meets this rule some 30,000 times a
+	// second per direction, and on this path each call counts
+	// (docs/PERFORMANCE.md, "The TCP fast path of 2026-11-28" and "Inline
+	// fast path").
 	for _, src := range fastSrcs {
-		b.add(out, "fast_path", l2Fast(mac), nextHeader(protoTCP), upperLayerReadable(), src, setMark(vlanMark|srcOK|fastTCP), accept)
+		b.add(out, "fast_path", l2Fast(mac), nextHeader(protoTCP), upperLayerInline(), src, setMark(vlanMark|srcOK|fastTCP), accept)
 	}
 	b.add(out, string(network.CtlVLAN), setMark(vlanMark))
 	for _, src := range srcs {
