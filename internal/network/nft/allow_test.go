@@ -146,6 +146,17 @@ send([Ether(src=M1, dst="33:33:00:00:12:34")/IPv6(src=IP1, dst="ff05::1234", fl=
 time.sleep(1.1)`)
 		check(t, "tap-vm1", network.CtlMulticastRate, 150, 0x4002, 30, b)
 	})
+	// TCP to a group MAC, with a unicast IPv6 destination, is multicast
+	// too: the TCP fast path (unicast only) must leave it to the limit.
+	t.Run("multicast_rate_limit on TCP to a group MAC", func(t *testing.T) {
+		b := tp.counters(t, "tap-vm1")
+		sendAndMark(t, tp, cap, false, 0x4004, `
+import time
+time.sleep(1.1)
+send([Ether(src=M1, dst="33:33:00:00:12:34")/IPv6(src=IP1, dst=IP2, fl=FL)/TCP(dport=80, flags="A")]*150)
+time.sleep(1.1)`)
+		check(t, "tap-vm1", network.CtlMulticastRate, 150, 0x4004, 30, b)
+	})
 	t.Run("ra_rate_limit toward the VM", func(t *testing.T) {
 		b := tp.counters(t, "tap-vm2")
 		sendAndMark(t, tp, cap, true, 0x4003, `

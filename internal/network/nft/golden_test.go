@@ -412,9 +412,9 @@ func outOfLine(e expr.Any) bool {
 // TestFastPathCalls pins the from-VM TCP fast path's cost: every
 // VM-to-VM TCP segment meets it, and each call there costs about 0.15% of
 // a bulk transfer's CPU time (docs/PERFORMANCE.md, "Inline fast path").
-// The only calls are the link-layer load and its mask, the mark (value
-// and set) and the verdict: the network- and transport-header matches
-// are all inline.
+// The only calls are the packet type and the link-layer load, the mark
+// (value and set) and the verdict: the network- and transport-header
+// matches and every compare are inline.
 func TestFastPathCalls(t *testing.T) {
 	c := allOn()
 	spec := buildNIC(vmPlan(1, c), 0)
@@ -433,7 +433,7 @@ func TestFastPathCalls(t *testing.T) {
 				calls = append(calls, fmt.Sprintf("%T", e))
 			}
 		}
-		want := []string{"*expr.Payload", "*expr.Bitwise", "*expr.Immediate", "*expr.Meta", "*expr.Verdict"}
+		want := []string{"*expr.Meta", "*expr.Payload", "*expr.Immediate", "*expr.Meta", "*expr.Verdict"}
 		if !slices.Equal(calls, want) {
 			t.Errorf("fast path rule %d makes calls %v, want %v", fast, calls, want)
 		}
