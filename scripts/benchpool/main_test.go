@@ -129,11 +129,12 @@ func TestBootstrapTightensWithRuns(t *testing.T) {
 func TestCommittedRuns(t *testing.T) {
 	before, err := filepath.Glob("../../docs/bench/run-*.txt")
 	after, aerr := filepath.Glob("../../docs/bench/fastpath/run-*.txt")
-	if err != nil || aerr != nil || len(before) == 0 || len(after) == 0 {
-		t.Fatalf("no committed runs: %v %v", err, aerr)
+	inline, ierr := filepath.Glob("../../docs/bench/inline/run-*.txt")
+	if err != nil || aerr != nil || ierr != nil || len(before) == 0 || len(after) == 0 {
+		t.Fatalf("no committed runs: %v %v %v", err, aerr, ierr)
 	}
 	seen := map[string]bool{}
-	for _, p := range append(before, after...) {
+	for _, p := range slices.Concat(before, after, inline) {
 		f, err := os.Open(p)
 		if err != nil {
 			t.Fatal(err)
