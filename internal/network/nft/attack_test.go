@@ -79,10 +79,10 @@ send([first, second])`, want: ctl(network.CtlHeaderChain, 1, network.CtlExtFragm
 	{name: "fragment header", script: `send(fragment6(` + toVM2 + `/IPv6ExtHdrFragment(id=12)/ICMPv6EchoRequest(data=b"y"*1400), 800))`, want: ctl(network.CtlExtFragment, 2)},
 	{name: "atomic fragment", script: `send(` + toVM2 + `/IPv6ExtHdrFragment(id=13, m=0, offset=0)/ICMPv6EchoRequest())`, want: ctl(network.CtlExtFragment, 1)},
 	{name: "destination options header", script: `send(` + toVM2 + `/IPv6ExtHdrDestOpt()/ICMPv6EchoRequest())`, want: ctl(network.CtlExtDestOpts, 1)},
-	// TCP meets the fast path first (one 16-byte link-layer match, the
-	// next header, the bound source in four 4-byte pieces); what it does
-	// not take must meet every other rule. The spoofed sources differ from
-	// IP1 in one 4-byte piece each.
+	// TCP meets the fast path first (packet type, one 8-byte link-layer
+	// match, the next header, the bound source in four 4-byte pieces);
+	// what it does not take must meet every other rule. The spoofed
+	// sources differ from IP1 in one 4-byte piece each.
 	{name: "TCP from a spoofed source", script: `send([Ether(src=M1, dst=M2)/IPv6(src="2001:db8:1::99", dst=IP2, fl=FL)/TCP(dport=80, flags="S")]*2)`, want: ctl(network.CtlSourceGuard, 2)},
 	{name: "TCP from sources one 4-byte piece off", script: `send([Ether(src=M1, dst=M2)/IPv6(src=s, dst=IP2, fl=FL)/TCP(dport=80, flags="S") for s in ("2001:db9:1::10", "2001:db8:2::10", "2001:db8:1:0:1::10")])`, want: ctl(network.CtlSourceGuard, 3)},
 	{name: "TCP from a spoofed MAC", script: `send(Ether(src="02:00:00:00:09:09", dst=M2)/IPv6(src=IP1, dst=IP2, fl=FL)/TCP(dport=80, flags="S"))`, want: ctl(network.CtlMACSpoof, 1)},

@@ -650,7 +650,7 @@ func buildNIC(p network.NICPlan, logGroup uint16) nicSpec {
 	// (compared in 4-byte pieces, which nf_tables loads and compares
 	// inline; a set lookup is a call and a hash), the upper-layer check is
 	// an inline compare too, and the matches do without the `meta
-	// protocol` dependency (the 16-byte link-layer match has the
+	// protocol` dependency (the 8-byte link-layer match has the
 	// ethertype): a bulk transfer meets this rule some 30,000 times a
 	// second per direction, and on this path each call counts
 	// (docs/PERFORMANCE.md, "The TCP fast path of 2026-11-28" and "Inline
