@@ -4,6 +4,8 @@ import (
 	"fmt"
 	"maps"
 	"net/netip"
+	"regexp"
+	"strconv"
 	"testing"
 	"time"
 
@@ -204,5 +206,49 @@ send(Ether(src=M1, dst=M2)/IPv6(src="2001:db8:1::20", dst=IP2, fl=0x7202)/TCP(dp
 	}
 	if d := deltas(before, tp.counters(t, "tap-vm1")); !maps.Equal(d, ctl(network.CtlSourceGuard, 1)) {
 		t.Errorf("counter deltas on tap-vm1: got %q, want source_guard+1", fmtDeltas(d))
+	}
+}
+
+// TestFastPathTaken: the TCP fast path is taken by what it is for and by
+// nothing it must leave to the full checks. A second base chain on
+// tap-vm2's egress, after metald's (an accept ends only the chain it is
+// in), counts frames carrying the fast path's mark.
+func TestFastPathTaken(t *testing.T) {
+	t.Parallel()
+	tp := newTopo(t, allOn())
+	cap := startCapture(t, tp.vm2, "eth0")
+	tp.host.MustRun(t, "nft", "add table netdev probe { chain c { type filter hook egress device tap-vm2 priority 0; meta mark "+fmt.Sprintf("%#x", vlanTag|srcOK|fastTCP)+" counter; }; }")
+	fastCount := func() int {
+		out := tp.host.MustRun(t, "nft", "list", "chain", "netdev", "probe", "c")
+		m := regexp.MustCompile(`counter packets (\d+)`).FindStringSubmatch(out)
+		if m == nil {
+			t.Fatalf("no counter in %q", out)
+		}
+		n, _ := strconv.Atoi(m[1])
+		return n
+	}
+	for i, c := range []struct {
+		name, frame string
+		fast        bool
+	}{
+		{"unicast TCP from the bound address", `Ether(src=M1, dst=M2)/IPv6(src=IP1, dst=IP2, fl=FL)/TCP(dport=80, flags="S")`, true},
+		{"unicast TCP from the link-local address", `Ether(src=M1, dst=M2)/IPv6(src=LL1, dst=LL2, fl=FL)/TCP(dport=80, flags="S")`, true},
+		{"TCP to a group MAC", `Ether(src=M1, dst="33:33:00:00:12:34")/IPv6(src=IP1, dst=IP2, fl=FL)/TCP(dport=80, flags="S")`, false},
+		{"TCP to the broadcast MAC", `Ether(src=M1, dst="ff:ff:ff:ff:ff:ff")/IPv6(src=IP1, dst=IP2, fl=FL)/TCP(dport=80, flags="S")`, false},
+		{"TCP with ports 0 and 0", `Ether(src=M1, dst=M2)/IPv6(src=IP1, dst=IP2, fl=FL)/TCP(sport=0, dport=0, flags="S")`, false},
+		{"TCP behind a destination options header", `Ether(src=M1, dst=M2)/IPv6(src=IP1, dst=IP2, fl=FL)/IPv6ExtHdrDestOpt()/TCP(dport=80, flags="S")`, false},
+		{"UDP", `Ether(src=M1, dst=M2)/IPv6(src=IP1, dst=IP2, fl=FL)/UDP(dport=53)`, false},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			fl := uint32(0x7300 + i)
+			before := fastCount()
+			// The marker echo that sendAndMark waits for is not TCP.
+			sendAndMark(t, tp, cap, false, fl, "send(["+c.frame+"]*3)")
+			got := fastCount() - before
+			want := map[bool]int{true: 3, false: 0}[c.fast]
+			if got != want {
+				t.Errorf("%d of 3 frames took the fast path, want %d", got, want)
+			}
+		})
 	}
 }
