@@ -8,12 +8,16 @@ import (
 	"strings"
 )
 
-// Median returns the median of v (the upper middle one for an even count).
-// It panics on an empty v.
+// Median returns the median of v (for an even count the mean of the two
+// middle ones, as scripts/benchpool computes it). It panics on an empty v.
 func Median(v []float64) float64 {
 	s := slices.Clone(v)
 	slices.Sort(s)
-	return s[len(s)/2]
+	n := len(s)
+	if n%2 == 0 {
+		return (s[n/2-1] + s[n/2]) / 2
+	}
+	return s[n/2]
 }
 
 // PairedRatio returns the median over rounds i of test[i] / base[i], for

@@ -12,7 +12,7 @@ func TestMedian(t *testing.T) {
 	}{
 		{[]float64{3}, 3},
 		{[]float64{5, 1, 3}, 3},
-		{[]float64{4, 1, 3, 2}, 3},
+		{[]float64{4, 1, 3, 2}, 2.5},
 	} {
 		in := append([]float64(nil), c.in...)
 		if got := Median(c.in); got != c.want {
