@@ -448,8 +448,6 @@ func nonFirstFragment() []expr.Any {
 	}
 }
 
-// upperLayerReadable matches when the first 4 bytes of the upper-layer
-// header are in the packet (and the packet is not a non-first fragment).
 // upperLayerInline is the fast path's form of upperLayerReadable: a
 // compare that runs inline in nf_tables (a range is a call). The load
 // fails, and the rule with it, exactly when upperLayerReadable's does; a
@@ -459,6 +457,8 @@ func upperLayerInline() []expr.Any {
 	return []expr.Any{th(0, 4), neq(make([]byte, 4))}
 }
 
+// upperLayerReadable matches when the first 4 bytes of the upper-layer
+// header are in the packet (and the packet is not a non-first fragment).
 func upperLayerReadable() []expr.Any {
 	return []expr.Any{th(0, 4), &expr.Range{Op: expr.CmpOpEq, Register: 1, FromData: make([]byte, 4), ToData: []byte{0xff, 0xff, 0xff, 0xff}}}
 }
