@@ -120,8 +120,8 @@ func TestBootstrapTightensWithRuns(t *testing.T) {
 	}
 }
 
-// TestCommittedRuns: every committed run log (before and after the TCP
-// fast path) parses and carries the rounds or value of every target whose
+// TestCommittedRuns: every committed run log (before the TCP fast path,
+// on it, and on the inline fast path) parses and carries the rounds or value of every target whose
 // benchmark it ran (a `make bench-net` run has no CreateVm figures, a
 // `make bench-firsthop` run no policy ones, and runs made before the
 // side-by-side benchmarks existed none of theirs), and every target's
@@ -130,7 +130,7 @@ func TestCommittedRuns(t *testing.T) {
 	before, err := filepath.Glob("../../docs/bench/run-*.txt")
 	after, aerr := filepath.Glob("../../docs/bench/fastpath/run-*.txt")
 	inline, ierr := filepath.Glob("../../docs/bench/inline/run-*.txt")
-	if err != nil || aerr != nil || ierr != nil || len(before) == 0 || len(after) == 0 {
+	if err != nil || aerr != nil || ierr != nil || len(before) == 0 || len(after) == 0 || len(inline) == 0 {
 		t.Fatalf("no committed runs: %v %v %v", err, aerr, ierr)
 	}
 	seen := map[string]bool{}
